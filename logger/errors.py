@@ -1,0 +1,29 @@
+"""Errors raised while hooking a model and computing per-example gradients."""
+
+from __future__ import annotations
+
+from gradstore.projection.errors import GradstoreError
+
+
+class UnknownLayerError(GradstoreError, ValueError):
+    """A layer pattern matched no supported module."""
+
+
+class UnsupportedLayerError(GradstoreError, ValueError):
+    """A selected module has a configuration the Kronecker path cannot handle exactly."""
+
+
+class NonFiniteGradientError(GradstoreError, FloatingPointError):
+    """Some examples produced NaN/Inf projected gradients; ``ids`` lists them."""
+
+    def __init__(self, message: str, ids: list[int]):
+        super().__init__(message)
+        self.ids = ids
+
+
+class TaskError(GradstoreError, ValueError):
+    """The user's Task returned something that breaks its contract (e.g. losses of the wrong shape)."""
+
+
+class BatchLayoutError(GradstoreError, ValueError):
+    """A hooked module saw a batch dimension different from the number of example ids."""

@@ -1,0 +1,70 @@
+"""The Task protocol: the user's description of model, data and loss (in the spirit of Kronfluence's Task)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import default_collate
+
+
+class Task:
+    """Subclass and override what your model needs; defaults cover plain ``state_dict`` checkpoints.
+
+    Contract for :meth:`loss`: one loss per example, shape ``[B]``, summed (not averaged) over the
+    example's tokens or positions, so that its gradient is that example's own gradient.
+    """
+
+    def build_model(self) -> torch.nn.Module:
+        """A fresh model in the architecture the checkpoints were saved from."""
+        raise NotImplementedError(f"{type(self).__name__}.build_model")
+
+    def load_checkpoint(self, model: torch.nn.Module, path: str | Path) -> None:
+        """Load weights saved with ``torch.save(model.state_dict(), path)`` (or ``{"model": state_dict}``)."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+            state = state["model"]
+        model.load_state_dict(state)
+
+    def train_examples(self) -> Sequence:
+        """The training examples, indexable; position ``i`` is passed to :meth:`example_id`."""
+        raise NotImplementedError(f"{type(self).__name__}.train_examples")
+
+    def example_id(self, example: Any, index: int) -> int:
+        """A stable integer id for an example (default: its position)."""
+        return index
+
+    def collate(self, examples: list) -> Any:
+        """Batch a list of examples (default: ``torch.utils.data.default_collate``)."""
+        return default_collate(examples)
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """Per-example losses, shape ``[B]``, summed over each example's tokens."""
+        raise NotImplementedError(f"{type(self).__name__}.loss")
+
+    def measurement(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """What a query's gradient is taken of (default: the loss). E.g. a margin or a target span's log-prob."""
+        return self.loss(model, batch)
+
+    def query_example(self, payload: dict) -> Any:
+        """Turn a JSON query payload into an example; raise ``ValueError`` with a clear message if it is bad."""
+        raise NotImplementedError(f"{type(self).__name__}.query_example")
+
+    def describe(self, example: Any) -> dict:
+        """A JSON-able description of an example, for display next to its score."""
+        return {"repr": repr(example)[:500]}
+
+
+def move_to_device(batch: Any, device: torch.device | str) -> Any:
+    """Move every tensor inside nested lists/tuples/dicts to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch

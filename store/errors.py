@@ -1,0 +1,47 @@
+"""Typed store errors; messages say what went wrong and what to do next."""
+
+from __future__ import annotations
+
+from gradstore.projection.errors import GradstoreError
+
+
+class StoreNotFoundError(GradstoreError, FileNotFoundError):
+    """No gradient store at the given path."""
+
+
+class StoreExistsError(GradstoreError, FileExistsError):
+    """A store already exists where a new one was to be created."""
+
+
+class StoreFormatError(GradstoreError, ValueError):
+    """The store's metadata is missing, malformed, or from an unsupported format version."""
+
+
+class StoreReadOnlyError(GradstoreError, PermissionError):
+    """A write was attempted on a store opened read-only."""
+
+
+class CheckpointNotFoundError(GradstoreError, KeyError):
+    """The named checkpoint is not in the store."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointMismatchError(GradstoreError, ValueError):
+    """A checkpoint was reopened with metadata (lr, step, weights, examples) different from the stored ones."""
+
+
+class DuplicateIdError(GradstoreError, ValueError):
+    """The same example id occurs twice within one checkpoint."""
+
+
+class UnknownExampleError(GradstoreError, KeyError):
+    """Requested example ids are not (completely) stored for a checkpoint."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class GradientShapeError(GradstoreError, ValueError):
+    """Rows written to the store have the wrong shape or dtype."""

@@ -1,0 +1,395 @@
+"""The Zarr v3 gradient store: one group per run, one group per checkpoint, pre-sized row-chunked parts.
+
+Layout::
+
+    run.zarr/                      attrs["gradstore"] = {format_version, projection, dim, dtype, chunk_rows}
+      checkpoints/<name>/          attrs = CheckpointInfo (lr, step, weights path + sha256, ...)
+        adam_r, adam_c             Adam denominator factors folded into the projection, if any
+        <part>/grads  [R, D]       row-chunked (chunk_rows, D), float16 or float32
+        <part>/ids    [R]          int64 example ids
+        <part>/committed [R/C]     rows committed per chunk; one object per chunk
+
+A part is written one whole chunk at a time, each chunk by exactly one writer, and a chunk's commit
+count is written only after its data and ids have been written (zarr's LocalStore replaces files
+atomically). Readers serve committed rows only, so a killed writer never exposes a half-written row,
+and a resumed writer skips committed chunks. Parts: ``pass`` (offline pass; row = position in the
+example list; ranks own chunk-aligned ranges) and ``capture-*`` (append-only, one per writer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+import numpy as np
+import zarr
+
+from gradstore.projection import ProjectionMismatchError, ProjectionSpec, ProjectionSpecError
+
+from .errors import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    DuplicateIdError,
+    GradientShapeError,
+    StoreExistsError,
+    StoreFormatError,
+    StoreNotFoundError,
+    StoreReadOnlyError,
+    UnknownExampleError,
+)
+
+FORMAT_VERSION = 1
+DTYPES = ("float16", "float32")
+CAPTURE_PART_CHUNKS = 256
+PASS_PART = "pass"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """Per-checkpoint metadata. ``lr`` weights the checkpoint in TracIn's sum."""
+
+    name: str
+    lr: float
+    step: int | None = None
+    weights_path: str | None = None
+    weights_sha256: str | None = None
+    optimizer_path: str | None = None
+    adam: bool = False
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.match(self.name):
+            raise ValueError(
+                f"checkpoint name {self.name!r} must be 1-128 characters of letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        if not np.isfinite(self.lr):
+            raise ValueError(f"checkpoint {self.name!r}: lr must be a finite number, got {self.lr!r}")
+
+
+class Part:
+    """A pre-sized ``[capacity, D]`` slab of rows, its ids and its per-chunk commit counts."""
+
+    def __init__(self, group: zarr.Group, chunk_rows: int):
+        self.group = group
+        self.name = group.basename
+        self.chunk_rows = chunk_rows
+        self.capacity = int(group.attrs["capacity"])
+        self.kind = str(group.attrs["kind"])
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.capacity // self.chunk_rows)
+
+    def _array(self, name: str) -> zarr.Array | None:
+        try:
+            return self.group[name]  # type: ignore[return-value]
+        except KeyError:
+            return None
+
+    def committed_counts(self) -> np.ndarray:
+        """Rows committed in each chunk (0 = not committed). A part whose creation was cut short has none."""
+        committed = self._array("committed")
+        if committed is None or self._array("grads") is None or self._array("ids") is None:
+            return np.zeros(self.n_chunks, dtype=np.int64)
+        return np.asarray(committed[:], dtype=np.int64)
+
+    def row_ranges(self, counts: np.ndarray | None = None) -> list[tuple[int, int]]:
+        """Committed rows as merged ``[start, stop)`` ranges."""
+        counts = self.committed_counts() if counts is None else counts
+        ranges: list[tuple[int, int]] = []
+        for chunk in np.flatnonzero(counts):
+            start, stop = int(chunk) * self.chunk_rows, int(chunk) * self.chunk_rows + int(counts[chunk])
+            if ranges and ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], stop)
+            else:
+                ranges.append((start, stop))
+        return ranges
+
+    def chunk_ids(self, chunk: int) -> np.ndarray:
+        start = chunk * self.chunk_rows
+        return np.asarray(self.group["ids"][start : min(start + self.chunk_rows, self.capacity)])
+
+    def write_chunk(self, chunk: int, ids: np.ndarray, grads: np.ndarray) -> None:
+        """Write one whole chunk (padded past ``len(ids)``), then commit its row count."""
+        n = len(ids)
+        start = chunk * self.chunk_rows
+        rows = min(self.chunk_rows, self.capacity - start)
+        if not 0 < n <= rows:
+            raise GradientShapeError(f"chunk {chunk} of part {self.name!r} holds 1..{rows} rows, got {n}")
+        grads_array, ids_array = self.group["grads"], self.group["ids"]
+        if grads.shape != (n, grads_array.shape[1]):
+            raise GradientShapeError(f"expected gradients of shape ({n}, {grads_array.shape[1]}), got {grads.shape}")
+        padded_grads = np.zeros((rows, grads.shape[1]), dtype=grads_array.dtype)
+        padded_grads[:n] = grads
+        padded_ids = np.full(rows, -1, dtype=np.int64)
+        padded_ids[:n] = ids
+        grads_array[start : start + rows] = padded_grads
+        ids_array[start : start + rows] = padded_ids
+        self.group["committed"][chunk] = n  # the commit: only now do readers see these rows
+
+
+class GradientStore:
+    """A run's per-example projected gradients, one ``[N, D]`` matrix per checkpoint.
+
+    Open an existing store with :meth:`open`; writers (the logger) use :meth:`create` or
+    :meth:`open` with ``mode="a"``.
+    """
+
+    def __init__(self, root: zarr.Group, path: Path, read_only: bool):
+        self.root = root
+        self.path = path
+        self.read_only = read_only
+        meta = _read_meta(root, path)
+        self.spec: ProjectionSpec = meta["spec"]
+        self.dtype: str = meta["dtype"]
+        self.chunk_rows: int = meta["chunk_rows"]
+        self.dim: int = self.spec.dim
+
+    # -- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, mode: Literal["r", "a"] = "r") -> "GradientStore":
+        """Open an existing store, read-only by default."""
+        path = Path(path)
+        if not (path / "zarr.json").exists():
+            raise StoreNotFoundError(f"no gradient store at {path} (run `gradstore index` or GradientLogger first)")
+        if mode not in ("r", "a"):
+            raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+        return cls(zarr.open_group(str(path), mode=mode), path, read_only=mode == "r")
+
+    @classmethod
+    def create(
+        cls, path: str | Path, spec: ProjectionSpec, dtype: str = "float16", chunk_rows: int = 1024
+    ) -> "GradientStore":
+        """Create a new, empty store; fails if one exists."""
+        path = Path(path)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+        if spec.matrix_sha256 is None:
+            raise ProjectionSpecError("store the spec with its matrix checksum (ProjectionSpec.with_checksum)")
+        if (path / "zarr.json").exists():
+            raise StoreExistsError(f"a store already exists at {path}; open it, or choose another path")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "projection": spec.to_dict(),
+            "dim": spec.dim,
+            "dtype": dtype,
+            "chunk_rows": chunk_rows,
+        }
+        root = zarr.open_group(str(path), mode="w-", attributes={"gradstore": meta})
+        root.create_group("checkpoints")
+        return cls(root, path, read_only=False)
+
+    @classmethod
+    def open_or_create(
+        cls, path: str | Path, spec: ProjectionSpec, dtype: str = "float16", chunk_rows: int = 1024
+    ) -> "GradientStore":
+        """Open a store for writing, creating it if absent; refuses a store written with another projection."""
+        path = Path(path)
+        if not (path / "zarr.json").exists():
+            return cls.create(path, spec, dtype=dtype, chunk_rows=chunk_rows)
+        store = cls.open(path, mode="a")
+        store.check_compatible(spec, dtype)
+        return store
+
+    def check_compatible(self, spec: ProjectionSpec, dtype: str | None = None) -> None:
+        """Raise unless ``spec`` (and ``dtype``) match the ones this store was written with."""
+        if not self.spec.same_projection(spec):
+            raise ProjectionMismatchError(
+                f"store {self.path} was written with a different projection "
+                f"(stored: init={self.spec.init}, seed={self.spec.seed}, D={self.spec.dim}, "
+                f"layers={[layer.name for layer in self.spec.layers]}; requested: init={spec.init}, seed={spec.seed}, "
+                f"D={spec.dim}, layers={[layer.name for layer in spec.layers]}); use the same rank/init/seed/layers "
+                "or a new store path"
+            )
+        if dtype is not None and dtype != self.dtype:
+            raise StoreFormatError(f"store {self.path} holds {self.dtype} gradients, not {dtype}")
+
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise StoreReadOnlyError(f"store {self.path} is open read-only; use GradientStore.open(path, mode='a')")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    @property
+    def checkpoints(self) -> list[str]:
+        """Checkpoint names, in the order they were started."""
+        groups = dict(self.root["checkpoints"].groups())
+        return sorted(groups, key=lambda name: (groups[name].attrs.get("created_at", 0.0), name))
+
+    def _checkpoint_group(self, name: str) -> zarr.Group:
+        try:
+            return self.root[f"checkpoints/{name}"]  # type: ignore[return-value]
+        except KeyError:
+            raise CheckpointNotFoundError(
+                f"checkpoint {name!r} is not in store {self.path}; it has {self.checkpoints}"
+            ) from None
+
+    def checkpoint_info(self, name: str) -> CheckpointInfo:
+        attrs = dict(self._checkpoint_group(name).attrs)
+        attrs.pop("created_at", None)
+        return CheckpointInfo(**attrs)
+
+    def begin_checkpoint(
+        self, info: CheckpointInfo, adam_factors: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> None:
+        """Create a checkpoint, or check that an existing one has the same metadata (for resuming)."""
+        self._require_writable()
+        if info.adam != (adam_factors is not None):
+            raise ValueError("CheckpointInfo.adam must say whether Adam factors are given")
+        checkpoints = self.root["checkpoints"]
+        if info.name in checkpoints:
+            existing = self.checkpoint_info(info.name)
+            if existing != info:
+                diffs = {k: (v, getattr(info, k)) for k, v in asdict(existing).items() if getattr(info, k) != v}
+                raise CheckpointMismatchError(
+                    f"checkpoint {info.name!r} already exists with different metadata {diffs} (stored, given); "
+                    "resume with the same arguments or log under a new checkpoint name"
+                )
+            group = self._checkpoint_group(info.name)
+        else:
+            group = checkpoints.create_group(info.name, attributes={**asdict(info), "created_at": time.time()})
+        if adam_factors is not None:
+            for key, values in zip(("adam_r", "adam_c"), adam_factors):
+                values = np.asarray(values, dtype=np.float32)
+                if key in group:
+                    if not np.array_equal(group[key][:], values):
+                        raise CheckpointMismatchError(
+                            f"checkpoint {info.name!r}: the optimizer state differs from the one it was started with"
+                        )
+                else:
+                    group.create_array(key, data=values, chunks=values.shape)
+
+    def adam_factors(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The stored Adam denominator factors ``(r, c)``, concatenated over layers in spec order."""
+        group = self._checkpoint_group(name)
+        if not group.attrs.get("adam", False):
+            return None
+        try:
+            return np.asarray(group["adam_r"][:]), np.asarray(group["adam_c"][:])
+        except KeyError:
+            raise StoreFormatError(
+                f"checkpoint {name!r} says it has Adam factors but they are missing; resume its logging to rewrite them"
+            ) from None
+
+    # -- parts ---------------------------------------------------------------------------------
+    def parts(self, checkpoint: str) -> list[Part]:
+        group = self._checkpoint_group(checkpoint)
+        return [Part(g, self.chunk_rows) for _, g in sorted(group.groups())]
+
+    def _create_part(self, checkpoint: str, name: str, kind: str, capacity: int) -> Part:
+        self._require_writable()
+        group = self._checkpoint_group(checkpoint)
+        part_group = group[name] if name in group else group.create_group(name, attributes={"kind": kind, "capacity": capacity})
+        chunk = self.chunk_rows
+        n_chunks = -(-capacity // chunk)
+        # Arrays are created in this order; a crash in between leaves a part readers treat as empty.
+        if "grads" not in part_group:
+            part_group.create_array("grads", shape=(capacity, self.dim), chunks=(chunk, self.dim), dtype=self.dtype, compressors=None, fill_value=0)
+        if "ids" not in part_group:
+            part_group.create_array("ids", shape=(capacity,), chunks=(chunk,), dtype="int64", fill_value=-1)
+        if "committed" not in part_group:
+            part_group.create_array("committed", shape=(n_chunks,), chunks=(1,), dtype="int32", compressors=None, fill_value=0)
+        return Part(part_group, chunk)
+
+    def pass_part(self, checkpoint: str, num_rows: int) -> Part:
+        """The offline-pass part of a checkpoint (row i = i-th example), created if absent."""
+        group = self._checkpoint_group(checkpoint)
+        if PASS_PART in group:
+            capacity = int(group[PASS_PART].attrs["capacity"])
+            if capacity != num_rows:
+                raise CheckpointMismatchError(
+                    f"checkpoint {checkpoint!r} was started over {capacity} examples, now given {num_rows}; "
+                    "resume with the same examples or use a new checkpoint name"
+                )
+        return self._create_part(checkpoint, PASS_PART, "pass", num_rows)
+
+    def new_capture_part(self, checkpoint: str, writer: str = "r0") -> Part:
+        """A fresh append-only part owned by one writer (one per process and session)."""
+        name = f"capture-{writer}-{uuid.uuid4().hex[:12]}"
+        return self._create_part(checkpoint, name, "capture", CAPTURE_PART_CHUNKS * self.chunk_rows)
+
+    # -- reading -------------------------------------------------------------------------------
+    def committed_ids(self, checkpoint: str) -> np.ndarray:
+        """Ids of every committed row of a checkpoint (in storage order)."""
+        out = [np.asarray(part.group["ids"][a:b]) for part in self.parts(checkpoint) for a, b in part.row_ranges()]
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def num_rows(self, checkpoint: str) -> int:
+        return sum(int(part.committed_counts().sum()) for part in self.parts(checkpoint))
+
+    def iter_blocks(self, checkpoint: str, block_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream committed ``(ids, grads)`` blocks of at most ``block_rows`` rows."""
+        for part in self.parts(checkpoint):
+            for start, stop in part.row_ranges():
+                for lo in range(start, stop, block_rows):
+                    hi = min(lo + block_rows, stop)
+                    yield np.asarray(part.group["ids"][lo:hi]), np.asarray(part.group["grads"][lo:hi])
+
+    def read(self, checkpoint: str, ids: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Committed rows of a checkpoint: ``(ids [n], grads [n, D])``, optionally only the given ids, in their order."""
+        blocks = list(self.iter_blocks(checkpoint))
+        all_ids = np.concatenate([b[0] for b in blocks]) if blocks else np.zeros(0, dtype=np.int64)
+        grads = np.concatenate([b[1] for b in blocks]) if blocks else np.zeros((0, self.dim), dtype=self.dtype)
+        unique, counts = np.unique(all_ids, return_counts=True)
+        if (counts > 1).any():
+            raise DuplicateIdError(
+                f"checkpoint {checkpoint!r} holds example ids more than once: {unique[counts > 1][:10].tolist()}"
+            )
+        if ids is None:
+            return all_ids, grads
+        wanted = np.asarray(ids, dtype=np.int64)
+        order = np.argsort(all_ids)
+        sorted_ids = all_ids[order]
+        pos = np.minimum(np.searchsorted(sorted_ids, wanted), max(len(sorted_ids) - 1, 0))
+        hit = sorted_ids[pos] == wanted if len(sorted_ids) else np.zeros(len(wanted), dtype=bool)
+        if not hit.all():
+            missing = wanted[~hit]
+            raise UnknownExampleError(
+                f"checkpoint {checkpoint!r} has no committed row for ids {missing[:10].tolist()}"
+                + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
+            )
+        rows = order[pos]
+        return wanted, grads[rows]
+
+    @property
+    def layer_slices(self) -> dict[str, slice]:
+        """Column range of each layer in the ``D``-dimensional vectors."""
+        return {layer.name: layer.slice for layer in self.spec.layers}
+
+    def fingerprint(self) -> str:
+        """Hash of the metadata and commit state: changes whenever rows are added or rewritten."""
+        digest = hashlib.sha256(json.dumps(dict(self.root.attrs), sort_keys=True).encode())
+        for name in self.checkpoints:
+            digest.update(json.dumps(dict(self._checkpoint_group(name).attrs), sort_keys=True).encode())
+            for part in self.parts(name):
+                digest.update(part.name.encode())
+                digest.update(part.committed_counts().tobytes())
+        return digest.hexdigest()
+
+    def __repr__(self) -> str:
+        return f"GradientStore({str(self.path)!r}, D={self.dim}, dtype={self.dtype}, checkpoints={self.checkpoints})"
+
+
+def _read_meta(root: zarr.Group, path: Path) -> dict:
+    meta = root.attrs.get("gradstore")
+    if not isinstance(meta, dict):
+        raise StoreFormatError(f"{path} is a Zarr group but not a gradstore store (no 'gradstore' attribute)")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StoreFormatError(f"{path}: store format version {version!r} is not supported (expected {FORMAT_VERSION})")
+    try:
+        spec = ProjectionSpec.from_dict(meta["projection"])
+        dtype, chunk_rows = str(meta["dtype"]), int(meta["chunk_rows"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreFormatError(f"{path}: malformed store metadata ({exc})") from exc
+    if dtype not in DTYPES or chunk_rows < 1 or meta.get("dim") != spec.dim:
+        raise StoreFormatError(f"{path}: inconsistent store metadata (dtype={dtype}, chunk_rows={chunk_rows}, dim={meta.get('dim')})")
+    return {"spec": spec, "dtype": dtype, "chunk_rows": chunk_rows}

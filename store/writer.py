@@ -1,0 +1,104 @@
+"""Turning a stream of gradient rows into whole-chunk writes, off the training thread."""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+
+from .gradient_store import Part
+
+
+class BackgroundWriter:
+    """Runs chunk writes on one worker thread, at most ``max_pending`` queued, re-raising failures.
+
+    One thread keeps writes ordered; the bound keeps memory flat when storage is slower than compute.
+    """
+
+    def __init__(self, max_pending: int = 4, synchronous: bool = False):
+        self._pool = None if synchronous else ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradstore-writer")
+        self._pending: deque[Future] = deque()
+        self._max_pending = max_pending
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        if self._pool is None:
+            fn()
+            return
+        while self._pending and (self._pending[0].done() or len(self._pending) >= self._max_pending):
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(fn))
+
+    def flush(self) -> None:
+        """Wait for every queued write; raise the first failure."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+
+class ChunkBuffer:
+    """Collects rows for one chunk of a part and writes the chunk when it is full (or on :meth:`flush`)."""
+
+    def __init__(self, part: Part, chunk: int, rows: int, dim: int, dtype: str, writer: BackgroundWriter):
+        self.part, self.chunk, self.rows, self.writer = part, chunk, rows, writer
+        self.ids = np.empty(rows, dtype=np.int64)
+        self.grads = np.empty((rows, dim), dtype=dtype)
+        self.filled = 0
+
+    @property
+    def full(self) -> bool:
+        return self.filled == self.rows
+
+    def add(self, ids: np.ndarray, grads: np.ndarray) -> int:
+        """Append as many rows as fit; return how many were taken."""
+        take = min(len(ids), self.rows - self.filled)
+        self.ids[self.filled : self.filled + take] = ids[:take]
+        self.grads[self.filled : self.filled + take] = grads[:take]
+        self.filled += take
+        if self.full:
+            self.flush()
+        return take
+
+    def flush(self) -> None:
+        if self.filled == 0:
+            return
+        part, chunk, ids, grads = self.part, self.chunk, self.ids[: self.filled], self.grads[: self.filled]
+        self.writer.submit(lambda: part.write_chunk(chunk, ids, grads))
+        self.ids, self.grads, self.filled = np.empty(0, np.int64), np.empty((0, grads.shape[1]), grads.dtype), 0
+        self.rows = 0
+
+
+class AppendWriter:
+    """Appends rows to a checkpoint through capture parts owned by this writer alone."""
+
+    def __init__(self, store, checkpoint: str, writer_tag: str, background: BackgroundWriter):
+        self.store, self.checkpoint, self.writer_tag, self.background = store, checkpoint, writer_tag, background
+        self._part: Part | None = None
+        self._next_chunk = 0
+        self._buffer: ChunkBuffer | None = None
+
+    def _new_buffer(self) -> ChunkBuffer:
+        if self._part is None or self._next_chunk == self._part.n_chunks:
+            self._part, self._next_chunk = self.store.new_capture_part(self.checkpoint, self.writer_tag), 0
+        buffer = ChunkBuffer(self._part, self._next_chunk, self.store.chunk_rows, self.store.dim, self.store.dtype, self.background)
+        self._next_chunk += 1
+        return buffer
+
+    def append(self, ids: np.ndarray, grads: np.ndarray) -> None:
+        start = 0
+        while start < len(ids):
+            if self._buffer is None or self._buffer.rows == 0:
+                self._buffer = self._new_buffer()
+            start += self._buffer.add(ids[start:], grads[start:])
+
+    def flush(self) -> None:
+        """Commit a partly filled chunk; later rows go to the next chunk."""
+        if self._buffer is not None:
+            self._buffer.flush()
