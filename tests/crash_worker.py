@@ -1,0 +1,77 @@
+"""Child process of tests/test_crash_resume.py: logs checkpoint "c0" of the MLP task, optionally dying by SIGKILL.
+
+Usage: python crash_worker.py STORE MODE [ARG]
+  MODE none      run to completion, print {"computed": rows}
+  MODE loss N    SIGKILL inside the N-th call of Task.loss (mid-chunk)
+  MODE write K   SIGKILL inside Part.write_chunk for chunk K, after its grads/ids are written, before its commit
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import numpy as np
+
+from crash_task import MLPTask, make_model
+from gradstore.logger import GradientLogger
+from gradstore.store import gradient_store
+
+
+def die() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillingTask(MLPTask):
+    def __init__(self, kill_at_call: int):
+        super().__init__()
+        self.kill_at_call = kill_at_call
+
+    def loss(self, model, batch):
+        if self.loss_calls + 1 == self.kill_at_call:
+            die()
+        return super().loss(model, batch)
+
+
+def install_write_kill(kill_chunk: int) -> None:
+    original = gradient_store.Part.write_chunk
+
+    def write_chunk(self, chunk, ids, grads):
+        if chunk != kill_chunk:
+            return original(self, chunk, ids, grads)
+        # the data half of Part.write_chunk, then death before `committed[chunk] = n`
+        n = len(ids)
+        start = chunk * self.chunk_rows
+        rows = min(self.chunk_rows, self.capacity - start)
+        grads_array, ids_array = self.group["grads"], self.group["ids"]
+        padded_grads = np.zeros((rows, grads.shape[1]), dtype=grads_array.dtype)
+        padded_grads[:n] = grads
+        padded_ids = np.full(rows, -1, dtype=np.int64)
+        padded_ids[:n] = ids
+        grads_array[start : start + rows] = padded_grads
+        ids_array[start : start + rows] = padded_ids
+        die()
+
+    gradient_store.Part.write_chunk = write_chunk
+
+
+def main() -> None:
+    store, mode = sys.argv[1], sys.argv[2]
+    if mode == "loss":
+        task = KillingTask(int(sys.argv[3]))
+    else:
+        task = MLPTask()
+    if mode == "write":
+        install_write_kill(int(sys.argv[3]))
+    model = make_model()
+    logger = GradientLogger(model, task, store=store, rank=4, chunk_rows=16, dtype="float32", progress=False)
+    computed = logger.log_checkpoint("c0", lr=0.1, batch_size=8)
+    logger.close()
+    print(json.dumps({"computed": computed, "loss_calls": task.loss_calls}))
+
+
+if __name__ == "__main__":
+    main()
