@@ -67,11 +67,14 @@ class TinyCausalLM(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         b, t = ids.shape
         h = self.tok(ids) + self.pos(torch.arange(t, device=ids.device).expand(b, t))
+        return self.head(self.ln_f(self.block(h)))
+
+    def block(self, h: torch.Tensor) -> torch.Tensor:
+        b, t, _ = h.shape
         q, k, v = self.qkv(self.ln1(h)).view(b, t, 3, self.heads, -1).unbind(2)
         att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         h = h + self.proj(att.transpose(1, 2).reshape(b, t, -1))
-        h = h + self.down(F.gelu(self.up(self.ln2(h))))
-        return self.head(self.ln_f(h))
+        return h + self.down(F.gelu(self.up(self.ln2(h))))
 
 
 class LMTask(Task):
