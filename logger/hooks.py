@@ -80,7 +80,8 @@ class LayerHook:
         if grad.shape[0] != buffer.shape[0]:
             raise BatchLayoutError(
                 f"layer {self.spec.name!r} saw batch dimension {grad.shape[0]} but {buffer.shape[0]} example ids were "
-                "given; hooked modules must take batch-first inputs"
+                "given; hooked modules must take batch-first inputs. An input shared by the whole batch (e.g. position "
+                "ids broadcast over it) has no per-example gradient: expand it to [B, ...] or leave the layer out"
             )
         with torch.autocast(grad.device.type, enabled=False):
             projected_g = project_outputs(self.layer.adapter.output_grad(self.layer.module, grad), p_out)
