@@ -244,7 +244,8 @@ class GradientLogger:
         if bad.any():
             bad_ids = ids[bad.cpu().numpy()].tolist()
             raise NonFiniteGradientError(f"non-finite (NaN/Inf) gradients for example ids {bad_ids[:20]}", bad_ids)
-        host = grads.detach().cpu().numpy().astype(self._require_store().dtype)
+        with np.errstate(over="ignore"):  # overflow is reported below with the example ids
+            host = grads.detach().cpu().numpy().astype(self._require_store().dtype)
         overflow = ~np.isfinite(host).all(axis=1)
         if overflow.any():
             bad_ids = ids[overflow].tolist()

@@ -45,3 +45,15 @@ class UnknownExampleError(GradstoreError, KeyError):
 
 class GradientShapeError(GradstoreError, ValueError):
     """Rows written to the store have the wrong shape or dtype."""
+
+
+class IndexNotFoundError(GradstoreError, FileNotFoundError):
+    """No index beside the store (build one with ``gradstore index`` or ``GradientIndex.build``)."""
+
+
+class StaleIndexError(GradstoreError, ValueError):
+    """The store changed after the index was built; the index would silently mismatch it."""
+
+
+class IndexMismatchError(GradstoreError, ValueError):
+    """The index on disk was built with other options (kind, preconditioner, normalisation, checkpoints)."""
