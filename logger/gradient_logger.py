@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gradstore.projection import ProjectionSpec, build_matrices, fold_denominator, matrices_checksum
+from gradstore.projection import ProjectionMismatchError, ProjectionSpec, build_matrices, fold_denominator, matrices_checksum
 from gradstore.store import AppendWriter, BackgroundWriter, ChunkBuffer, CheckpointInfo, DuplicateIdError, GradientStore
 
 from .errors import NonFiniteGradientError, TaskError
@@ -44,6 +44,8 @@ class GradientLogger:
         pca_examples: examples for the ``init="pca"`` statistics pass (default: the first 1024 training examples).
         process_rank, world_size: this writer's share of a distributed pass (default: from torch.distributed).
         progress: show progress bars.
+        spec: reuse an existing projection (e.g. ``store.spec`` to project queries exactly as a store was
+            logged); ``rank``, ``init``, ``layers`` and ``seed`` are then ignored.
     """
 
     def __init__(
@@ -61,9 +63,12 @@ class GradientLogger:
         process_rank: int | None = None,
         world_size: int | None = None,
         progress: bool = True,
+        spec: ProjectionSpec | None = None,
     ):
         self.model, self.task, self.progress = model, task, progress
         self.device = next(model.parameters()).device
+        if spec is not None:
+            layers = [layer.name for layer in spec.layers]
         self.layers = select_layers(model, list(layers))
         _warn_on_shared_weights(self.layers)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -73,7 +78,12 @@ class GradientLogger:
 
         self.store: GradientStore | None = None
         existing = store is not None and (Path(store) / "zarr.json").exists()
-        if init == "pca" and existing:
+        if spec is not None:
+            found = [layer.dims() for layer in self.layers]
+            expected = [(l.name, l.kind, l.d_in, l.d_out, l.bias) for l in spec.layers]
+            if found != expected:
+                raise ProjectionMismatchError(f"the model's layers {found} do not match the projection spec's {expected}")
+        elif init == "pca" and existing:
             spec = GradientStore.open(store).spec  # PCA bases are data: reuse the ones the store was written with
         else:
             bases = None

@@ -36,6 +36,10 @@ class Task:
         """A stable integer id for an example (default: its position)."""
         return index
 
+    def eval_examples(self) -> Sequence | None:
+        """Held-out examples from the query distribution, for TrackStar's ``R_eval`` mix (default: none)."""
+        return None
+
     def collate(self, examples: list) -> Any:
         """Batch a list of examples (default: ``torch.utils.data.default_collate``)."""
         return default_collate(examples)

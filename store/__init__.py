@@ -1,10 +1,13 @@
-"""Chunked Zarr storage of per-example projected gradients (and, later, their FAISS index)."""
+"""Chunked Zarr storage of per-example projected gradients, and the FAISS index over them."""
 
 from .errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
     DuplicateIdError,
     GradientShapeError,
+    IndexMismatchError,
+    IndexNotFoundError,
+    StaleIndexError,
     StoreExistsError,
     StoreFormatError,
     StoreNotFoundError,
@@ -12,9 +15,20 @@ from .errors import (
     UnknownExampleError,
 )
 from .gradient_store import CheckpointInfo, GradientStore, Part
+from .index import KINDS, GradientIndex, IndexOptions, SearchResult, default_index_path
+from .rows import CheckpointRows
 from .writer import AppendWriter, BackgroundWriter, ChunkBuffer
 
 __all__ = [
+    "KINDS",
+    "CheckpointRows",
+    "GradientIndex",
+    "IndexMismatchError",
+    "IndexNotFoundError",
+    "IndexOptions",
+    "SearchResult",
+    "StaleIndexError",
+    "default_index_path",
     "AppendWriter",
     "BackgroundWriter",
     "CheckpointInfo",

@@ -1,0 +1,106 @@
+"""What the CLI and the server do with a run config: the offline indexing job and opening a query engine."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+
+from gradstore.logger import GradientLogger
+from gradstore.store import GradientIndex, GradientStore, IndexMismatchError
+
+from .config import RunConfig
+from .engine import QueryEngine
+
+
+def eval_store_path(config: RunConfig) -> Path:
+    store = config.store.path
+    return config.store.eval_path or store.with_name(store.stem + ".eval" + (store.suffix or ".zarr"))
+
+
+def _init_distributed() -> tuple[int, int, torch.device]:
+    """Join torchrun's process group when launched by it; returns (rank, world size, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return rank, world, device
+
+
+def index_run(config: RunConfig, progress: bool = True) -> GradientIndex | None:
+    """Log every training example at every checkpoint (resumable), then build the index (rank 0 only).
+
+    Under ``torchrun`` each rank logs the chunks it owns. When the index uses a curvature
+    preconditioner and the Task has ``eval_examples``, those are logged into the eval store for ``R_eval``.
+    """
+    rank, world, device = _init_distributed()
+    task = config.make_task()
+    model = task.build_model().to(device)
+    p = config.projection
+    logger = GradientLogger(
+        model, task, store=config.store.path, rank=p.rank, init=p.init, layers=p.layers, seed=p.seed,
+        dtype=config.store.dtype, chunk_rows=config.store.chunk_rows, progress=progress,
+    )
+    eval_examples = task.eval_examples() if config.index.preconditioner != "identity" else None
+    eval_logger = None
+    if eval_examples:
+        eval_model = copy.deepcopy(model)
+        eval_logger = GradientLogger(
+            eval_model, task, store=eval_store_path(config), spec=logger.spec,
+            dtype=config.store.dtype, chunk_rows=config.store.chunk_rows, progress=progress,
+        )
+    try:
+        for ckpt in config.checkpoints:
+            task.load_checkpoint(model, ckpt.path)
+            kwargs = dict(
+                name=ckpt.name, lr=ckpt.lr, batch_size=config.batch_size, step=ckpt.step, weights_path=ckpt.path,
+                optimizer_state=ckpt.optimizer, adam_step=ckpt.adam_step, adam_eps=ckpt.adam_eps,
+            )
+            logger.log_checkpoint(examples=task.train_examples(), **kwargs)
+            if eval_logger is not None:
+                task.load_checkpoint(eval_logger.model, ckpt.path)
+                eval_logger.log_checkpoint(examples=eval_examples, **kwargs)
+    finally:
+        logger.close()
+        if eval_logger is not None:
+            eval_logger.close()
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        return None
+    store = GradientStore.open(config.store.path)
+    eval_store = GradientStore.open(eval_store_path(config)) if eval_logger is not None else None
+    return GradientIndex.build(
+        store, config.index, path=config.index_path, checkpoints=[c.name for c in config.checkpoints],
+        eval_store=eval_store, progress=progress,
+    )
+
+
+def open_index(config: RunConfig, store: GradientStore | None = None, device: str | None = None) -> GradientIndex:
+    """Load the run's index, checked against its store and the config's index options."""
+    store = store or GradientStore.open(config.store.path)
+    eval_path = eval_store_path(config)
+    eval_store = GradientStore.open(eval_path) if config.index.preconditioner != "identity" and (eval_path / "zarr.json").exists() else None
+    index = GradientIndex.open(config.index_path, store, options=config.index, eval_store=eval_store, device=device)
+    configured = [c.name for c in config.checkpoints]
+    if index.checkpoints != configured:
+        raise IndexMismatchError(
+            f"index {index.path} covers checkpoints {index.checkpoints}, the config lists {configured}; "
+            "run `gradstore index --config ...` to rebuild it"
+        )
+    return index
+
+
+def open_engine(config: RunConfig, device: str | None = None) -> QueryEngine:
+    """Task, store, index and checkpoint models of a run, ready to answer queries."""
+    store = GradientStore.open(config.store.path)
+    device = device or config.query.device
+    index = open_index(config, store, device=device)
+    return QueryEngine(
+        config.make_task(), store, index, {c.name: c.path for c in config.checkpoints},
+        residency=config.query.residency, device=device, batch_size=config.query.batch_size,
+    )
