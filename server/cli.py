@@ -124,6 +124,34 @@ def cmd_info(args: argparse.Namespace) -> None:
             print(f"{key}: {value}")
 
 
+def _serve(app, host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .app import create_app
+
+    config = _config(args)
+    host, port = args.host or config.server.host, args.port or config.server.port
+    print(f"gradstore: loading {config.path.name}; serving on http://{host}:{port} (API docs at /docs)", flush=True)
+    _serve(create_app(config), host, port)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .app import create_app
+    from .config import RunConfig
+    from .demo import prepare_demo
+
+    config = RunConfig.load(prepare_demo(args.workdir, progress=not args.quiet))
+    print(f"demo run ready: {config.path} (try: gradstore query --config {config.path} --query '{{\"test_index\": 0}}')", flush=True)
+    if args.no_serve:
+        return
+    print(f"gradstore demo: dashboard at http://{args.host}:{args.port}/  (API docs at /docs)", flush=True)
+    _serve(create_app(config), args.host, args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradstore", description="Training-data attribution: which training examples made my model say this?")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=20)
     with_weighting(p)
     p.set_defaults(func=cmd_self_influence)
+
+    p = with_config(sub.add_parser("serve", help="serve the HTTP API (and dashboard) for a run"))
+    p.add_argument("--host", help="default: [server] host or 127.0.0.1")
+    p.add_argument("--port", type=int, help="default: [server] port or 8000")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="train a digits classifier with in-training logging, index it, serve the dashboard")
+    p.add_argument("--workdir", default="runs/demo", help="where the demo run is written (reused if complete)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--no-serve", action="store_true", help="prepare the run and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
 
     p = with_config(sub.add_parser("info", help="store, checkpoints and index status"))
     p.add_argument("--json", action="store_true")

@@ -204,6 +204,7 @@ class QueryEngine:
         for b in range(len(raw)):
             results.append(
                 QueryResult(
+                    query=self.task.describe(examples[b]) if examples is not None else None,
                     proponents=self._influences(found.proponent_rows[b], found.proponent_scores[b], found.proponent_contributions[b], chosen),
                     opponents=self._influences(found.opponent_rows[b], found.opponent_scores[b], found.opponent_contributions[b], chosen),
                     mean_abs_score=None if found.mean_abs_score is None else float(found.mean_abs_score[b]),

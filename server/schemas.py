@@ -22,6 +22,7 @@ class Influence(BaseModel):
 class QueryResult(BaseModel):
     """Proponents (largest scores, descending) and opponents (most negative, ascending) of one query."""
 
+    query: dict[str, Any] | None = Field(None, description="the Task's description of the query example (not for vectors)")
     proponents: list[Influence]
     opponents: list[Influence]
     mean_abs_score: float | None = Field(None, description="mean |score| over every indexed example (flat index only)")

@@ -1,0 +1,201 @@
+"""The HTTP service (FastAPI): influence, self-influence, examples, run metadata, health and metrics.
+
+Heavy state (Task, checkpoint models, store, index) is loaded once in ``lifespan``; gradient and
+search work runs in worker threads so the event loop never blocks. A client's mistake is a 4xx whose
+``detail`` says what is wrong; only a server bug is a 5xx.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Annotated, Any, Callable
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from gradstore.projection import GradstoreError
+from gradstore.store import CheckpointNotFoundError, UnknownExampleError
+
+from .config import RunConfig, ServerConfig
+from .engine import QueryEngine, QueryError
+from .schemas import InfluenceRequest, InfluenceResponse, SelfInfluenceRequest, SelfInfluenceResponse
+
+API_KEY_ENV = "GRADSTORE_API_KEY"
+
+
+class Metrics:
+    """Prometheus metrics of one app (its own registry: no process-global state)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("gradstore_requests", "HTTP requests", ["route", "method", "status"], registry=self.registry)
+        self.latency = Histogram("gradstore_request_seconds", "HTTP request latency", ["route"], registry=self.registry)
+        self.gradient = Histogram("gradstore_gradient_seconds", "query gradient time per request", registry=self.registry)
+        self.search = Histogram("gradstore_search_seconds", "index search time per request", registry=self.registry)
+
+
+def _engine(request: Request) -> QueryEngine:
+    engine = request.app.state.engine
+    if engine is None:
+        raise HTTPException(503, "the query engine is still loading")
+    return engine
+
+
+def _settings(request: Request) -> ServerConfig:
+    return request.app.state.settings
+
+
+def _check_api_key(
+    request: Request, key: Annotated[str | None, Security(APIKeyHeader(name="X-API-Key", auto_error=False))]
+) -> None:
+    expected = request.app.state.api_key
+    if expected is None:
+        return
+    if key is None:
+        auth = request.headers.get("authorization", "")
+        key = auth[7:] if auth.lower().startswith("bearer ") else None
+    if key is None or not hmac.compare_digest(key.encode(), expected.encode()):
+        raise HTTPException(401, "missing or wrong API key (send it as X-API-Key or Authorization: Bearer)")
+
+
+Engine = Annotated[QueryEngine, Depends(_engine)]
+Settings = Annotated[ServerConfig, Depends(_settings)]
+
+api = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
+
+
+def _limit(settings: ServerConfig, top_k: int, n_queries: int | None = None) -> None:
+    if top_k > settings.max_top_k:
+        raise HTTPException(422, f"top_k={top_k} is above this server's limit of {settings.max_top_k}")
+    if n_queries is not None and n_queries > settings.max_queries:
+        raise HTTPException(422, f"{n_queries} queries in one request; this server's limit is {settings.max_queries}")
+
+
+async def _answer(call: Callable[[], Any]) -> Any:
+    """Run engine work in a thread; turn the engine's typed errors into 4xx with their message."""
+    try:
+        return await run_in_threadpool(call)
+    except (QueryError, CheckpointNotFoundError) as exc:
+        raise HTTPException(422, str(exc)) from exc
+    except UnknownExampleError as exc:
+        raise HTTPException(404, str(exc)) from exc
+
+
+@api.post("/influence", response_model=InfluenceResponse, summary="Top proponents and opponents of query examples")
+async def influence(body: InfluenceRequest, engine: Engine, settings: Settings, request: Request) -> InfluenceResponse:
+    if (body.queries is None) == (body.vectors is None):
+        raise HTTPException(422, "give exactly one of `queries` (payloads) or `vectors` (precomputed gradients)")
+    n = len(body.queries if body.queries is not None else body.vectors)
+    if n == 0:
+        raise HTTPException(422, "`queries` (or `vectors`) must not be empty")
+    _limit(settings, body.top_k, n)
+    response: InfluenceResponse = await _answer(
+        lambda: engine.influence(
+            body.queries, vectors=body.vectors, top_k=body.top_k, lr_weighting=body.lr_weighting,
+            checkpoints=body.checkpoints, measurement=body.measurement, normalize=body.normalize,
+        )
+    )
+    metrics: Metrics = request.app.state.metrics
+    metrics.gradient.observe(response.timings_ms["gradient"] / 1e3)
+    metrics.search.observe(response.timings_ms["search"] / 1e3)
+    return response
+
+
+@api.post("/self-influence", response_model=SelfInfluenceResponse, summary="Training examples with the largest self-influence")
+async def self_influence(body: SelfInfluenceRequest, engine: Engine, settings: Settings) -> SelfInfluenceResponse:
+    _limit(settings, body.top_k)
+    return await _answer(lambda: engine.self_influence(body.top_k, body.lr_weighting, body.checkpoints))
+
+
+@api.get("/examples/{example_id}", summary="The Task's description of a training example")
+async def example(example_id: int, engine: Engine) -> dict[str, Any]:
+    return await _answer(lambda: {"id": example_id, "example": engine.describe(example_id)})
+
+
+@api.get("/run", summary="Run metadata: checkpoints, lrs, projection, index kind, N, D")
+async def run(engine: Engine) -> dict[str, Any]:
+    return engine.run_info()
+
+
+ops = APIRouter()
+
+
+@ops.get("/healthz", summary="Liveness")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@ops.get("/readyz", summary="Readiness: the engine is loaded")
+async def readyz(request: Request) -> JSONResponse:
+    ready = request.app.state.engine is not None
+    return JSONResponse({"status": "ready" if ready else "loading"}, status_code=200 if ready else 503)
+
+
+@ops.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@ops.get("/", include_in_schema=False)
+async def dashboard() -> HTMLResponse:
+    return HTMLResponse(resources.files("gradstore.server").joinpath("static/dashboard.html").read_text())
+
+
+def create_app(
+    config: RunConfig | None = None, engine: QueryEngine | None = None, settings: ServerConfig | None = None
+) -> FastAPI:
+    """The app for a run config (engine loaded at startup) or an already built engine (tests, embedding)."""
+    if config is None and engine is None:
+        raise ValueError("create_app needs a run config or an engine")
+    settings = settings or (config.server if config is not None else ServerConfig())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if app.state.engine is None:
+            from .jobs import open_engine
+
+            app.state.engine = await run_in_threadpool(open_engine, config)
+        yield
+
+    app = FastAPI(
+        title="gradstore",
+        summary="Training-data attribution: which training examples made the model say this?",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.engine = engine
+    app.state.settings = settings
+    app.state.api_key = settings.api_key or os.environ.get(API_KEY_ENV) or None
+    app.state.metrics = Metrics()
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
+
+    @app.middleware("http")
+    async def limit_and_measure(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            return JSONResponse({"detail": f"request body larger than this server's limit of {settings.max_body_bytes} bytes"}, status_code=413)
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        app.state.metrics.requests.labels(path, request.method, str(response.status_code)).inc()
+        app.state.metrics.latency.labels(path).observe(time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(GradstoreError)
+    async def gradstore_error(request: Request, exc: GradstoreError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422 if isinstance(exc, ValueError) else 500)
+
+    app.include_router(api)
+    app.include_router(ops)
+    return app
