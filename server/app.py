@@ -16,7 +16,7 @@ from typing import Annotated, Any, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -26,7 +26,7 @@ from gradstore.store import CheckpointNotFoundError, UnknownExampleError
 
 from .config import RunConfig, ServerConfig
 from .engine import QueryEngine, QueryError
-from .schemas import InfluenceRequest, InfluenceResponse, SelfInfluenceRequest, SelfInfluenceResponse
+from .schemas import ErrorResponse, InfluenceRequest, InfluenceResponse, SelfInfluenceRequest, SelfInfluenceResponse
 
 API_KEY_ENV = "GRADSTORE_API_KEY"
 
@@ -42,18 +42,82 @@ class Metrics:
         self.search = Histogram("gradstore_search_seconds", "index search time per request", registry=self.registry)
 
 
-def _engine(request: Request) -> QueryEngine:
+class BodyLimit:
+    """413 for a request body over ``max_bytes``: by its Content-Length before reading anything, and by
+    counting the bytes of a body sent without one (chunked), which is read up to the limit and no further."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._refuse(scope, receive, send)
+        if length is not None:
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay() -> dict:
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: dict, receive: Callable, send: Callable) -> None:
+        detail = f"request body larger than this server's limit of {self.max_bytes} bytes"
+        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+
+
+class Measure:
+    """Request count and latency per route and status, as plain ASGI (``@app.middleware("http")`` would cost an
+    extra task and memory streams per request)."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def send_and_note(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")  # the router records the matched route in scope
+            self.metrics.requests.labels(path, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+
+
+async def _engine(request: Request) -> QueryEngine:
     engine = request.app.state.engine
     if engine is None:
         raise HTTPException(503, "the query engine is still loading")
     return engine
 
 
-def _settings(request: Request) -> ServerConfig:
+async def _settings(request: Request) -> ServerConfig:
     return request.app.state.settings
 
 
-def _check_api_key(
+async def _check_api_key(
     request: Request, key: Annotated[str | None, Security(APIKeyHeader(name="X-API-Key", auto_error=False))]
 ) -> None:
     expected = request.app.state.api_key
@@ -69,7 +133,23 @@ def _check_api_key(
 Engine = Annotated[QueryEngine, Depends(_engine)]
 Settings = Annotated[ServerConfig, Depends(_settings)]
 
-api = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
+
+def _errors(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the 4xx/5xx answers a route gives (all carry ``{"detail": ...}``)."""
+    return {code: {"model": ErrorResponse, "description": text} for code, text in described.items()}
+
+
+api = APIRouter(
+    prefix="/v1",
+    dependencies=[Depends(_check_api_key)],
+    responses=_errors({
+        400: "the body could not be read (e.g. not UTF-8)",
+        401: "missing or wrong API key (when the server has one)",
+        413: "request body larger than the server's limit",
+        422: "invalid request: the message names the field or says what is wrong",
+        503: "the query engine is still loading",
+    }),
+)
 
 
 def _limit(settings: ServerConfig, top_k: int, n_queries: int | None = None) -> None:
@@ -115,7 +195,7 @@ async def self_influence(body: SelfInfluenceRequest, engine: Engine, settings: S
     return await _answer(lambda: engine.self_influence(body.top_k, body.lr_weighting, body.checkpoints))
 
 
-@api.get("/examples/{example_id}", summary="The Task's description of a training example")
+@api.get("/examples/{example_id}", summary="The Task's description of a training example", responses=_errors({404: "no training example with that id"}))
 async def example(example_id: int, engine: Engine) -> dict[str, Any]:
     return await _answer(lambda: {"id": example_id, "example": engine.describe(example_id)})
 
@@ -133,13 +213,13 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@ops.get("/readyz", summary="Readiness: the engine is loaded")
+@ops.get("/readyz", summary="Readiness: the engine is loaded", responses={503: {"description": "the engine is still loading"}})
 async def readyz(request: Request) -> JSONResponse:
     ready = request.app.state.engine is not None
     return JSONResponse({"status": "ready" if ready else "loading"}, status_code=200 if ready else 503)
 
 
-@ops.get("/metrics", summary="Prometheus metrics")
+@ops.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -160,8 +240,9 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if app.state.engine is None:
-            from .jobs import open_engine
+            from .jobs import open_engine, serving_threads
 
+            serving_threads(config)  # this process serves queries: no OpenMP team per small op on CPU
             app.state.engine = await run_in_threadpool(open_engine, config)
         yield
 
@@ -175,22 +256,12 @@ def create_app(
     app.state.settings = settings
     app.state.api_key = settings.api_key or os.environ.get(API_KEY_ENV) or None
     app.state.metrics = Metrics()
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # inside CORS: a 413 still carries its headers
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"])
 
-    @app.middleware("http")
-    async def limit_and_measure(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            return JSONResponse({"detail": f"request body larger than this server's limit of {settings.max_body_bytes} bytes"}, status_code=413)
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        app.state.metrics.requests.labels(path, request.method, str(response.status_code)).inc()
-        app.state.metrics.latency.labels(path).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(Measure, metrics=app.state.metrics)  # outermost: counts 413s and CORS answers too
 
     @app.exception_handler(GradstoreError)
     async def gradstore_error(request: Request, exc: GradstoreError) -> JSONResponse:

@@ -17,6 +17,12 @@ def _config(args: argparse.Namespace):
     return RunConfig.load(args.config)
 
 
+def _bad_input(message: str) -> SystemExit:
+    """Report a bad command-line input like every other error: ``error: ...`` on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
 def _load_queries(args: argparse.Namespace) -> list[dict]:
     queries: list[dict] = []
     try:
@@ -26,13 +32,13 @@ def _load_queries(args: argparse.Namespace) -> list[dict]:
             lines = Path(args.query_file).read_text().splitlines()
             queries += [json.loads(line) for line in lines if line.strip()]
     except json.JSONDecodeError as exc:
-        raise SystemExit(f"error: query payloads must be JSON objects ({exc})") from None
+        raise _bad_input(f"query payloads must be JSON objects ({exc})") from None
     except OSError as exc:
-        raise SystemExit(f"error: cannot read --query-file: {exc}") from None
+        raise _bad_input(f"cannot read --query-file: {exc}") from None
     if not queries:
-        raise SystemExit("error: give --query '<json payload>' or --query-file queries.jsonl")
+        raise _bad_input("give --query '<json payload>' or --query-file queries.jsonl")
     if not all(isinstance(q, dict) for q in queries):
-        raise SystemExit("error: each query payload must be a JSON object")
+        raise _bad_input("each query payload must be a JSON object")
     return queries
 
 

@@ -190,7 +190,7 @@ class QueryEngine:
         weights = self.select(checkpoints, lr_weighting)
         chosen = [c for c in self.checkpoints if checkpoints is None or c in checkpoints]
         if vectors is not None:
-            raw = self._vectors(vectors, chosen)
+            raw = self._vectors(vectors, chosen if checkpoints is None else list(dict.fromkeys(checkpoints)))  # request order
         else:
             if queries is not None:
                 examples = self.examples_from_payloads(queries)

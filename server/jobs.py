@@ -95,6 +95,20 @@ def open_index(config: RunConfig, store: GradientStore | None = None, device: st
     return index
 
 
+def serving_threads(config: RunConfig) -> int:
+    """Torch intra-op threads for a process that serves queries: 1 when they run on CPU, unless
+    ``OMP_NUM_THREADS`` says otherwise. Returns the setting now in force (it is process-wide).
+
+    A query's work is many small ops (a few examples' gradients, one scan of the index); an OpenMP team per
+    op buys nothing there, and its threads spin after every op, competing for the cores with the event
+    loop and with the other requests being served (each worker thread would start its own team).
+    """
+    device = config.query.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
 def open_engine(config: RunConfig, device: str | None = None) -> QueryEngine:
     """Task, store, index and checkpoint models of a run, ready to answer queries."""
     store = GradientStore.open(config.store.path)

@@ -47,6 +47,14 @@ class SelfInfluenceResponse(BaseModel):
     took_ms: float | None = None
 
 
+class ErrorResponse(BaseModel):
+    """Body of every 4xx answer: what is wrong, as a message or as FastAPI's list of field errors."""
+
+    detail: str | list[dict[str, Any]] = Field(
+        description="a message saying what is wrong, or (for a body that fails validation) one entry per bad field with its `loc`"
+    )
+
+
 class InfluenceRequest(BaseModel):
     """Body of ``POST /v1/influence``: query payloads (for the Task) or precomputed projected gradients."""
 

@@ -1,13 +1,55 @@
-"""Random access to a checkpoint's committed rows by example id, reading each touched Zarr chunk once."""
+"""Random access to a checkpoint's committed rows by example id, reading each touched Zarr chunk once.
+
+A chunk that only a few of the wanted rows live in is not read whole: its chunks are uncompressed row-major
+bytes, so those rows are fetched as byte ranges through the Zarr store (a row is ``D * itemsize`` bytes of a
+``chunk_rows * D * itemsize`` chunk), which is what makes re-reading an approximate index's candidates cheap.
+"""
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import numpy as np
+import zarr
+from zarr.abc.store import RangeByteRequest
+from zarr.codecs import BytesCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 from .errors import DuplicateIdError, UnknownExampleError
 from .gradient_store import GradientStore
+
+# Below this many wanted rows in a chunk, fetch them as byte ranges instead of reading the whole chunk.
+RANGED_ROWS_PER_CHUNK = 8
+
+
+def _raw_row_dtype(array: zarr.Array) -> np.dtype | None:
+    """The on-disk dtype of a row if ``array``'s chunks are plain row-major bytes (no compression or filters)."""
+    metadata = array.metadata
+    codecs = getattr(metadata, "codecs", None)
+    if getattr(metadata, "zarr_format", None) != 3 or not codecs or len(codecs) != 1 or not isinstance(codecs[0], BytesCodec):
+        return None
+    if array.order != "C" or getattr(array.store_path, "store", None) is None:
+        return None
+    endian = codecs[0].endian.value if codecs[0].endian is not None else sys.byteorder
+    return np.dtype(array.dtype).newbyteorder("<" if endian == "little" else ">")
+
+
+def _read_ranged(array: zarr.Array, dtype: np.dtype, rows: np.ndarray) -> np.ndarray | None:
+    """Rows of a row-chunked 2-D array as byte-range reads; None if a chunk is missing (never written)."""
+    chunk_rows, dim = array.chunks[0], array.shape[1]
+    row_bytes = dim * dtype.itemsize
+    prefix = array.store_path.path
+    requests = []
+    for row in rows.tolist():
+        chunk, offset = divmod(row, chunk_rows)
+        key = array.metadata.encode_chunk_key((chunk, 0))
+        requests.append((f"{prefix}/{key}" if prefix else key, RangeByteRequest(offset * row_bytes, (offset + 1) * row_bytes)))
+    buffers = sync(array.store_path.store.get_partial_values(default_buffer_prototype(), requests))
+    if any(b is None or len(b) != row_bytes for b in buffers):
+        return None
+    return np.frombuffer(b"".join(b.to_bytes() for b in buffers), dtype=dtype).reshape(len(rows), dim)
 
 
 class CheckpointRows:
@@ -56,7 +98,17 @@ class CheckpointRows:
             in_part = np.flatnonzero(parts == p)
             grads = self.parts[int(p)].group["grads"]
             chunks = rows[in_part] // chunk_rows
-            for chunk in np.unique(chunks):
+            unique_chunks, per_chunk = np.unique(chunks, return_counts=True)
+            raw_dtype = _raw_row_dtype(grads)
+            if raw_dtype is not None:  # sparse chunks: byte ranges, one batched request
+                sparse = np.isin(chunks, unique_chunks[per_chunk < RANGED_ROWS_PER_CHUNK])
+                if sparse.any():
+                    sel = in_part[sparse]
+                    ranged = _read_ranged(grads, raw_dtype, rows[sel])
+                    if ranged is not None:
+                        out[sel] = ranged
+                        unique_chunks = np.unique(chunks[~sparse])
+            for chunk in unique_chunks:
                 sel = in_part[chunks == chunk]
                 lo = int(chunk) * chunk_rows
                 block = np.asarray(grads[lo : min(lo + chunk_rows, grads.shape[0])])

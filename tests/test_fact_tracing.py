@@ -1,0 +1,88 @@
+"""Known-answer fact tracing (issue 3, "Tests that must pass" item 4).
+
+A one-block causal LM (:class:`tests.models.TinyCausalLM`, d = 32) is trained with Adam (600 steps, lr
+1e-2 decaying linearly to 1e-3) on 240 sequences: 60 facts "subject relation -> object" (20 subjects x 3
+relations, 16 objects shared between facts), each stated by 3 sequences with different templates (two with
+random filler words), scattered among each other and 60 pure-filler distractors. Gradients (rank 16 per
+side, D = 1648) are logged at steps 200, 400 and 600, with and without TrackStar's Adam correction, plus an
+eval store of a second held-out phrasing of every fact (``eval_examples()``, for ``R_eval``). Each fact is
+queried with a phrasing whose template never occurs in training (relation before subject), its loss on the
+object token only; a setting's MRR is the mean reciprocal rank of the first of the fact's 3 sequences
+among all 240, its recall@10 the fraction of the 3 in the top 10 (see ``tests/facts.py``).
+
+Measured (CPU, torch 2.13, 1 thread; seed 0 is the one tested, seeds 1-5 show the spread):
+
+    setting                                    seed 0 MRR  R@10   | seeds 0-5 MRR (min)  R@10 (min)
+    TracIn (identity)                              0.295   0.233  |  0.225-0.671 (0.225)  (0.217)
+    cosine                                         0.347   0.267  |  0.326-0.648 (0.326)  (0.261)
+    kfac + cosine                                  0.533   0.456  |  0.419-0.707 (0.419)  (0.328)
+    Adam + identity                                0.341   0.244  |  0.269-0.702 (0.269)  (0.239)
+    Adam + cosine                                  0.432   0.311  |  0.351-0.650 (0.351)  (0.272)
+    TrackStar: Adam + kfac + cosine                0.596   0.450  |  0.433-0.709 (0.433)  (0.350)
+    TrackStar: Adam + block + cosine               0.583   0.394  |  0.402-0.706 (0.402)  (0.306)
+    TrackStar: Adam + kfac + cosine + R_eval 0.99  0.318   0.233  |  0.187-0.644 (0.187)  (0.183)
+    chance (random ranking of 240, 3 relevant)     0.057   0.042
+
+Every setting is several times chance; unit normalisation, the curvature preconditioner and the Adam
+correction each help at seed 0, and TrackStar (Adam + kfac + cosine) beats plain TracIn at all six seeds
+(by 0.04-0.30 MRR). Mixing in ``R_eval`` at TrackStar's lambda = 0.99 hurts here, at every seed (lambda
+0.1-0.5 moved MRR by -0.09 to +0.06 at seeds 0-2; using half the facts' phrasings for ``R_eval`` and
+querying the other half did not help either): the eval phrasings are each about one fact, so ``R_eval``
+spans the fact-specific directions the queries are scored on, and whitening divides them away.
+
+The floors below sit under the minimum over the six seeds, not just under seed 0: the run is seeded and
+deterministic, but a different BLAS could change the training trajectory, which at worst acts like
+another seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .facts import SETTINGS, chance_levels, trace_facts
+
+TRACKSTAR = ("TrackStar: Adam + kfac + cosine", "TrackStar: Adam + block + cosine")
+FLOOR_ALL = (0.12, 0.12)  # (MRR, recall@10) for every setting: > 2x / ~3x chance; measured minima 0.187 / 0.183
+FLOOR_TRACKSTAR = (0.33, 0.25)  # ~6x chance; measured minima 0.402 / 0.306
+
+
+@contextlib.contextmanager
+def _single_threaded():
+    """Tiny matrices: one thread is fastest and avoids oversubscription when other tests run alongside."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - scikit-learn brings it
+        limits = contextlib.nullcontext()
+    else:
+        limits = threadpool_limits(1)
+    try:
+        with limits:
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fact_tracing_known_answers(tmp_path):
+    with _single_threaded():
+        task, table = trace_facts(tmp_path, seed=0)
+    assert list(table) == list(SETTINGS)
+    n = len(task.train_examples())
+    chance_mrr, chance_recall = chance_levels(n, relevant=3)
+
+    print(f"\nfact tracing: {len(task.facts)} facts x 3 sequences + distractors = {n} training sequences")
+    print(f"{'setting':56s} {'MRR':>6s} {'R@10':>6s}")
+    for name, (mrr, recall) in table.items():
+        print(f"{name:56s} {mrr:6.3f} {recall:6.3f}")
+    print(f"{'chance':56s} {chance_mrr:6.3f} {chance_recall:6.3f}")
+
+    for name, (mrr, recall) in table.items():
+        assert mrr >= FLOOR_ALL[0] and recall >= FLOOR_ALL[1], f"{name}: MRR {mrr:.3f}, recall@10 {recall:.3f}"
+    for name in TRACKSTAR:
+        mrr, recall = table[name]
+        assert mrr >= FLOOR_TRACKSTAR[0] and recall >= FLOOR_TRACKSTAR[1], f"{name}: MRR {mrr:.3f}, recall@10 {recall:.3f}"
+    # TrackStar's corrections pay off: ahead of plain TracIn at every seed measured (by 0.30 at seed 0)
+    assert table["TrackStar: Adam + kfac + cosine"][0] > table["TracIn (identity)"][0]
