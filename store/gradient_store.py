@@ -247,8 +247,12 @@ class GradientStore:
         checkpoints = self.root["checkpoints"]
         if info.name in checkpoints:
             existing = self.checkpoint_info(info.name)
-            if existing != info:
-                diffs = {k: (v, getattr(info, k)) for k, v in asdict(existing).items() if getattr(info, k) != v}
+            diffs = {k: (v, getattr(info, k)) for k, v in asdict(existing).items() if getattr(info, k) != v}
+            if existing.weights_sha256 is not None and existing.weights_sha256 == info.weights_sha256:
+                diffs.pop("weights_path", None)  # same weights, moved run directory
+            if existing.optimizer_path is not None and info.optimizer_path is not None:
+                diffs.pop("optimizer_path", None)  # the Adam factors themselves are compared below
+            if diffs:
                 raise CheckpointMismatchError(
                     f"checkpoint {info.name!r} already exists with different metadata {diffs} (stored, given); "
                     "resume with the same arguments or log under a new checkpoint name"

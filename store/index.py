@@ -66,7 +66,7 @@ class IndexOptions:
     hnsw_m: int = 32
     ef_construction: int = 200
     ef_search: int = 256
-    pq_m: int | None = None  # ivfpq sub-quantizers (default: dim / 4, rounded to a divisor of dim)
+    pq_m: int | None = None  # ivfpq sub-quantizers (default: dim / 8, rounded to a divisor of dim)
     rerank: int = 10  # approximate kinds re-score k * rerank candidates exactly
     train_rows: int = 65536  # ivf/ivfpq training sample
     block_rows: int = 16384  # rows streamed per step while building
@@ -112,7 +112,7 @@ def default_index_path(store_path: str | Path) -> Path:
 
 
 def _pq_m(dim: int, requested: int | None) -> int:
-    target = requested or max(1, dim // 4)
+    target = requested or max(1, dim // 8)
     if dim % target == 0:
         return target
     if requested:

@@ -1,0 +1,294 @@
+"""The ``gradstore`` CLI (issue 3): index, query, self-influence and info on a TOML run config, their JSON equal to
+the in-process engine's answers, and every error an exit status 2 with a clear ``error: ...`` line.
+
+The run: the demo's digits task with 200 training examples and a 64-16-10 MLP, two checkpoints a few SGD
+steps apart, gaussian rank-8 projections into a float32 store.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gradstore.logger import GradientLogger
+from gradstore.server import cli
+from gradstore.server.config import RunConfig
+from gradstore.server.demo import DigitsTask
+from gradstore.server.jobs import open_engine
+from gradstore.store import GradientStore
+
+N_TRAIN = 200
+TIMING_KEYS = ("took_ms", "timings_ms")
+
+RUN_TOML = """
+[task]
+object = "gradstore.server.demo:DigitsTask"
+args = {{ n_train = {n}, hidden = 16 }}
+
+[projection]
+rank = [8, 8]
+init = "gaussian"
+seed = 3
+layers = ["*"]
+
+[store]
+path = "run.zarr"
+dtype = "float32"
+chunk_rows = 64
+
+[[checkpoints]]
+name = "epoch-0"
+path = "epoch-0.pt"
+lr = 0.2
+step = 0
+
+[[checkpoints]]
+name = "epoch-1"
+path = "epoch-1.pt"
+lr = 0.05
+step = 1
+
+[index]
+{index}
+
+[query]
+residency = "{residency}"
+"""
+
+
+def write_config(directory: Path, index: str = 'kind = "flat"', residency: str = "all", name: str = "run.toml") -> Path:
+    path = directory / name
+    path.write_text(RUN_TOML.format(n=N_TRAIN, index=index, residency=residency))
+    return path
+
+
+def save_checkpoints(directory: Path) -> None:
+    task = DigitsTask(n_train=N_TRAIN, hidden=16)
+    model = task.build_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    examples = task.train_examples()
+    for epoch in range(2):
+        for lo in range(0, N_TRAIN, 25):
+            x, y = task.collate(examples[lo : lo + 25])
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        torch.save(model.state_dict(), directory / f"epoch-{epoch}.pt")
+
+
+def run_cli(capsys, *argv: str) -> str:
+    cli.main([str(a) for a in argv])
+    return capsys.readouterr().out
+
+
+def run_json(capsys, *argv: str) -> dict:
+    return json.loads(run_cli(capsys, *argv, "--json"))
+
+
+def fails(capsys, *argv: str) -> str:
+    """Run a command that must fail; returns its stderr (exit status 2, nothing on stdout)."""
+    with pytest.raises(SystemExit) as info:
+        cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert info.value.code == 2, captured.err
+    assert captured.out == ""
+    assert captured.err.startswith("error: ") or "error:" in captured.err
+    return captured.err
+
+
+def plain(response) -> dict:
+    data = response.model_dump(mode="json") if hasattr(response, "model_dump") else dict(response)
+    return {k: v for k, v in data.items() if k not in TIMING_KEYS}
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    """A run directory whose ``run.toml`` has been through ``gradstore index``."""
+    directory = tmp_path_factory.mktemp("cli")
+    save_checkpoints(directory)
+    config = write_config(directory)
+    return directory, config
+
+
+def test_index_command(indexed, capsys):
+    directory, config = indexed
+    out = run_cli(capsys, "index", "--config", config, "--quiet")
+    assert f"indexed {N_TRAIN} examples x 2 checkpoints" in out
+    store = GradientStore.open(directory / "run.zarr")
+    assert store.checkpoints == ["epoch-0", "epoch-1"]
+    assert [store.num_rows(c) for c in store.checkpoints] == [N_TRAIN, N_TRAIN]
+    info = store.checkpoint_info("epoch-1")
+    assert (info.lr, info.step, Path(info.weights_path).name) == (0.05, 1, "epoch-1.pt")
+    # a second run resumes: nothing left to log, the index is rebuilt and still opens
+    assert f"indexed {N_TRAIN} examples" in run_cli(capsys, "index", "--config", config, "--quiet")
+
+
+@pytest.fixture(scope="module")
+def engine(indexed):
+    directory, config = indexed
+    cli.main(["index", "--config", str(config), "--quiet"])  # idempotent (resumes), in case this test runs alone
+    return open_engine(RunConfig.load(config), device="cpu")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"lr_weighting": "normalized", "checkpoints": ["epoch-1"]},
+        {"lr_weighting": "uniform", "measurement": "measurement", "top_k": 3},
+    ],
+    ids=["defaults", "subset-normalized", "uniform-measurement"],
+)
+def test_query_json_equals_engine(indexed, engine, capsys, tmp_path, options):
+    _, config = indexed
+    payloads = [{"test_index": 3}, {"test_index": 40}, {"pixels": [0] * 32 + [16] * 32, "label": 7}]
+    query_file = tmp_path / "queries.jsonl"
+    query_file.write_text("\n".join(json.dumps(p) for p in payloads[1:]) + "\n\n")
+    argv = ["query", "--config", config, "--query", json.dumps(payloads[0]), "--query-file", query_file, "--top-k", options.get("top_k", 5)]
+    for key, flag in (("lr_weighting", "--lr-weighting"), ("measurement", "--measurement")):
+        if key in options:
+            argv += [flag, options[key]]
+    if "checkpoints" in options:
+        argv += ["--checkpoints", ",".join(options["checkpoints"])]
+    answer = run_json(capsys, *argv)
+    expected = plain(engine.influence(payloads, top_k=options.get("top_k", 5), **{k: v for k, v in options.items() if k != "top_k"}))
+    assert {k: v for k, v in answer.items() if k not in TIMING_KEYS} == expected
+    assert len(answer["results"]) == 3 and all(len(r["proponents"]) == options.get("top_k", 5) for r in answer["results"])
+    first = answer["results"][0]["proponents"][0]
+    assert set(first) == {"id", "score", "contributions", "example"}
+    assert list(first["contributions"]) == options.get("checkpoints", ["epoch-0", "epoch-1"])
+    assert sum(first["contributions"].values()) == pytest.approx(first["score"], rel=1e-9)
+
+
+def test_query_text_output(indexed, engine, capsys):
+    _, config = indexed
+    out = run_cli(capsys, "query", "--config", config, "--query", '{"test_index": 3}', "--top-k", 2)
+    best = engine.influence([{"test_index": 3}], top_k=2).results[0]
+    assert "proponents:" in out and "opponents:" in out
+    assert f"id={best.proponents[0].id}" in out and f"id={best.opponents[1].id}" in out
+
+
+def test_self_influence_json_equals_engine(indexed, engine, capsys):
+    _, config = indexed
+    answer = run_json(capsys, "self-influence", "--config", config, "--top-k", 7)
+    assert {k: v for k, v in answer.items() if k not in TIMING_KEYS} == plain(engine.self_influence(top_k=7))
+    scores = [r["score"] for r in answer["results"]]
+    assert len(scores) == 7 and scores == sorted(scores, reverse=True)
+    subset = run_json(capsys, "self-influence", "--config", config, "--top-k", 4, "--checkpoints", "epoch-0", "--lr-weighting", "uniform")
+    assert {k: v for k, v in subset.items() if k not in TIMING_KEYS} == plain(
+        engine.self_influence(top_k=4, checkpoints=["epoch-0"], lr_weighting="uniform")
+    )
+    assert "highest self-influence" in run_cli(capsys, "self-influence", "--config", config, "--top-k", 2)
+
+
+def test_info_json(indexed, engine, capsys):
+    directory, config = indexed
+    info = run_json(capsys, "info", "--config", config)
+    store = engine.store
+    assert info["store"] == str(directory / "run.zarr") and info["dim"] == store.dim and info["dtype"] == "float32"
+    assert info["projection"] == {"init": "gaussian", "seed": 3, "layers": 2}
+    assert info["checkpoints"] == [
+        {"name": "epoch-0", "lr": 0.2, "rows": N_TRAIN, "adam": False},
+        {"name": "epoch-1", "lr": 0.05, "rows": N_TRAIN, "adam": False},
+    ]
+    assert info["index"] == {
+        "path": str(engine.index.path), "status": "ready", "kind": "flat", "preconditioner": "identity", "normalize": False, "rows": N_TRAIN,
+    }
+    assert "index: {" in run_cli(capsys, "info", "--config", config)
+
+
+def test_trackstar_style_index_over_the_same_store(indexed, engine, capsys):
+    """Another index (kfac, cosine, hnsw) beside the same store is a re-index: logging resumes with nothing to do."""
+    directory, _ = indexed
+    config = write_config(
+        directory, index='kind = "hnsw"\npreconditioner = "kfac"\nnormalize = true\npath = "trackstar.index"', residency="one", name="trackstar.toml"
+    )
+    assert "trackstar.index" in run_cli(capsys, "index", "--config", config, "--quiet")
+    answer = run_json(capsys, "query", "--config", config, "--query", '{"test_index": 5}', "--top-k", 4)
+    trackstar = open_engine(RunConfig.load(config), device="cpu")
+    assert {k: v for k, v in answer.items() if k not in TIMING_KEYS} == plain(trackstar.influence([{"test_index": 5}], top_k=4))
+    # cosine per checkpoint: each contribution is bounded by its lr
+    for item in answer["results"][0]["proponents"] + answer["results"][0]["opponents"]:
+        assert abs(item["contributions"]["epoch-0"]) <= 0.2 + 1e-6 and abs(item["contributions"]["epoch-1"]) <= 0.05 + 1e-6
+    info = run_json(capsys, "info", "--config", config)
+    assert info["index"]["kind"] == "hnsw" and info["index"]["preconditioner"] == "kfac" and info["index"]["normalize"] is True
+    # the flat index of run.toml is untouched and still serves the same answer
+    assert plain(engine.influence([{"test_index": 5}], top_k=4)) == plain(open_engine(RunConfig.load(directory / "run.toml")).influence([{"test_index": 5}], top_k=4))
+
+
+# -- errors --------------------------------------------------------------------------------------------
+
+
+def test_query_errors_exit_2_with_a_clear_message(indexed, engine, capsys, tmp_path):
+    _, config = indexed
+    base = ["query", "--config", config]
+    err = fails(capsys, *base, "--query", '{"test_index": 3}', "--checkpoints", "epoch-0,nope")
+    assert "unknown checkpoints ['nope']; the index has ['epoch-0', 'epoch-1']" in err
+    err = fails(capsys, *base, "--query", '{"test_index": 3}', "--query-file", _jsonl(tmp_path, [{"test_index": 1}, {"test_index": 99999}]))
+    assert "query 2 rejected by DigitsTask: test_index must be an integer in [0, 1597), got 99999" in err
+    assert "rejected by DigitsTask: pixels must be a list of 64 numbers" in fails(capsys, *base, "--query", '{"pixels": [1, 2], "label": 3}')
+    assert "query payloads must be JSON objects" in fails(capsys, *base, "--query", "{test_index: 3}")
+    assert "each query payload must be a JSON object" in fails(capsys, *base, "--query", "[1, 2]")
+    assert "give --query" in fails(capsys, *base)
+    assert "cannot read --query-file" in fails(capsys, *base, "--query-file", tmp_path / "missing.jsonl")
+    assert "top_k must be at least 1" in fails(capsys, *base, "--query", '{"test_index": 3}', "--top-k", 0)
+    assert "invalid choice" in fails(capsys, *base, "--query", '{"test_index": 3}', "--lr-weighting", "cosine")  # argparse
+    assert "does not exist" in fails(capsys, "query", "--config", tmp_path / "nowhere.toml", "--query", "{}")
+    assert "unknown checkpoints" in fails(capsys, "self-influence", "--config", config, "--checkpoints", "epoch-7")
+
+
+def _jsonl(directory: Path, payloads: list) -> Path:
+    path = directory / "queries.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in payloads))
+    return path
+
+
+def test_stale_mismatched_and_missing_index_then_reindex(indexed, capsys, tmp_path):
+    """A fresh run: the store changes under the index, the config's index options change, the index goes."""
+    source, _ = indexed
+    for name in ("epoch-0.pt", "epoch-1.pt"):
+        shutil.copy(source / name, tmp_path / name)
+    config = write_config(tmp_path)
+    run_cli(capsys, "index", "--config", config, "--quiet")
+    query = ["query", "--config", config, "--query", '{"test_index": 3}', "--json"]
+    before = run_cli(capsys, *query)
+
+    # stale: another checkpoint is logged into the store after the index was built
+    task = DigitsTask(n_train=N_TRAIN, hidden=16)
+    model = task.build_model()
+    task.load_checkpoint(model, tmp_path / "epoch-1.pt")
+    with GradientLogger(model, task, store=tmp_path / "run.zarr", spec=GradientStore.open(tmp_path / "run.zarr").spec, dtype="float32", chunk_rows=64, progress=False) as logger:
+        logger.log_checkpoint("extra", lr=0.01)
+    err = fails(capsys, *query)
+    assert "changed after index" in err and "gradstore index --config" in err
+    info = run_json(capsys, "info", "--config", config)
+    assert info["index"]["status"] == "unusable" and "changed after index" in info["index"]["reason"]
+    assert [c["name"] for c in info["checkpoints"]] == ["epoch-0", "epoch-1", "extra"]
+    run_cli(capsys, "index", "--config", config, "--quiet")  # resumes (nothing to log) and rebuilds
+    assert json.loads(run_cli(capsys, *query))["results"] == json.loads(before)["results"]
+
+    # mismatched: the config asks for another preconditioner than the index was built with
+    block = write_config(tmp_path, index='preconditioner = "block"', name="block.toml")
+    err = fails(capsys, "query", "--config", block, "--query", '{"test_index": 3}')
+    assert "built with other options" in err and "'preconditioner': ('identity', 'block')" in err
+    assert run_json(capsys, "info", "--config", block)["index"]["status"] == "unusable"
+
+    # mismatched: the config lists checkpoints the index does not cover
+    more = tmp_path / "more.toml"
+    more.write_text(config.read_text() + '\n[[checkpoints]]\nname = "extra"\npath = "epoch-1.pt"\nlr = 0.01\n')
+    err = fails(capsys, "query", "--config", more, "--query", '{"test_index": 3}')
+    assert "covers checkpoints ['epoch-0', 'epoch-1'], the config lists ['epoch-0', 'epoch-1', 'extra']" in err
+
+    # missing
+    shutil.rmtree(tmp_path / "run.index")
+    err = fails(capsys, *query)
+    assert "no index at" in err and "gradstore index --config" in err
+    assert run_json(capsys, "info", "--config", config)["index"]["status"] == "unusable"
+    shutil.rmtree(tmp_path / "run.zarr")
+    assert "no gradient store" in fails(capsys, *query)
+    assert "no gradient store" in run_json(capsys, "info", "--config", config)["store_status"]
