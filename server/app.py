@@ -106,6 +106,8 @@ class Measure:
             self.metrics.latency.labels(path).observe(time.perf_counter() - start)
 
 
+# The dependencies are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in the thread pool,
+# one thread hop per dependency per request (three per influence call, on top of the engine's own).
 async def _engine(request: Request) -> QueryEngine:
     engine = request.app.state.engine
     if engine is None:
