@@ -62,7 +62,7 @@ class IndexOptions:
     damping: float = 0.1  # added to each inverted curvature matrix, times its mean eigenvalue
     mix: float = 0.99  # TrackStar's lambda: R = mix * R_eval + (1 - mix) * R_train (when an eval store is given)
     nlist: int | None = None  # ivf/ivfpq inverted lists (default about 4 sqrt(N))
-    nprobe: int | None = None  # ivf/ivfpq lists visited per query (default nlist / 8)
+    nprobe: int | None = None  # ivf/ivfpq lists visited per query (default nlist / 4)
     hnsw_m: int = 32
     ef_construction: int = 200
     ef_search: int = 256
@@ -266,7 +266,7 @@ class GradientIndex:
         kind, o = self.options.kind, self.options
         if kind in ("ivf", "ivfpq"):
             ivf = faiss.extract_index_ivf(index)
-            ivf.nprobe = o.nprobe or max(1, ivf.nlist // 8)
+            ivf.nprobe = o.nprobe or max(1, ivf.nlist // 4)
         elif kind == "hnsw":
             index.hnsw.efSearch = o.ef_search
 
