@@ -344,8 +344,9 @@ def sweep_settings(kind: str, index: GradientIndex, base: IndexOptions, full: bo
     """Search-time settings to try, cheapest first; the library default is marked ``default``."""
     default = {"nprobe": base.nprobe, "ef_search": base.ef_search, "rerank": base.rerank}
     if kind in ("ivf", "ivfpq"):
-        nlist = faiss.extract_index_ivf(index._faiss).nlist
-        default["nprobe"] = base.nprobe or max(1, nlist // 8)
+        ivf = faiss.extract_index_ivf(index._faiss)
+        nlist = ivf.nlist
+        default["nprobe"] = int(ivf.nprobe)  # what the library set: options.nprobe or its default
         # (fewer lists than nlist/32 reach recall ~0.5 on this data: heavy-tailed norms, so top inner products
         # are spread over lists whose centroids are far from the query)
         probes = sorted({max(1, nlist // d) for d in (32, 16, 8, 4, 2)})
