@@ -40,6 +40,10 @@ def _influence_body(queries, vectors, top_k, lr_weighting, checkpoints, measurem
     return body
 
 
+def _self_influence_body(top_k, lr_weighting, checkpoints) -> dict[str, Any]:
+    return {"top_k": top_k, "lr_weighting": lr_weighting, "checkpoints": list(checkpoints) if checkpoints else None}
+
+
 def _raise_for_status(response: httpx.Response) -> None:
     if response.is_success:
         return
@@ -80,8 +84,7 @@ class Client:
         return InfluenceResponse.model_validate(self._post("/v1/influence", body))
 
     def self_influence(self, top_k: int = 20, lr_weighting: LrWeighting = "schedule", checkpoints: Sequence[str] | None = None) -> SelfInfluenceResponse:
-        body = {"top_k": top_k, "lr_weighting": lr_weighting, "checkpoints": list(checkpoints) if checkpoints else None}
-        return SelfInfluenceResponse.model_validate(self._post("/v1/self-influence", body))
+        return SelfInfluenceResponse.model_validate(self._post("/v1/self-influence", _self_influence_body(top_k, lr_weighting, checkpoints)))
 
     def example(self, example_id: int) -> dict:
         """The Task's description of a training example."""
@@ -140,7 +143,7 @@ class AsyncClient:
         return InfluenceResponse.model_validate(await self._post("/v1/influence", body))
 
     async def self_influence(self, top_k: int = 20, lr_weighting: LrWeighting = "schedule", checkpoints: Sequence[str] | None = None) -> SelfInfluenceResponse:
-        body = {"top_k": top_k, "lr_weighting": lr_weighting, "checkpoints": list(checkpoints) if checkpoints else None}
+        body = _self_influence_body(top_k, lr_weighting, checkpoints)
         return SelfInfluenceResponse.model_validate(await self._post("/v1/self-influence", body))
 
     async def example(self, example_id: int) -> dict:

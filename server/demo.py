@@ -9,6 +9,7 @@ the self-influence view has something to find.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gradstore.logger import GradientLogger, Task
+from gradstore.store import GradientIndex, GradientStore
 
 N_TRAIN = 1500
 FLIP_FRACTION = 0.03
@@ -137,8 +139,6 @@ def prepare_demo(workdir: str | Path, rank: int = 16, batch_size: int = 32, prog
 
     Idempotent: a finished demo directory is reused as is.
     """
-    from gradstore.store import GradientStore
-
     from .config import RunConfig
     from .jobs import open_index
 
@@ -150,8 +150,6 @@ def prepare_demo(workdir: str | Path, rank: int = 16, batch_size: int = 32, prog
     workdir.mkdir(parents=True, exist_ok=True)
     for stale in ("demo.zarr", "demo.index"):
         if (workdir / stale).exists():
-            import shutil
-
             shutil.rmtree(workdir / stale)
     task = DigitsTask()
     model = task.build_model()
@@ -177,8 +175,6 @@ def prepare_demo(workdir: str | Path, rank: int = 16, batch_size: int = 32, prog
     logger.close()
     config_path.write_text(RUN_TOML.format(rank=rank, checkpoints="\n".join(entries)))
     config = RunConfig.load(config_path)
-    from gradstore.store import GradientIndex
-
     GradientIndex.build(GradientStore.open(config.store.path), config.index, path=config.index_path, progress=progress)
     open_index(config)  # proves the index matches the config
     test = task.test_examples()
