@@ -180,15 +180,15 @@ def make_store(path: Path, n: int, gen: GradientLike, params: dict, chunk_rows: 
     start = time.perf_counter()
     store = GradientStore.create(path, synthetic_spec(gen.dim), dtype="float16", chunk_rows=chunk_rows)
     store.begin_checkpoint(CheckpointInfo(name=CHECKPOINT, lr=LR))
-    part = store.pass_part(CHECKPOINT, n)
+    segment = store.pass_segment(CHECKPOINT, n)
     block_chunks = max(1, 16384 // chunk_rows)
-    for first in range(0, part.n_chunks, block_chunks):
+    for first in range(0, segment.n_chunks, block_chunks):
         lo = first * chunk_rows
         hi = min(n, (first + block_chunks) * chunk_rows)
         rows = gen.rows(np.random.default_rng([gen.seed, 2, n, first]), hi - lo).astype(np.float16)
-        for chunk in range(first, min(first + block_chunks, part.n_chunks)):
+        for chunk in range(first, min(first + block_chunks, segment.n_chunks)):
             a, b = chunk * chunk_rows - lo, min((chunk + 1) * chunk_rows, hi) - lo
-            part.write_chunk(chunk, np.arange(lo + a, lo + b, dtype=np.int64), rows[a:b])
+            segment.write_chunk(chunk, np.arange(lo + a, lo + b, dtype=np.int64), rows[a:b])
     marker.write_text(json.dumps(params))
     return GradientStore.open(path), time.perf_counter() - start
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import warnings
 from collections.abc import Mapping
@@ -16,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gradstore.projection import ProjectionMismatchError, ProjectionSpec, build_matrices, fold_denominator, matrices_checksum
-from gradstore.store import AppendWriter, BackgroundWriter, ChunkBuffer, CheckpointInfo, DuplicateIdError, GradientStore
+from gradstore.store import AppendWriter, BackgroundWriter, CheckpointInfo, ChunkBuffer, DuplicateIdError, GradientStore, file_sha256
 
 from .errors import NonFiniteGradientError, TaskError
 from .hooks import CaptureState, LayerHook, frozen_parameters
@@ -213,18 +212,18 @@ class GradientLogger:
         )
         if self.process_rank == 0:
             store.begin_checkpoint(info, factors)
-            store.pass_part(name, n)
+            store.pass_segment(name, n)
         self._barrier()
         if self.process_rank != 0:
             store.begin_checkpoint(info, factors)  # validates against what rank 0 created
-        part = store.pass_part(name, n)
-        counts = part.committed_counts()
+        segment = store.pass_segment(name, n)
+        counts = segment.committed_counts()
         chunk_rows = store.chunk_rows
         for chunk in np.flatnonzero(counts):
             start = int(chunk) * chunk_rows
-            if not np.array_equal(part.chunk_ids(int(chunk))[: counts[chunk]], ids[start : start + counts[chunk]]):
+            if not np.array_equal(segment.chunk_ids(int(chunk))[: counts[chunk]], ids[start : start + counts[chunk]]):
                 raise store_mismatch(name, int(chunk))
-        todo = [k for k in range(part.n_chunks) if k % self.world_size == self.process_rank and counts[k] == 0]
+        todo = [k for k in range(segment.n_chunks) if k % self.world_size == self.process_rank and counts[k] == 0]
         positions = np.concatenate([np.arange(k * chunk_rows, min((k + 1) * chunk_rows, n)) for k in todo]) if todo else np.zeros(0, np.int64)
         chunks = iter(todo)
         buffer: ChunkBuffer | None = None
@@ -239,7 +238,7 @@ class GradientLogger:
                     while taken < len(batch_ids):
                         if buffer is None or buffer.rows == 0:
                             chunk = next(chunks)
-                            buffer = ChunkBuffer(part, chunk, min(chunk_rows, n - chunk * chunk_rows), store.dim, store.dtype, self._writer)
+                            buffer = ChunkBuffer(segment, chunk, min(chunk_rows, n - chunk * chunk_rows), store.dim, store.dtype, self._writer)
                         taken += buffer.add(batch_ids[taken:], grads[taken:])
                     bar.update(len(batch_ids))
         finally:
@@ -388,14 +387,6 @@ def store_mismatch(checkpoint: str, chunk: int) -> Exception:
         f"checkpoint {checkpoint!r}: the examples differ from those of the interrupted run (chunk {chunk}); "
         "resume with the same examples in the same order, or use a new checkpoint name"
     )
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _warn_on_shared_weights(layers: list) -> None:

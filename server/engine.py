@@ -16,9 +16,15 @@ import numpy as np
 import torch
 
 from gradstore.logger import GradientLogger, Task
-from gradstore.logger.gradient_logger import file_sha256
 from gradstore.projection import GradstoreError
-from gradstore.store import CheckpointMismatchError, CheckpointNotFoundError, GradientIndex, GradientStore, UnknownExampleError
+from gradstore.store import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    GradientIndex,
+    GradientStore,
+    UnknownExampleError,
+    file_sha256,
+)
 
 from .schemas import Influence, InfluenceResponse, LrWeighting, Measurement, QueryResult, SelfInfluenceResponse
 

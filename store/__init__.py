@@ -14,7 +14,7 @@ from .errors import (
     StoreReadOnlyError,
     UnknownExampleError,
 )
-from .gradient_store import CheckpointInfo, GradientStore, Part
+from .gradient_store import CheckpointInfo, GradientStore, Segment, file_sha256
 from .index import KINDS, GradientIndex, IndexOptions, SearchResult, default_index_path
 from .rows import CheckpointRows
 from .writer import AppendWriter, BackgroundWriter, ChunkBuffer
@@ -38,10 +38,11 @@ __all__ = [
     "DuplicateIdError",
     "GradientShapeError",
     "GradientStore",
-    "Part",
+    "Segment",
     "StoreExistsError",
     "StoreFormatError",
     "StoreNotFoundError",
     "StoreReadOnlyError",
     "UnknownExampleError",
+    "file_sha256",
 ]

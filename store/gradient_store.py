@@ -1,15 +1,15 @@
-"""The Zarr v3 gradient store: one group per run, one group per checkpoint, pre-sized row-chunked parts.
+"""The Zarr v3 gradient store: one group per run, one group per checkpoint, pre-sized row-chunked segments.
 
 Layout::
 
     run.zarr/                      attrs["gradstore"] = {format_version, projection, dim, dtype, chunk_rows}
       checkpoints/<name>/          attrs = CheckpointInfo (lr, step, weights path + sha256, ...)
         adam_r, adam_c             Adam denominator factors folded into the projection, if any
-        <part>/grads  [R, D]       row-chunked (chunk_rows, D), float16 or float32
-        <part>/ids    [R]          int64 example ids
-        <part>/committed [R/C]     rows committed per chunk; one object per chunk
+        <segment>/grads  [R, D]       row-chunked (chunk_rows, D), float16 or float32
+        <segment>/ids    [R]          int64 example ids
+        <segment>/committed [R/C]     rows committed per chunk; one object per chunk
 
-A part is written one whole chunk at a time, each chunk by exactly one writer, and a chunk's commit
+A segment is written one whole chunk at a time, each chunk by exactly one writer, and a chunk's commit
 count is written only after its data and ids have been written (zarr's LocalStore replaces files
 atomically). Readers serve committed rows only, so a killed writer never exposes a half-written row,
 and a resumed writer skips committed chunks. Parts: ``pass`` (offline pass; row = position in the
@@ -46,8 +46,8 @@ from .errors import (
 
 FORMAT_VERSION = 1
 DTYPES = ("float16", "float32")
-CAPTURE_PART_CHUNKS = 256
-PASS_PART = "pass"
+CAPTURE_SEGMENT_CHUNKS = 256
+PASS_SEGMENT = "pass"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -73,7 +73,16 @@ class CheckpointInfo:
             raise ValueError(f"checkpoint {self.name!r}: lr must be a finite number, got {self.lr!r}")
 
 
-class Part:
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (checkpoint weights are recorded with theirs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Segment:
     """A pre-sized ``[capacity, D]`` slab of rows, its ids and its per-chunk commit counts."""
 
     def __init__(self, group: zarr.Group, chunk_rows: int):
@@ -94,7 +103,7 @@ class Part:
             return None
 
     def committed_counts(self) -> np.ndarray:
-        """Rows committed in each chunk (0 = not committed). A part whose creation was cut short has none."""
+        """Rows committed in each chunk (0 = not committed). A segment whose creation was cut short has none."""
         committed = self._array("committed")
         if committed is None or self._array("grads") is None or self._array("ids") is None:
             return np.zeros(self.n_chunks, dtype=np.int64)
@@ -122,7 +131,7 @@ class Part:
         start = chunk * self.chunk_rows
         rows = min(self.chunk_rows, self.capacity - start)
         if not 0 < n <= rows:
-            raise GradientShapeError(f"chunk {chunk} of part {self.name!r} holds 1..{rows} rows, got {n}")
+            raise GradientShapeError(f"chunk {chunk} of segment {self.name!r} holds 1..{rows} rows, got {n}")
         grads_array, ids_array = self.group["grads"], self.group["ids"]
         if grads.shape != (n, grads_array.shape[1]):
             raise GradientShapeError(f"expected gradients of shape ({n}, {grads_array.shape[1]}), got {grads.shape}")
@@ -132,7 +141,11 @@ class Part:
         padded_ids[:n] = ids
         grads_array[start : start + rows] = padded_grads
         ids_array[start : start + rows] = padded_ids
-        self.group["committed"][chunk] = n  # the commit: only now do readers see these rows
+        self.commit_chunk(chunk, n)
+
+    def commit_chunk(self, chunk: int, rows: int) -> None:
+        """Record ``rows`` committed rows in ``chunk``: only now do readers see them (called after the data is written)."""
+        self.group["committed"][chunk] = rows
 
 
 class GradientStore:
@@ -283,59 +296,59 @@ class GradientStore:
                 f"checkpoint {name!r} says it has Adam factors but they are missing; resume its logging to rewrite them"
             ) from None
 
-    # -- parts ---------------------------------------------------------------------------------
-    def parts(self, checkpoint: str) -> list[Part]:
+    # -- segments ---------------------------------------------------------------------------------
+    def segments(self, checkpoint: str) -> list[Segment]:
         group = self._checkpoint_group(checkpoint)
-        return [Part(g, self.chunk_rows) for _, g in sorted(group.groups())]
+        return [Segment(g, self.chunk_rows) for _, g in sorted(group.groups())]
 
-    def _create_part(self, checkpoint: str, name: str, kind: str, capacity: int) -> Part:
+    def _create_segment(self, checkpoint: str, name: str, kind: str, capacity: int) -> Segment:
         self._require_writable()
         group = self._checkpoint_group(checkpoint)
-        part_group = group[name] if name in group else group.create_group(name, attributes={"kind": kind, "capacity": capacity})
+        segment_group = group[name] if name in group else group.create_group(name, attributes={"kind": kind, "capacity": capacity})
         chunk = self.chunk_rows
         n_chunks = -(-capacity // chunk)
-        # Arrays are created in this order; a crash in between leaves a part readers treat as empty.
-        if "grads" not in part_group:
-            part_group.create_array("grads", shape=(capacity, self.dim), chunks=(chunk, self.dim), dtype=self.dtype, compressors=None, fill_value=0)
-        if "ids" not in part_group:
-            part_group.create_array("ids", shape=(capacity,), chunks=(chunk,), dtype="int64", fill_value=-1)
-        if "committed" not in part_group:
-            part_group.create_array("committed", shape=(n_chunks,), chunks=(1,), dtype="int32", compressors=None, fill_value=0)
-        return Part(part_group, chunk)
+        # Arrays are created in this order; a crash in between leaves a segment readers treat as empty.
+        if "grads" not in segment_group:
+            segment_group.create_array("grads", shape=(capacity, self.dim), chunks=(chunk, self.dim), dtype=self.dtype, compressors=None, fill_value=0)
+        if "ids" not in segment_group:
+            segment_group.create_array("ids", shape=(capacity,), chunks=(chunk,), dtype="int64", fill_value=-1)
+        if "committed" not in segment_group:
+            segment_group.create_array("committed", shape=(n_chunks,), chunks=(1,), dtype="int32", compressors=None, fill_value=0)
+        return Segment(segment_group, chunk)
 
-    def pass_part(self, checkpoint: str, num_rows: int) -> Part:
-        """The offline-pass part of a checkpoint (row i = i-th example), created if absent."""
+    def pass_segment(self, checkpoint: str, num_rows: int) -> Segment:
+        """The offline-pass segment of a checkpoint (row i = i-th example), created if absent."""
         group = self._checkpoint_group(checkpoint)
-        if PASS_PART in group:
-            capacity = int(group[PASS_PART].attrs["capacity"])
+        if PASS_SEGMENT in group:
+            capacity = int(group[PASS_SEGMENT].attrs["capacity"])
             if capacity != num_rows:
                 raise CheckpointMismatchError(
                     f"checkpoint {checkpoint!r} was started over {capacity} examples, now given {num_rows}; "
                     "resume with the same examples or use a new checkpoint name"
                 )
-        return self._create_part(checkpoint, PASS_PART, "pass", num_rows)
+        return self._create_segment(checkpoint, PASS_SEGMENT, "pass", num_rows)
 
-    def new_capture_part(self, checkpoint: str, writer: str = "r0") -> Part:
-        """A fresh append-only part owned by one writer (one per process and session)."""
+    def new_capture_segment(self, checkpoint: str, writer: str = "r0") -> Segment:
+        """A fresh append-only segment owned by one writer (one per process and session)."""
         name = f"capture-{writer}-{uuid.uuid4().hex[:12]}"
-        return self._create_part(checkpoint, name, "capture", CAPTURE_PART_CHUNKS * self.chunk_rows)
+        return self._create_segment(checkpoint, name, "capture", CAPTURE_SEGMENT_CHUNKS * self.chunk_rows)
 
     # -- reading -------------------------------------------------------------------------------
     def committed_ids(self, checkpoint: str) -> np.ndarray:
         """Ids of every committed row of a checkpoint (in storage order)."""
-        out = [np.asarray(part.group["ids"][a:b]) for part in self.parts(checkpoint) for a, b in part.row_ranges()]
+        out = [np.asarray(segment.group["ids"][a:b]) for segment in self.segments(checkpoint) for a, b in segment.row_ranges()]
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def num_rows(self, checkpoint: str) -> int:
-        return sum(int(part.committed_counts().sum()) for part in self.parts(checkpoint))
+        return sum(int(segment.committed_counts().sum()) for segment in self.segments(checkpoint))
 
     def iter_blocks(self, checkpoint: str, block_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream committed ``(ids, grads)`` blocks of at most ``block_rows`` rows."""
-        for part in self.parts(checkpoint):
-            for start, stop in part.row_ranges():
+        for segment in self.segments(checkpoint):
+            for start, stop in segment.row_ranges():
                 for lo in range(start, stop, block_rows):
                     hi = min(lo + block_rows, stop)
-                    yield np.asarray(part.group["ids"][lo:hi]), np.asarray(part.group["grads"][lo:hi])
+                    yield np.asarray(segment.group["ids"][lo:hi]), np.asarray(segment.group["grads"][lo:hi])
 
     def read(self, checkpoint: str, ids: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Committed rows of a checkpoint: ``(ids [n], grads [n, D])``, optionally only the given ids, in their order."""
@@ -373,9 +386,9 @@ class GradientStore:
         digest = hashlib.sha256(json.dumps(dict(self.root.attrs), sort_keys=True).encode())
         for name in self.checkpoints:
             digest.update(json.dumps(dict(self._checkpoint_group(name).attrs), sort_keys=True).encode())
-            for part in self.parts(name):
-                digest.update(part.name.encode())
-                digest.update(part.committed_counts().tobytes())
+            for segment in self.segments(name):
+                digest.update(segment.name.encode())
+                digest.update(segment.committed_counts().tobytes())
         return digest.hexdigest()
 
     def __repr__(self) -> str:

@@ -398,14 +398,14 @@ class _VectorBuilder:
 
     def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``([n, C*D] float32 vectors, [n, C] float64 squared norms)`` for the given example ids."""
-        parts, sqnorms = [], []
+        segments, sqnorms = [], []
         for name, rows in self.rows.items():
             v = self.preconditioners[name].apply(rows.read(ids))
             if self.normalize:
                 v = normalize_rows(v)
-            parts.append(v)
+            segments.append(v)
             sqnorms.append(np.einsum("nd,nd->n", v.astype(np.float64), v.astype(np.float64)))
-        return np.concatenate(parts, axis=1), np.stack(sqnorms, axis=1)
+        return np.concatenate(segments, axis=1), np.stack(sqnorms, axis=1)
 
     def blocks(self, ids: np.ndarray, block_rows: int, desc: str, progress: bool) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         with tqdm(total=len(ids), desc=desc, unit="row", disable=not progress) as bar:

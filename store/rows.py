@@ -53,15 +53,15 @@ def _read_ranged(array: zarr.Array, dtype: np.dtype, rows: np.ndarray) -> np.nda
 
 
 class CheckpointRows:
-    """Where every committed row of one checkpoint lives (part, row), addressable by example id."""
+    """Where every committed row of one checkpoint lives (segment, row), addressable by example id."""
 
     def __init__(self, store: GradientStore, checkpoint: str):
         self.store, self.checkpoint = store, checkpoint
-        self.parts = store.parts(checkpoint)
+        self.segments = store.segments(checkpoint)
         ids, part_of, row_of = [], [], []
-        for p, part in enumerate(self.parts):
-            for start, stop in part.row_ranges():
-                ids.append(np.asarray(part.group["ids"][start:stop]))
+        for p, segment in enumerate(self.segments):
+            for start, stop in segment.row_ranges():
+                ids.append(np.asarray(segment.group["ids"][start:stop]))
                 part_of.append(np.full(stop - start, p, dtype=np.int32))
                 row_of.append(np.arange(start, stop, dtype=np.int64))
         self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
@@ -72,7 +72,7 @@ class CheckpointRows:
         if len(self.sorted_ids) and (np.diff(self.sorted_ids) == 0).any():
             dup = self.sorted_ids[1:][np.diff(self.sorted_ids) == 0]
             raise DuplicateIdError(f"checkpoint {checkpoint!r} holds example ids more than once: {dup[:10].tolist()}")
-        self._part = part_of_all[order]
+        self._segment = part_of_all[order]
         self._row = row_of_all[order]
 
     def __len__(self) -> int:
@@ -91,12 +91,12 @@ class CheckpointRows:
         """Rows ``[n, D]`` (store dtype) for the given ids, in their order."""
         ids = np.asarray(ids, dtype=np.int64)
         pos = self._locate(ids)
-        parts, rows = self._part[pos], self._row[pos]
+        segments, rows = self._segment[pos], self._row[pos]
         out = np.empty((len(ids), self.store.dim), dtype=self.store.dtype)
         chunk_rows = self.store.chunk_rows
-        for p in np.unique(parts):
-            in_part = np.flatnonzero(parts == p)
-            grads = self.parts[int(p)].group["grads"]
+        for p in np.unique(segments):
+            in_part = np.flatnonzero(segments == p)
+            grads = self.segments[int(p)].group["grads"]
             chunks = rows[in_part] // chunk_rows
             unique_chunks, per_chunk = np.unique(chunks, return_counts=True)
             raw_dtype = _raw_row_dtype(grads)

@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from .gradient_store import Part
+from .gradient_store import Segment
 
 
 class BackgroundWriter:
@@ -44,10 +44,10 @@ class BackgroundWriter:
 
 
 class ChunkBuffer:
-    """Collects rows for one chunk of a part and writes the chunk when it is full (or on :meth:`flush`)."""
+    """Collects rows for one chunk of a segment and writes the chunk when it is full (or on :meth:`flush`)."""
 
-    def __init__(self, part: Part, chunk: int, rows: int, dim: int, dtype: str, writer: BackgroundWriter):
-        self.part, self.chunk, self.rows, self.writer = part, chunk, rows, writer
+    def __init__(self, segment: Segment, chunk: int, rows: int, dim: int, dtype: str, writer: BackgroundWriter):
+        self.segment, self.chunk, self.rows, self.writer = segment, chunk, rows, writer
         self.ids = np.empty(rows, dtype=np.int64)
         self.grads = np.empty((rows, dim), dtype=dtype)
         self.filled = 0
@@ -69,25 +69,25 @@ class ChunkBuffer:
     def flush(self) -> None:
         if self.filled == 0:
             return
-        part, chunk, ids, grads = self.part, self.chunk, self.ids[: self.filled], self.grads[: self.filled]
-        self.writer.submit(lambda: part.write_chunk(chunk, ids, grads))
+        segment, chunk, ids, grads = self.segment, self.chunk, self.ids[: self.filled], self.grads[: self.filled]
+        self.writer.submit(lambda: segment.write_chunk(chunk, ids, grads))
         self.ids, self.grads, self.filled = np.empty(0, np.int64), np.empty((0, grads.shape[1]), grads.dtype), 0
         self.rows = 0
 
 
 class AppendWriter:
-    """Appends rows to a checkpoint through capture parts owned by this writer alone."""
+    """Appends rows to a checkpoint through capture segments owned by this writer alone."""
 
     def __init__(self, store, checkpoint: str, writer_tag: str, background: BackgroundWriter):
         self.store, self.checkpoint, self.writer_tag, self.background = store, checkpoint, writer_tag, background
-        self._part: Part | None = None
+        self._segment: Segment | None = None
         self._next_chunk = 0
         self._buffer: ChunkBuffer | None = None
 
     def _new_buffer(self) -> ChunkBuffer:
-        if self._part is None or self._next_chunk == self._part.n_chunks:
-            self._part, self._next_chunk = self.store.new_capture_part(self.checkpoint, self.writer_tag), 0
-        buffer = ChunkBuffer(self._part, self._next_chunk, self.store.chunk_rows, self.store.dim, self.store.dtype, self.background)
+        if self._segment is None or self._next_chunk == self._segment.n_chunks:
+            self._segment, self._next_chunk = self.store.new_capture_segment(self.checkpoint, self.writer_tag), 0
+        buffer = ChunkBuffer(self._segment, self._next_chunk, self.store.chunk_rows, self.store.dim, self.store.dtype, self.background)
         self._next_chunk += 1
         return buffer
 

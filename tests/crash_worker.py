@@ -3,7 +3,7 @@
 Usage: python crash_worker.py STORE MODE [ARG]
   MODE none      run to completion, print {"computed": rows}
   MODE loss N    SIGKILL inside the N-th call of Task.loss (mid-chunk)
-  MODE write K   SIGKILL inside Part.write_chunk for chunk K, after its grads/ids are written, before its commit
+  MODE write K   SIGKILL inside Segment.write_chunk for chunk K, after its grads/ids are written, before its commit
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import signal
 import sys
 
-import numpy as np
 
 from crash_task import MLPTask, make_model
 from gradstore.logger import GradientLogger
@@ -37,25 +36,15 @@ class KillingTask(MLPTask):
 
 
 def install_write_kill(kill_chunk: int) -> None:
-    original = gradient_store.Part.write_chunk
+    """Die inside ``Segment.write_chunk`` for ``kill_chunk``: after its grads and ids are written, before its commit."""
+    original = gradient_store.Segment.commit_chunk
 
-    def write_chunk(self, chunk, ids, grads):
-        if chunk != kill_chunk:
-            return original(self, chunk, ids, grads)
-        # the data half of Part.write_chunk, then death before `committed[chunk] = n`
-        n = len(ids)
-        start = chunk * self.chunk_rows
-        rows = min(self.chunk_rows, self.capacity - start)
-        grads_array, ids_array = self.group["grads"], self.group["ids"]
-        padded_grads = np.zeros((rows, grads.shape[1]), dtype=grads_array.dtype)
-        padded_grads[:n] = grads
-        padded_ids = np.full(rows, -1, dtype=np.int64)
-        padded_ids[:n] = ids
-        grads_array[start : start + rows] = padded_grads
-        ids_array[start : start + rows] = padded_ids
-        die()
+    def commit_chunk(self, chunk, rows):
+        if chunk == kill_chunk:
+            die()
+        return original(self, chunk, rows)
 
-    gradient_store.Part.write_chunk = write_chunk
+    gradient_store.Segment.commit_chunk = commit_chunk
 
 
 def main() -> None:

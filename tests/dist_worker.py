@@ -6,7 +6,7 @@ Both ranks open the same store through GradientLogger (rank and world size from 
 1. log checkpoint "pass" over the first 100 examples of the MLP task (chunk_rows=8);
 2. capture checkpoint "cap" in a training-free loop over this rank's shuffled half of the ids
    (batches of 5, mean-reduced loss, no optimizer step, so the weights stay those of the pass).
-Every Part.write_chunk call is recorded; OUT_DIR/rank{r}.json gets the record and the rank's ids.
+Every Segment.write_chunk call is recorded; OUT_DIR/rank{r}.json gets the record and the rank's ids.
 """
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
 
     writes: list[dict] = []
-    original = gradient_store.Part.write_chunk
+    original = gradient_store.Segment.write_chunk
 
     def recording_write_chunk(self, chunk, ids, grads):
-        writes.append({"part": self.name, "chunk": int(chunk), "ids": np.asarray(ids).tolist()})
+        writes.append({"segment": self.name, "chunk": int(chunk), "ids": np.asarray(ids).tolist()})
         return original(self, chunk, ids, grads)
 
-    gradient_store.Part.write_chunk = recording_write_chunk
+    gradient_store.Segment.write_chunk = recording_write_chunk
 
     task = MLPTask(N)
     model = make_model()

@@ -178,7 +178,7 @@ def write_store(
     ids: np.ndarray | None = None,
     committed_rows: int | None = None,
 ) -> GradientStore:
-    """A store with one pass part per checkpoint ``{name: (lr, [N, D] rows)}``; ids default to ``0..N-1``.
+    """A store with one pass segment per checkpoint ``{name: (lr, [N, D] rows)}``; ids default to ``0..N-1``.
 
     ``committed_rows`` commits only the chunks covering that many rows (the rest look unfinished).
     """
@@ -188,14 +188,14 @@ def write_store(
         row_ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
         if name not in store.checkpoints:
             store.begin_checkpoint(CheckpointInfo(name=name, lr=float(lr)))
-        part = store.pass_part(name, n)
-        counts = part.committed_counts()
+        segment = store.pass_segment(name, n)
+        counts = segment.committed_counts()
         stop = n if committed_rows is None else committed_rows
-        for chunk in range(part.n_chunks):
+        for chunk in range(segment.n_chunks):
             lo, hi = chunk * chunk_rows, min((chunk + 1) * chunk_rows, n)
             if lo >= stop or counts[chunk]:
                 continue
-            part.write_chunk(chunk, row_ids[lo:hi], rows[lo:hi].astype(dtype))
+            segment.write_chunk(chunk, row_ids[lo:hi], rows[lo:hi].astype(dtype))
     return store
 
 

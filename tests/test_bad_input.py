@@ -66,8 +66,8 @@ def assert_intact(path: Path, base, checkpoints=("c0",)) -> GradientStore:
     ids, grads = store.read("c0")
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_array_equal(grads, ref_grads)
-    (part,) = store.parts("c0")
-    np.testing.assert_array_equal(part.committed_counts(), [CHUNK] * (N // CHUNK))
+    (segment,) = store.segments("c0")
+    np.testing.assert_array_equal(segment.committed_counts(), [CHUNK] * (N // CHUNK))
     return store
 
 
@@ -311,9 +311,9 @@ def test_write_to_read_only_store(store_path, base):
         store.begin_checkpoint(CheckpointInfo(name="x", lr=0.1))
     assert isinstance(info.value, PermissionError)
     with pytest.raises(StoreReadOnlyError):
-        store.new_capture_part("c0")
+        store.new_capture_segment("c0")
     with pytest.raises(StoreReadOnlyError):
-        store.pass_part("c0", N)
+        store.pass_segment("c0", N)
     assert "x" not in store.checkpoints
     assert_intact(store_path, base)
 

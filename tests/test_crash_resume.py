@@ -5,7 +5,7 @@ tiny MLP task (200 examples, chunk_rows=16, float32) and kills itself with SIGKI
 
 * ``loss``: inside the 12th call of ``Task.loss`` (88 rows computed, chunk 5 half filled, the
   background writer possibly still busy with earlier chunks);
-* ``write``: inside ``Part.write_chunk`` for chunk K, after chunk K's grads and ids are on disk and
+* ``write``: inside ``Segment.write_chunk`` for chunk K, after chunk K's grads and ids are on disk and
   before its commit record is written.
 
 The store is then reopened, checked against an uninterrupted reference run, and resumed by a
@@ -62,7 +62,7 @@ class Killed:
     counts: np.ndarray
     ids: np.ndarray
     grads: np.ndarray
-    raw_ids: np.ndarray  # the part's ids array as stored, committed or not
+    raw_ids: np.ndarray  # the segment's ids array as stored, committed or not
     raw_grads: np.ndarray
     probe_id: int  # the first id the killed run did not commit
     probe_error: Exception | None  # what reading it raised
@@ -92,8 +92,8 @@ def runs(tmp_path_factory):
     for name in SCENARIOS:
         rc, out, err = finished[name]
         store = GradientStore.open(root / f"{name}.zarr")
-        parts = store.parts("c0")
-        assert [p.name for p in parts] == ["pass"], f"{name}: {err}"
+        segments = store.segments("c0")
+        assert [p.name for p in segments] == ["pass"], f"{name}: {err}"
         ids, grads = store.read("c0")
         probe = min(set(range(N)) - set(ids.tolist()))
         try:
@@ -102,8 +102,8 @@ def runs(tmp_path_factory):
         except Exception as exc:  # noqa: BLE001 - inspected by the tests
             probe_error = exc
         killed[name] = Killed(
-            rc, out, err, parts[0].committed_counts(), ids, grads,
-            np.asarray(parts[0].group["ids"][:]), np.asarray(parts[0].group["grads"][:]), probe, probe_error,
+            rc, out, err, segments[0].committed_counts(), ids, grads,
+            np.asarray(segments[0].group["ids"][:]), np.asarray(segments[0].group["grads"][:]), probe, probe_error,
         )
 
     # phase 2: resume every killed store, and re-run the complete reference store (nothing to do)

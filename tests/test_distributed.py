@@ -103,20 +103,20 @@ def test_every_id_exactly_once_and_equal_to_single_process(run, checkpoint):
 
 def test_pass_chunks_are_rank_owned(run):
     store, reports, _, ref_grads = run
-    (part,) = store.parts("pass")
-    assert part.name == "pass" and part.capacity == N and part.n_chunks == N_CHUNKS
-    counts = part.committed_counts()
+    (segment,) = store.segments("pass")
+    assert segment.name == "pass" and segment.capacity == N and segment.n_chunks == N_CHUNKS
+    counts = segment.committed_counts()
     np.testing.assert_array_equal(counts, [CHUNK] * (N_CHUNKS - 1) + [N - (N_CHUNKS - 1) * CHUNK])
     for k in range(N_CHUNKS):  # chunk k holds exactly the examples at positions k*8 .. k*8+7
-        np.testing.assert_array_equal(part.chunk_ids(k), np.arange(k * CHUNK, min((k + 1) * CHUNK, N)))
+        np.testing.assert_array_equal(segment.chunk_ids(k), np.arange(k * CHUNK, min((k + 1) * CHUNK, N)))
     # the offline pass over positions is bit-identical to the single-process one (same batches of 8)
     _, grads = store.read("pass")
     np.testing.assert_array_equal(grads, ref_grads)
-    # who wrote what: chunk k of the pass part by rank k % 2, each exactly once
+    # who wrote what: chunk k of the pass segment by rank k % 2, each exactly once
     writers: dict[int, list[int]] = {}
     for rep in reports:
         for w in rep["writes"]:
-            if w["part"] == "pass":
+            if w["segment"] == "pass":
                 writers.setdefault(w["chunk"], []).append(rep["rank"])
                 np.testing.assert_array_equal(w["ids"], np.arange(w["chunk"] * CHUNK, min((w["chunk"] + 1) * CHUNK, N)))
     assert writers == {k: [k % WORLD] for k in range(N_CHUNKS)}
@@ -124,32 +124,32 @@ def test_pass_chunks_are_rank_owned(run):
 
 def test_capture_parts_are_rank_owned_and_disjoint(run):
     store, reports, _, _ = run
-    parts = [p for p in store.parts("cap")]
-    assert all(p.kind == "capture" for p in parts)
+    segments = [p for p in store.segments("cap")]
+    assert all(p.kind == "capture" for p in segments)
     ids_by_rank: dict[int, list[int]] = {0: [], 1: []}
-    for part in parts:
-        assert part.name.startswith(("capture-r0-", "capture-r1-")), part.name
-        owner = int(part.name.split("-")[1][1:])
-        for a, b in part.row_ranges():
-            ids_by_rank[owner] += np.asarray(part.group["ids"][a:b]).tolist()
-    assert {int(p.name.split("-")[1][1:]) for p in parts} == {0, 1}
+    for segment in segments:
+        assert segment.name.startswith(("capture-r0-", "capture-r1-")), segment.name
+        owner = int(segment.name.split("-")[1][1:])
+        for a, b in segment.row_ranges():
+            ids_by_rank[owner] += np.asarray(segment.group["ids"][a:b]).tolist()
+    assert {int(p.name.split("-")[1][1:]) for p in segments} == {0, 1}
     for rep in reports:
         split = rep["capture_ids"]
         assert len(split) == N // WORLD
-        # the rank's part holds exactly its shuffled split, in the order it was captured
+        # the rank's segment holds exactly its shuffled split, in the order it was captured
         assert ids_by_rank[rep["rank"]] == split
     assert not set(ids_by_rank[0]) & set(ids_by_rank[1])
     assert sorted(ids_by_rank[0] + ids_by_rank[1]) == list(range(N))
     # the split really was shuffled (not positions 0..49 / 50..99)
     assert sorted(reports[0]["capture_ids"]) != list(range(N // 2))
 
-    # no (part, chunk) was written by two ranks, or twice; capture parts only by their owner
-    written = [(w["part"], w["chunk"], rep["rank"]) for rep in reports for w in rep["writes"]]
+    # no (segment, chunk) was written by two ranks, or twice; capture segments only by their owner
+    written = [(w["segment"], w["chunk"], rep["rank"]) for rep in reports for w in rep["writes"]]
     assert len({(p, c) for p, c, _ in written}) == len(written)
     for part_name, _, rank in written:
         if part_name != "pass":
             assert part_name.startswith(f"capture-r{rank}-")
     # 50 rows per rank in chunks of 8: 6 full chunks and a 2-row tail committed at close()
     for rep in reports:
-        chunks = [w for w in rep["writes"] if w["part"] != "pass"]
+        chunks = [w for w in rep["writes"] if w["segment"] != "pass"]
         assert [len(w["ids"]) for w in chunks] == [8] * 6 + [2]
