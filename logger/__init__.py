@@ -1,13 +1,23 @@
-"""Torch integration: the Task protocol, hooks, and the GradientLogger."""
+"""Torch integration: the Task protocol, the GradientProjector (hooks, no I/O) and the GradientLogger (writes a store)."""
 
-from .errors import BatchLayoutError, NonFiniteGradientError, TaskError, UnknownLayerError, UnsupportedLayerError
+from .errors import (
+    BatchLayoutError,
+    CaptureError,
+    NonFiniteGradientError,
+    TaskError,
+    UnknownLayerError,
+    UnsupportedLayerError,
+)
 from .gradient_logger import GradientLogger
 from .layers import SelectedLayer, canonical_gradient, select_layers
+from .projector import GradientProjector
 from .task import Task, move_to_device
 
 __all__ = [
     "BatchLayoutError",
+    "CaptureError",
     "GradientLogger",
+    "GradientProjector",
     "NonFiniteGradientError",
     "SelectedLayer",
     "Task",

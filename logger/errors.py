@@ -27,3 +27,7 @@ class TaskError(GradstoreError, ValueError):
 
 class BatchLayoutError(GradstoreError, ValueError):
     """A hooked module saw a batch dimension different from the number of example ids."""
+
+
+class CaptureError(GradstoreError, ValueError):
+    """In-training capture was used against its contract (no backward in the block, a changed lr, a bad reduction)."""

@@ -31,13 +31,16 @@ class CaptureState:
         self.buffer: torch.Tensor | None = None
         self.force_output_grad = False  # set while parameters are frozen for a gradient-only pass
         self.paused = False
+        self.backward_calls = 0  # layer gradients added since the buffer was armed
 
     def arm(self, batch_size: int, device: torch.device) -> None:
         self.buffer = torch.zeros(batch_size, self.dim, dtype=torch.float32, device=device)
+        self.backward_calls = 0
 
     def disarm(self) -> torch.Tensor:
         buffer, self.buffer = self.buffer, None
-        assert buffer is not None
+        if buffer is None:
+            raise RuntimeError("disarm() without arm(): the gradient buffer was never set up")
         return buffer
 
     @contextlib.contextmanager
@@ -86,6 +89,7 @@ class LayerHook:
         with torch.autocast(grad.device.type, enabled=False):
             projected_g = project_outputs(self.layer.adapter.output_grad(self.layer.module, grad), p_out)
             buffer[:, self.spec.slice] += per_example_gradient(projected_g, projected_x)
+        self.state.backward_calls += 1
 
 
 @contextlib.contextmanager

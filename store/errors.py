@@ -57,3 +57,7 @@ class StaleIndexError(GradstoreError, ValueError):
 
 class IndexMismatchError(GradstoreError, ValueError):
     """The index on disk was built with other options (kind, preconditioner, normalisation, checkpoints)."""
+
+
+class StoreArgumentError(GradstoreError, ValueError):
+    """An argument to create, open or write a store is invalid (dtype, chunk_rows, mode, checkpoint name or lr)."""

@@ -25,7 +25,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Literal, Sequence, get_args
 
 import numpy as np
 import zarr
@@ -37,6 +37,7 @@ from .errors import (
     CheckpointNotFoundError,
     DuplicateIdError,
     GradientShapeError,
+    StoreArgumentError,
     StoreExistsError,
     StoreFormatError,
     StoreNotFoundError,
@@ -45,7 +46,8 @@ from .errors import (
 )
 
 FORMAT_VERSION = 1
-DTYPES = ("float16", "float32")
+StoreDtype = Literal["float16", "float32"]
+DTYPES: tuple[str, ...] = get_args(StoreDtype)
 CAPTURE_SEGMENT_CHUNKS = 256
 PASS_SEGMENT = "pass"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -65,12 +67,12 @@ class CheckpointInfo:
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
-            raise ValueError(
+            raise StoreArgumentError(
                 f"checkpoint name {self.name!r} must be 1-128 characters of letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit"
             )
         if not np.isfinite(self.lr):
-            raise ValueError(f"checkpoint {self.name!r}: lr must be a finite number, got {self.lr!r}")
+            raise StoreArgumentError(f"checkpoint {self.name!r}: lr must be a finite number, got {self.lr!r}")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -173,7 +175,7 @@ class GradientStore:
         if not (path / "zarr.json").exists():
             raise StoreNotFoundError(f"no gradient store at {path} (run `gradstore index` or GradientLogger first)")
         if mode not in ("r", "a"):
-            raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+            raise StoreArgumentError(f"mode must be 'r' or 'a', got {mode!r}")
         return cls(zarr.open_group(str(path), mode=mode), path, read_only=mode == "r")
 
     @classmethod
@@ -183,9 +185,9 @@ class GradientStore:
         """Create a new, empty store; fails if one exists."""
         path = Path(path)
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+            raise StoreArgumentError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if not isinstance(chunk_rows, int) or chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+            raise StoreArgumentError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
         if spec.matrix_sha256 is None:
             raise ProjectionSpecError("store the spec with its matrix checksum (ProjectionSpec.with_checksum)")
         if (path / "zarr.json").exists():
@@ -256,7 +258,7 @@ class GradientStore:
         """Create a checkpoint, or check that an existing one has the same metadata (for resuming)."""
         self._require_writable()
         if info.adam != (adam_factors is not None):
-            raise ValueError("CheckpointInfo.adam must say whether Adam factors are given")
+            raise StoreArgumentError("CheckpointInfo.adam must say whether Adam factors are given")
         checkpoints = self.root["checkpoints"]
         if info.name in checkpoints:
             existing = self.checkpoint_info(info.name)
