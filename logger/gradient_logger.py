@@ -28,6 +28,7 @@ from gradstore.store import (
 )
 
 from .errors import CaptureError, NonFiniteGradientError, TaskError
+from .fingerprint import examples_fingerprint
 from .optimizer_state import adam_factors
 from .projector import GradientProjector, Rank
 from .task import Task
@@ -147,9 +148,10 @@ class GradientLogger(GradientProjector):
             adam=factors is not None,
         )
         segment = self._begin_pass(store, info, factors, len(ids))
-        _check_resumed_ids(segment, ids, name)
         committed = segment.committed_counts()
-        todo = [k for k in range(segment.n_chunks) if k % self.world_size == self.process_rank and committed[k] == 0]
+        mine = [k for k in range(segment.n_chunks) if k % self.world_size == self.process_rank]
+        self._check_resumed_chunks(segment, [k for k in mine if committed[k]], examples, ids, name)
+        todo = [k for k in mine if committed[k] == 0]
         try:
             with self.adam_correction(factors):
                 computed = self._log_chunks(segment, todo, examples, ids, batch_size, desc=f"logging {name}")
@@ -181,6 +183,23 @@ class GradientLogger(GradientProjector):
 
         return self._rank0_first(begin, begin)
 
+    def _check_resumed_chunks(
+        self, segment: Segment, chunks: list[int], examples: Sequence, ids: np.ndarray, checkpoint: str
+    ) -> None:
+        """Refuse to resume a pass whose committed chunks hold other examples (ids or content) than the ones given now."""
+        counts, chunk_rows = segment.committed_counts(), segment.chunk_rows
+        for chunk in chunks:
+            start, stop = chunk * chunk_rows, chunk * chunk_rows + int(counts[chunk])
+            same_ids = np.array_equal(segment.chunk_ids(chunk)[: counts[chunk]], ids[start:stop])
+            recorded = segment.chunk_fingerprint(chunk)
+            chunk_examples = [examples[i] for i in range(start, stop)]
+            if not same_ids or (recorded and recorded != examples_fingerprint(self._require_task(), chunk_examples)):
+                raise CheckpointMismatchError(
+                    f"checkpoint {checkpoint!r}: the examples differ from those of the interrupted run (chunk {chunk}): "
+                    f"their {'ids' if not same_ids else 'content'} changed in rows {start}..{stop - 1}; "
+                    "resume with the same examples in the same order, or use a new checkpoint name"
+                )
+
     def _log_chunks(
         self, segment: Segment, chunks: list[int], examples: Sequence, ids: np.ndarray, batch_size: int, desc: str
     ) -> int:
@@ -199,7 +218,8 @@ class GradientLogger(GradientProjector):
                 while taken < len(batch_ids):
                     if buffer is None or buffer.rows == 0:
                         chunk, (start, stop) = next(pending)
-                        buffer = ChunkBuffer(segment, chunk, stop - start, store.dim, store.dtype, self._writer)
+                        fingerprint = examples_fingerprint(self._require_task(), [examples[i] for i in range(start, stop)])
+                        buffer = ChunkBuffer(segment, chunk, stop - start, store.dim, store.dtype, self._writer, fingerprint)
                     taken += buffer.add(batch_ids[taken:], grads[taken:])
                 bar.update(len(batch_ids))
         return len(positions)
@@ -306,15 +326,3 @@ class GradientLogger(GradientProjector):
 
     def __enter__(self) -> "GradientLogger":
         return self
-
-
-def _check_resumed_ids(segment: Segment, ids: np.ndarray, checkpoint: str) -> None:
-    """Refuse to resume a pass whose committed chunks hold other example ids than the ones given now."""
-    counts = segment.committed_counts()
-    for chunk in np.flatnonzero(counts):
-        start, stop = int(chunk) * segment.chunk_rows, int(chunk) * segment.chunk_rows + int(counts[chunk])
-        if not np.array_equal(segment.chunk_ids(int(chunk))[: counts[chunk]], ids[start:stop]):
-            raise CheckpointMismatchError(
-                f"checkpoint {checkpoint!r}: the examples differ from those of the interrupted run (chunk {chunk}); "
-                "resume with the same examples in the same order, or use a new checkpoint name"
-            )

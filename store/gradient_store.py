@@ -7,6 +7,7 @@ Layout::
         adam_r, adam_c             Adam denominator factors folded into the projection, if any
         <segment>/grads  [R, D]       row-chunked (chunk_rows, D), float16 or float32
         <segment>/ids    [R]          int64 example ids
+        <segment>/fingerprints [R/C]  hash of each chunk's examples (pass segments), checked on resume
         <segment>/committed [R/C]     rows committed per chunk; one object per chunk
 
 A segment is written one whole chunk at a time, each chunk by exactly one writer, and a chunk's commit
@@ -127,8 +128,13 @@ class Segment:
         start = chunk * self.chunk_rows
         return np.asarray(self.group["ids"][start : min(start + self.chunk_rows, self.capacity)])
 
-    def write_chunk(self, chunk: int, ids: np.ndarray, grads: np.ndarray) -> None:
-        """Write one whole chunk (padded past ``len(ids)``), then commit its row count."""
+    def chunk_fingerprint(self, chunk: int) -> int:
+        """The content fingerprint recorded with a chunk's rows (0: none recorded, e.g. capture or an older store)."""
+        fingerprints = self._array("fingerprints")
+        return 0 if fingerprints is None else int(fingerprints[chunk])
+
+    def write_chunk(self, chunk: int, ids: np.ndarray, grads: np.ndarray, fingerprint: int = 0) -> None:
+        """Write one whole chunk (padded past ``len(ids)``) and its content fingerprint, then commit its row count."""
         n = len(ids)
         start = chunk * self.chunk_rows
         rows = min(self.chunk_rows, self.capacity - start)
@@ -143,6 +149,8 @@ class Segment:
         padded_ids[:n] = ids
         grads_array[start : start + rows] = padded_grads
         ids_array[start : start + rows] = padded_ids
+        if fingerprint:
+            self.group["fingerprints"][chunk] = np.uint64(fingerprint)
         self.commit_chunk(chunk, n)
 
     def commit_chunk(self, chunk: int, rows: int) -> None:
@@ -314,6 +322,8 @@ class GradientStore:
             segment_group.create_array("grads", shape=(capacity, self.dim), chunks=(chunk, self.dim), dtype=self.dtype, compressors=None, fill_value=0)
         if "ids" not in segment_group:
             segment_group.create_array("ids", shape=(capacity,), chunks=(chunk,), dtype="int64", fill_value=-1)
+        if "fingerprints" not in segment_group:  # hash of each chunk's examples, checked when a pass resumes
+            segment_group.create_array("fingerprints", shape=(n_chunks,), chunks=(1,), dtype="uint64", compressors=None, fill_value=0)
         if "committed" not in segment_group:
             segment_group.create_array("committed", shape=(n_chunks,), chunks=(1,), dtype="int32", compressors=None, fill_value=0)
         return Segment(segment_group, chunk)

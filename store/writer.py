@@ -46,8 +46,10 @@ class BackgroundWriter:
 class ChunkBuffer:
     """Collects rows for one chunk of a segment and writes the chunk when it is full (or on :meth:`flush`)."""
 
-    def __init__(self, segment: Segment, chunk: int, rows: int, dim: int, dtype: str, writer: BackgroundWriter):
-        self.segment, self.chunk, self.rows, self.writer = segment, chunk, rows, writer
+    def __init__(
+        self, segment: Segment, chunk: int, rows: int, dim: int, dtype: str, writer: BackgroundWriter, fingerprint: int = 0
+    ):
+        self.segment, self.chunk, self.rows, self.writer, self.fingerprint = segment, chunk, rows, writer, fingerprint
         self.ids = np.empty(rows, dtype=np.int64)
         self.grads = np.empty((rows, dim), dtype=dtype)
         self.filled = 0
@@ -70,7 +72,8 @@ class ChunkBuffer:
         if self.filled == 0:
             return
         segment, chunk, ids, grads = self.segment, self.chunk, self.ids[: self.filled], self.grads[: self.filled]
-        self.writer.submit(lambda: segment.write_chunk(chunk, ids, grads))
+        fingerprint = self.fingerprint
+        self.writer.submit(lambda: segment.write_chunk(chunk, ids, grads, fingerprint))
         self.ids, self.grads, self.filled = np.empty(0, np.int64), np.empty((0, grads.shape[1]), grads.dtype), 0
         self.rows = 0
 

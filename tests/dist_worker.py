@@ -43,9 +43,9 @@ def main() -> None:
     writes: list[dict] = []
     original = gradient_store.Segment.write_chunk
 
-    def recording_write_chunk(self, chunk, ids, grads):
+    def recording_write_chunk(self, chunk, ids, grads, *args):
         writes.append({"segment": self.name, "chunk": int(chunk), "ids": np.asarray(ids).tolist()})
-        return original(self, chunk, ids, grads)
+        return original(self, chunk, ids, grads, *args)
 
     gradient_store.Segment.write_chunk = recording_write_chunk
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gradstore.logger import CaptureError, GradientLogger, GradientProjector
-from gradstore.store import GradientStore
+from gradstore.store import CheckpointMismatchError, GradientStore
 
 from .models import MLPTask
 
@@ -53,4 +53,25 @@ def test_projector_projects_like_the_logger_without_a_store(tmp_path):
     logger = _logger(tmp_path, task, model, seed=3)
     assert logger.spec == projector.spec
     assert torch.equal(logger.project(examples), alone)
+    logger.close()
+
+
+def test_resume_over_changed_data_with_the_same_ids_is_refused(tmp_path):
+    """Default ids are positions: only the content fingerprint can tell that the data changed."""
+    task = MLPTask(n=24)
+    model = task.build_model()
+    examples = task.train_examples()
+    logger = _logger(tmp_path, task, model)
+    logger.log_checkpoint("c", lr=0.1, examples=examples[:16] + examples[16:], batch_size=8)  # all 3 chunks
+    logger.close()
+    store = GradientStore.open(tmp_path / "cap.zarr")
+    (segment,) = store.segments("c")
+    assert all(segment.chunk_fingerprint(k) != 0 for k in range(segment.n_chunks))
+
+    changed = list(examples)
+    changed[9] = (changed[9][0] + 1.0, changed[9][1])  # same position (id), other input
+    logger = _logger(tmp_path, task, model)
+    with pytest.raises(CheckpointMismatchError, match=r"\(chunk 1\): their content changed in rows 8..15"):
+        logger.log_checkpoint("c", lr=0.1, examples=changed, batch_size=8)
+    assert logger.log_checkpoint("c", lr=0.1, examples=examples, batch_size=8) == 0  # the same data resumes
     logger.close()
