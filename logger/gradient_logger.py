@@ -80,6 +80,7 @@ class GradientLogger(GradientProjector):
         self._sinks: dict[str, AppendWriter] = {}
         self._capture_seen: dict[str, set[int]] = {}
         self._capture_done: dict[str, set[int]] = {}
+        self.skipped_ids: dict[str, set[int]] = {}  # per checkpoint: ids whose step a GradScaler skipped
 
     # -- setup -----------------------------------------------------------------------------------
     def _rank0_first(self, first: Callable[[], T], others: Callable[[], T]) -> T:
@@ -277,7 +278,12 @@ class GradientLogger(GradientProjector):
         if scaler is not None and scaler.is_enabled():
             factor *= float(scaler.get_scale())
             if not torch.isfinite(grads).all():
-                return  # the scaler skips this step; so do we, and the examples are logged when retried
+                # The scaler skips this optimizer step, so these examples changed nothing at this checkpoint: the
+                # index gives them zero rows here (and their rows, if the loop retries them).
+                fresh = [int(i) for i in batch_ids if int(i) not in self._capture_done[checkpoint]]
+                sink.skip(np.asarray(fresh, dtype=np.int64))
+                self.skipped_ids.setdefault(checkpoint, set()).update(fresh)
+                return
         grads = grads / factor
         keep = np.array([int(i) not in self._capture_done[checkpoint] for i in batch_ids], dtype=bool)
         seen = self._capture_seen[checkpoint]

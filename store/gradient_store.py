@@ -128,6 +128,16 @@ class Segment:
         start = chunk * self.chunk_rows
         return np.asarray(self.group["ids"][start : min(start + self.chunk_rows, self.capacity)])
 
+    @property
+    def skipped_ids(self) -> np.ndarray:
+        """Ids whose training step this segment's writer saw skipped (a GradScaler overflow): zero rows, not absent."""
+        return np.asarray(self.group.attrs.get("skipped_ids", []), dtype=np.int64)
+
+    def record_skipped(self, ids: set[int]) -> None:
+        """Add to :attr:`skipped_ids` (one writer per segment, so the attribute update cannot race)."""
+        merged = sorted(set(self.skipped_ids.tolist()) | {int(i) for i in ids})
+        self.group.attrs.update({"skipped_ids": merged})
+
     def chunk_fingerprint(self, chunk: int) -> int:
         """The content fingerprint recorded with a chunk's rows (0: none recorded, e.g. capture or an older store)."""
         fingerprints = self._array("fingerprints")
@@ -351,6 +361,11 @@ class GradientStore:
         out = [np.asarray(segment.group["ids"][a:b]) for segment in self.segments(checkpoint) for a, b in segment.row_ranges()]
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
+    def skipped_ids(self, checkpoint: str) -> np.ndarray:
+        """Ids of examples whose training step was skipped at this checkpoint (sorted, unique)."""
+        found = [segment.skipped_ids for segment in self.segments(checkpoint)]
+        return np.unique(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
+
     def num_rows(self, checkpoint: str) -> int:
         return sum(int(segment.committed_counts().sum()) for segment in self.segments(checkpoint))
 
@@ -401,6 +416,7 @@ class GradientStore:
             for segment in self.segments(name):
                 digest.update(segment.name.encode())
                 digest.update(segment.committed_counts().tobytes())
+                digest.update(segment.skipped_ids.tobytes())
         return digest.hexdigest()
 
     def __repr__(self) -> str:

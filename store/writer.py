@@ -86,6 +86,7 @@ class AppendWriter:
         self._segment: Segment | None = None
         self._next_chunk = 0
         self._buffer: ChunkBuffer | None = None
+        self._skipped: set[int] = set()
 
     def _new_buffer(self) -> ChunkBuffer:
         if self._segment is None or self._next_chunk == self._segment.n_chunks:
@@ -101,7 +102,16 @@ class AppendWriter:
                 self._buffer = self._new_buffer()
             start += self._buffer.add(ids[start:], grads[start:])
 
+    def skip(self, ids: np.ndarray) -> None:
+        """Record examples whose training step was skipped (e.g. by a GradScaler): zero rows at this checkpoint."""
+        self._skipped.update(int(i) for i in ids)
+
     def flush(self) -> None:
-        """Commit a partly filled chunk; later rows go to the next chunk."""
+        """Commit a partly filled chunk (later rows go to the next chunk) and the skipped ids recorded so far."""
         if self._buffer is not None:
             self._buffer.flush()
+        if self._skipped:
+            if self._segment is None:
+                self._segment, self._next_chunk = self.store.new_capture_segment(self.checkpoint, self.writer_tag), 0
+            self._segment.record_skipped(self._skipped)
+            self._skipped = set()

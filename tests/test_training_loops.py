@@ -75,3 +75,30 @@ def test_resume_over_changed_data_with_the_same_ids_is_refused(tmp_path):
         logger.log_checkpoint("c", lr=0.1, examples=changed, batch_size=8)
     assert logger.log_checkpoint("c", lr=0.1, examples=examples, batch_size=8) == 0  # the same data resumes
     logger.close()
+
+
+def test_grad_scaler_skipped_step_is_recorded_as_skipped_ids(tmp_path):
+    """An overflowing step is skipped by the GradScaler: its examples get no row, and the store says they were skipped."""
+    task = MLPTask(n=16)
+    model = task.build_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    logger = _logger(tmp_path, task, model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    examples = task.train_examples()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for step, batch_ids in enumerate(torch.arange(16).split(8)):
+        losses = task.loss(model, task.collate([examples[i] for i in batch_ids]))
+        if step == 0:
+            losses = losses * float("inf")  # an overflow: the scaler skips this step
+        optimizer.zero_grad()
+        with logger.capture(checkpoint="c", lr=0.1, ids=batch_ids, scaler=scaler):
+            scaler.scale(losses.mean()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if step == 0:
+            assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # really skipped
+    assert logger.skipped_ids == {"c": set(range(8))}
+    logger.close()
+    store = GradientStore.open(tmp_path / "cap.zarr")
+    assert store.skipped_ids("c").tolist() == list(range(8))
+    assert sorted(store.committed_ids("c").tolist()) == list(range(8, 16))
