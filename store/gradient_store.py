@@ -33,6 +33,7 @@ import zarr
 
 from gradstore.projection import ProjectionMismatchError, ProjectionSpec, ProjectionSpecError
 
+from .durable import rename_into_place, scratch_dir
 from .errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -194,7 +195,10 @@ class GradientStore:
             raise StoreNotFoundError(f"no gradient store at {path} (run `gradstore index` or GradientLogger first)")
         if mode not in ("r", "a"):
             raise StoreArgumentError(f"mode must be 'r' or 'a', got {mode!r}")
-        return cls(zarr.open_group(str(path), mode=mode), path, read_only=mode == "r")
+        root = zarr.open_group(str(path), mode=mode)
+        if mode == "a" and "checkpoints" not in root:  # an older gradstore killed mid-creation: finish creating it
+            root.create_group("checkpoints")
+        return cls(root, path, read_only=mode == "r")
 
     @classmethod
     def create(
@@ -210,6 +214,8 @@ class GradientStore:
             raise ProjectionSpecError("store the spec with its matrix checksum (ProjectionSpec.with_checksum)")
         if (path / "zarr.json").exists():
             raise StoreExistsError(f"a store already exists at {path}; open it, or choose another path")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise StoreExistsError(f"{path} exists and is not a gradient store; remove it or choose another path")
         meta = {
             "format_version": FORMAT_VERSION,
             "projection": spec.to_dict(),
@@ -217,9 +223,12 @@ class GradientStore:
             "dtype": dtype,
             "chunk_rows": chunk_rows,
         }
-        root = zarr.open_group(str(path), mode="w-", attributes={"gradstore": meta})
-        root.create_group("checkpoints")
-        return cls(root, path, read_only=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = scratch_dir(path, "creating")  # built aside and renamed: a crash never leaves half a store
+        zarr.open_group(str(scratch), mode="w-", attributes={"gradstore": meta}).create_group("checkpoints")
+        if not rename_into_place(scratch, path):
+            raise StoreExistsError(f"a store was created at {path} by another process meanwhile; open it")
+        return cls(zarr.open_group(str(path), mode="r+"), path, read_only=False)
 
     @classmethod
     def open_or_create(
@@ -228,7 +237,11 @@ class GradientStore:
         """Open a store for writing, creating it if absent; refuses a store written with another projection."""
         path = Path(path)
         if not (path / "zarr.json").exists():
-            return cls.create(path, spec, dtype=dtype, chunk_rows=chunk_rows)
+            try:
+                return cls.create(path, spec, dtype=dtype, chunk_rows=chunk_rows)
+            except StoreExistsError:
+                if not (path / "zarr.json").exists():
+                    raise  # something else is there
         store = cls.open(path, mode="a")
         store.check_compatible(spec, dtype)
         return store
@@ -254,6 +267,8 @@ class GradientStore:
     @property
     def checkpoints(self) -> list[str]:
         """Checkpoint names, in the order they were started."""
+        if "checkpoints" not in self.root:  # created by an older gradstore and killed mid-creation (read-only here)
+            return []
         groups = dict(self.root["checkpoints"].groups())
         return sorted(groups, key=lambda name: (groups[name].attrs.get("created_at", 0.0), name))
 

@@ -4,6 +4,7 @@ Usage: python crash_worker.py STORE MODE [ARG]
   MODE none      run to completion, print {"computed": rows}
   MODE loss N    SIGKILL inside the N-th call of Task.loss (mid-chunk)
   MODE write K   SIGKILL inside Segment.write_chunk for chunk K, after its grads/ids are written, before its commit
+  MODE create    SIGKILL inside GradientStore.create, after the store is written aside, before it is renamed in
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import os
 import signal
 import sys
-
 
 from crash_task import MLPTask, make_model
 from gradstore.logger import GradientLogger
@@ -47,6 +47,14 @@ def install_write_kill(kill_chunk: int) -> None:
     gradient_store.Segment.commit_chunk = commit_chunk
 
 
+def install_create_kill() -> None:
+    def rename_into_place(built, target):
+        assert (built / "zarr.json").exists() and (built / "checkpoints").exists()
+        die()
+
+    gradient_store.rename_into_place = rename_into_place
+
+
 def main() -> None:
     store, mode = sys.argv[1], sys.argv[2]
     if mode == "loss":
@@ -55,6 +63,8 @@ def main() -> None:
         task = MLPTask()
     if mode == "write":
         install_write_kill(int(sys.argv[3]))
+    if mode == "create":
+        install_create_kill()
     model = make_model()
     logger = GradientLogger(model, task, store=store, rank=4, chunk_rows=16, dtype="float32", progress=False)
     computed = logger.log_checkpoint("c0", lr=0.1, batch_size=8)

@@ -188,3 +188,34 @@ def test_resume_computes_only_missing_rows_and_matches_reference(runs, scenario)
     np.testing.assert_array_equal(k.resumed_grads, ref_grads)
     # rows committed before the crash were kept (and equal what was served before)
     np.testing.assert_array_equal(k.resumed_grads[k.ids], k.grads)
+
+
+def test_kill_during_store_creation_leaves_no_store_and_the_next_run_cleans_up(tmp_path, runs):
+    """Creation is built aside and renamed: a kill leaves only a hidden scratch directory, removed by the next run."""
+    ref_ids, ref_grads, *_ = runs
+    store = tmp_path / "new.zarr"
+    rc, _, err = _finish(_spawn(store, "create"))
+    assert rc == -signal.SIGKILL, err
+    assert not store.exists()
+    (scratch,) = tmp_path.glob(".new.zarr.creating-*")
+    rc, _, err = _finish(_spawn(store, "none"))
+    assert rc == 0, err
+    assert not scratch.exists() and not list(tmp_path.glob(".new.zarr.creating-*"))
+    ids, grads = GradientStore.open(store).read("c0")
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_array_equal(grads, ref_grads)
+
+
+def test_store_killed_before_its_checkpoints_group_reopens(tmp_path, runs):
+    """A store of an older gradstore, killed between its root metadata and its checkpoints group, is usable."""
+    import shutil
+
+    ref_ids, ref_grads, *_, reference = runs
+    store = tmp_path / "old.zarr"
+    shutil.copytree(reference, store)
+    shutil.rmtree(store / "checkpoints")
+    assert GradientStore.open(store).checkpoints == []
+    rc, _, err = _finish(_spawn(store, "none"))
+    assert rc == 0, err
+    ids, grads = GradientStore.open(store).read("c0")
+    np.testing.assert_array_equal(grads, ref_grads)
