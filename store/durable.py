@@ -48,7 +48,7 @@ def scratch_dir(target: Path, purpose: str) -> Path:
 
 def remove_stale(target: Path, purpose: str) -> list[Path]:
     """Remove siblings a crashed build of ``target`` left behind: those made on this host by a dead process."""
-    removed = []
+    removed: list[Path] = []
     if not target.parent.is_dir():
         return removed
     for candidate in target.parent.glob(f".{target.name}.{purpose}-*"):

@@ -26,7 +26,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Sequence, get_args
+from typing import Any, Iterator, Literal, Sequence, get_args
 
 import numpy as np
 import zarr
@@ -86,6 +86,29 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _child_group(parent: zarr.Group, name: str) -> zarr.Group:
+    node = parent[name]
+    if not isinstance(node, zarr.Group):
+        raise StoreFormatError(f"{parent.store_path}/{name} should be a group; the store is damaged")
+    return node
+
+
+def _child_array(parent: zarr.Group, name: str) -> zarr.Array:
+    node = parent[name]
+    if not isinstance(node, zarr.Array):
+        raise StoreFormatError(f"{parent.store_path}/{name} should be an array; the store is damaged")
+    return node
+
+
+def _int_attr(group: zarr.Group, key: str) -> int:
+    value = group.attrs.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise StoreFormatError(
+            f"{group.store_path}: attribute {key!r} should be an integer, got {value!r}; the store is damaged"
+        )
+    return value
+
+
 class Segment:
     """A pre-sized ``[capacity, D]`` slab of rows, its ids and its per-chunk commit counts."""
 
@@ -93,18 +116,31 @@ class Segment:
         self.group = group
         self.name = group.basename
         self.chunk_rows = chunk_rows
-        self.capacity = int(group.attrs["capacity"])
-        self.kind = str(group.attrs["kind"])
+        self.capacity = _int_attr(group, "capacity")
+        self.kind = str(group.attrs.get("kind"))
 
     @property
     def n_chunks(self) -> int:
         return -(-self.capacity // self.chunk_rows)
 
     def _array(self, name: str) -> zarr.Array | None:
-        try:
-            return self.group[name]  # type: ignore[return-value]
-        except KeyError:
-            return None
+        return _child_array(self.group, name) if name in self.group else None
+
+    def _require(self, name: str) -> zarr.Array:
+        array = self._array(name)
+        if array is None:
+            raise StoreFormatError(f"{self.group.store_path}/{name} is missing; the store is damaged")
+        return array
+
+    @property
+    def ids_array(self) -> zarr.Array:
+        """``[capacity]`` int64 example ids (-1 past the committed rows of a chunk)."""
+        return self._require("ids")
+
+    @property
+    def grads_array(self) -> zarr.Array:
+        """``[capacity, D]`` projected gradients."""
+        return self._require("grads")
 
     def committed_counts(self) -> np.ndarray:
         """Rows committed in each chunk (0 = not committed). A segment whose creation was cut short has none."""
@@ -127,7 +163,7 @@ class Segment:
 
     def chunk_ids(self, chunk: int) -> np.ndarray:
         start = chunk * self.chunk_rows
-        return np.asarray(self.group["ids"][start : min(start + self.chunk_rows, self.capacity)])
+        return np.asarray(self.ids_array[start : min(start + self.chunk_rows, self.capacity)])
 
     @property
     def skipped_ids(self) -> np.ndarray:
@@ -142,7 +178,7 @@ class Segment:
     def chunk_fingerprint(self, chunk: int) -> int:
         """The content fingerprint recorded with a chunk's rows (0: none recorded, e.g. capture or an older store)."""
         fingerprints = self._array("fingerprints")
-        return 0 if fingerprints is None else int(fingerprints[chunk])
+        return 0 if fingerprints is None else int(np.asarray(fingerprints[chunk]))
 
     def write_chunk(self, chunk: int, ids: np.ndarray, grads: np.ndarray, fingerprint: int = 0) -> None:
         """Write one whole chunk (padded past ``len(ids)``) and its content fingerprint, then commit its row count."""
@@ -151,7 +187,7 @@ class Segment:
         rows = min(self.chunk_rows, self.capacity - start)
         if not 0 < n <= rows:
             raise GradientShapeError(f"chunk {chunk} of segment {self.name!r} holds 1..{rows} rows, got {n}")
-        grads_array, ids_array = self.group["grads"], self.group["ids"]
+        grads_array, ids_array = self.grads_array, self.ids_array
         if grads.shape != (n, grads_array.shape[1]):
             raise GradientShapeError(f"expected gradients of shape ({n}, {grads_array.shape[1]}), got {grads.shape}")
         padded_grads = np.zeros((rows, grads.shape[1]), dtype=grads_array.dtype)
@@ -161,12 +197,12 @@ class Segment:
         grads_array[start : start + rows] = padded_grads
         ids_array[start : start + rows] = padded_ids
         if fingerprint:
-            self.group["fingerprints"][chunk] = np.uint64(fingerprint)
+            self._require("fingerprints")[chunk] = np.uint64(fingerprint)
         self.commit_chunk(chunk, n)
 
     def commit_chunk(self, chunk: int, rows: int) -> None:
         """Record ``rows`` committed rows in ``chunk``: only now do readers see them (called after the data is written)."""
-        self.group["committed"][chunk] = rows
+        self._require("committed")[chunk] = rows
 
 
 class GradientStore:
@@ -269,21 +305,33 @@ class GradientStore:
         """Checkpoint names, in the order they were started."""
         if "checkpoints" not in self.root:  # created by an older gradstore and killed mid-creation (read-only here)
             return []
-        groups = dict(self.root["checkpoints"].groups())
+        groups = dict(self._checkpoints_group().groups())
         return sorted(groups, key=lambda name: (groups[name].attrs.get("created_at", 0.0), name))
+
+    def _checkpoints_group(self) -> zarr.Group:
+        node = self.root["checkpoints"]
+        if not isinstance(node, zarr.Group):
+            raise StoreFormatError(f"{self.path}/checkpoints should be a group; the store is damaged")
+        return node
 
     def _checkpoint_group(self, name: str) -> zarr.Group:
         try:
-            return self.root[f"checkpoints/{name}"]  # type: ignore[return-value]
+            node = self.root[f"checkpoints/{name}"]
         except KeyError:
             raise CheckpointNotFoundError(
                 f"checkpoint {name!r} is not in store {self.path}; it has {self.checkpoints}"
             ) from None
+        if not isinstance(node, zarr.Group):
+            raise StoreFormatError(f"{self.path}/checkpoints/{name} should be a group; the store is damaged")
+        return node
 
     def checkpoint_info(self, name: str) -> CheckpointInfo:
-        attrs = dict(self._checkpoint_group(name).attrs)
+        attrs: dict[str, Any] = dict(self._checkpoint_group(name).attrs)
         attrs.pop("created_at", None)
-        return CheckpointInfo(**attrs)
+        try:
+            return CheckpointInfo(**attrs)
+        except (TypeError, ValueError) as exc:
+            raise StoreFormatError(f"{self.path}/checkpoints/{name}: malformed checkpoint metadata ({exc})") from exc
 
     def begin_checkpoint(
         self, info: CheckpointInfo, adam_factors: tuple[np.ndarray, np.ndarray] | None = None
@@ -292,7 +340,7 @@ class GradientStore:
         self._require_writable()
         if info.adam != (adam_factors is not None):
             raise StoreArgumentError("CheckpointInfo.adam must say whether Adam factors are given")
-        checkpoints = self.root["checkpoints"]
+        checkpoints = self._checkpoints_group()
         if info.name in checkpoints:
             existing = self.checkpoint_info(info.name)
             diffs = {k: (v, getattr(info, k)) for k, v in asdict(existing).items() if getattr(info, k) != v}
@@ -312,7 +360,7 @@ class GradientStore:
             for key, values in zip(("adam_r", "adam_c"), adam_factors):
                 values = np.asarray(values, dtype=np.float32)
                 if key in group:
-                    if not np.array_equal(group[key][:], values):
+                    if not np.array_equal(np.asarray(_child_array(group, key)[:]), values):
                         raise CheckpointMismatchError(
                             f"checkpoint {info.name!r}: the optimizer state differs from the one it was started with"
                         )
@@ -325,7 +373,7 @@ class GradientStore:
         if not group.attrs.get("adam", False):
             return None
         try:
-            return np.asarray(group["adam_r"][:]), np.asarray(group["adam_c"][:])
+            return np.asarray(_child_array(group, "adam_r")[:]), np.asarray(_child_array(group, "adam_c")[:])
         except KeyError:
             raise StoreFormatError(
                 f"checkpoint {name!r} says it has Adam factors but they are missing; resume its logging to rewrite them"
@@ -339,7 +387,10 @@ class GradientStore:
     def _create_segment(self, checkpoint: str, name: str, kind: str, capacity: int) -> Segment:
         self._require_writable()
         group = self._checkpoint_group(checkpoint)
-        segment_group = group[name] if name in group else group.create_group(name, attributes={"kind": kind, "capacity": capacity})
+        if name in group:
+            segment_group = _child_group(group, name)
+        else:
+            segment_group = group.create_group(name, attributes={"kind": kind, "capacity": capacity})
         chunk = self.chunk_rows
         n_chunks = -(-capacity // chunk)
         # Arrays are created in this order; a crash in between leaves a segment readers treat as empty.
@@ -357,7 +408,7 @@ class GradientStore:
         """The offline-pass segment of a checkpoint (row i = i-th example), created if absent."""
         group = self._checkpoint_group(checkpoint)
         if PASS_SEGMENT in group:
-            capacity = int(group[PASS_SEGMENT].attrs["capacity"])
+            capacity = _int_attr(_child_group(group, PASS_SEGMENT), "capacity")
             if capacity != num_rows:
                 raise CheckpointMismatchError(
                     f"checkpoint {checkpoint!r} was started over {capacity} examples, now given {num_rows}; "
@@ -373,7 +424,7 @@ class GradientStore:
     # -- reading -------------------------------------------------------------------------------
     def committed_ids(self, checkpoint: str) -> np.ndarray:
         """Ids of every committed row of a checkpoint (in storage order)."""
-        out = [np.asarray(segment.group["ids"][a:b]) for segment in self.segments(checkpoint) for a, b in segment.row_ranges()]
+        out = [np.asarray(s.ids_array[a:b]) for s in self.segments(checkpoint) for a, b in s.row_ranges()]
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def skipped_ids(self, checkpoint: str) -> np.ndarray:
@@ -390,7 +441,7 @@ class GradientStore:
             for start, stop in segment.row_ranges():
                 for lo in range(start, stop, block_rows):
                     hi = min(lo + block_rows, stop)
-                    yield np.asarray(segment.group["ids"][lo:hi]), np.asarray(segment.group["grads"][lo:hi])
+                    yield np.asarray(segment.ids_array[lo:hi]), np.asarray(segment.grads_array[lo:hi])
 
     def read(self, checkpoint: str, ids: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Committed rows of a checkpoint: ``(ids [n], grads [n, D])``, optionally only the given ids, in their order."""
