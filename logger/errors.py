@@ -31,3 +31,7 @@ class BatchLayoutError(GradstoreError, ValueError):
 
 class CaptureError(GradstoreError, ValueError):
     """In-training capture was used against its contract (no backward in the block, a changed lr, a bad reduction)."""
+
+
+class OptimizerStateError(GradstoreError, ValueError):
+    """An optimizer state that cannot be matched to the model's parameters or read as a second moment."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence, TypeVar
@@ -29,7 +30,7 @@ from gradstore.store import (
 
 from .errors import CaptureError, NonFiniteGradientError, TaskError
 from .fingerprint import examples_fingerprint
-from .optimizer_state import adam_factors
+from .optimizer_state import adam_fold
 from .projector import GradientProjector, Rank
 from .task import Task
 
@@ -120,7 +121,7 @@ class GradientLogger(GradientProjector):
         weights_path: str | Path | None = None,
         optimizer_state: str | Path | Mapping[str, Any] | None = None,
         adam_step: int | None = None,
-        adam_eps: float | None = 1e-8,
+        adam_eps: float | None = None,
     ) -> int:
         """Log every example's projected gradient at the model's current weights; resumable.
 
@@ -128,17 +129,21 @@ class GradientLogger(GradientProjector):
         each writes the chunks it owns (chunk ``k`` belongs to rank ``k % world_size``). Returns the
         number of rows this process computed.
 
-        ``optimizer_state``: Adam state (path, ``optimizer.state_dict()`` or ``{param: exp_avg_sq}``)
-        to apply TrackStar's second-moment correction for this checkpoint.
+        ``optimizer_state``: Adam / Adafactor state (a path, an HF checkpoint folder with ``optimizer.pt``, an
+        ``optimizer.state_dict()`` or ``{param name: exp_avg_sq}``) to apply TrackStar's second-moment correction for
+        this checkpoint; ``beta2``, ``eps``, ``amsgrad`` and the step come from the state unless ``adam_step`` /
+        ``adam_eps`` override them. What was folded (layout, zeroed / floored rows and columns) is recorded in the
+        checkpoint's ``adam_summary``.
         """
         store, task = self._require_store(), self._require_task()
         examples = task.train_examples() if examples is None else examples
         ids = self._example_ids(examples, name)
-        factors = (
-            adam_factors(self.model, self.layers, self.spec, optimizer_state, step=adam_step, eps=adam_eps)
+        fold = (
+            adam_fold(self.model, self.layers, self.spec, optimizer_state, step=adam_step, eps=adam_eps)
             if optimizer_state is not None
             else None
         )
+        factors = (fold.r, fold.c) if fold is not None else None
         info = CheckpointInfo(
             name=name,
             lr=float(lr),
@@ -147,12 +152,16 @@ class GradientLogger(GradientProjector):
             weights_sha256=file_sha256(weights_path) if weights_path is not None else None,
             optimizer_path=str(optimizer_state) if isinstance(optimizer_state, (str, Path)) else None,
             adam=factors is not None,
+            adam_summary=fold.summary if fold is not None else None,
         )
         segment = self._begin_pass(store, info, factors, len(ids))
         committed = segment.committed_counts()
         mine = [k for k in range(segment.n_chunks) if k % self.world_size == self.process_rank]
-        self._check_resumed_chunks(segment, [k for k in mine if committed[k]], examples, ids, name)
-        todo = [k for k in mine if committed[k] == 0]
+        damaged = [k for k in mine if committed[k] and not segment.chunk_intact(k)]
+        if damaged:
+            warnings.warn(f"checkpoint {name!r}: re-logging damaged chunks {damaged[:20]} of {segment.group.store_path}")
+        self._check_resumed_chunks(segment, [k for k in mine if committed[k] and k not in damaged], examples, ids, name)
+        todo = [k for k in mine if committed[k] == 0 or k in damaged]
         try:
             with self.adam_correction(factors):
                 computed = self._log_chunks(segment, todo, examples, ids, batch_size, desc=f"logging {name}")

@@ -1,8 +1,28 @@
-"""Reading Adam's second moment (``exp_avg_sq``) for the TrackStar correction."""
+"""Reading an optimizer's second moment for the TrackStar correction, matched to parameters by identity.
+
+Accepted states: a path to a ``torch.save``'d state (or to a folder holding Hugging Face's ``optimizer.pt``),
+an ``optimizer.state_dict()``, or a mapping ``{parameter name: exp_avg_sq}`` (values may also be per-parameter
+state dicts; an optional ``"step"`` key gives the step). Adam/AdamW (``exp_avg_sq``, ``max_exp_avg_sq`` with
+``amsgrad``) and Hugging Face's Adafactor (factored ``exp_avg_sq_row``/``exp_avg_sq_col``, or ``exp_avg_sq``)
+are read with the hyperparameters of each parameter's group (``betas``, ``eps``, ``amsgrad``) and its own step.
+
+An ``optimizer.state_dict()`` numbers parameters in group order. Parameters are matched to those numbers:
+
+1. by ``param_names`` when every group has them (optimizers built from ``model.named_parameters()``);
+2. otherwise by reconstructing the layout: the model's parameter order cut into the groups (in any group
+   order), and Hugging Face Trainer's decay / no-decay split. A layout is accepted only if every state's shape
+   fits its parameter; two layouts that fit with different assignments are refused as ambiguous.
+
+The layout used, and per layer the hyperparameters and how many rows/columns were zeroed or floored, are
+returned in :attr:`AdamFold.summary` for the checkpoint's record.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,41 +30,486 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradstore.projection import ProjectionSpec, rank1_denominator
+from gradstore.projection import ProjectionSpec
+from gradstore.projection.adam import adafactor_denominator, adam_denominator, rank1_fit
 
-from .errors import TaskError
+from .errors import OptimizerStateError, TaskError
 from .layers import SelectedLayer
 
+DEFAULT_FLOOR = 1e-3
+"""Factors below this fraction of their layer's median are raised to it (see :func:`rank1_fit`)."""
 
-def load_exp_avg_sq(model: nn.Module, state: str | Path | Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], int | None]:
-    """``({param_name: exp_avg_sq}, step)`` from a saved file, an ``optimizer.state_dict()``, or a name mapping.
+OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")  # Hugging Face Trainer / Accelerate checkpoint folders
+PYTORCH_DEFAULTS = {"beta2": 0.999, "eps": 1e-8}  # for name mappings that carry no hyperparameters
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+_SEARCH_BUDGET = 200_000
+_FIX = (
+    "build the optimizer from model.named_parameters() (or named param groups) so that its state_dict() carries "
+    "'param_names', or save {name: exp_avg_sq} for the parameters, e.g. "
+    "{n: opt.state[p]['exp_avg_sq'] for n, p in model.named_parameters() if p in opt.state} "
+    "(or add 'param_names', the names in the order of 'params', to each param group of the saved state)"
+)
 
-    A whole ``optimizer.state_dict()`` is matched to ``model.named_parameters()`` by order, which holds
-    when the optimizer was built from ``model.parameters()``.
+
+@dataclass(frozen=True)
+class AdamFold:
+    """The folded denominator of every logged layer, concatenated in spec order, and what was done.
+
+    ``r``: ``[sum d_out]``, ``c``: ``[sum in_dim]`` float32 (``inf`` marks a zeroed row/column); ``summary`` is
+    JSON-serialisable: ``{"layout", "floor", "layers": {name: {"optimizer", "beta2" (Adam), "eps", "step",
+    "zeroed_rows", "zeroed_cols", "floored_rows", "floored_cols"}}}``; a field whose value differs between the
+    layer's weight and bias is a ``{"weight": ..., "bias": ...}`` mapping.
     """
-    if isinstance(state, (str, Path)):
-        state = torch.load(state, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping):
-        raise TaskError(f"optimizer state must be a mapping, got {type(state).__name__}")
-    if "state" in state and "param_groups" in state:
-        names = [name for name, _ in model.named_parameters()]
-        indices = [i for group in state["param_groups"] for i in group["params"]]
-        if len(indices) != len(names):
-            raise TaskError(
-                f"the optimizer state covers {len(indices)} parameters but the model has {len(names)}; "
-                "save {name: exp_avg_sq} for the parameters instead"
+
+    r: np.ndarray
+    c: np.ndarray
+    summary: dict[str, Any]
+
+    @property
+    def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(r, c)`` as the store keeps them."""
+        return self.r, self.c
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One parameter's optimizer state and the hyperparameters of its group (``{}`` for a name mapping)."""
+
+    state: Mapping[str, Any]
+    group: Mapping[str, Any]
+
+
+# -- loading -------------------------------------------------------------------------------------------
+def load_optimizer_state(source: str | Path | Mapping[str, Any]) -> Mapping[str, Any]:
+    """The state as a mapping: ``source`` itself, a ``torch.save``'d file, or a folder's ``optimizer.pt``."""
+    if isinstance(source, Mapping):
+        return source
+    if not isinstance(source, (str, Path)):
+        raise OptimizerStateError(f"optimizer state must be a path or a mapping, got {type(source).__name__}")
+    path = Path(source)
+    if path.is_dir():
+        found = [path / name for name in OPTIMIZER_FILES if (path / name).is_file()]
+        if not found:
+            raise OptimizerStateError(
+                f"{path} is a folder without {' or '.join(OPTIMIZER_FILES)}; pass the file that holds "
+                "optimizer.state_dict() (sharded DeepSpeed/FSDP states must be consolidated into one first)"
             )
-        by_name, steps = {}, set()
-        for position, index in enumerate(indices):
-            entry = state["state"].get(index)
-            if entry and "exp_avg_sq" in entry:
-                by_name[names[position]] = entry["exp_avg_sq"]
-                if "step" in entry:
-                    steps.add(int(torch.as_tensor(entry["step"]).item()))
-        return by_name, (max(steps) if steps else None)
-    by_name = {k: (v["exp_avg_sq"] if isinstance(v, Mapping) else v) for k, v in state.items() if k != "step"}
-    step = state.get("step")
-    return by_name, (int(step) if step is not None else None)
+        path = found[0]
+    if not path.is_file():
+        raise OptimizerStateError(
+            f"no optimizer state at {path}: pass a torch.save'd optimizer.state_dict() or a folder holding optimizer.pt"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors have no common base class
+        raise OptimizerStateError(f"could not load the optimizer state {path} with weights_only=True: {exc}") from exc
+    if not isinstance(state, Mapping):
+        raise OptimizerStateError(f"{path} holds a {type(state).__name__}, not an optimizer state_dict or name mapping")
+    return state
+
+
+def hf_decay_parameter_names(model: nn.Module, rule: str = "trainer") -> set[str]:
+    """The parameters Hugging Face puts in the weight-decay group.
+
+    ``trainer``: ``Trainer.get_decay_parameter_names`` (transformers 4.4x-5.x): not inside an ``nn.LayerNorm`` and
+    no name part matching bias / layernorm / rmsnorm / norm. ``trainer-old``: older Trainers (LayerNorm modules and
+    names containing ``bias`` excluded). ``examples``: the example scripts' ``no_decay = ["bias", "LayerNorm.weight"]``.
+    """
+    if rule == "examples":
+        return {n for n, _ in model.named_parameters() if not any(nd in n for nd in ("bias", "LayerNorm.weight"))}
+    if rule == "trainer":
+        forbidden = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+        patterns = [re.compile(p) for p in forbidden]
+    elif rule == "trainer-old":
+        patterns = []
+    else:
+        raise ValueError(f"unknown Hugging Face decay rule {rule!r}")
+
+    def walk(module: nn.Module) -> list[str]:  # transformers.trainer_pt_utils.get_parameter_names
+        names = []
+        for child_name, child in module.named_children():
+            names += [
+                f"{child_name}.{n}"
+                for n in walk(child)
+                if not _is_norm(child, rule) and not any(p.search(f"{child_name}.{n}".lower()) for p in patterns)
+            ]
+        return names + [k for k in module._parameters if not any(p.search(k.lower()) for p in patterns)]
+
+    names = set(walk(model))
+    return {n for n in names if "bias" not in n} if rule == "trainer-old" else names
+
+
+def _is_norm(module: nn.Module, rule: str) -> bool:
+    # older Trainers excluded ALL_LAYERNORM_LAYERS, to which some models appended their RMSNorm classes
+    if isinstance(module, nn.LayerNorm):
+        return True
+    return rule == "trainer-old" and type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+# -- matching ------------------------------------------------------------------------------------------
+def match_optimizer_state(
+    model: nn.Module, state: str | Path | Mapping[str, Any], needed: Sequence[str] | None = None
+) -> tuple[dict[str, _Entry], str]:
+    """``({parameter name: its state and group}, layout)`` for the parameters in ``needed`` (default: all).
+
+    Raises :class:`OptimizerStateError` when the state cannot be matched unambiguously.
+    """
+    state = load_optimizer_state(state)
+    params = dict(model.named_parameters())
+    needed = list(params) if needed is None else list(needed)
+    if "state" in state and "param_groups" in state:
+        by_name, layout, unknown = _match_state_dict(model, state, needed)
+    else:
+        (by_name, unknown), layout = _match_name_mapping(params, state), "by name"
+    missing = [n for n in needed if n not in by_name]
+    if missing:
+        others = f"; it names parameters the model does not have, e.g. {unknown[:5]}" if unknown else ""
+        raise OptimizerStateError(
+            f"the optimizer state ({layout}) has no entry for parameter(s) {missing[:5]}{others}: they were not in "
+            "the optimizer or never received a gradient; leave their layers out of `layers`, or pass the state of "
+            "the optimizer that trained them, built for this model"
+        )
+    for name in needed:
+        if not _fits(by_name[name].state, tuple(params[name].shape)):
+            raise OptimizerStateError(
+                f"the optimizer state ({layout}) for {name!r} has shape {_shape_of(by_name[name].state)} but the "
+                f"parameter is {tuple(params[name].shape)}: was it saved from another model?"
+            )
+    return {n: by_name[n] for n in needed}, layout
+
+
+def _normalise(name: str) -> str:
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    while name.startswith(_WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def _resolve_names(params: Mapping[str, Any], names: Sequence[str]) -> list[str]:
+    """The model's names for saved ones (``""``: not in the model), allowing wrapper prefixes (``module.``,
+    ``_orig_mod.``) on either side."""
+    if all(n in params for n in names):
+        return list(names)
+    model_names: dict[str, str] = {}
+    for n in params:
+        model_names.setdefault(_normalise(n), n)
+    return [n if n in params else model_names.get(_normalise(n), "") for n in names]
+
+
+def _match_name_mapping(params: Mapping[str, Any], state: Mapping[str, Any]) -> tuple[dict[str, _Entry], list[str]]:
+    group = {k: state[k] for k in ("betas", "eps", "amsgrad") if k in state}
+    items = [(k, v) for k, v in state.items() if k not in ("step", "betas", "eps", "amsgrad")]
+    names = _resolve_names(params, [k for k, _ in items])
+    by_name = {}
+    for name, (key, value) in zip(names, items):
+        if not name:
+            continue
+        entry = dict(value) if isinstance(value, Mapping) else {"exp_avg_sq": value}
+        if "step" not in entry and state.get("step") is not None:
+            entry["step"] = state["step"]
+        if not any(isinstance(v, torch.Tensor) for v in entry.values()):
+            raise OptimizerStateError(f"the optimizer state's entry {key!r} holds no tensor; expected exp_avg_sq")
+        by_name[name] = _Entry(entry, group)
+    return by_name, [k for n, (k, _) in zip(names, items) if not n]
+
+
+def _match_state_dict(
+    model: nn.Module, state: Mapping[str, Any], needed: Sequence[str]
+) -> tuple[dict[str, _Entry], str, list[str]]:
+    groups = list(state["param_groups"])
+    states = state["state"]
+    group_of = {i: g for g in groups for i in g["params"]}
+    params = dict(model.named_parameters())
+    named = ["param_names" in g for g in groups]
+    unknown: list[str] = []
+    if all(named):
+        ids = [i for g in groups for i in g["params"]]
+        saved = [n for g in groups for n in g["param_names"]]
+        names = _resolve_names(params, saved)
+        assignment, layout = {i: n for i, n in zip(ids, names) if n}, "param_names"
+        unknown = [s for s, n in zip(saved, names) if not n]
+    elif any(named):
+        raise OptimizerStateError("some param groups of the optimizer state have 'param_names', some not; " + _FIX)
+    else:
+        assignment, layout = _reconstruct_layout(model, groups, states, needed)
+    return {name: _Entry(states[i], group_of[i]) for i, name in assignment.items() if i in states}, layout, unknown
+
+
+def _reconstruct_layout(
+    model: nn.Module, groups: list[Mapping[str, Any]], states: Mapping[int, Any], needed: Sequence[str]
+) -> tuple[dict[int, str], str]:
+    """The one assignment ``{state id: parameter name}`` that fits every shape, or a clear refusal."""
+    params = list(model.named_parameters())
+    shape = {n: tuple(p.shape) for n, p in params}
+    group_ids = [list(g["params"]) for g in groups]
+    sizes = [len(ids) for ids in group_ids]
+
+    def fits(i: int, name: str) -> bool:
+        return i not in states or _fits(states[i], shape[name])
+
+    sequences = {
+        "model order": [n for n, _ in params],
+        "model order, trainable only": [n for n, p in params if p.requires_grad],
+    }
+    found: list[tuple[str, dict[int, str]]] = []
+    reasons: list[str] = []
+    truncated = False
+    seen_sequences: list[list[str]] = []
+    for label, sequence in sequences.items():
+        if sequence in seen_sequences:
+            continue
+        seen_sequences.append(sequence)
+        if len(sequence) != sum(sizes):
+            reasons.append(f"{label}: {len(sequence)} parameters, the state has {sum(sizes)}")
+            continue
+        solutions, cut = _contiguous_layouts(sequence, group_ids, fits, needed)
+        truncated |= cut
+        for order in solutions:
+            reordered = f", groups reordered {list(order)}" if list(order) != sorted(order) else ""
+            found.append((label + reordered, _assign(sequence, group_ids, order)))
+        if not solutions:
+            reasons.append(f"{label}: {_first_misfit(sequence, group_ids, fits)}")
+    if len(groups) == 2:
+        trainable = {n for n, p in params if p.requires_grad}
+        for rule in ("trainer", "trainer-old", "examples"):
+            decay = hf_decay_parameter_names(model, rule)
+            for suffix, keep in (("", trainable), (", frozen included", set(shape))):
+                kept = [n for n, _ in params if n in keep]
+                split = [[n for n in kept if n in decay], [n for n in kept if n not in decay]]
+                label = f"Hugging Face decay/no-decay ({rule}{suffix})"
+                if [len(s) for s in split] != sizes:
+                    continue
+                bad = [(i, n) for ids, names in zip(group_ids, split) for i, n in zip(ids, names) if not fits(i, n)]
+                if bad:
+                    reasons.append(f"{label}: state {bad[0][0]} does not fit {bad[0][1]} {shape[bad[0][1]]}")
+                else:
+                    found.append((label, {i: n for ids, names in zip(group_ids, split) for i, n in zip(ids, names)}))
+    wanted = set(needed)
+    distinct: list[tuple[str, dict[str, int], dict[int, str]]] = []
+    for label, assignment in found:
+        restricted = {n: i for i, n in assignment.items() if n in wanted}
+        if not any(restricted == other for _, other, _ in distinct):
+            distinct.append((label, restricted, assignment))
+    description = f"{sum(sizes)} parameters in {len(groups)} unnamed param group(s) of sizes {sizes}"
+    if len(distinct) > 1 or truncated:
+        labels = [label for label, _, _ in distinct]
+        raise OptimizerStateError(
+            f"the optimizer state's layout is ambiguous: {description} fit the model's parameters in several ways "
+            f"({'; '.join(labels)}{'; and more' if truncated else ''}) that give logged parameters different "
+            "states; " + _FIX
+        )
+    if not distinct:
+        raise OptimizerStateError(
+            f"cannot match the optimizer state ({description}) to the model's parameters: "
+            f"{'; '.join(reasons) or 'no layout fits'}; " + _FIX
+        )
+    return distinct[0][2], distinct[0][0]
+
+
+def _contiguous_layouts(
+    sequence: list[str], group_ids: list[list[int]], fits, needed: Sequence[str]
+) -> tuple[list[tuple[int, ...]], bool]:
+    """Orders of the groups whose concatenation, laid over ``sequence``, fits every shape.
+
+    Stops at the second order that assigns a needed parameter differently from the first (ambiguity);
+    the flag says the search ran out of budget before finishing.
+    """
+    groups = [g for g in range(len(group_ids)) if group_ids[g]]
+    wanted = set(needed)
+    solutions: list[tuple[int, ...]] = []
+    first: dict[str, int] | None = None
+    nodes = 0
+
+    def search(position: int, order: list[int]) -> bool:  # True: stop
+        nonlocal nodes, first
+        if position == len(sequence):
+            assignment = {n: i for i, n in _assign(sequence, group_ids, order).items() if n in wanted}
+            if first is None:
+                first = assignment
+                solutions.append(tuple(order))
+            elif assignment != first:
+                solutions.append(tuple(order))
+                return True
+            return False
+        for g in groups:
+            if g in order:
+                continue
+            nodes += 1
+            if nodes > _SEARCH_BUDGET:
+                return True
+            ids = group_ids[g]
+            window = sequence[position : position + len(ids)]
+            fitting = len(window) == len(ids) and all(fits(i, name) for i, name in zip(ids, window))
+            if fitting and search(position + len(ids), [*order, g]):
+                return True
+        return False
+
+    search(0, [])
+    return solutions, nodes > _SEARCH_BUDGET
+
+
+def _assign(sequence: list[str], group_ids: list[list[int]], order: Sequence[int]) -> dict[int, str]:
+    ids = [i for g in order for i in group_ids[g]]
+    return dict(zip(ids, sequence))
+
+
+def _first_misfit(sequence: list[str], group_ids: list[list[int]], fits) -> str:
+    for i, name in zip([i for ids in group_ids for i in ids], sequence):
+        if not fits(i, name):
+            return f"state {i} does not fit {name}"
+    return "no order of the groups fits"
+
+
+def _tensor(entry: Mapping[str, Any], key: str) -> torch.Tensor | None:
+    value = entry.get(key)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _shape_of(entry: Mapping[str, Any]) -> Any:
+    for key in ("exp_avg_sq", "max_exp_avg_sq", "exp_avg", "momentum_buffer"):
+        if (t := _tensor(entry, key)) is not None:
+            return tuple(t.shape)
+    row, col = _tensor(entry, "exp_avg_sq_row"), _tensor(entry, "exp_avg_sq_col")
+    if row is not None and col is not None:
+        return {"exp_avg_sq_row": tuple(row.shape), "exp_avg_sq_col": tuple(col.shape)}
+    return None
+
+
+def _fits(entry: Mapping[str, Any], shape: tuple[int, ...]) -> bool:
+    """Whether a parameter's state is shaped like a parameter of ``shape`` (no shape information: yes)."""
+    for key in ("exp_avg_sq", "max_exp_avg_sq", "exp_avg", "momentum_buffer"):
+        if (t := _tensor(entry, key)) is not None and tuple(t.shape) != shape:
+            return False
+    row, col = _tensor(entry, "exp_avg_sq_row"), _tensor(entry, "exp_avg_sq_col")
+    if row is not None or col is not None:
+        if row is None or col is None or len(shape) < 2:
+            return False
+        return tuple(row.shape) == shape[:-1] and tuple(col.shape) == shape[:-2] + shape[-1:]
+    return True
+
+
+# -- second moments ------------------------------------------------------------------------------------
+def _step_of(entry: _Entry) -> int | None:
+    step = entry.state.get("step")
+    if step is None:
+        return None
+    return round(float(torch.as_tensor(step).item()))
+
+
+def _denominator(
+    name: str, entry: _Entry, step: int | None, beta2: float | None, eps: float | None
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """``(D, dead, info)`` in the parameter's shape: the update's denominator, and where no gradient ever was."""
+    state, group = entry.state, entry.group
+    row, col = _tensor(state, "exp_avg_sq_row"), _tensor(state, "exp_avg_sq_col")
+    adafactor = row is not None or ("decay_rate" in group and "betas" not in group)
+    if adafactor:
+        floor_eps = group.get("eps", (1e-30, 1e-3))
+        eps1 = float(floor_eps[0] if isinstance(floor_eps, Sequence) else floor_eps)
+        info = {"optimizer": "adafactor", "eps": eps1, "step": _step_of(entry)}
+        if row is not None and col is not None:
+            d = adafactor_denominator(row, col)
+            dead = (row <= 2 * eps1).unsqueeze(-1) | (col <= 2 * eps1).unsqueeze(-2)  # mean grad^2 below eps[0]
+            return d, dead.expand(d.shape), info
+        v = _tensor(state, "exp_avg_sq")
+        if v is None:
+            raise OptimizerStateError(f"the Adafactor state of {name!r} has neither exp_avg_sq_row/col nor exp_avg_sq")
+        v = v.detach().to(torch.float64)
+        return v.clamp_min(0).sqrt(), v <= 2 * eps1, info
+    amsgrad = bool(group.get("amsgrad", False))
+    key = "max_exp_avg_sq" if amsgrad else "exp_avg_sq"
+    v = _tensor(state, key)
+    if v is None:
+        keys = sorted(k for k in state if isinstance(state[k], torch.Tensor))
+        hint = " (8-bit optimizers keep quantised states: save full-precision exp_avg_sq)" if "state2" in state else ""
+        raise OptimizerStateError(
+            f"the optimizer state of {name!r} has no {key} (it has {keys}){hint}: the Adam correction needs Adam/AdamW "
+            "(exp_avg_sq) or Adafactor (exp_avg_sq_row/col); log without optimizer_state for other optimizers"
+        )
+    betas = group.get("betas")
+    b2 = beta2 if beta2 is not None else float(betas[1]) if betas is not None else PYTORCH_DEFAULTS["beta2"]
+    e = eps if eps is not None else float(group["eps"]) if "eps" in group else PYTORCH_DEFAULTS["eps"]
+    s = step if step is not None else _step_of(entry)
+    info = {"optimizer": "adam (amsgrad)" if amsgrad else "adam", "beta2": b2, "eps": e, "step": s}
+    return adam_denominator(v, step=s, beta2=b2, eps=e), v == 0, info
+
+
+def _layer_parameters(layer: SelectedLayer) -> dict[str, torch.Tensor]:
+    """The block's parameters by role (``{"weight": p, "bias": p}``)."""
+    if callable(getattr(layer, "parameters", None)):
+        return dict(layer.parameters())
+    return {k: p for k in ("weight", "bias") if isinstance(p := getattr(layer.module, k, None), torch.Tensor)}
+
+
+def _canonical(layer: SelectedLayer, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Tensors shaped like the block's parameters -> its canonical ``[d_out, in_dim]`` layout."""
+    if callable(getattr(layer, "canonical", None)):
+        return layer.canonical(tensors)
+    return layer.adapter.canonical(layer.module, tensors["weight"], tensors.get("bias"))
+
+
+def _merge(infos: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """One value per field when the layer's parameters agree, else ``{parameter: value}``."""
+    merged: dict[str, Any] = {}
+    for key in dict.fromkeys(k for info in infos.values() for k in info):
+        values = {p: info.get(key) for p, info in infos.items()}
+        distinct = set(map(repr, values.values()))
+        merged[key] = next(iter(values.values())) if len(distinct) == 1 else values
+    return merged
+
+
+def adam_fold(
+    model: nn.Module,
+    layers: list[SelectedLayer],
+    spec: ProjectionSpec,
+    state: str | Path | Mapping[str, Any],
+    step: int | None = None,
+    eps: float | None = None,
+    beta2: float | None = None,
+    floor: float = DEFAULT_FLOOR,
+) -> AdamFold:
+    """Rank-1 factors of every logged layer's optimizer denominator, matched by parameter identity.
+
+    ``step``, ``eps``, ``beta2``: override the state's values for every parameter (None: each parameter's
+    own step and its group's ``betas``/``eps``; PyTorch's defaults for a name mapping that has none).
+    Rows/columns whose second moment is exactly zero are zeroed (``inf`` factor); factors below
+    ``floor`` times their layer's median are raised to it.
+    """
+    if floor < 0 or not math.isfinite(floor):
+        raise ValueError(f"floor must be a finite number >= 0, got {floor}")
+    names = {id(p): n for n, p in model.named_parameters()}
+    layer_params = {layer.name: {k: names[id(p)] for k, p in _layer_parameters(layer).items()} for layer in layers}
+    needed = list(dict.fromkeys(n for ps in layer_params.values() for n in ps.values()))
+    entries, layout = match_optimizer_state(model, state, needed)
+    rs, cs, per_layer = [], [], {}
+    for layer, layer_spec in zip(layers, spec.layers):
+        denominators, deads, infos = {}, {}, {}
+        for key, name in layer_params[layer.name].items():
+            denominators[key], deads[key], infos[key] = _denominator(name, entries[name], step, beta2, eps)
+        d, dead = _canonical(layer, denominators), _canonical(layer, deads)
+        if tuple(d.shape) != (layer_spec.d_out, layer_spec.in_dim):
+            raise OptimizerStateError(
+                f"the second moment of layer {layer.name!r} has shape {tuple(d.shape)}, expected the layer's"
+            )
+        if bool(dead.all()):
+            raise OptimizerStateError(
+                f"the optimizer's second moment of layer {layer.name!r} is zero everywhere: training never gave it a "
+                "gradient (frozen or unused); leave it out of `layers`, or log without optimizer_state"
+            )
+        fit = rank1_fit(d, dead, floor=floor)
+        rs.append(fit.r.numpy())
+        cs.append(fit.c.numpy())
+        per_layer[layer.name] = {
+            **_merge(infos),
+            "zeroed_rows": fit.zeroed_rows,
+            "zeroed_cols": fit.zeroed_cols,
+            "floored_rows": fit.floored_rows,
+            "floored_cols": fit.floored_cols,
+        }
+    summary = {"layout": layout, "floor": floor, "layers": per_layer}
+    return AdamFold(np.concatenate(rs), np.concatenate(cs), summary)
 
 
 def adam_factors(
@@ -53,33 +518,17 @@ def adam_factors(
     spec: ProjectionSpec,
     state: str | Path | Mapping[str, Any],
     step: int | None = None,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
+    eps: float | None = None,
+    beta2: float | None = None,
+    floor: float = DEFAULT_FLOOR,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Rank-1 factors of every layer's Adam denominator, concatenated in spec order: ``(r [sum d_out], c [sum in_dim])``."""
-    exp_avg_sq, state_step = load_exp_avg_sq(model, state)
-    step = step if step is not None else state_step
-    param_names = {id(p): n for n, p in model.named_parameters()}
-    rs, cs = [], []
-    for layer, layer_spec in zip(layers, spec.layers):
-        tensors = {}
-        for key in ("weight", "bias"):
-            param = getattr(layer.module, key, None)
-            if isinstance(param, torch.Tensor):
-                name = param_names[id(param)]
-                if name not in exp_avg_sq:
-                    raise TaskError(f"the optimizer state has no exp_avg_sq for parameter {name!r}")
-                tensors[key] = exp_avg_sq[name].to(torch.float64)
-        v = layer.adapter.canonical(layer.module, tensors["weight"], tensors.get("bias"))
-        if v.shape != (layer_spec.d_out, layer_spec.in_dim):
-            raise TaskError(f"exp_avg_sq of layer {layer.name!r} has shape {tuple(v.shape)}, expected the layer's")
-        r, c = rank1_denominator(v, step=step, beta2=beta2, eps=eps)
-        rs.append(r.numpy())
-        cs.append(c.numpy())
-    return np.concatenate(rs), np.concatenate(cs)
+    """``(r [sum d_out], c [sum in_dim])`` of :func:`adam_fold` (without its summary)."""
+    return adam_fold(model, layers, spec, state, step=step, eps=eps, beta2=beta2, floor=floor).factors
 
 
-def split_factors(spec: ProjectionSpec, factors: tuple[np.ndarray, np.ndarray]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def split_factors(
+    spec: ProjectionSpec, factors: tuple[np.ndarray, np.ndarray]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Undo the concatenation of :func:`adam_factors`: ``{layer: (r, c)}``."""
     r_all, c_all = factors
     out, r_at, c_at = {}, 0, 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gradstore.projection.errors import GradstoreError
+from gradstore.projection.errors import GradstoreError, MessageKeyError
 
 
 class StoreNotFoundError(GradstoreError, FileNotFoundError):
@@ -21,11 +21,8 @@ class StoreReadOnlyError(GradstoreError, PermissionError):
     """A write was attempted on a store opened read-only."""
 
 
-class CheckpointNotFoundError(GradstoreError, KeyError):
+class CheckpointNotFoundError(GradstoreError, MessageKeyError):
     """The named checkpoint is not in the store."""
-
-    def __str__(self) -> str:  # KeyError would print the repr of the message
-        return str(self.args[0]) if self.args else ""
 
 
 class CheckpointMismatchError(GradstoreError, ValueError):
@@ -36,11 +33,8 @@ class DuplicateIdError(GradstoreError, ValueError):
     """The same example id occurs twice within one checkpoint."""
 
 
-class UnknownExampleError(GradstoreError, KeyError):
+class UnknownExampleError(GradstoreError, MessageKeyError):
     """Requested example ids are not (completely) stored for a checkpoint."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 class GradientShapeError(GradstoreError, ValueError):
@@ -61,3 +55,15 @@ class IndexMismatchError(GradstoreError, ValueError):
 
 class StoreArgumentError(GradstoreError, ValueError):
     """An argument to create, open or write a store is invalid (dtype, chunk_rows, mode, checkpoint name or lr)."""
+
+
+class IndexOptionsError(GradstoreError, ValueError):
+    """``IndexOptions`` that cannot build or search an index (unknown kind or preconditioner, mix, damping, pq_m)."""
+
+
+class QueryShapeError(GradstoreError, ValueError):
+    """Query vectors whose shape does not fit the index (``[B, checkpoints, D]``)."""
+
+
+class StoreCorruptError(StoreFormatError):
+    """Stored rows are damaged (unreadable chunk, checksum mismatch, bad commit record); the message names them."""

@@ -7,6 +7,7 @@ Layout::
         adam_r, adam_c             Adam denominator factors folded into the projection, if any
         <segment>/grads  [R, D]       row-chunked (chunk_rows, D), float16 or float32
         <segment>/ids    [R]          int64 example ids
+        <segment>/checksums [R/C]     hash of each committed chunk's rows, verified on read
         <segment>/fingerprints [R/C]  hash of each chunk's examples (pass segments), checked on resume
         <segment>/committed [R/C]     rows committed per chunk; one object per chunk
 
@@ -40,6 +41,7 @@ from .errors import (
     DuplicateIdError,
     GradientShapeError,
     StoreArgumentError,
+    StoreCorruptError,
     StoreExistsError,
     StoreFormatError,
     StoreNotFoundError,
@@ -66,6 +68,7 @@ class CheckpointInfo:
     weights_sha256: str | None = None
     optimizer_path: str | None = None
     adam: bool = False
+    adam_summary: dict[str, Any] | None = None  # what the Adam fold did: layout, beta2/eps/step, zeroed/floored
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -73,6 +76,8 @@ class CheckpointInfo:
                 f"checkpoint name {self.name!r} must be 1-128 characters of letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit"
             )
+        if self.adam_summary is not None:  # as it reads back from the store's JSON, so a resume compares equal
+            object.__setattr__(self, "adam_summary", json.loads(json.dumps(self.adam_summary)))
         if not np.isfinite(self.lr):
             raise StoreArgumentError(f"checkpoint {self.name!r}: lr must be a finite number, got {self.lr!r}")
 
@@ -84,6 +89,16 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+_RELOG = "re-log it: `gradstore index` (or log_checkpoint) rewrites damaged chunks; capture runs must re-capture"
+
+
+def rows_checksum(ids: np.ndarray, grads: np.ndarray) -> int:
+    """A nonzero 63-bit hash of committed rows (ids and gradients), recorded with each chunk's commit."""
+    digest = hashlib.blake2b(np.ascontiguousarray(ids, dtype=np.int64).tobytes(), digest_size=8)
+    digest.update(np.ascontiguousarray(grads).tobytes())
+    return int.from_bytes(digest.digest(), "little") >> 1 | 1
 
 
 def _child_group(parent: zarr.Group, name: str) -> zarr.Group:
@@ -147,7 +162,65 @@ class Segment:
         committed = self._array("committed")
         if committed is None or self._array("grads") is None or self._array("ids") is None:
             return np.zeros(self.n_chunks, dtype=np.int64)
-        return np.asarray(committed[:], dtype=np.int64)
+        try:
+            counts = np.asarray(committed[:], dtype=np.int64)
+        except Exception as exc:  # zarr/numcodecs raise assorted types for a truncated or garbled record
+            raise StoreCorruptError(f"{self.group.store_path}/committed cannot be read ({exc}); {_RELOG}") from exc
+        capacities = np.minimum(self.chunk_rows, self.capacity - np.arange(self.n_chunks) * self.chunk_rows)
+        bad = np.flatnonzero((counts < 0) | (counts > capacities)) if counts.shape == (self.n_chunks,) else [0]
+        if len(bad):
+            raise StoreCorruptError(
+                f"{self.group.store_path}/committed: impossible row counts for chunks {list(bad)[:10]}; {_RELOG}"
+            )
+        return counts
+
+    def _unreadable(self, start: int, stop: int, error: Exception) -> StoreCorruptError:
+        for chunk in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
+            lo, hi = chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.capacity)
+            try:
+                self.ids_array[lo:hi], self.grads_array[lo:hi]
+            except Exception as exc:
+                error = exc
+                break
+        else:
+            lo, hi = start, stop
+        return StoreCorruptError(
+            f"{self.group.store_path}: chunk {lo // self.chunk_rows} (rows {lo}..{hi - 1}) cannot be read ({error}); "
+            + _RELOG
+        )
+
+    def chunk_intact(self, chunk: int) -> bool:
+        """Whether a committed chunk's rows read back and match their checksum (True when none was recorded)."""
+        n = int(self.committed_counts()[chunk])
+        try:
+            self.read_rows(chunk * self.chunk_rows, chunk * self.chunk_rows + n)
+        except StoreCorruptError:
+            return False
+        return True
+
+    def read_rows(self, start: int, stop: int, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, grads)`` of rows ``[start, stop)``; with ``verify``, each whole committed chunk in the range is
+        checked against the checksum written with its commit (a damaged chunk raises :class:`StoreCorruptError`)."""
+        try:
+            ids, grads = np.asarray(self.ids_array[start:stop]), np.asarray(self.grads_array[start:stop])
+        except StoreFormatError:
+            raise
+        except Exception as exc:  # a truncated or garbled chunk file: name the first chunk that fails
+            raise self._unreadable(start, stop, exc) from exc
+        checksums = self._array("checksums") if verify else None
+        if checksums is None:
+            return ids, grads
+        counts = self.committed_counts()
+        for chunk in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
+            lo, n = chunk * self.chunk_rows, int(counts[chunk])
+            expected = int(np.asarray(checksums[chunk]))
+            if not expected or lo < start or lo + n > stop:
+                continue  # no checksum recorded (an older store), or only part of the chunk was read
+            if rows_checksum(ids[lo - start : lo - start + n], grads[lo - start : lo - start + n]) != expected:
+                raise StoreCorruptError(
+                    f"{self.group.store_path}: chunk {chunk} (rows {lo}..{lo + n - 1}) fails its checksum; {_RELOG}"
+                )
+        return ids, grads
 
     def row_ranges(self, counts: np.ndarray | None = None) -> list[tuple[int, int]]:
         """Committed rows as merged ``[start, stop)`` ranges."""
@@ -196,6 +269,9 @@ class Segment:
         padded_ids[:n] = ids
         grads_array[start : start + rows] = padded_grads
         ids_array[start : start + rows] = padded_ids
+        checksums = self._array("checksums")
+        if checksums is not None:
+            checksums[chunk] = np.uint64(rows_checksum(padded_ids[:n], padded_grads[:n]))
         if fingerprint:
             self._require("fingerprints")[chunk] = np.uint64(fingerprint)
         self.commit_chunk(chunk, n)
@@ -348,6 +424,8 @@ class GradientStore:
                 diffs.pop("weights_path", None)  # same weights, moved run directory
             if existing.optimizer_path is not None and info.optimizer_path is not None:
                 diffs.pop("optimizer_path", None)  # the Adam factors themselves are compared below
+            if existing.adam_summary is None:
+                diffs.pop("adam_summary", None)  # logged before summaries were recorded
             if diffs:
                 raise CheckpointMismatchError(
                     f"checkpoint {info.name!r} already exists with different metadata {diffs} (stored, given); "
@@ -398,6 +476,8 @@ class GradientStore:
             segment_group.create_array("grads", shape=(capacity, self.dim), chunks=(chunk, self.dim), dtype=self.dtype, compressors=None, fill_value=0)
         if "ids" not in segment_group:
             segment_group.create_array("ids", shape=(capacity,), chunks=(chunk,), dtype="int64", fill_value=-1)
+        if "checksums" not in segment_group:  # hash of each committed chunk's rows, verified when they are read
+            segment_group.create_array("checksums", shape=(n_chunks,), chunks=(1,), dtype="uint64", compressors=None, fill_value=0)
         if "fingerprints" not in segment_group:  # hash of each chunk's examples, checked when a pass resumes
             segment_group.create_array("fingerprints", shape=(n_chunks,), chunks=(1,), dtype="uint64", compressors=None, fill_value=0)
         if "committed" not in segment_group:
@@ -437,11 +517,11 @@ class GradientStore:
 
     def iter_blocks(self, checkpoint: str, block_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream committed ``(ids, grads)`` blocks of at most ``block_rows`` rows."""
+        block_rows = max(1, block_rows // self.chunk_rows) * self.chunk_rows  # whole chunks: each is verified
         for segment in self.segments(checkpoint):
             for start, stop in segment.row_ranges():
                 for lo in range(start, stop, block_rows):
-                    hi = min(lo + block_rows, stop)
-                    yield np.asarray(segment.ids_array[lo:hi]), np.asarray(segment.grads_array[lo:hi])
+                    yield segment.read_rows(lo, min(lo + block_rows, stop))
 
     def read(self, checkpoint: str, ids: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Committed rows of a checkpoint: ``(ids [n], grads [n, D])``, optionally only the given ids, in their order."""
@@ -468,6 +548,31 @@ class GradientStore:
             )
         rows = order[pos]
         return wanted, grads[rows]
+
+    def verify(self) -> list[str]:
+        """Walk every checkpoint, segment and committed chunk; return one line per damaged part (empty: intact)."""
+        problems: list[str] = []
+        for name in self.checkpoints:
+            try:
+                self.checkpoint_info(name)
+                self.adam_factors(name)
+                segments = self.segments(name)
+            except StoreFormatError as exc:
+                problems.append(str(exc))
+                continue
+            for segment in segments:
+                try:
+                    counts = segment.committed_counts()
+                except StoreFormatError as exc:
+                    problems.append(str(exc))
+                    continue
+                for chunk in np.flatnonzero(counts):
+                    lo = int(chunk) * segment.chunk_rows
+                    try:
+                        segment.read_rows(lo, lo + int(counts[chunk]))
+                    except StoreFormatError as exc:
+                        problems.append(str(exc))
+        return problems
 
     @property
     def layer_slices(self) -> dict[str, slice]:
