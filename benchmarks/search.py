@@ -49,6 +49,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 import platform
 import shutil
 import sys
@@ -56,16 +57,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import math
-
 import faiss
 import numpy as np
 import torch
 
-import gradstore.store.index as index_module
-
 from gradstore.projection import ProjectionSpec, build_matrices, matrices_checksum
 from gradstore.store import CheckpointInfo, GradientIndex, GradientStore, IndexOptions
+from gradstore.store.search import FaissBackend, ivf_nlist
+from gradstore.store.vectors import VectorSource
 
 CHECKPOINT = "final"
 LR = 0.01
@@ -73,13 +72,13 @@ K = 10
 
 
 class BuildPhases:
-    """Times the phases of ``GradientIndex.build`` by watching its row streams (``_VectorBuilder.blocks``):
+    """Times the phases of ``GradientIndex.build`` by watching its row streams (``VectorSource.blocks``):
     ``sample`` (reading the training sample), ``train`` (between that stream and the next), ``add`` (the main
     stream, including FAISS ``add``). Benchmark-only instrumentation of a private helper."""
 
     def __init__(self):
         self.events: list[tuple[str, float, float]] = []
-        self._original = index_module._VectorBuilder.blocks
+        self._original = VectorSource.blocks
         phases = self
 
         def blocks(builder, ids, block_rows, desc, progress):
@@ -87,7 +86,7 @@ class BuildPhases:
             yield from phases._original(builder, ids, block_rows, desc, progress)
             phases.events.append((desc, start, time.perf_counter()))
 
-        index_module._VectorBuilder.blocks = blocks
+        VectorSource.blocks = blocks  # type: ignore[method-assign]
 
     def reset(self):
         self.events = []
@@ -126,7 +125,7 @@ def predict_build_s(kind: str, prev: dict, n: int, nlist: int | None, train_rows
 def default_nlist(options: IndexOptions, n: int) -> int | None:
     if options.kind not in ("ivf", "ivfpq"):
         return None
-    return options.nlist or max(1, min(int(4 * np.sqrt(n)), n // 39 or 1))  # as store/index.py picks it
+    return ivf_nlist(options, n)
 
 
 def log(msg: str) -> None:
@@ -218,7 +217,6 @@ def stream_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict:
         "torch_threads": torch.get_num_threads(),
     }
     out["read_GBps"] = max(out["numpy_sum_GBps"], out["torch_sum_GBps"])
-    del a, t, dst
     return out
 
 
@@ -231,7 +229,7 @@ class Timers:
 
 
 class _TimedFaiss:
-    """Proxy for the FAISS index inside a GradientIndex: times ``search``; everything else passes through."""
+    """Proxy for the FAISS index a backend searches with: times ``search``; everything else passes through."""
 
     def __init__(self, inner, timers: Timers):
         self._inner, self._timers = inner, timers
@@ -249,7 +247,8 @@ class _TimedFaiss:
 def instrument(index: GradientIndex) -> Timers:
     """Time the parts of ``search()``: the FAISS search, the flat scan, and the exact-vector fetch of the re-rank."""
     timers = Timers()
-    exact, scan = index.exact_vectors, index._scan
+    backend = index.backend
+    exact, scan = index.exact_vectors, backend.candidates
 
     def timed_exact(rows):
         start = time.perf_counter()
@@ -263,10 +262,11 @@ def instrument(index: GradientIndex) -> Timers:
         timers.scan += time.perf_counter() - start
         return out
 
-    index.exact_vectors = timed_exact
-    index._scan = timed_scan
-    if index._faiss is not None:
-        index._faiss = _TimedFaiss(index._faiss, timers)
+    index.exact_vectors = timed_exact  # type: ignore[method-assign]
+    if isinstance(backend, FaissBackend):
+        backend.searcher = _TimedFaiss(backend.searcher, timers)
+    else:  # flat: its candidates are the scan
+        backend.candidates = timed_scan  # type: ignore[method-assign]
     return timers
 
 
@@ -344,7 +344,7 @@ def sweep_settings(kind: str, index: GradientIndex, base: IndexOptions, full: bo
     """Search-time settings to try, cheapest first; the library default is marked ``default``."""
     default = {"nprobe": base.nprobe, "ef_search": base.ef_search, "rerank": base.rerank}
     if kind in ("ivf", "ivfpq"):
-        ivf = faiss.extract_index_ivf(index._faiss)
+        ivf = faiss.extract_index_ivf(index.backend.index)
         nlist = ivf.nlist
         default["nprobe"] = int(ivf.nprobe)  # what the library set: options.nprobe or its default
         # (fewer lists than nlist/32 reach recall ~0.5 on this data: heavy-tailed norms, so top inner products

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import ProjectionSpecError
 from .matrices import LayerMatrices
 
 
@@ -73,7 +74,7 @@ def rank1_fit(denominator: torch.Tensor, dead: torch.Tensor | None = None, floor
     """
     d = denominator.detach().to(torch.float64)
     if d.ndim != 2:
-        raise ValueError(f"rank1_fit needs a [d_out, in_dim] matrix, got shape {tuple(d.shape)}")
+        raise ProjectionSpecError(f"rank1_fit needs a [d_out, in_dim] matrix, got shape {tuple(d.shape)}")
     if dead is None:
         dead = torch.zeros_like(d, dtype=torch.bool)
     dead_rows, dead_cols = dead.all(dim=1), dead.all(dim=0)

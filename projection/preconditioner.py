@@ -17,35 +17,39 @@ one-off reduction and the transforms are small.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal, cast, get_args
 
 import numpy as np
 
-from .errors import ProjectionSpecError
+from .errors import PreconditionerError
 from .spec import LayerSpec
 
-PRECONDITIONERS = ("identity", "kfac", "block")
-Kind = Literal["identity", "kfac", "block"]
+PreconditionerKind = Literal["identity", "kfac", "block"]
+PRECONDITIONERS: tuple[PreconditionerKind, ...] = get_args(PreconditionerKind)
+# How many matrices each kind keeps per layer: block R^{-1/2}; kfac S^{-1/2} (scaled) and A^{-1/2}.
+_TRANSFORMS_PER_LAYER: dict[PreconditionerKind, int] = {"identity": 0, "block": 1, "kfac": 2}
 
 
 @dataclass
 class CurvatureStats:
     """Running sums over examples of one checkpoint's per-layer second moments."""
 
-    kind: Kind
+    kind: PreconditionerKind
     layers: Sequence[LayerSpec]
     count: int = 0
     sums: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.kind not in PRECONDITIONERS:
-            raise ProjectionSpecError(f"preconditioner must be one of {PRECONDITIONERS}, got {self.kind!r}")
+        _check_kind(self.kind)
         for layer in self.layers:
             if self.kind == "block":
                 self.sums[layer.name] = [np.zeros((layer.dim, layer.dim))]
             elif self.kind == "kfac":
-                self.sums[layer.name] = [np.zeros((layer.k_out, layer.k_out)), np.zeros((layer.k_in, layer.k_in)), np.zeros(())]
+                k_out, k_in = layer.k_out, layer.k_in
+                # S = sum M M^T, A = sum M^T M, sum ||M||^2
+                self.sums[layer.name] = [np.zeros((k_out, k_out)), np.zeros((k_in, k_in)), np.zeros(())]
 
     def update(self, vectors: np.ndarray) -> None:
         """Add a block of ``[n, D]`` projected gradients."""
@@ -64,7 +68,7 @@ class CurvatureStats:
 
     def means(self) -> dict[str, list[np.ndarray]]:
         if self.count == 0:
-            raise ProjectionSpecError("cannot fit a preconditioner from zero examples")
+            raise PreconditionerError("cannot fit a preconditioner from zero examples; log gradients before indexing")
         return {name: [s / self.count for s in sums] for name, sums in self.sums.items()}
 
 
@@ -78,19 +82,20 @@ def _damped_inverse_sqrt(matrix: np.ndarray, damping: float) -> np.ndarray:
 
 def damped(matrix: np.ndarray, damping: float) -> np.ndarray:
     """``M + damping * mean_eig(M) I``: the matrix whose inverse the preconditioner applies (for references)."""
-    return matrix + damping * max(float(np.trace(matrix)) / len(matrix), np.finfo(np.float64).tiny) * np.eye(len(matrix))
+    shift = damping * max(float(np.trace(matrix)) / len(matrix), np.finfo(np.float64).tiny)
+    return matrix + shift * np.eye(len(matrix))
 
 
 @dataclass
 class Preconditioner:
     """Per-layer transforms ``R_l^{-1/2}`` for one checkpoint; :meth:`apply` maps ``[n, D]`` vectors."""
 
-    kind: Kind
+    kind: PreconditionerKind
     layers: Sequence[LayerSpec]
     transforms: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
     @classmethod
-    def identity(cls, layers: Sequence[LayerSpec]) -> "Preconditioner":
+    def identity(cls, layers: Sequence[LayerSpec]) -> Preconditioner:
         return cls("identity", layers)
 
     @classmethod
@@ -100,20 +105,22 @@ class Preconditioner:
         eval: CurvatureStats | None = None,
         mix: float = 0.99,
         damping: float = 0.1,
-    ) -> "Preconditioner":
+    ) -> Preconditioner:
         """Fit from training statistics, optionally mixed with eval statistics as ``mix * eval + (1 - mix) * train``."""
         if train.kind == "identity":
             return cls.identity(train.layers)
         if not 0.0 <= mix <= 1.0:
-            raise ProjectionSpecError(f"mix (lambda) must be in [0, 1], got {mix}")
+            raise PreconditionerError(f"mix (lambda) must be in [0, 1], got {mix}")
         if damping <= 0:
-            raise ProjectionSpecError(f"damping must be positive, got {damping}")
+            raise PreconditionerError(f"damping must be positive (e.g. 0.1), got {damping}")
         stats = train.means()
         if eval is not None:
             if eval.kind != train.kind:
-                raise ProjectionSpecError(f"eval statistics are {eval.kind!r}, train statistics {train.kind!r}")
+                raise PreconditionerError(
+                    f"eval statistics are {eval.kind!r}, train statistics {train.kind!r}; accumulate both with one kind"
+                )
             stats = {
-                name: [mix * e + (1 - mix) * t for t, e in zip(stats[name], eval_sums)]
+                name: [mix * e + (1 - mix) * t for t, e in zip(stats[name], eval_sums, strict=True)]
                 for name, eval_sums in eval.means().items()
             }
         transforms = {}
@@ -142,7 +149,7 @@ class Preconditioner:
             else:
                 s_half, a_half = self.transforms[layer.name]
                 m = g.reshape(len(g), layer.k_out, layer.k_in)
-                out[:, layer.slice] = (s_half @ m @ a_half).reshape(len(g), -1)
+                out[:, layer.slice] = (s_half @ m @ a_half).reshape(len(g), layer.dim)
         return out
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
@@ -150,13 +157,26 @@ class Preconditioner:
         return {f"{prefix}/{name}/{i}": t for name, ts in self.transforms.items() for i, t in enumerate(ts)}
 
     @classmethod
-    def from_arrays(cls, kind: Kind, layers: Sequence[LayerSpec], arrays: dict, prefix: str) -> "Preconditioner":
-        count = {"identity": 0, "block": 1, "kfac": 2}[kind]
+    def from_arrays(
+        cls, kind: PreconditionerKind, layers: Sequence[LayerSpec], arrays: Mapping[str, np.ndarray], prefix: str
+    ) -> Preconditioner:
+        """Inverse of :meth:`to_arrays`."""
+        count = _TRANSFORMS_PER_LAYER[_check_kind(kind)]
+        if count == 0:
+            return cls.identity(layers)
         try:
-            transforms = {layer.name: [np.asarray(arrays[f"{prefix}/{layer.name}/{i}"]) for i in range(count)] for layer in layers}
+            transforms = {
+                layer.name: [np.asarray(arrays[f"{prefix}/{layer.name}/{i}"]) for i in range(count)] for layer in layers
+            }
         except KeyError as exc:
-            raise ProjectionSpecError(f"saved preconditioner is missing {exc}") from None
+            raise PreconditionerError(f"saved preconditioner is missing {exc}; rebuild the index") from None
         return cls(kind, layers, transforms)
+
+
+def _check_kind(kind: str) -> PreconditionerKind:
+    if kind not in PRECONDITIONERS:
+        raise PreconditionerError(f"preconditioner must be one of {PRECONDITIONERS}, got {kind!r}")
+    return cast(PreconditionerKind, kind)
 
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:

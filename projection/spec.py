@@ -5,16 +5,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 
-from .errors import ProjectionSpecError
+from .errors import LayerNotFoundError, ProjectionSpecError
 
-INITS = ("gaussian", "rademacher", "orthonormal", "pca")
-LAYER_KINDS = ("linear", "embedding", "conv2d", "conv1d")
 Init = Literal["gaussian", "rademacher", "orthonormal", "pca"]
+INITS: tuple[Init, ...] = get_args(Init)
+LayerKind = Literal["linear", "embedding", "conv2d", "conv1d", "norm", "mha", "bias"]
+LAYER_KINDS: tuple[LayerKind, ...] = get_args(LayerKind)
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class LayerSpec:
     """
 
     name: str
-    kind: str
+    kind: LayerKind
     d_in: int
     d_out: int
     bias: bool
@@ -41,7 +43,8 @@ class LayerSpec:
             raise ProjectionSpecError(f"layer {self.name!r}: dimensions must be positive, got {self}")
         if self.k_in > self.in_dim or self.k_out > self.d_out:
             raise ProjectionSpecError(
-                f"layer {self.name!r}: rank ({self.k_in}, {self.k_out}) exceeds its dimensions ({self.in_dim}, {self.d_out})"
+                f"layer {self.name!r}: rank ({self.k_in}, {self.k_out}) exceeds its dimensions "
+                f"({self.in_dim}, {self.d_out})"
             )
 
     @property
@@ -73,7 +76,7 @@ class ProjectionSpec:
     """
 
     seed: int
-    init: str
+    init: Init
     layers: tuple[LayerSpec, ...]
     pca_bases: Mapping[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, compare=False)
     matrix_sha256: str | None = field(default=None, compare=False)
@@ -99,12 +102,12 @@ class ProjectionSpec:
     @classmethod
     def build(
         cls,
-        layers: list[tuple[str, str, int, int, bool]],
+        layers: Sequence[tuple[str, str, int, int, bool]],
         rank: int | tuple[int, int],
-        init: str = "gaussian",
+        init: Init = "gaussian",
         seed: int = 0,
         pca_bases: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
-    ) -> "ProjectionSpec":
+    ) -> ProjectionSpec:
         """Lay out ``(name, kind, d_in, d_out, bias)`` layers, clipping the rank to each layer's dims."""
         k_in_req, k_out_req = (rank, rank) if isinstance(rank, int) else tuple(rank)
         if k_in_req < 1 or k_out_req < 1:
@@ -114,7 +117,8 @@ class ProjectionSpec:
             k_in, k_out = min(k_in_req, d_in + int(bias)), min(k_out_req, d_out)
             if pca_bases and name in pca_bases:
                 k_out, k_in = (b.shape[0] for b in (pca_bases[name][1], pca_bases[name][0]))
-            specs.append(LayerSpec(name, kind, d_in, d_out, bias, k_in, k_out, offset))
+            # LayerSpec checks the kind
+            specs.append(LayerSpec(name, cast(LayerKind, kind), d_in, d_out, bias, k_in, k_out, offset))
             offset += k_in * k_out
         return cls(seed=seed, init=init, layers=tuple(specs), pca_bases=dict(pca_bases or {}))
 
@@ -127,12 +131,12 @@ class ProjectionSpec:
         for layer in self.layers:
             if layer.name == name:
                 return layer
-        raise KeyError(name)
+        raise LayerNotFoundError(f"no layer {name!r} in the projection spec; it has {[la.name for la in self.layers]}")
 
-    def with_checksum(self, sha256: str) -> "ProjectionSpec":
+    def with_checksum(self, sha256: str) -> ProjectionSpec:
         return replace(self, matrix_sha256=sha256)
 
-    def same_projection(self, other: "ProjectionSpec") -> bool:
+    def same_projection(self, other: ProjectionSpec) -> bool:
         """True when both specs describe the same matrices (checksums aside)."""
         return self.to_dict(include_checksum=False) == other.to_dict(include_checksum=False)
 
@@ -152,7 +156,7 @@ class ProjectionSpec:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ProjectionSpec":
+    def from_dict(cls, data: Mapping[str, Any]) -> ProjectionSpec:
         try:
             layers = tuple(LayerSpec(**layer) for layer in data["layers"])
             bases = {
@@ -161,19 +165,21 @@ class ProjectionSpec:
             }
             return cls(
                 seed=int(data["seed"]),
-                init=str(data["init"]),
+                init=cast(Init, str(data["init"])),  # checked in __post_init__
                 layers=layers,
                 pca_bases=bases,
                 matrix_sha256=data.get("matrix_sha256"),
             )
-        except (KeyError, TypeError) as exc:
+        except ProjectionSpecError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:  # missing fields, wrong types, undecodable PCA bases
             raise ProjectionSpecError(f"malformed projection spec: {exc!r}") from exc
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ProjectionSpec":
+    def from_json(cls, text: str) -> ProjectionSpec:
         return cls.from_dict(json.loads(text))
 
     def fingerprint(self) -> str:

@@ -7,28 +7,24 @@ from .errors import (
     GradientShapeError,
     IndexMismatchError,
     IndexNotFoundError,
+    IndexOptionsError,
+    QueryShapeError,
     StaleIndexError,
+    StoreArgumentError,
+    StoreCorruptError,
     StoreExistsError,
     StoreFormatError,
     StoreNotFoundError,
     StoreReadOnlyError,
     UnknownExampleError,
 )
-from .gradient_store import CheckpointInfo, GradientStore, Segment, file_sha256
-from .index import KINDS, GradientIndex, IndexOptions, SearchResult, default_index_path
-from .rows import CheckpointRows
+from .gradient_store import CheckpointInfo, GradientStore, Segment, StoreDtype, file_sha256
+from .index import GradientIndex, SearchResult, default_index_path
+from .index_options import KINDS, IndexKind, IndexOptions
 from .writer import AppendWriter, BackgroundWriter, ChunkBuffer
 
 __all__ = [
     "KINDS",
-    "CheckpointRows",
-    "GradientIndex",
-    "IndexMismatchError",
-    "IndexNotFoundError",
-    "IndexOptions",
-    "SearchResult",
-    "StaleIndexError",
-    "default_index_path",
     "AppendWriter",
     "BackgroundWriter",
     "CheckpointInfo",
@@ -36,13 +32,26 @@ __all__ = [
     "CheckpointNotFoundError",
     "ChunkBuffer",
     "DuplicateIdError",
+    "GradientIndex",
     "GradientShapeError",
     "GradientStore",
+    "IndexKind",
+    "IndexMismatchError",
+    "IndexNotFoundError",
+    "IndexOptions",
+    "IndexOptionsError",
+    "QueryShapeError",
+    "SearchResult",
     "Segment",
+    "StaleIndexError",
+    "StoreArgumentError",
+    "StoreCorruptError",
+    "StoreDtype",
     "StoreExistsError",
     "StoreFormatError",
     "StoreNotFoundError",
     "StoreReadOnlyError",
     "UnknownExampleError",
+    "default_index_path",
     "file_sha256",
 ]

@@ -8,7 +8,7 @@ bytes, so those rows are fetched as byte ranges through the Zarr store (a row is
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import zarr
@@ -28,7 +28,9 @@ def _raw_row_dtype(array: zarr.Array) -> np.dtype | None:
     """The on-disk dtype of a row if ``array``'s chunks are plain row-major bytes (no compression or filters)."""
     metadata = array.metadata
     codecs = getattr(metadata, "codecs", None)
-    if getattr(metadata, "zarr_format", None) != 3 or not codecs or len(codecs) != 1 or not isinstance(codecs[0], BytesCodec):
+    if getattr(metadata, "zarr_format", None) != 3 or not codecs or len(codecs) != 1:
+        return None
+    if not isinstance(codecs[0], BytesCodec):
         return None
     if array.order != "C" or getattr(array.store_path, "store", None) is None:
         return None
@@ -45,11 +47,12 @@ def _read_ranged(array: zarr.Array, dtype: np.dtype, rows: np.ndarray) -> np.nda
     for row in rows.tolist():
         chunk, offset = divmod(row, chunk_rows)
         key = array.metadata.encode_chunk_key((chunk, 0))
-        requests.append((f"{prefix}/{key}" if prefix else key, RangeByteRequest(offset * row_bytes, (offset + 1) * row_bytes)))
+        byte_range = RangeByteRequest(offset * row_bytes, (offset + 1) * row_bytes)
+        requests.append((f"{prefix}/{key}" if prefix else key, byte_range))
     buffers = sync(array.store_path.store.get_partial_values(default_buffer_prototype(), requests))
     if any(b is None or len(b) != row_bytes for b in buffers):
         return None
-    return np.frombuffer(b"".join(b.to_bytes() for b in buffers), dtype=dtype).reshape(len(rows), dim)
+    return np.frombuffer(b"".join(b.to_bytes() for b in buffers if b is not None), dtype=dtype).reshape(len(rows), dim)
 
 
 class CheckpointRows:
@@ -58,22 +61,23 @@ class CheckpointRows:
     def __init__(self, store: GradientStore, checkpoint: str):
         self.store, self.checkpoint = store, checkpoint
         self.segments = store.segments(checkpoint)
-        ids, part_of, row_of = [], [], []
-        for p, segment in enumerate(self.segments):
+        ids, segment_of, row_of = [], [], []
+        for s, segment in enumerate(self.segments):
             for start, stop in segment.row_ranges():
-                ids.append(np.asarray(segment.group["ids"][start:stop]))
-                part_of.append(np.full(stop - start, p, dtype=np.int32))
+                ids.append(np.asarray(segment.ids_array[start:stop]))
+                segment_of.append(np.full(stop - start, s, dtype=np.int32))
                 row_of.append(np.arange(start, stop, dtype=np.int64))
         self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-        part_of_all = np.concatenate(part_of) if part_of else np.zeros(0, np.int32)
+        segment_of_all = np.concatenate(segment_of) if segment_of else np.zeros(0, np.int32)
         row_of_all = np.concatenate(row_of) if row_of else np.zeros(0, np.int64)
         order = np.argsort(self.ids, kind="stable")
         self.sorted_ids = self.ids[order]
         if len(self.sorted_ids) and (np.diff(self.sorted_ids) == 0).any():
             dup = self.sorted_ids[1:][np.diff(self.sorted_ids) == 0]
             raise DuplicateIdError(f"checkpoint {checkpoint!r} holds example ids more than once: {dup[:10].tolist()}")
-        self._segment = part_of_all[order]
+        self._segment = segment_of_all[order]
         self._row = row_of_all[order]
+        self._grads: dict[int, zarr.Array] = {}  # opened once per segment: the re-rank reads a few rows per query
 
     def __len__(self) -> int:
         return len(self.sorted_ids)
@@ -84,7 +88,9 @@ class CheckpointRows:
         hit = self.sorted_ids[pos] == ids if len(self.sorted_ids) else np.zeros(len(ids), bool)
         if not hit.all():
             missing = ids[~hit]
-            raise UnknownExampleError(f"checkpoint {self.checkpoint!r} has no committed row for ids {missing[:10].tolist()}")
+            raise UnknownExampleError(
+                f"checkpoint {self.checkpoint!r} has no committed row for ids {missing[:10].tolist()}"
+            )
         return pos
 
     def read(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -94,22 +100,24 @@ class CheckpointRows:
         segments, rows = self._segment[pos], self._row[pos]
         out = np.empty((len(ids), self.store.dim), dtype=self.store.dtype)
         chunk_rows = self.store.chunk_rows
-        for p in np.unique(segments):
-            in_part = np.flatnonzero(segments == p)
-            grads = self.segments[int(p)].group["grads"]
-            chunks = rows[in_part] // chunk_rows
+        for s in np.unique(segments):
+            in_segment = np.flatnonzero(segments == s)
+            if int(s) not in self._grads:
+                self._grads[int(s)] = self.segments[int(s)].grads_array
+            grads = self._grads[int(s)]
+            chunks = rows[in_segment] // chunk_rows
             unique_chunks, per_chunk = np.unique(chunks, return_counts=True)
             raw_dtype = _raw_row_dtype(grads)
             if raw_dtype is not None:  # sparse chunks: byte ranges, one batched request
                 sparse = np.isin(chunks, unique_chunks[per_chunk < RANGED_ROWS_PER_CHUNK])
                 if sparse.any():
-                    sel = in_part[sparse]
+                    sel = in_segment[sparse]
                     ranged = _read_ranged(grads, raw_dtype, rows[sel])
                     if ranged is not None:
                         out[sel] = ranged
                         unique_chunks = np.unique(chunks[~sparse])
             for chunk in unique_chunks:
-                sel = in_part[chunks == chunk]
+                sel = in_segment[chunks == chunk]
                 lo = int(chunk) * chunk_rows
                 block = np.asarray(grads[lo : min(lo + chunk_rows, grads.shape[0])])
                 out[sel] = block[rows[sel] - lo]

@@ -9,20 +9,55 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
+import typing
 
 import faiss
 import numpy as np
 import pytest
 
+import gradstore.logger.errors
+import gradstore.projection.errors
+import gradstore.server.errors
+from gradstore.projection import (
+    INITS,
+    LAYER_KINDS,
+    PRECONDITIONERS,
+    CurvatureStats,
+    GradstoreError,
+    Init,
+    LayerKind,
+    LayerNotFoundError,
+    LayerSpec,
+    Preconditioner,
+    PreconditionerError,
+    PreconditionerKind,
+    ProjectionSpec,
+    ProjectionSpecError,
+    random_matrix,
+)
 from gradstore.store import (
+    KINDS,
     CheckpointNotFoundError,
     GradientIndex,
     GradientStore,
+    IndexKind,
     IndexMismatchError,
     IndexNotFoundError,
     IndexOptions,
+    IndexOptionsError,
+    QueryShapeError,
     StaleIndexError,
     default_index_path,
+)
+from gradstore.store.search import (
+    BACKENDS,
+    FlatBackend,
+    HnswBackend,
+    IvfBackend,
+    IvfPqBackend,
+    gpu_available,
+    pq_subquantizers,
 )
 
 from .search_helpers import dense_curvature, gradient_like, synthetic_spec, write_store
@@ -383,3 +418,181 @@ def test_unknown_checkpoint_in_build(tmp_path):
     store, _ = _small_store(tmp_path / "run.zarr")
     with pytest.raises(CheckpointNotFoundError, match="'nope'.*c0"):
         GradientIndex.build(store, checkpoints=["c0", "nope"], progress=False)
+
+
+# -- one spelling per enumeration, typed errors, and the backend each kind selects (issue 8) ----------------
+
+
+def test_each_enumeration_is_one_literal():
+    assert KINDS == typing.get_args(IndexKind) == ("flat", "ivf", "hnsw", "ivfpq")
+    assert PRECONDITIONERS == typing.get_args(PreconditionerKind) == ("identity", "kfac", "block")
+    assert INITS == typing.get_args(Init) == ("gaussian", "rademacher", "orthonormal", "pca")
+    assert LAYER_KINDS == typing.get_args(LayerKind) and "linear" in LAYER_KINDS
+    # the fields are typed with the aliases themselves, not with inline copies
+    options = typing.get_type_hints(IndexOptions)
+    assert options["kind"] == IndexKind and options["preconditioner"] == PreconditionerKind
+    assert typing.get_type_hints(ProjectionSpec)["init"] == Init and typing.get_type_hints(LayerSpec)["kind"] == LayerKind
+    assert all(f.metadata["help"] for f in dataclasses.fields(IndexOptions))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(kind="annoy"), r"index kind must be one of \('flat', 'ivf', 'hnsw', 'ivfpq'\), got 'annoy'"),
+        (dict(preconditioner="ekfac"), r"preconditioner must be one of \('identity', 'kfac', 'block'\), got 'ekfac'"),
+        (dict(mix=1.5), r"mix \(lambda\) must be in \[0, 1\], got 1.5"),
+        (dict(damping=0.0), r"damping must be positive \(e.g. 0.1\), got 0.0"),
+        (dict(nprobe=0), r"nprobe must be a positive integer \(or unset for the default\), got 0"),
+        (dict(rerank=0), r"rerank must be a positive integer, got 0"),
+    ],
+    ids=["kind", "preconditioner", "mix", "damping", "nprobe", "rerank"],
+)
+def test_bad_index_options_are_typed_value_errors(options, message):
+    with pytest.raises(IndexOptionsError, match=f"^{message}$") as info:
+        IndexOptions(**options)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, GradstoreError)
+
+
+def test_pq_m_must_divide_the_dimension(tmp_path):
+    assert pq_subquantizers(96, None) == 12 and pq_subquantizers(100, None) == 10 and pq_subquantizers(96, 24) == 24
+    store, _ = _small_store(tmp_path / "run.zarr")  # D = 16, one checkpoint
+    with pytest.raises(IndexOptionsError, match=r"^pq_m=5 must divide the index dimension 16 \(checkpoints x D\); "
+                       r"choose a divisor such as \[2, 4, 8\], or leave pq_m unset to pick one$") as info:
+        GradientIndex.build(store, IndexOptions(kind="ivfpq", pq_m=5), progress=False)
+    assert isinstance(info.value, ValueError)
+    # the failed build left nothing behind: no index, no temporary directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.zarr"]
+
+
+def test_projection_and_preconditioner_errors_are_typed():
+    with pytest.raises(ProjectionSpecError, match=r"^no random generator for init 'pca'; use one of "
+                       r"\('gaussian', 'rademacher', 'orthonormal'\)") as info:
+        random_matrix("pca", 2, 3, seed=0)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(ProjectionSpecError, match=r"unknown init 'normal'; expected one of \('gaussian'"):
+        ProjectionSpec.build([("a", "linear", 3, 2, True)], 2, init="normal")
+    spec = synthetic_spec([("a", 3, 2)])  # one layer, k_in 3, k_out 2: D = 6
+    with pytest.raises(LayerNotFoundError) as missing:
+        spec.layer("b")
+    assert str(missing.value) == "no layer 'b' in the projection spec; it has ['a']"
+    assert isinstance(missing.value, KeyError)
+    assert spec.layer("a") is spec.layers[0]
+
+    layers = spec.layers
+    unknown_kind = r"^preconditioner must be one of \('identity', 'kfac', 'block'\), got 'e'$"
+    with pytest.raises(PreconditionerError, match=unknown_kind):
+        CurvatureStats("e", layers)  # type: ignore[arg-type]
+    kfac = CurvatureStats("kfac", layers)
+    with pytest.raises(PreconditionerError, match="^cannot fit a preconditioner from zero examples; log gradients"):
+        Preconditioner.fit(kfac)
+    kfac.update(np.arange(24, dtype=np.float32).reshape(4, 6))
+    with pytest.raises(PreconditionerError, match=r"^mix \(lambda\) must be in \[0, 1\], got -0.1$") as bad_mix:
+        Preconditioner.fit(kfac, mix=-0.1)
+    assert isinstance(bad_mix.value, ValueError) and isinstance(bad_mix.value, GradstoreError)
+    with pytest.raises(PreconditionerError, match=r"^damping must be positive \(e.g. 0.1\), got 0$"):
+        Preconditioner.fit(kfac, damping=0)
+    block = CurvatureStats("block", layers)
+    block.update(np.ones((2, 6), dtype=np.float32))
+    with pytest.raises(PreconditionerError, match="^eval statistics are 'block', train statistics 'kfac'; accumulate"):
+        Preconditioner.fit(kfac, block)
+    with pytest.raises(PreconditionerError, match=r"^saved preconditioner is missing 'c0/a/0'; rebuild the index$"):
+        Preconditioner.from_arrays("kfac", layers, {}, "c0")
+    # an identity preconditioner saves nothing and loads from nothing
+    assert Preconditioner.from_arrays("identity", layers, {}, "c0").transforms == {}
+
+
+def test_query_vectors_of_the_wrong_shape_are_a_typed_error(tmp_path):
+    store, _ = _small_store(tmp_path / "run.zarr")
+    index = GradientIndex.build(store, progress=False)
+    with pytest.raises(QueryShapeError) as info:
+        index.search(np.zeros((2, 16), np.float32), [1.0], 3)
+    expected = "query vectors must have shape [B, 1, 16] (queries, indexed checkpoints ['c0'], D), got [2, 16]"
+    assert str(info.value) == expected
+    assert isinstance(info.value, ValueError)
+
+
+def test_malformed_manifests_are_refused(tmp_path):
+    store, _ = _small_store(tmp_path / "run.zarr")
+    index = GradientIndex.build(store, progress=False)
+    manifest_path = index.path / "manifest.json"
+    good = json.loads(manifest_path.read_text())
+    broken = {
+        "KeyError('num_rows')": {k: v for k, v in good.items() if k != "num_rows"},
+        "ValueError('1 checkpoints but 2 lrs')": {**good, "lrs": [0.1, 0.2]},
+        "IndexOptionsError(\"index kind must be one of": {**good, "options": {**good["options"], "kind": "annoy"}},
+    }
+    for why, manifest in broken.items():
+        manifest_path.write_text(json.dumps(manifest))
+        with pytest.raises(IndexMismatchError, match=r"index manifest .* is malformed \(" + re.escape(why)):
+            GradientIndex.open(None, store)
+    manifest_path.write_text("[1, 2]")
+    with pytest.raises(IndexMismatchError, match="format version None, expected 1; rebuild it"):
+        GradientIndex.open(None, store)
+    manifest_path.write_text(json.dumps(good))
+    assert GradientIndex.open(None, store).num_rows == 500
+
+
+def test_rows_missing_at_some_checkpoint_are_left_out_with_a_warning(tmp_path):
+    path = tmp_path / "run.zarr"
+    store, data = _small_store(path)
+    write_store(path, store.spec, {"c1": (0.05, data["c0"][1] * 2)}, chunk_rows=100, committed_rows=300)
+    with pytest.warns(UserWarning, match=r"indexing the 300 examples logged at every checkpoint; .*\{'c0': 200\}"):
+        index = GradientIndex.build(GradientStore.open(path), progress=False)
+    assert index.ids.tolist() == list(range(300)) and index.checkpoints == ["c0", "c1"]
+
+
+EXPECTED_BACKENDS = {"flat": FlatBackend, "ivf": IvfBackend, "hnsw": HnswBackend, "ivfpq": IvfPqBackend}
+
+
+def test_each_kind_selects_its_backend(tmp_path):
+    assert BACKENDS == EXPECTED_BACKENDS and set(BACKENDS) == set(KINDS)
+    store, data = _small_store(tmp_path / "run.zarr")  # float32 rows: the exact vectors are the stored rows
+    rows = data["c0"][1]
+    raw = rows[:4, None, :] + 0.5
+    results = {}
+    with _faiss_single_thread():
+        for kind, backend in EXPECTED_BACKENDS.items():
+            options = IndexOptions(kind=kind, nlist=4, nprobe=4, pq_m=4)
+            index = GradientIndex.build(store, options, path=tmp_path / f"{kind}.index", progress=False)
+            assert type(index.backend) is backend
+            files = {p.name for p in index.path.iterdir()}
+            assert files == {"manifest.json", "ids.npy", "sqnorms.npy", "preconditioner.npz", backend.FILE}
+            # the exact vectors: held by flat, hnsw and a CPU ivf; re-read from the store for ivfpq
+            held = index.backend.exact_vectors(np.arange(10))
+            assert (held is None) == (kind == "ivfpq" or (kind == "ivf" and gpu_available()))
+            np.testing.assert_array_equal(index.exact_vectors(np.array([7, 0, 499])), rows[[7, 0, 499]])
+            queries = index.prepare_queries(raw, [0.1])
+            found = index.backend.candidates(queries, 5)
+            if kind == "flat":  # the exact top / bottom 5 of the float32 scores, and statistics over every row
+                scores = rows @ queries.T  # [N, B], as the CPU scan computes them
+                top, bottom = np.argsort(-scores, 0)[:5].T, np.argsort(scores, 0)[:5].T
+                np.testing.assert_array_equal(np.sort(found.proponent_rows, 1), np.sort(top, 1))
+                np.testing.assert_array_equal(np.sort(found.opponent_rows, 1), np.sort(bottom, 1))
+                np.testing.assert_allclose(found.mean_abs_score, np.abs(scores).astype(np.float64).mean(0), rtol=1e-12)
+                np.testing.assert_array_equal(found.max_abs_score, np.abs(scores).max(0).astype(np.float64))
+            else:  # k * rerank approximate candidates per query, no statistics
+                assert found.proponent_rows.shape == found.opponent_rows.shape == (4, 5 * options.rerank)
+                assert found.mean_abs_score is None and found.max_abs_score is None
+            results[kind] = index.search(raw, [0.1], 5)
+    # ivf visiting all of its lists is exhaustive: exactly flat's answer
+    for name in ("proponent_rows", "proponent_scores", "opponent_rows", "opponent_scores", "proponent_contributions"):
+        np.testing.assert_array_equal(getattr(results["ivf"], name), getattr(results["flat"], name))
+
+
+def test_error_tree_draws_every_error_with_its_builtin():
+    """projection/errors.py draws the hierarchy of all packages: every class, with a built-in it derives from."""
+    assert gradstore.logger.errors and gradstore.server.errors  # imported: their classes are GradstoreError subclasses
+    classes, todo = set(), [GradstoreError]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub.__module__.startswith("gradstore.") and sub not in classes:
+                classes.add(sub)
+                todo.append(sub)
+    tree = gradstore.projection.errors.__doc__ or ""
+    rows = [line.split("── ")[1].split() for line in tree.splitlines() if "── " in line]  # name ..... built-in  why
+    drawn = {row[0]: row[2] for row in rows}
+    assert sorted(drawn) == sorted(cls.__name__ for cls in classes)
+    for cls in classes:
+        builtins = {b.__name__ for b in cls.__mro__ if b.__module__ == "builtins"} - {"Exception", "BaseException"}
+        builtins.discard("object")
+        assert drawn[cls.__name__] in builtins, f"{cls.__name__} drawn as {drawn[cls.__name__]}, not in {builtins}"

@@ -10,7 +10,7 @@ import pytest
 
 from gradstore.logger import GradientLogger
 from gradstore.store import GradientStore
-from gradstore.store.errors import StoreCorruptError, StoreFormatError
+from gradstore.store import StoreCorruptError, StoreFormatError
 
 from .models import MLPTask
 

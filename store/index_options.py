@@ -1,0 +1,69 @@
+"""How an index is built and searched: :class:`IndexOptions`, and the index kinds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from gradstore.projection import PRECONDITIONERS, PreconditionerKind
+
+from .errors import IndexOptionsError
+
+IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq"]
+KINDS: tuple[IndexKind, ...] = get_args(IndexKind)
+# Options that change the built vectors or FAISS structure; the others are search-time knobs.
+BUILD_FIELDS = ("kind", "preconditioner", "normalize", "damping", "mix", "nlist", "hnsw_m", "ef_construction", "pq_m")
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """How to build and search the index. Defaults: exact flat search, no preconditioner.
+
+    Each field's help string is in ``dataclasses.fields(IndexOptions)[i].metadata["help"]``.
+    """
+
+    kind: IndexKind = field(
+        default="flat", metadata={"help": "flat: exact scan; ivf / hnsw / ivfpq: FAISS candidates re-scored exactly"}
+    )
+    preconditioner: PreconditionerKind = field(
+        default="identity", metadata={"help": "curvature R in projected space: identity, kfac or block"}
+    )
+    normalize: bool = field(default=False, metadata={"help": "unit norm per checkpoint (cosine), as TrackStar"})
+    damping: float = field(
+        default=0.1, metadata={"help": "added to each inverted curvature matrix, times its mean eigenvalue"}
+    )
+    mix: float = field(
+        default=0.99, metadata={"help": "TrackStar's lambda: R = mix * R_eval + (1 - mix) * R_train (eval store given)"}
+    )
+    nlist: int | None = field(default=None, metadata={"help": "ivf/ivfpq inverted lists (default about 4 sqrt(N))"})
+    nprobe: int | None = field(default=None, metadata={"help": "ivf/ivfpq lists visited per query (default nlist / 4)"})
+    hnsw_m: int = field(default=32, metadata={"help": "hnsw graph degree"})
+    ef_construction: int = field(default=200, metadata={"help": "hnsw candidate list size while building"})
+    ef_search: int = field(default=256, metadata={"help": "hnsw candidate list size while searching"})
+    pq_m: int | None = field(
+        default=None, metadata={"help": "ivfpq sub-quantizers (default: dim / 8, rounded to a divisor of dim)"}
+    )
+    rerank: int = field(default=10, metadata={"help": "approximate kinds re-score k * rerank candidates exactly"})
+    train_rows: int = field(default=65536, metadata={"help": "ivf/ivfpq training sample"})
+    block_rows: int = field(default=16384, metadata={"help": "rows streamed per step while building"})
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise IndexOptionsError(f"index kind must be one of {KINDS}, got {self.kind!r}")
+        if self.preconditioner not in PRECONDITIONERS:
+            raise IndexOptionsError(f"preconditioner must be one of {PRECONDITIONERS}, got {self.preconditioner!r}")
+        if not 0.0 <= self.mix <= 1.0:
+            raise IndexOptionsError(f"mix (lambda) must be in [0, 1], got {self.mix}")
+        if self.damping <= 0:
+            raise IndexOptionsError(f"damping must be positive (e.g. 0.1), got {self.damping}")
+        for name in ("nlist", "nprobe", "pq_m"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise IndexOptionsError(f"{name} must be a positive integer (or unset for the default), got {value}")
+        for name in ("hnsw_m", "ef_construction", "ef_search", "rerank", "train_rows", "block_rows"):
+            if getattr(self, name) < 1:
+                raise IndexOptionsError(f"{name} must be a positive integer, got {getattr(self, name)}")
+
+    def build_key(self) -> dict[str, Any]:
+        """The options an index on disk must have been built with to serve these options."""
+        return {name: getattr(self, name) for name in BUILD_FIELDS}

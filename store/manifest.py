@@ -1,0 +1,133 @@
+"""An index's ``manifest.json`` (what it was built from and with), the checks that refuse a mismatched index, and
+the build-then-swap that never leaves a half-built index directory behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from .errors import IndexMismatchError, IndexNotFoundError, StaleIndexError
+from .gradient_store import GradientStore
+from .index_options import IndexOptions
+
+INDEX_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REBUILD_HINT = "rebuild it: `gradstore index --config ...` or GradientIndex.rebuild(path, store)"
+
+
+@dataclass(frozen=True)
+class IndexManifest:
+    """What ``manifest.json`` records: the build options, and everything the index is checked against on open."""
+
+    options: IndexOptions
+    checkpoints: list[str]
+    lrs: list[float]
+    dim: int  # D of the store (the index vectors are len(checkpoints) * D wide)
+    num_rows: int
+    store_fingerprint: str
+    projection_fingerprint: str
+    eval_store: str | None = None  # path of the eval store whose statistics entered R (curvature preconditioners)
+    eval_fingerprint: str | None = None
+    format_version: int = INDEX_FORMAT_VERSION
+
+    def write(self, directory: Path) -> None:
+        (directory / MANIFEST).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def read(cls, directory: Path) -> IndexManifest:
+        """The manifest of the index at ``directory``; a missing, corrupt or other-version one is refused."""
+        path = directory / MANIFEST
+        if not path.exists():
+            raise IndexNotFoundError(
+                f"no index at {directory}; build it with `gradstore index --config ...` or GradientIndex.build(store)"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise IndexMismatchError(f"index manifest {path} is not valid JSON ({exc}); rebuild the index") from exc
+        version = data.get("format_version") if isinstance(data, dict) else None
+        if version != INDEX_FORMAT_VERSION:
+            raise IndexMismatchError(
+                f"index {directory} has format version {version!r}, expected {INDEX_FORMAT_VERSION}; rebuild it"
+            )
+        known = {f.name for f in fields(IndexOptions)}  # options a newer build may have dropped are ignored
+        try:
+            if len(data["lrs"]) != len(data["checkpoints"]):
+                raise ValueError(f"{len(data['checkpoints'])} checkpoints but {len(data['lrs'])} lrs")
+            return cls(
+                options=IndexOptions(**{k: v for k, v in data["options"].items() if k in known}),
+                checkpoints=[str(name) for name in data["checkpoints"]],
+                lrs=[float(lr) for lr in data["lrs"]],
+                dim=int(data["dim"]),
+                num_rows=int(data["num_rows"]),
+                store_fingerprint=str(data["store_fingerprint"]),
+                projection_fingerprint=str(data["projection_fingerprint"]),
+                eval_store=data.get("eval_store"),
+                eval_fingerprint=data.get("eval_fingerprint"),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise IndexMismatchError(f"index manifest {path} is malformed ({exc!r}); rebuild the index") from exc
+
+    def check_store(self, directory: Path, store: GradientStore, eval_store: GradientStore | None) -> None:
+        """Refuse to serve ``store`` (and ``eval_store``) from an index built for another or an older one."""
+        if self.projection_fingerprint != store.spec.fingerprint() or self.dim != store.dim:
+            raise IndexMismatchError(f"index {directory} was built for a store with another projection; {REBUILD_HINT}")
+        if self.store_fingerprint != store.fingerprint():
+            raise StaleIndexError(
+                f"store {store.path} changed after index {directory} was built (it indexed {self.num_rows} rows of "
+                f"checkpoints {self.checkpoints}); {REBUILD_HINT}"
+            )
+        if self.options.preconditioner == "identity":
+            return  # R_eval only enters curvature preconditioners
+        if (eval_store is None) != (self.eval_fingerprint is None):
+            raise IndexMismatchError(
+                f"index {directory} was built {'with' if eval_store is None else 'without'} an eval store, "
+                f"now {'none is' if eval_store is None else 'one is'} given; {REBUILD_HINT}"
+            )
+        if eval_store is not None and self.eval_fingerprint != eval_store.fingerprint():
+            raise StaleIndexError(
+                f"eval store {eval_store.path} changed after index {directory} was built; {REBUILD_HINT}"
+            )
+
+    def with_search_options(self, directory: Path, options: IndexOptions | None) -> IndexManifest:
+        """This manifest searched with ``options``' search-time knobs; options that need another build are refused."""
+        if options is None:
+            return self
+        built = self.options.build_key()
+        diffs = {k: (built[k], v) for k, v in options.build_key().items() if built[k] != v}
+        if diffs:
+            raise IndexMismatchError(
+                f"index {directory} was built with other options {diffs} (built, requested); {REBUILD_HINT}"
+            )
+        return replace(self, options=options)
+
+
+@contextlib.contextmanager
+def building(path: Path) -> Iterator[Path]:
+    """A fresh directory beside ``path`` to build into; it replaces ``path`` when the block succeeds and is removed
+    when it fails, so ``path`` never holds a half-built index."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
+    try:
+        yield tmp
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Replace ``path`` by the finished directory ``tmp``."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
