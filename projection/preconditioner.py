@@ -72,6 +72,13 @@ class CurvatureStats:
         return {name: [s / self.count for s in sums] for name, sums in self.sums.items()}
 
 
+DEAD_LAYER_FRACTION = 1e-12  # a layer whose E||g||^2 is below this fraction of the largest layer's is dropped
+
+
+def _transform_dims(kind: str, layer: LayerSpec) -> tuple[int, ...]:
+    return (layer.dim,) if kind == "block" else (layer.k_out, layer.k_in)
+
+
 def _damped_inverse_sqrt(matrix: np.ndarray, damping: float) -> np.ndarray:
     """``(M + damping * mean_eig(M) I)^{-1/2}`` of a symmetric PSD matrix."""
     eigvals, eigvecs = np.linalg.eigh((matrix + matrix.T) / 2)
@@ -123,9 +130,17 @@ class Preconditioner:
                 name: [mix * e + (1 - mix) * t for t, e in zip(stats[name], eval_sums, strict=True)]
                 for name, eval_sums in eval.means().items()
             }
+        energy = {name: float(np.trace(m[0])) if train.kind == "block" else float(m[2]) for name, m in stats.items()}
+        floor = DEAD_LAYER_FRACTION * max(energy.values(), default=0.0)
         transforms = {}
         for name, moments in stats.items():
-            if train.kind == "block":
+            if energy[name] <= floor:
+                # A layer without training gradient (frozen by the data, a dead feature): the inverse of its zero
+                # curvature would blow its query component up by ~1/sqrt(tiny) and turn scores into NaN or noise.
+                # Its training vectors are zero, so dropping the layer on both sides changes no exact score.
+                layer = next(spec for spec in train.layers if spec.name == name)
+                transforms[name] = [np.zeros((d, d)) for d in _transform_dims(train.kind, layer)]
+            elif train.kind == "block":
                 transforms[name] = [_damped_inverse_sqrt(moments[0], damping)]
             else:
                 s, a, sq = moments
@@ -150,6 +165,11 @@ class Preconditioner:
                 s_half, a_half = self.transforms[layer.name]
                 m = g.reshape(len(g), layer.k_out, layer.k_in)
                 out[:, layer.slice] = (s_half @ m @ a_half).reshape(len(g), layer.dim)
+        if not np.isfinite(out).all():
+            bad = [layer.name for layer in self.layers if not np.isfinite(out[:, layer.slice]).all()]
+            raise PreconditionerError(
+                f"the {self.kind} preconditioner gives non-finite vectors in layers {bad}; raise [index] damping"
+            )
         return out
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:

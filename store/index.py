@@ -40,7 +40,7 @@ from .index_options import BUILD_FIELDS, KINDS, IndexKind, IndexOptions
 from .manifest import IndexManifest, building
 from .rows import CheckpointRows
 from .search import BACKENDS, SearchBackend
-from .vectors import VectorSource, common_ids, fit_preconditioner
+from .vectors import VectorSource, fit_preconditioner, indexed_ids
 
 __all__ = [
     "BUILD_FIELDS",
@@ -144,12 +144,16 @@ class GradientIndex:
             eval_store = None  # R_eval only enters curvature preconditioners
         if eval_store is not None:
             eval_store.check_compatible(store.spec)
+        # fingerprints first: rows committed while the index is built then make it stale instead of incomplete
+        store_fingerprint = store.fingerprint()
+        eval_fingerprint = eval_store.fingerprint() if eval_store is not None else None
         rows = {name: CheckpointRows(store, name) for name in checkpoints}
-        ids, left_out = common_ids(rows)
-        if left_out:
+        ids, missing = indexed_ids(rows)
+        absent = {name: m["absent"] for name, m in missing.items() if m["absent"]}
+        if absent:
             warnings.warn(
-                f"indexing the {len(ids)} examples logged at every checkpoint; rows only some checkpoints have are "
-                f"left out (per checkpoint: {left_out}). Finish logging (it resumes) and rebuild to include them.",
+                f"{sum(absent.values())} example rows are absent (not logged) at some checkpoints, which then count them "
+                f"as zero (per checkpoint: {absent}). Finish logging (it resumes) and rebuild to include them.",
                 stacklevel=2,
             )
         manifest = IndexManifest(
@@ -158,10 +162,11 @@ class GradientIndex:
             lrs=[store.checkpoint_info(name).lr for name in checkpoints],
             dim=store.dim,
             num_rows=len(ids),
-            store_fingerprint=store.fingerprint(),
+            store_fingerprint=store_fingerprint,
             projection_fingerprint=store.spec.fingerprint(),
             eval_store=str(eval_store.path) if eval_store is not None else None,
-            eval_fingerprint=eval_store.fingerprint() if eval_store is not None else None,
+            eval_fingerprint=eval_fingerprint,
+            missing_rows=missing,
         )
         preconditioners = {name: fit_preconditioner(store, eval_store, name, options, progress) for name in checkpoints}
         source = VectorSource(rows, preconditioners, options.normalize, store.dim)

@@ -9,14 +9,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import IndexMismatchError, IndexNotFoundError, StaleIndexError
 from .gradient_store import GradientStore
 from .index_options import IndexOptions
 
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2  # 2: union of ids (missing_rows), self-influence norms taken before normalisation
 MANIFEST = "manifest.json"
 REBUILD_HINT = "rebuild it: `gradstore index --config ...` or GradientIndex.rebuild(path, store)"
 
@@ -34,6 +34,7 @@ class IndexManifest:
     projection_fingerprint: str
     eval_store: str | None = None  # path of the eval store whose statistics entered R (curvature preconditioners)
     eval_fingerprint: str | None = None
+    missing_rows: dict[str, dict[str, int]] = field(default_factory=dict)  # per checkpoint: {"skipped", "absent"}
     format_version: int = INDEX_FORMAT_VERSION
 
     def write(self, directory: Path) -> None:
@@ -70,6 +71,10 @@ class IndexManifest:
                 projection_fingerprint=str(data["projection_fingerprint"]),
                 eval_store=data.get("eval_store"),
                 eval_fingerprint=data.get("eval_fingerprint"),
+                missing_rows={
+                    str(name): {"skipped": int(m["skipped"]), "absent": int(m["absent"])}
+                    for name, m in data.get("missing_rows", {}).items()
+                },
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IndexMismatchError(f"index manifest {path} is malformed ({exc!r}); rebuild the index") from exc

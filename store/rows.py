@@ -93,6 +93,18 @@ class CheckpointRows:
             )
         return pos
 
+    def read_or_zero(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Like :meth:`read`, with zero rows for ids this checkpoint has no row for."""
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.sorted_ids, ids), max(len(self.sorted_ids) - 1, 0))
+        present = self.sorted_ids[pos] == ids if len(self.sorted_ids) else np.zeros(len(ids), bool)
+        if present.all():
+            return self.read(ids)
+        out = np.zeros((len(ids), self.store.dim), dtype=self.store.dtype)
+        if present.any():
+            out[present] = self.read(ids[present])
+        return out
+
     def read(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Rows ``[n, D]`` (store dtype) for the given ids, in their order."""
         ids = np.asarray(ids, dtype=np.int64)

@@ -32,23 +32,27 @@ class VectorBlock(NamedTuple):
     sqnorms: np.ndarray  # [n, C] float64
 
 
-class CommonIds(NamedTuple):
-    """The example ids with committed rows at every checkpoint (sorted), and how many rows each checkpoint has
-    beyond them (left out of the index until logging finishes)."""
+class IndexedIds(NamedTuple):
+    """The example ids an index holds (sorted): every id with a row at some checkpoint. ``missing`` says, per
+    checkpoint, how many of them have no row there and why: ``skipped`` (a GradScaler skipped the step that held
+    them, so they changed nothing at that checkpoint) or ``absent`` (not logged, e.g. an unfinished pass)."""
 
     ids: np.ndarray
-    left_out: dict[str, int]
+    missing: dict[str, dict[str, int]]
 
 
-def common_ids(rows: dict[str, CheckpointRows]) -> CommonIds:
-    """The examples an index over ``rows``' checkpoints can hold; none at all is an error."""
-    sets = [r.sorted_ids for r in rows.values()]
-    common = sets[0]
-    for s in sets[1:]:
-        common = np.intersect1d(common, s, assume_unique=True)
-    if len(common) == 0:
-        raise StoreFormatError(f"no example has committed rows in every checkpoint {list(rows)}; nothing to index")
-    return CommonIds(common, {name: len(r) - len(common) for name, r in rows.items() if len(r) != len(common)})
+def indexed_ids(rows: dict[str, CheckpointRows]) -> IndexedIds:
+    """The union of the checkpoints' ids; an example without a row at a checkpoint contributes zero there."""
+    union = np.unique(np.concatenate([r.sorted_ids for r in rows.values()]))
+    if len(union) == 0:
+        raise StoreFormatError(f"no example has committed rows at any of the checkpoints {list(rows)}; nothing to index")
+    missing = {}
+    for name, r in rows.items():
+        lacking = np.setdiff1d(union, r.sorted_ids, assume_unique=True)
+        if len(lacking):
+            skipped = int(np.isin(lacking, r.store.skipped_ids(name)).sum())
+            missing[name] = {"skipped": skipped, "absent": len(lacking) - skipped}
+    return IndexedIds(union, missing)
 
 
 class VectorSource:
@@ -72,11 +76,10 @@ class VectorSource:
         """Index vectors of the given example ids, in their order."""
         parts, sqnorms = [], []
         for name, rows in self.rows.items():
-            v = self.preconditioners[name].apply(rows.read(ids))
-            if self.normalize:
-                v = normalize_rows(v)
-            parts.append(v)
+            v = self.preconditioners[name].apply(rows.read_or_zero(ids))
+            # self-influence is the squared norm before unit normalisation (after it, every norm would be 1)
             sqnorms.append(np.einsum("nd,nd->n", v.astype(np.float64), v.astype(np.float64)))
+            parts.append(normalize_rows(v) if self.normalize else v)
         return IndexVectors(np.concatenate(parts, axis=1), np.stack(sqnorms, axis=1))
 
     def blocks(self, ids: np.ndarray, block_rows: int, desc: str, progress: bool) -> Iterator[VectorBlock]:

@@ -60,6 +60,8 @@ from gradstore.store.search import (
     pq_subquantizers,
 )
 
+from gradstore.store.manifest import IndexManifest
+
 from .search_helpers import dense_curvature, gradient_like, synthetic_spec, write_store
 
 K = 10
@@ -261,7 +263,7 @@ def _reference(kind, store, eval_store, raw, weights, mix, damping, normalize=Fa
         if normalize:
             q_norms = np.sqrt(np.einsum("bd,db->b", q, np.linalg.solve(R, q.T)))
             dots = dots / q_norms[:, None] / np.sqrt(self_dots)[None, :]
-            self_dots = np.ones_like(self_dots)
+            # self-influence stays g_i^T R^{-1} g_i: after normalisation every norm would be 1 (a constant ranking)
         scores = scores + weights[c] * dots
         self_inf = self_inf + weights[c] * self_dots
     return scores, self_inf
@@ -526,19 +528,29 @@ def test_malformed_manifests_are_refused(tmp_path):
         with pytest.raises(IndexMismatchError, match=r"index manifest .* is malformed \(" + re.escape(why)):
             GradientIndex.open(None, store)
     manifest_path.write_text("[1, 2]")
-    with pytest.raises(IndexMismatchError, match="format version None, expected 1; rebuild it"):
+    with pytest.raises(IndexMismatchError, match="format version None, expected 2; rebuild it"):
         GradientIndex.open(None, store)
     manifest_path.write_text(json.dumps(good))
     assert GradientIndex.open(None, store).num_rows == 500
 
 
-def test_rows_missing_at_some_checkpoint_are_left_out_with_a_warning(tmp_path):
+def test_rows_missing_at_some_checkpoint_count_as_zero_with_a_warning(tmp_path):
+    """The index holds the union of ids; an example without a row at a checkpoint contributes zero there."""
     path = tmp_path / "run.zarr"
     store, data = _small_store(path)
     write_store(path, store.spec, {"c1": (0.05, data["c0"][1] * 2)}, chunk_rows=100, committed_rows=300)
-    with pytest.warns(UserWarning, match=r"indexing the 300 examples logged at every checkpoint; .*\{'c0': 200\}"):
+    with pytest.warns(UserWarning, match=r"200 example rows are absent \(not logged\) .*\{'c1': 200\}"):
         index = GradientIndex.build(GradientStore.open(path), progress=False)
-    assert index.ids.tolist() == list(range(300)) and index.checkpoints == ["c0", "c1"]
+    assert index.ids.tolist() == list(range(500)) and index.checkpoints == ["c0", "c1"]
+    assert IndexManifest.read(index.path).missing_rows == {"c1": {"skipped": 0, "absent": 200}}
+    rows = data["c0"][1].astype(np.float64)
+    query = rows[:3]
+    raw = np.stack([query, query], axis=1).astype(np.float32)
+    expected = 0.1 * query @ rows.T + 0.05 * query @ (2 * rows).T * (np.arange(500) < 300)[None, :]
+    found = index.search(raw, [0.1, 0.05], k=5)
+    top = np.argsort(-expected, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(found.proponent_rows, top)
+    np.testing.assert_allclose(found.proponent_scores, np.take_along_axis(expected, top, 1), rtol=1e-4)
 
 
 EXPECTED_BACKENDS = {"flat": FlatBackend, "ivf": IvfBackend, "hnsw": HnswBackend, "ivfpq": IvfPqBackend}
@@ -596,3 +608,23 @@ def test_error_tree_draws_every_error_with_its_builtin():
         builtins = {b.__name__ for b in cls.__mro__ if b.__module__ == "builtins"} - {"Exception", "BaseException"}
         builtins.discard("object")
         assert drawn[cls.__name__] in builtins, f"{cls.__name__} drawn as {drawn[cls.__name__]}, not in {builtins}"
+
+
+@pytest.mark.parametrize("kind", ["kfac", "block"])
+def test_a_layer_without_training_gradient_is_dropped_not_blown_up(kind):
+    """All-zero training gradients in one layer: R^-1/2 would be ~1e154 there; the layer is dropped, scores stay exact."""
+    rng = np.random.default_rng(0)
+    spec = synthetic_spec([("live", 4, 3), ("dead", 3, 2)])
+    train = gradient_like(rng, 200, spec.dim, clusters=3, rank=4)[0].astype(np.float64)
+    dead = spec.layer("dead").slice
+    train[:, dead] = 0.0
+    stats = CurvatureStats(kind, spec.layers)
+    stats.update(train)
+    pre = Preconditioner.fit(stats, damping=0.1)
+    query = rng.normal(size=(3, spec.dim))  # a query may well have gradient in the dead layer
+    out = pre.apply(query)
+    assert np.isfinite(out).all() and not out[:, dead].any()
+    live = spec.layer("live").slice  # first layer: the same columns in a spec that holds it alone
+    alone = CurvatureStats(kind, synthetic_spec([("live", 4, 3)]).layers)
+    alone.update(train[:, live])
+    np.testing.assert_allclose(out[:, live], Preconditioner.fit(alone, damping=0.1).apply(query[:, live]), rtol=1e-6)
