@@ -345,12 +345,16 @@ def main() -> None:
 
     from gradstore.server.config import RunConfig
     from gradstore.server.demo import prepare_demo
-    from gradstore.server.jobs import open_engine
 
     try:
-        from gradstore.server.jobs import serving_threads
-    except ImportError:  # a tree from before serving_threads: torch's default threads, as its server has
-        serving_threads = None
+        from gradstore.server.runs import open_engine, serving_threads
+    except ImportError:  # a tree from before runs.py (jobs.py), or from before serving_threads
+        from gradstore.server.jobs import open_engine
+
+        try:
+            from gradstore.server.jobs import serving_threads
+        except ImportError:  # torch's default threads, as that tree's server has
+            serving_threads = None
 
     tmp = None
     if args.workdir is None:

@@ -1,109 +1,47 @@
 """The HTTP service (FastAPI): influence, self-influence, examples, run metadata, health and metrics.
 
 Heavy state (Task, checkpoint models, store, index) is loaded once in ``lifespan``; gradient and
-search work runs in worker threads so the event loop never blocks. A client's mistake is a 4xx whose
-``detail`` says what is wrong; only a server bug is a 5xx.
+search work runs in worker threads so the event loop never blocks. Every answer that is not a 200 carries
+``{"detail": ...}`` saying what is wrong: a client's mistake is a 4xx, a run the server cannot serve (stale or
+missing index, ...) a 503; the status of each gradstore error comes from ``errors.HTTP_STATUS``.
 """
 
 from __future__ import annotations
 
 import hmac
-import os
-import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from gradstore.projection import GradstoreError
-from gradstore.store import CheckpointNotFoundError, UnknownExampleError
 
+from . import __version__
 from .config import RunConfig, ServerConfig
-from .engine import QueryEngine, QueryError
-from .schemas import ErrorResponse, InfluenceRequest, InfluenceResponse, SelfInfluenceRequest, SelfInfluenceResponse
+from .engine import QueryEngine
+from .errors import ConfigError, QueryError, http_status
+from .middleware import BodyLimit, Metrics, RequestMetrics
+from .runs import open_engine, serving_threads
+from .schemas import (
+    ErrorResponse,
+    ExampleResponse,
+    InfluenceRequest,
+    InfluenceResponse,
+    RunInfo,
+    SelfInfluenceRequest,
+    SelfInfluenceResponse,
+)
 
-API_KEY_ENV = "GRADSTORE_API_KEY"
+__all__ = ["API_KEY_ENV", "create_app"]
 
-
-class Metrics:
-    """Prometheus metrics of one app (its own registry: no process-global state)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("gradstore_requests", "HTTP requests", ["route", "method", "status"], registry=self.registry)
-        self.latency = Histogram("gradstore_request_seconds", "HTTP request latency", ["route"], registry=self.registry)
-        self.gradient = Histogram("gradstore_gradient_seconds", "query gradient time per request", registry=self.registry)
-        self.search = Histogram("gradstore_search_seconds", "index search time per request", registry=self.registry)
-
-
-class BodyLimit:
-    """413 for a request body over ``max_bytes``: by its Content-Length before reading anything, and by
-    counting the bytes of a body sent without one (chunked), which is read up to the limit and no further."""
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self._refuse(scope, receive, send)
-        if length is not None:
-            return await self.app(scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await self._refuse(scope, receive, send)
-            if not message.get("more_body", False):
-                break
-        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-
-        async def replay() -> dict:
-            return pending.pop() if pending else await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope: dict, receive: Callable, send: Callable) -> None:
-        detail = f"request body larger than this server's limit of {self.max_bytes} bytes"
-        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
-
-
-class Measure:
-    """Request count and latency per route and status, as plain ASGI (``@app.middleware("http")`` would cost an
-    extra task and memory streams per request)."""
-
-    def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), 500
-
-        async def send_and_note(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            path = getattr(scope.get("route"), "path", "unmatched")  # the router records the matched route in scope
-            self.metrics.requests.labels(path, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+API_KEY_ENV = ServerConfig.model_config["env_prefix"] + "API_KEY"  # read by ServerConfig (pydantic-settings)
 
 
 # The dependencies are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in the thread pool,
@@ -149,62 +87,55 @@ api = APIRouter(
         401: "missing or wrong API key (when the server has one)",
         413: "request body larger than the server's limit",
         422: "invalid request: the message names the field or says what is wrong",
-        503: "the query engine is still loading",
+        503: "the query engine is still loading, or the run cannot be served (the message says what to run)",
     }),
 )
 
 
 def _limit(settings: ServerConfig, top_k: int, n_queries: int | None = None) -> None:
+    """This server's limits (settings, not schema): refusals are QueryErrors, a 422 like the engine's."""
     if top_k > settings.max_top_k:
-        raise HTTPException(422, f"top_k={top_k} is above this server's limit of {settings.max_top_k}")
+        raise QueryError(f"top_k={top_k} is above this server's limit of {settings.max_top_k}")
     if n_queries is not None and n_queries > settings.max_queries:
-        raise HTTPException(422, f"{n_queries} queries in one request; this server's limit is {settings.max_queries}")
+        raise QueryError(f"{n_queries} queries in one request; this server's limit is {settings.max_queries}")
 
 
-async def _answer(call: Callable[[], Any]) -> Any:
-    """Run engine work in a thread; turn the engine's typed errors into 4xx with their message."""
-    try:
-        return await run_in_threadpool(call)
-    except (QueryError, CheckpointNotFoundError) as exc:
-        raise HTTPException(422, str(exc)) from exc
-    except UnknownExampleError as exc:
-        raise HTTPException(404, str(exc)) from exc
+# Engine work runs in a worker thread; its typed errors become answers in create_app's exception handler.
 
 
 @api.post("/influence", response_model=InfluenceResponse, summary="Top proponents and opponents of query examples")
 async def influence(body: InfluenceRequest, engine: Engine, settings: Settings, request: Request) -> InfluenceResponse:
-    if (body.queries is None) == (body.vectors is None):
-        raise HTTPException(422, "give exactly one of `queries` (payloads) or `vectors` (precomputed gradients)")
-    n = len(body.queries if body.queries is not None else body.vectors)
-    if n == 0:
-        raise HTTPException(422, "`queries` (or `vectors`) must not be empty")
-    _limit(settings, body.top_k, n)
-    response: InfluenceResponse = await _answer(
-        lambda: engine.influence(
-            body.queries, vectors=body.vectors, top_k=body.top_k, lr_weighting=body.lr_weighting,
-            checkpoints=body.checkpoints, measurement=body.measurement, normalize=body.normalize,
-        )
-    )
+    _limit(settings, body.top_k, body.size)
+    response: InfluenceResponse = await run_in_threadpool(engine.answer_influence, body)
     metrics: Metrics = request.app.state.metrics
-    metrics.gradient.observe(response.timings_ms["gradient"] / 1e3)
-    metrics.search.observe(response.timings_ms["search"] / 1e3)
+    timings = response.timings_ms or {}
+    metrics.gradient.observe(timings["gradient"] / 1e3)
+    metrics.search.observe(timings["search"] / 1e3)
     return response
 
 
-@api.post("/self-influence", response_model=SelfInfluenceResponse, summary="Training examples with the largest self-influence")
+@api.post(
+    "/self-influence", response_model=SelfInfluenceResponse, summary="Training examples with the largest self-influence"
+)
 async def self_influence(body: SelfInfluenceRequest, engine: Engine, settings: Settings) -> SelfInfluenceResponse:
     _limit(settings, body.top_k)
-    return await _answer(lambda: engine.self_influence(body.top_k, body.lr_weighting, body.checkpoints))
+    return await run_in_threadpool(engine.answer_self_influence, body)
 
 
-@api.get("/examples/{example_id}", summary="The Task's description of a training example", responses=_errors({404: "no training example with that id"}))
-async def example(example_id: int, engine: Engine) -> dict[str, Any]:
-    return await _answer(lambda: {"id": example_id, "example": engine.describe(example_id)})
+@api.get(
+    "/examples/{example_id}", response_model=ExampleResponse, summary="The Task's description of a training example",
+    responses=_errors({404: "no training example with that id"}),
+)
+async def example(example_id: int, engine: Engine) -> ExampleResponse:
+    return ExampleResponse(id=example_id, example=await run_in_threadpool(engine.describe, example_id))
 
 
-@api.get("/run", summary="Run metadata: checkpoints, lrs, projection, index kind, N, D")
-async def run(engine: Engine) -> dict[str, Any]:
-    return engine.run_info()
+@api.get(
+    "/run", response_model=RunInfo, response_model_exclude_none=True,
+    summary="Run metadata: store, checkpoints, projection, index, N, D (as `gradstore info --json`)",
+)
+async def run(engine: Engine) -> RunInfo:
+    return await run_in_threadpool(engine.run_info)
 
 
 ops = APIRouter()
@@ -215,7 +146,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@ops.get("/readyz", summary="Readiness: the engine is loaded", responses={503: {"description": "the engine is still loading"}})
+@ops.get("/readyz", summary="Readiness: the engine is loaded", responses={503: {"description": "still loading"}})
 async def readyz(request: Request) -> JSONResponse:
     ready = request.app.state.engine is not None
     return JSONResponse({"status": "ready" if ready else "loading"}, status_code=200 if ready else 503)
@@ -236,14 +167,13 @@ def create_app(
 ) -> FastAPI:
     """The app for a run config (engine loaded at startup) or an already built engine (tests, embedding)."""
     if config is None and engine is None:
-        raise ValueError("create_app needs a run config or an engine")
+        raise ConfigError("create_app needs a run config or an engine")
     settings = settings or (config.server if config is not None else ServerConfig())
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if app.state.engine is None:
-            from .jobs import open_engine, serving_threads
-
+            assert config is not None  # create_app was given a config or an engine
             serving_threads(config)  # this process serves queries: no OpenMP team per small op on CPU
             app.state.engine = await run_in_threadpool(open_engine, config)
         yield
@@ -251,23 +181,24 @@ def create_app(
     app = FastAPI(
         title="gradstore",
         summary="Training-data attribution: which training examples made the model say this?",
-        version="0.1.0",
+        version=__version__,
         lifespan=lifespan,
     )
     app.state.engine = engine
     app.state.settings = settings
-    app.state.api_key = settings.api_key or os.environ.get(API_KEY_ENV) or None
+    app.state.api_key = settings.api_key or None
     app.state.metrics = Metrics()
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # inside CORS: a 413 still carries its headers
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"])
 
-    app.add_middleware(Measure, metrics=app.state.metrics)  # outermost: counts 413s and CORS answers too
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics)  # outermost: counts 413s and CORS answers too
 
     @app.exception_handler(GradstoreError)
     async def gradstore_error(request: Request, exc: GradstoreError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422 if isinstance(exc, ValueError) else 500)
+        """Every gradstore error as ``{"detail": message}`` with its status from errors.HTTP_STATUS."""
+        return JSONResponse({"detail": str(exc)}, status_code=http_status(exc))
 
     app.include_router(api)
     app.include_router(ops)

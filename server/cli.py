@@ -5,16 +5,31 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel
 
 from gradstore.projection import GradstoreError
 
+from . import __version__
+from .config import RunConfig
+from .engine import build_request
+from .runs import describe_run, index_run, open_engine
+from .schemas import InfluenceOptions, InfluenceRequest, SelfInfluenceRequest
 
-def _config(args: argparse.Namespace):
-    from .config import RunConfig
 
+def _config(args: argparse.Namespace) -> RunConfig:
     return RunConfig.load(args.config)
+
+
+def _option(parser: argparse.ArgumentParser, flag: str, model: type[BaseModel], name: str, **kwargs: Any) -> None:
+    """A flag whose default, help and (for a Literal) choices come from the request model's field."""
+    field = model.model_fields[name]
+    if get_origin(field.annotation) is Literal:
+        kwargs["choices"] = get_args(field.annotation)
+    parser.add_argument(flag, default=field.default, help=f"{field.description} (default: {field.default})", **kwargs)
 
 
 def _bad_input(message: str) -> SystemExit:
@@ -52,21 +67,17 @@ def _short(example: dict, width: int = 70) -> str:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    from .jobs import index_run
-
     index = index_run(_config(args), progress=not args.quiet)
     if index is not None:
         print(f"indexed {index.num_rows} examples x {len(index.checkpoints)} checkpoints into {index.path}")
 
 
 def cmd_query(args: argparse.Namespace) -> None:
-    from .jobs import open_engine
-
-    engine = open_engine(_config(args), device=args.device)
-    response = engine.influence(
-        _load_queries(args), top_k=args.top_k, lr_weighting=args.lr_weighting,
-        checkpoints=_checkpoints(args.checkpoints), measurement=args.measurement,
-    )
+    request = build_request(InfluenceRequest, {
+        "queries": _load_queries(args), "top_k": args.top_k, "lr_weighting": args.lr_weighting,
+        "checkpoints": _checkpoints(args.checkpoints), "measurement": args.measurement,
+    })
+    response = open_engine(_config(args), device=args.device).answer_influence(request)
     if args.json:
         print(response.model_dump_json(indent=2))
         return
@@ -79,10 +90,10 @@ def cmd_query(args: argparse.Namespace) -> None:
 
 
 def cmd_self_influence(args: argparse.Namespace) -> None:
-    from .jobs import open_engine
-
-    engine = open_engine(_config(args), device=args.device)
-    response = engine.self_influence(top_k=args.top_k, lr_weighting=args.lr_weighting, checkpoints=_checkpoints(args.checkpoints))
+    request = build_request(SelfInfluenceRequest, {
+        "top_k": args.top_k, "lr_weighting": args.lr_weighting, "checkpoints": _checkpoints(args.checkpoints),
+    })
+    response = open_engine(_config(args), device=args.device).answer_self_influence(request)
     if args.json:
         print(response.model_dump_json(indent=2))
         return
@@ -92,40 +103,18 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from gradstore.store import GradientStore
-
-    from .jobs import open_index
-
     config = _config(args)
-    info: dict = {"config": str(config.path), "store": str(config.store.path)}
-    try:
-        store = GradientStore.open(config.store.path)
-        info.update(
-            dim=store.dim,
-            dtype=store.dtype,
-            projection={"init": store.spec.init, "seed": store.spec.seed, "layers": len(store.spec.layers)},
-            checkpoints=[
-                {"name": c, "lr": store.checkpoint_info(c).lr, "rows": store.num_rows(c), "adam": store.checkpoint_info(c).adam}
-                for c in store.checkpoints
-            ],
-        )
-        try:
-            index = open_index(config, store, device="cpu")
-            info["index"] = {"path": str(index.path), "status": "ready", "kind": index.options.kind,
-                             "preconditioner": index.options.preconditioner, "normalize": index.options.normalize,
-                             "rows": index.num_rows}
-        except GradstoreError as exc:
-            info["index"] = {"status": "unusable", "reason": str(exc)}
-    except GradstoreError as exc:
-        info["store_status"] = str(exc)
+    info = describe_run(config)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(info.model_dump_json(indent=2, exclude_none=True))
         return
-    for key, value in info.items():
+    print(f"config: {config.path}")
+    for key, value in info.model_dump(exclude_none=True).items():
         if key == "checkpoints":
             print("checkpoints:")
             for c in value:
-                print(f"  {c['name']:<20} lr={c['lr']:<10g} rows={c['rows']:<9} adam={c['adam']}")
+                step = c.get("step", "-")
+                print(f"  {c['name']:<20} lr={c['lr']:<10g} step={step!s:<8} rows={c['rows']:<9} adam={c['adam']}")
         else:
             print(f"{key}: {value}")
 
@@ -147,11 +136,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from .app import create_app
-    from .config import RunConfig
     from .demo import prepare_demo
 
     config = RunConfig.load(prepare_demo(args.workdir, progress=not args.quiet))
-    print(f"demo run ready: {config.path} (try: gradstore query --config {config.path} --query '{{\"test_index\": 0}}')", flush=True)
+    try_it = f"gradstore query --config {config.path} --query '{{\"test_index\": 0}}'"
+    print(f"demo run ready: {config.path} (try: {try_it})", flush=True)
     if args.no_serve:
         return
     print(f"gradstore demo: dashboard at http://{args.host}:{args.port}/  (API docs at /docs)", flush=True)
@@ -159,16 +148,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gradstore", description="Training-data attribution: which training examples made my model say this?")
+    parser = argparse.ArgumentParser(
+        prog="gradstore", description="Training-data attribution: which training examples made my model say this?"
+    )
+    parser.add_argument("--version", action="version", version=f"gradstore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="TOML run config (see README)")
         return p
 
-    def with_weighting(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--lr-weighting", choices=["schedule", "uniform", "normalized"], default="schedule",
-                       help="checkpoint weights: the lrs, 1, or lr / mean lr (default: schedule)")
+    def with_weighting(p: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+        _option(p, "--lr-weighting", model, "lr_weighting")
         p.add_argument("--checkpoints", help="comma-separated subset of checkpoints (default: all)")
         p.add_argument("--device", help="device for query gradients (default: cuda when available)")
         p.add_argument("--json", action="store_true", help="print JSON (the HTTP API's schema)")
@@ -180,14 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("query", help="top proponents and opponents of query examples"))
     p.add_argument("--query", help="one JSON payload, as the Task's query_example takes it")
     p.add_argument("--query-file", help="JSON Lines file of payloads")
-    p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--measurement", choices=["loss", "measurement"], default="loss")
-    with_weighting(p)
+    _option(p, "--top-k", InfluenceOptions, "top_k", type=int)
+    _option(p, "--measurement", InfluenceOptions, "measurement")
+    with_weighting(p, InfluenceOptions)
     p.set_defaults(func=cmd_query)
 
     p = with_config(sub.add_parser("self-influence", help="training examples with the largest self-influence"))
-    p.add_argument("--top-k", type=int, default=20)
-    with_weighting(p)
+    _option(p, "--top-k", SelfInfluenceRequest, "top_k", type=int)
+    with_weighting(p, SelfInfluenceRequest)
     p.set_defaults(func=cmd_self_influence)
 
     p = with_config(sub.add_parser("serve", help="serve the HTTP API (and dashboard) for a run"))
@@ -203,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
-    p = with_config(sub.add_parser("info", help="store, checkpoints and index status"))
-    p.add_argument("--json", action="store_true")
+    p = with_config(sub.add_parser("info", help="store, checkpoints and index status (works with an unusable index)"))
+    p.add_argument("--json", action="store_true", help="print JSON (the schema of GET /v1/run)")
     p.set_defaults(func=cmd_info)
     return parser
 
@@ -214,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         args.func(args)
     except GradstoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [type(exc).__name__]:  # a config error has a line per bad field
+            print(f"error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -4,44 +4,44 @@
     with Client("http://127.0.0.1:8000") as client:
         result = client.influence([{"test_index": 3}], top_k=5).results[0]
         print([p.id for p in result.proponents])
+
+Requests are built with the server's own request models (``schemas.InfluenceRequest``, ...), which hold the
+defaults and rules, and sent as their ``model_dump(exclude_none=True, mode="json")``. A request those models
+refuse raises :class:`InvalidRequestError` before anything is sent: a :class:`GradstoreAPIError` (status 422,
+the server's ``body.<field>: <why>`` wording) that is also a ``ValueError``; the pydantic error is its cause.
+Any refusal by the server raises :class:`GradstoreAPIError` with its ``status_code`` and ``message``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
-from gradstore.projection import GradstoreError
+from .errors import GradstoreAPIError, InvalidRequestError
+from .schemas import (
+    ExampleResponse,
+    InfluenceRequest,
+    InfluenceResponse,
+    RunInfo,
+    SelfInfluenceRequest,
+    SelfInfluenceResponse,
+)
 
-from .schemas import InfluenceResponse, LrWeighting, Measurement, SelfInfluenceResponse
+__all__ = ["AsyncClient", "Client", "GradstoreAPIError", "InvalidRequestError"]
 
-
-class GradstoreAPIError(GradstoreError, RuntimeError):
-    """The server refused a request; ``status_code`` and the server's ``message`` say why."""
-
-    def __init__(self, status_code: int, message: str):
-        super().__init__(f"HTTP {status_code}: {message}")
-        self.status_code, self.message = status_code, message
-
-
-def _influence_body(queries, vectors, top_k, lr_weighting, checkpoints, measurement, normalize) -> dict[str, Any]:
-    if (queries is None) == (vectors is None):
-        raise ValueError("give exactly one of queries (payloads) or vectors (precomputed gradients)")
-    body: dict[str, Any] = {"top_k": top_k, "lr_weighting": lr_weighting, "measurement": measurement}
-    if queries is not None:
-        body["queries"] = list(queries)
-    else:
-        body["vectors"] = vectors.tolist() if hasattr(vectors, "tolist") else vectors
-    if checkpoints is not None:
-        body["checkpoints"] = list(checkpoints)
-    if normalize is not None:
-        body["normalize"] = normalize
-    return body
+Request = TypeVar("Request", bound=BaseModel)
 
 
-def _self_influence_body(top_k, lr_weighting, checkpoints) -> dict[str, Any]:
-    return {"top_k": top_k, "lr_weighting": lr_weighting, "checkpoints": list(checkpoints) if checkpoints else None}
+def _body(model: type[Request], **fields: Any) -> dict[str, Any]:
+    """The JSON body of a request, built and checked by the request model the server validates with (its
+    defaults and rules); a refusal raises :class:`InvalidRequestError` without sending anything."""
+    try:
+        request = model(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        raise InvalidRequestError(exc) from exc
+    return request.model_dump(exclude_none=True, mode="json")
 
 
 def _raise_for_status(response: httpx.Response) -> None:
@@ -61,38 +61,41 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 
 class Client:
-    """Synchronous client. ``retries`` re-attempts failed connections; ``timeout`` is in seconds."""
+    """Synchronous client. ``retries`` re-attempts failed connections; ``timeout`` is in seconds; ``transport``
+    replaces httpx's (e.g. ``httpx.MockTransport`` in tests, or an ASGI transport to an in-process app)."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60.0, retries: int = 3):
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        transport: httpx.BaseTransport | None = None,
+    ):
         self._http = httpx.Client(
-            base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=httpx.HTTPTransport(retries=retries)
+            base_url=base_url, headers=_headers(api_key), timeout=timeout,
+            transport=transport or httpx.HTTPTransport(retries=retries),
         )
 
-    def influence(
-        self,
-        queries: Sequence[dict] | None = None,
-        *,
-        vectors: Any = None,
-        top_k: int = 10,
-        lr_weighting: LrWeighting = "schedule",
-        checkpoints: Sequence[str] | None = None,
-        measurement: Measurement = "loss",
-        normalize: bool | None = None,
-    ) -> InfluenceResponse:
-        """Top proponents and opponents of each query payload (or precomputed ``[B, C, D]`` vectors)."""
-        body = _influence_body(queries, vectors, top_k, lr_weighting, checkpoints, measurement, normalize)
+    def influence(self, queries: Any = None, *, vectors: Any = None, **options: Any) -> InfluenceResponse:
+        """Top proponents and opponents of each query payload (or precomputed ``[B, C, D]`` vectors, a nested list
+        or an array). ``options`` are the :class:`~gradstore.server.schemas.InfluenceOptions` fields (``top_k``,
+        ``lr_weighting``, ``checkpoints``, ``measurement``, ``normalize``), with its defaults."""
+        body = _body(InfluenceRequest, queries=queries, vectors=vectors, **options)
         return InfluenceResponse.model_validate(self._post("/v1/influence", body))
 
-    def self_influence(self, top_k: int = 20, lr_weighting: LrWeighting = "schedule", checkpoints: Sequence[str] | None = None) -> SelfInfluenceResponse:
-        return SelfInfluenceResponse.model_validate(self._post("/v1/self-influence", _self_influence_body(top_k, lr_weighting, checkpoints)))
+    def self_influence(self, **options: Any) -> SelfInfluenceResponse:
+        """Training examples with the largest self-influence; ``options`` are the SelfInfluenceRequest fields."""
+        body = _body(SelfInfluenceRequest, **options)
+        return SelfInfluenceResponse.model_validate(self._post("/v1/self-influence", body))
 
     def example(self, example_id: int) -> dict:
         """The Task's description of a training example."""
-        return self._get(f"/v1/examples/{int(example_id)}")["example"]
+        return ExampleResponse.model_validate(self._get(f"/v1/examples/{int(example_id)}")).example
 
-    def run(self) -> dict:
-        """Run metadata: checkpoints, lrs, projection, index kind, N, D."""
-        return self._get("/v1/run")
+    def run(self) -> RunInfo:
+        """Run metadata: store, checkpoints, projection, index, N, D."""
+        return RunInfo.model_validate(self._get("/v1/run"))
 
     def ready(self) -> bool:
         try:
@@ -113,7 +116,7 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -123,34 +126,32 @@ class Client:
 class AsyncClient:
     """The asyncio twin of :class:`Client`."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60.0, retries: int = 3):
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
         self._http = httpx.AsyncClient(
-            base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=httpx.AsyncHTTPTransport(retries=retries)
+            base_url=base_url, headers=_headers(api_key), timeout=timeout,
+            transport=transport or httpx.AsyncHTTPTransport(retries=retries),
         )
 
-    async def influence(
-        self,
-        queries: Sequence[dict] | None = None,
-        *,
-        vectors: Any = None,
-        top_k: int = 10,
-        lr_weighting: LrWeighting = "schedule",
-        checkpoints: Sequence[str] | None = None,
-        measurement: Measurement = "loss",
-        normalize: bool | None = None,
-    ) -> InfluenceResponse:
-        body = _influence_body(queries, vectors, top_k, lr_weighting, checkpoints, measurement, normalize)
+    async def influence(self, queries: Any = None, *, vectors: Any = None, **options: Any) -> InfluenceResponse:
+        body = _body(InfluenceRequest, queries=queries, vectors=vectors, **options)
         return InfluenceResponse.model_validate(await self._post("/v1/influence", body))
 
-    async def self_influence(self, top_k: int = 20, lr_weighting: LrWeighting = "schedule", checkpoints: Sequence[str] | None = None) -> SelfInfluenceResponse:
-        body = _self_influence_body(top_k, lr_weighting, checkpoints)
+    async def self_influence(self, **options: Any) -> SelfInfluenceResponse:
+        body = _body(SelfInfluenceRequest, **options)
         return SelfInfluenceResponse.model_validate(await self._post("/v1/self-influence", body))
 
     async def example(self, example_id: int) -> dict:
-        return (await self._get(f"/v1/examples/{int(example_id)}"))["example"]
+        return ExampleResponse.model_validate(await self._get(f"/v1/examples/{int(example_id)}")).example
 
-    async def run(self) -> dict:
-        return await self._get("/v1/run")
+    async def run(self) -> RunInfo:
+        return RunInfo.model_validate(await self._get("/v1/run"))
 
     async def _post(self, path: str, body: dict) -> Any:
         response = await self._http.post(path, json=body)
@@ -165,7 +166,7 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -1,7 +1,12 @@
-"""The TOML run config: task, projection, store, checkpoints, index, query and server settings.
+"""The TOML run config (``run.toml``): task, projection, store, checkpoints, index, query, server and logging.
 
-Relative paths are resolved against the config file's directory, and that directory is put on
-``sys.path`` so ``[task] object = "mytask:MyTask"`` finds a module next to the config.
+Every table is a pydantic model that refuses unknown keys; a bad value is a :class:`ConfigError` whose
+message names it as ``section.field`` (``checkpoints[1].lr: Input should be a valid number, got 'fast'``).
+Relative paths are resolved against the config file's folder, and that folder is put on ``sys.path`` so
+``[task] object = "mytask:MyTask"`` finds a module next to the config. ``[index]`` takes the fields of
+:class:`~gradstore.store.IndexOptions` (validated by it) plus ``path``. ``[server]`` is
+:class:`ServerConfig`, a pydantic-settings model: what ``run.toml`` sets wins, and ``GRADSTORE_<FIELD>``
+environment variables (``GRADSTORE_API_KEY``, ``GRADSTORE_PORT``, ...) fill in what it leaves out.
 """
 
 from __future__ import annotations
@@ -9,9 +14,26 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import sys
-from dataclasses import dataclass, field
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -19,75 +41,234 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from gradstore.logger import Task
-from gradstore.projection import GradstoreError
-from gradstore.store import IndexOptions
+from gradstore.projection import Init
+from gradstore.store import IndexOptions, StoreDtype
+
+from .errors import ConfigError, config_field_errors
+from .schemas import Residency
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "LoggingConfig",
+    "ProjectionConfig",
+    "QueryConfig",
+    "RunConfig",
+    "ServerConfig",
+    "StoreConfig",
+    "TaskConfig",
+]
 
 
-class ConfigError(GradstoreError, ValueError):
-    """The run config is missing, malformed, or names something that does not exist."""
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base")
+    return ((Path(base) / path) if base is not None else path).resolve()
 
 
-@dataclass(frozen=True)
-class CheckpointConfig:
-    name: str
-    path: Path
-    lr: float
-    step: int | None = None
-    optimizer: Path | None = None  # Adam state: enables TrackStar's second-moment correction
-    adam_step: int | None = None
-    adam_eps: float = 1e-8
+ConfigPath = Annotated[Path, AfterValidator(_resolve)]  # relative to the config's folder
 
 
-@dataclass(frozen=True)
-class ProjectionConfig:
-    rank: int | tuple[int, int] = 8
-    init: str = "gaussian"
-    seed: int = 0
-    layers: tuple[str, ...] = ("*",)
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-@dataclass(frozen=True)
-class StoreConfig:
-    path: Path
-    dtype: str = "float16"
-    chunk_rows: int = 1024
-    eval_path: Path | None = None  # store of eval-set gradients (R_eval), written when the Task has eval_examples
+class TaskConfig(_Table):
+    """``[task]``: the user's Task."""
 
+    object: str = Field(description='the Task class or factory, as "package.module:attribute"')
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments the Task is called with")
 
-@dataclass(frozen=True)
-class QueryConfig:
-    residency: str = "all"  # all | one
-    device: str | None = None  # default: cuda when available
-    batch_size: int = 32
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None  # also GRADSTORE_API_KEY
-    cors_origins: tuple[str, ...] = ()
-    max_top_k: int = 100
-    max_queries: int = 64
-    max_body_bytes: int = 4 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    path: Path
-    task_object: str
-    task_args: dict[str, Any]
-    projection: ProjectionConfig
-    store: StoreConfig
-    checkpoints: tuple[CheckpointConfig, ...]
-    index: IndexOptions
-    index_path: Path | None = None
-    batch_size: int = 64
-    query: QueryConfig = field(default_factory=QueryConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
-
+    @field_validator("object")
     @classmethod
-    def load(cls, path: str | Path) -> "RunConfig":
+    def _module_colon_attribute(cls, value: str) -> str:
+        module, _, attr = value.partition(":")
+        if not module or not attr:
+            raise ValueError(f'must look like "package.module:TaskClass", got {value!r}')
+        return value
+
+
+class ProjectionConfig(_Table):
+    """``[projection]``: how per-example gradients are projected (fixed once a store is written)."""
+
+    rank: int | tuple[int, int] = Field(default=8, description="(k_in, k_out) per layer, or one int for both")
+    init: Init = Field(default="gaussian", description="how the projection matrices are drawn")
+    seed: int = Field(default=0, description="projection seed: the same seed and layers give the same projection")
+    layers: tuple[str, ...] = Field(default=("*",), description="glob patterns on module names, e.g. blocks.*.mlp.*")
+
+
+class StoreConfig(_Table):
+    """``[store]``: the Zarr gradient store."""
+
+    path: ConfigPath = Field(description="the store's directory")
+    dtype: StoreDtype = Field(default="float16", description="dtype of the stored vectors")
+    chunk_rows: int = Field(default=1024, ge=1, description="rows per Zarr chunk (the unit of writing and resuming)")
+    eval_path: ConfigPath | None = Field(
+        default=None, description="store of eval-set gradients for TrackStar's R_eval (default: <store stem>.eval.zarr)"
+    )
+
+
+class CheckpointConfig(_Table):
+    """One ``[[checkpoints]]`` entry."""
+
+    name: str = Field(min_length=1, description="the checkpoint's name in the store, index and answers")
+    path: ConfigPath = Field(description="weights file (a state_dict, or what Task.load_checkpoint reads)")
+    lr: float = Field(description="learning rate at this checkpoint: its TracIn weight")
+    step: int | None = Field(default=None, description="training step, recorded in the store")
+    optimizer: ConfigPath | None = Field(
+        default=None,
+        description="Adam state (exp_avg_sq by parameter name, or an optimizer state_dict): TrackStar's fold",
+    )
+    adam_step: int | None = Field(
+        default=None, description="Adam step for bias correction (default: from the optimizer state)"
+    )
+    adam_eps: float | None = Field(
+        default=None, description="Adam's eps (default: from the optimizer state's param_groups, else 1e-8)"
+    )
+
+
+class QueryConfig(_Table):
+    """``[query]``: how the query engine computes query gradients."""
+
+    residency: Residency = Field(
+        default="all", description="all: one model per checkpoint in memory; one: load them in turn"
+    )
+    device: str | None = Field(default=None, description="device for query gradients (default: cuda when available)")
+    batch_size: int = Field(default=32, ge=1, description="queries per forward/backward")
+
+
+class LoggingConfig(_Table):
+    """``[logging]``: the offline pass of ``gradstore index``."""
+
+    batch_size: int = Field(default=64, ge=1, description="examples per forward/backward")
+
+
+class ServerConfig(BaseSettings):
+    """``[server]`` settings; each also reads ``GRADSTORE_<FIELD>`` from the environment when the config leaves
+    it out (values given to the constructor, as ``run.toml``'s are, win)."""
+
+    model_config = SettingsConfigDict(env_prefix="GRADSTORE_", extra="forbid", frozen=True)
+
+    host: str = Field(default="127.0.0.1", description="interface `gradstore serve` binds to")
+    port: int = Field(default=8000, ge=0, le=65535, description="port `gradstore serve` listens on")
+    api_key: str | None = Field(
+        default=None, description="required as X-API-Key or Authorization: Bearer on /v1/* when set"
+    )
+    cors_origins: tuple[str, ...] = Field(default=(), description="origins allowed to call the API from a browser")
+    max_top_k: int = Field(default=100, ge=1, description="largest top_k a request may ask for")
+    max_queries: int = Field(default=64, ge=1, description="most queries (or vectors) in one request")
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1, description="largest request body, in bytes")
+
+
+def _index_table() -> type[BaseModel]:
+    """``[index]`` as a model built from :class:`IndexOptions`' fields (types, defaults, help), plus ``path``."""
+    hints = typing.get_type_hints(IndexOptions)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(IndexOptions):
+        help_text = f.metadata.get("help", f"IndexOptions.{f.name}")
+        if f.default is dataclasses.MISSING:
+            factory = typing.cast("Callable[[], Any]", f.default_factory)
+            fields[f.name] = (hints[f.name], Field(default_factory=factory, description=help_text))
+        else:
+            fields[f.name] = (hints[f.name], Field(default=f.default, description=help_text))
+    path_help = "index directory (default: <store stem>.index beside the store)"
+    fields["path"] = (ConfigPath | None, Field(default=None, description=path_help))
+    return create_model("IndexConfig", __base__=_Table, **fields)
+
+
+IndexConfig = _index_table()
+
+
+def _index_options(value: Any) -> IndexOptions:
+    """IndexOptions from an ``[index]`` table: its types and keys checked by :data:`IndexConfig`, then by
+    ``IndexOptions`` itself, whose refusal is reported at the field whose removal makes it pass (``index.nlist``),
+    else at ``index``."""
+    if isinstance(value, IndexOptions):
+        return value
+    given = IndexConfig.model_validate(value).model_dump(exclude_unset=True, exclude={"path"})
+    try:
+        return IndexOptions(**given)
+    except (TypeError, ValueError) as exc:
+        blamed = [name for name in given if _valid_index_options({k: v for k, v in given.items() if k != name})]
+        why = PydanticCustomError("index_options", "{why}", {"why": str(exc)})
+        errors = [InitErrorDetails(type=why, loc=(name,), input=given[name]) for name in blamed]
+        raise ValidationError.from_exception_data(
+            "IndexConfig", errors or [InitErrorDetails(type=why, loc=(), input=given)]
+        ) from exc
+
+
+def _valid_index_options(options: dict[str, Any]) -> bool:
+    try:
+        IndexOptions(**options)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+class RunConfig(_Table):
+    """A whole ``run.toml``. Load with :meth:`load`; ``path`` is the file, ``index`` the :class:`IndexOptions`."""
+
+    task: TaskConfig = Field(description="[task]: the Task")
+    projection: ProjectionConfig = Field(default=ProjectionConfig(), description="[projection]")
+    store: StoreConfig = Field(description="[store]")
+    checkpoints: tuple[CheckpointConfig, ...] = Field(
+        default=(), validate_default=True, description="[[checkpoints]]: at least one"
+    )
+    index: Annotated[IndexOptions, PlainValidator(_index_options)] = Field(
+        default_factory=IndexOptions, description="[index]: IndexOptions fields"
+    )
+    index_path: ConfigPath | None = Field(
+        default=None, description="[index] path: the index directory (default: beside the store)"
+    )
+    query: QueryConfig = Field(default=QueryConfig(), description="[query]")
+    server: ServerConfig = Field(default={}, validate_default=True, description="[server] (and GRADSTORE_* variables)")
+    logging: LoggingConfig = Field(default=LoggingConfig(), description="[logging]")
+    _path: Path = PrivateAttr(default_factory=lambda: Path("run.toml").resolve())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_index_path(cls, data: Any) -> Any:
+        """``[index] path`` is where the index lives, not an IndexOptions field."""
+        if isinstance(data, dict) and isinstance(data.get("index"), dict) and "path" in data["index"]:
+            if "index_path" in data:
+                raise ValueError("give the index directory as [index] path only")
+            index = dict(data["index"])
+            data = {**data, "index": index, "index_path": index.pop("path")}
+        return data
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _some_with_unique_names(cls, checkpoints: tuple[CheckpointConfig, ...]) -> tuple[CheckpointConfig, ...]:
+        if not checkpoints:
+            raise ValueError("needs at least one [[checkpoints]] entry with name, path and lr")
+        names = [c.name for c in checkpoints]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"checkpoint names must be unique; {twice} appear more than once")
+        return checkpoints
+
+    # -- what the rest of gradstore reads -----------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        """The config file (relative paths in it are resolved against its folder)."""
+        return self._path
+
+    @property
+    def task_object(self) -> str:
+        return self.task.object
+
+    @property
+    def task_args(self) -> dict[str, Any]:
+        return self.task.args
+
+    @property
+    def batch_size(self) -> int:
+        """Examples per forward/backward in ``gradstore index`` (``[logging] batch_size``)."""
+        return self.logging.batch_size
+
+    # -- loading ------------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        """Read and validate a ``run.toml``; any problem is a :class:`ConfigError` naming ``section.field``."""
         path = Path(path).resolve()
         if not path.exists():
             raise ConfigError(f"run config {path} does not exist")
@@ -98,89 +279,65 @@ class RunConfig:
         return cls.from_dict(data, path)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], path: Path) -> "RunConfig":
-        base = path.parent
-
-        def resolve(p: str | None) -> Path | None:
-            return None if p is None else (base / p).resolve()
-
-        def section(name: str, required: bool = False) -> dict:
-            value = data.get(name, {} if not required else None)
-            if value is None:
-                raise ConfigError(f"{path}: missing [{name}] section")
-            if not isinstance(value, dict):
-                raise ConfigError(f"{path}: [{name}] must be a table")
-            return value
-
-        def build(kind, name: str, values: dict, **converted):
-            known = {f.name for f in dataclasses.fields(kind)}
-            unknown = set(values) - known
-            if unknown:
-                raise ConfigError(f"{path}: unknown keys {sorted(unknown)} in [{name}]; allowed: {sorted(known)}")
-            try:
-                return kind(**{**values, **converted})
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{path}: [{name}]: {exc}") from exc
-
-        task = section("task", required=True)
-        if "object" not in task:
-            raise ConfigError(f'{path}: [task] needs object = "package.module:TaskClass"')
-        projection = dict(section("projection"))
-        if isinstance(projection.get("rank"), list):
-            projection["rank"] = tuple(projection["rank"])
-        if "layers" in projection:
-            projection["layers"] = tuple(projection["layers"])
-        store = dict(section("store", required=True))
-        if "path" not in store:
-            raise ConfigError(f"{path}: [store] needs path = ...")
-        store_cfg = build(
-            StoreConfig, "store", store, path=resolve(store["path"]), eval_path=resolve(store.get("eval_path"))
-        )
-        raw_checkpoints = data.get("checkpoints")
-        if not raw_checkpoints or not isinstance(raw_checkpoints, list):
-            raise ConfigError(f"{path}: needs at least one [[checkpoints]] entry with name, path and lr")
-        checkpoints = []
-        for i, entry in enumerate(raw_checkpoints):
-            missing = {"name", "path", "lr"} - set(entry)
-            if missing:
-                raise ConfigError(f"{path}: [[checkpoints]] entry {i} is missing {sorted(missing)}")
-            checkpoints.append(
-                build(CheckpointConfig, f"checkpoints {i}", entry, path=resolve(entry["path"]), optimizer=resolve(entry.get("optimizer")))
-            )
-        names = [c.name for c in checkpoints]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"{path}: checkpoint names must be unique, got {names}")
-        index = dict(section("index"))
-        index_path = resolve(index.pop("path", None))
-        server = dict(section("server"))
-        if "cors_origins" in server:
-            server["cors_origins"] = tuple(server["cors_origins"])
-        return cls(
-            path=path,
-            task_object=str(task["object"]),
-            task_args=dict(task.get("args", {})),
-            projection=build(ProjectionConfig, "projection", projection),
-            store=store_cfg,
-            checkpoints=tuple(checkpoints),
-            index=build(IndexOptions, "index", index),
-            index_path=index_path,
-            batch_size=int(data.get("logging", {}).get("batch_size", 64)),
-            query=build(QueryConfig, "query", section("query")),
-            server=build(ServerConfig, "server", server),
-        )
+    def from_dict(cls, data: dict[str, Any], path: str | Path) -> RunConfig:
+        """Validate parsed TOML as if it were the file ``path`` (whose folder relative paths are resolved against)."""
+        path = Path(path).resolve()
+        try:
+            config = cls.model_validate(data, context={"base": path.parent})
+        except ValidationError as exc:
+            raise ConfigError("\n".join(config_field_errors(exc, _known_keys(exc)))) from None
+        config._path = path
+        return config
 
     def make_task(self) -> Task:
         """Import ``[task] object`` and call it with ``[task] args``."""
-        module_name, _, attr = self.task_object.partition(":")
-        if not module_name or not attr:
-            raise ConfigError(f'[task] object must look like "package.module:TaskClass", got {self.task_object!r}')
+        module_name, _, attr = self.task.object.partition(":")
         if str(self.path.parent) not in sys.path:
             sys.path.insert(0, str(self.path.parent))
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"cannot import task {self.task_object!r}: {exc}") from exc
-        task = factory(**self.task_args)
+            raise ConfigError(f"task.object: cannot import {self.task.object!r}: {exc}") from exc
+        task = factory(**self.task.args)
         if not isinstance(task, Task):
-            raise ConfigError(f"{self.task_object} returned {type(task).__name__}, not a gradstore.logger.Task")
+            got = type(task).__name__
+            raise ConfigError(f"task.object: {self.task.object} returned {got}, not a gradstore.logger.Task")
         return task
+
+
+def _table_at(model: Any, loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model of the table at ``loc`` in ``model`` (``("checkpoints", 1)`` -> CheckpointConfig), if any."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if model is RunConfig and part == "index":
+            model = IndexConfig
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        model = _model_in(field.annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel inside ``X``, ``X | None`` or ``tuple[X, ...]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _known_keys(error: ValidationError) -> dict[tuple[int | str, ...], list[str]]:
+    """For each table with an unknown key, the keys it takes."""
+    known = {}
+    for e in error.errors(include_url=False):
+        if e["type"] == "extra_forbidden":
+            table = _table_at(RunConfig, tuple(e["loc"][:-1]))
+            if table is not None:
+                known[tuple(e["loc"][:-1])] = [name for name in table.model_fields if name != "index_path"]
+    return known
+

@@ -22,6 +22,9 @@ from tqdm.auto import tqdm
 from gradstore.logger import GradientLogger, Task
 from gradstore.store import GradientIndex, GradientStore
 
+from .config import RunConfig
+from .runs import open_index
+
 N_TRAIN = 1500
 FLIP_FRACTION = 0.03
 EPOCH_LRS = (0.2, 0.1, 0.05, 0.025)
@@ -64,7 +67,9 @@ class DigitsTask(Task):
         return [(self.features(self.pixels[i]), int(self.labels[i]), i) for i in range(self.n_train)]
 
     def test_examples(self) -> list[tuple]:
-        return [(self.features(self.pixels[i]), int(self.labels[i]), None) for i in range(self.n_train, len(self.labels))]
+        return [
+            (self.features(self.pixels[i]), int(self.labels[i]), None) for i in range(self.n_train, len(self.labels))
+        ]
 
     def collate(self, examples: list) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.stack([e[0] for e in examples]), torch.tensor([e[1] for e in examples])
@@ -139,9 +144,6 @@ def prepare_demo(workdir: str | Path, rank: int = 16, batch_size: int = 32, prog
 
     Idempotent: a finished demo directory is reused as is.
     """
-    from .config import RunConfig
-    from .jobs import open_index
-
     workdir = Path(workdir)
     config_path = workdir / "run.toml"
     done = workdir / "DONE"
@@ -153,7 +155,9 @@ def prepare_demo(workdir: str | Path, rank: int = 16, batch_size: int = 32, prog
             shutil.rmtree(workdir / stale)
     task = DigitsTask()
     model = task.build_model()
-    logger = GradientLogger(model, task, store=workdir / "demo.zarr", rank=rank, init="gaussian", seed=0, chunk_rows=256, progress=False)
+    logger = GradientLogger(
+        model, task, store=workdir / "demo.zarr", rank=rank, init="gaussian", seed=0, chunk_rows=256, progress=False
+    )
     examples = task.train_examples()
     optimizer = torch.optim.SGD(model.parameters(), lr=EPOCH_LRS[0], momentum=0.0)
     generator = torch.Generator().manual_seed(DEMO_SEED)

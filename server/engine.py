@@ -10,10 +10,11 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ValidationError
 
 from gradstore.logger import GradientLogger, Task
 from gradstore.projection import GradstoreError
@@ -26,28 +27,54 @@ from gradstore.store import (
     file_sha256,
 )
 
-from .schemas import Influence, InfluenceResponse, LrWeighting, Measurement, QueryResult, SelfInfluenceResponse
+from .errors import ConfigError, QueryError, query_error
+from .schemas import (
+    LR_WEIGHTINGS,
+    MEASUREMENTS,
+    RESIDENCIES,
+    Influence,
+    InfluenceOptions,
+    InfluenceRequest,
+    InfluenceResponse,
+    Measurement,
+    QueryResult,
+    Residency,
+    RunCheckpoint,
+    RunIndex,
+    RunInfo,
+    RunLayer,
+    RunProjection,
+    SelfInfluenceRequest,
+    SelfInfluenceResponse,
+)
 
-Residency = Literal["all", "one"]
+__all__ = ["QueryEngine", "QueryError", "build_request", "lr_weights", "run_info"]
+
+Request = TypeVar("Request", bound=BaseModel)
 
 
-class QueryError(GradstoreError, ValueError):
-    """A query the engine cannot answer as asked (bad payload, bad option); the message says why."""
+def build_request(model: type[Request], fields: Mapping[str, Any]) -> Request:
+    """A request model built from in-process options (engine keywords, CLI flags); its refusal is a
+    :class:`QueryError` worded as sentences (``top_k must be at least 1, got 0``)."""
+    try:
+        return model.model_validate(dict(fields))
+    except ValidationError as exc:
+        raise query_error(exc) from exc
 
 
-def lr_weights(lrs: Sequence[float], lr_weighting: str) -> np.ndarray:
+def lr_weights(lrs: Sequence[float] | np.ndarray, lr_weighting: str) -> np.ndarray:
     """Checkpoint weights: ``schedule`` = the lrs, ``uniform`` = 1, ``normalized`` = lr / mean(lr)."""
-    lrs = np.asarray(lrs, dtype=np.float64)
+    values = np.asarray(lrs, dtype=np.float64)
     if lr_weighting == "schedule":
-        return lrs
+        return values
     if lr_weighting == "uniform":
-        return np.ones_like(lrs)
+        return np.ones_like(values)
     if lr_weighting == "normalized":
-        mean = lrs.mean() if len(lrs) else 0.0
+        mean = values.mean() if len(values) else 0.0
         if mean == 0:
             raise QueryError("lr_weighting='normalized' needs checkpoints whose mean lr is not zero")
-        return lrs / mean
-    raise QueryError(f"lr_weighting must be 'schedule', 'uniform' or 'normalized', got {lr_weighting!r}")
+        return values / mean
+    raise QueryError(f"lr_weighting must be one of {LR_WEIGHTINGS}, got {lr_weighting!r}")
 
 
 class QueryEngine:
@@ -73,13 +100,14 @@ class QueryEngine:
         device: str | torch.device | None = None,
         batch_size: int = 32,
     ):
-        if residency not in ("all", "one"):
-            raise ValueError(f"residency must be 'all' or 'one', got {residency!r}")
+        if residency not in RESIDENCIES:
+            raise ConfigError(f"residency must be one of {RESIDENCIES}, got {residency!r}")
         self.task, self.store, self.index = task, store, index
         self.checkpoints = list(index.checkpoints)
         self.lrs = np.array([index.lrs[name] for name in self.checkpoints])
         self.residency, self.batch_size = residency, batch_size
-        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        default = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device) if device is not None else torch.device(default)
         self.paths = {name: self._weights_path(name, checkpoint_paths or {}) for name in self.checkpoints}
         self._adam = {name: store.adam_factors(name) for name in self.checkpoints}
         self._lock = threading.Lock()  # hooks hold per-call state: one gradient computation at a time
@@ -96,6 +124,7 @@ class QueryEngine:
             self._loaded = None
         self._examples = task.train_examples()
         self._positions: dict[int, int] | None = None
+        self._run_info: RunInfo | None = None
 
     def _weights_path(self, name: str, given: Mapping[str, str | Path]) -> Path:
         info = self.store.checkpoint_info(name)
@@ -115,7 +144,7 @@ class QueryEngine:
         return path
 
     # -- options ---------------------------------------------------------------------------------
-    def select(self, checkpoints: Sequence[str] | None, lr_weighting: str) -> np.ndarray:
+    def checkpoint_weights(self, checkpoints: Sequence[str] | None, lr_weighting: str) -> np.ndarray:
         """Weights ``[C]`` over the indexed checkpoints: the lr weighting on the subset, zero elsewhere."""
         if checkpoints is None:
             chosen = list(self.checkpoints)
@@ -143,8 +172,8 @@ class QueryEngine:
 
     def query_gradients(self, examples: Sequence, weights: np.ndarray, measurement: Measurement = "loss") -> np.ndarray:
         """Raw projected query gradients ``[B, C, D]`` at each checkpoint with a nonzero weight (zeros elsewhere)."""
-        if measurement not in ("loss", "measurement"):
-            raise QueryError(f"measurement must be 'loss' or 'measurement', got {measurement!r}")
+        if measurement not in MEASUREMENTS:
+            raise QueryError(f"measurement must be one of {MEASUREMENTS}, got {measurement!r}")
         out = np.zeros((len(examples), len(self.checkpoints), self.store.dim), dtype=np.float32)
         with self._lock:
             for j, name in enumerate(self.checkpoints):
@@ -176,43 +205,57 @@ class QueryEngine:
         *,
         examples: Sequence | None = None,
         vectors: np.ndarray | Sequence | None = None,
-        top_k: int = 10,
-        lr_weighting: LrWeighting = "schedule",
-        checkpoints: Sequence[str] | None = None,
-        measurement: Measurement = "loss",
-        normalize: bool | None = None,
+        **options: Any,
     ) -> InfluenceResponse:
-        """Top-``k`` proponents and opponents for each query (payloads, examples, or precomputed vectors)."""
-        start = time.perf_counter()
-        if sum(x is not None for x in (queries, examples, vectors)) != 1:
+        """Keyword form of :meth:`answer_influence`: ``options`` are the :class:`InfluenceOptions` fields
+        (``top_k``, ``lr_weighting``, ``checkpoints``, ``measurement``, ``normalize``), with their defaults."""
+        if examples is None:
+            request = build_request(InfluenceRequest, {"queries": queries, "vectors": vectors, **options})
+            return self.answer_influence(request)
+        if queries is not None or vectors is not None:
             raise QueryError("give exactly one of queries (payloads), examples, or vectors")
-        if top_k < 1:
-            raise QueryError(f"top_k must be at least 1, got {top_k}")
+        return self.answer_influence(build_request(InfluenceOptions, options), examples=examples)
+
+    def answer_influence(self, request: InfluenceOptions, examples: Sequence | None = None) -> InfluenceResponse:
+        """Top-``k`` proponents and opponents of each query: an :class:`InfluenceRequest`'s payloads or vectors,
+        or, for in-process callers, already-built ``examples`` with the request's options."""
+        start = time.perf_counter()
+        queries = vectors = None
+        if isinstance(request, InfluenceRequest):
+            queries, vectors = request.queries, request.vectors
+        if (examples is None) == (queries is None and vectors is None):
+            raise QueryError("give exactly one of queries (payloads), examples, or vectors")
+        normalize, checkpoints = request.normalize, request.checkpoints
         if normalize is not None and normalize != self.index.options.normalize:
             raise QueryError(
                 f"the index was built with normalize={self.index.options.normalize}; set [index] normalize = "
                 f"{str(normalize).lower()} in the run config and rebuild it to query with normalize={normalize}"
             )
-        weights = self.select(checkpoints, lr_weighting)
+        weights = self.checkpoint_weights(checkpoints, request.lr_weighting)
         chosen = [c for c in self.checkpoints if checkpoints is None or c in checkpoints]
         if vectors is not None:
-            raw = self._vectors(vectors, chosen if checkpoints is None else list(dict.fromkeys(checkpoints)))  # request order
+            in_request_order = chosen if checkpoints is None else list(dict.fromkeys(checkpoints))
+            raw = self._vectors(vectors, in_request_order)
         else:
             if queries is not None:
                 examples = self.examples_from_payloads(queries)
             if not examples:
                 raise QueryError("no queries given")
-            raw = self.query_gradients(list(examples), weights, measurement)
+            raw = self.query_gradients(list(examples), weights, request.measurement)
         gradient_done = time.perf_counter()
-        found = self.index.search(raw, weights, top_k)
+        found = self.index.search(raw, weights, request.top_k)
         searched = time.perf_counter()
         results = []
         for b in range(len(raw)):
             results.append(
                 QueryResult(
                     query=self.task.describe(examples[b]) if examples is not None else None,
-                    proponents=self._influences(found.proponent_rows[b], found.proponent_scores[b], found.proponent_contributions[b], chosen),
-                    opponents=self._influences(found.opponent_rows[b], found.opponent_scores[b], found.opponent_contributions[b], chosen),
+                    proponents=self._influences(
+                        found.proponent_rows[b], found.proponent_scores[b], found.proponent_contributions[b], chosen
+                    ),
+                    opponents=self._influences(
+                        found.opponent_rows[b], found.opponent_scores[b], found.opponent_contributions[b], chosen
+                    ),
                     mean_abs_score=None if found.mean_abs_score is None else float(found.mean_abs_score[b]),
                     max_abs_score=None if found.max_abs_score is None else float(found.max_abs_score[b]),
                 )
@@ -222,8 +265,8 @@ class QueryEngine:
             results=results,
             checkpoints=chosen,
             weights={c: float(w) for c, w in zip(self.checkpoints, weights) if c in chosen},
-            lr_weighting=lr_weighting,
-            measurement=measurement,
+            lr_weighting=request.lr_weighting,
+            measurement=request.measurement,
             took_ms=(done - start) * 1e3,
             timings_ms={
                 "gradient": (gradient_done - start) * 1e3,
@@ -240,8 +283,8 @@ class QueryEngine:
         expected = (len(chosen), self.store.dim)
         if given.ndim != 3 or given.shape[1:] != expected or len(given) == 0:
             raise QueryError(
-                f"vectors must have shape [B, {expected[0]}, {expected[1]}] (one D-vector per chosen checkpoint {chosen}), "
-                f"got {list(given.shape)}"
+                f"vectors must have shape [B, {expected[0]}, {expected[1]}] "
+                f"(one D-vector per chosen checkpoint {chosen}), got {list(given.shape)}"
             )
         if not np.isfinite(given).all():
             raise QueryError("vectors contain NaN or Inf")
@@ -250,7 +293,9 @@ class QueryEngine:
             raw[:, self.checkpoints.index(name)] = given[:, i]
         return raw
 
-    def _influences(self, rows: np.ndarray, scores: np.ndarray, contributions: np.ndarray, chosen: list[str]) -> list[Influence]:
+    def _influences(
+        self, rows: np.ndarray, scores: np.ndarray, contributions: np.ndarray, chosen: list[str]
+    ) -> list[Influence]:
         out = []
         for row, score, contrib in zip(rows, scores, contributions):
             if row < 0:
@@ -266,24 +311,25 @@ class QueryEngine:
             )
         return out
 
-    def self_influence(
-        self, top_k: int = 20, lr_weighting: LrWeighting = "schedule", checkpoints: Sequence[str] | None = None
-    ) -> SelfInfluenceResponse:
+    def self_influence(self, **options: Any) -> SelfInfluenceResponse:
+        """Keyword form of :meth:`answer_self_influence`: ``options`` are the :class:`SelfInfluenceRequest` fields."""
+        return self.answer_self_influence(build_request(SelfInfluenceRequest, options))
+
+    def answer_self_influence(self, request: SelfInfluenceRequest) -> SelfInfluenceResponse:
         """Training examples with the largest ``sum_c w_c ||G_i,c||^2`` (likely mislabeled or outliers)."""
         start = time.perf_counter()
-        if top_k < 1:
-            raise QueryError(f"top_k must be at least 1, got {top_k}")
-        weights = self.select(checkpoints, lr_weighting)
+        checkpoints = request.checkpoints
+        weights = self.checkpoint_weights(checkpoints, request.lr_weighting)
         chosen = [c for c in self.checkpoints if checkpoints is None or c in checkpoints]
         contributions = self.index.self_influence(weights)
         scores = contributions.sum(1)
-        order = np.lexsort((self.index.ids, -scores))[:top_k]
+        order = np.lexsort((self.index.ids, -scores))[: request.top_k]
         results = self._influences(order, scores[order], contributions[order], chosen)
         return SelfInfluenceResponse(
             results=results,
             checkpoints=chosen,
             weights={c: float(w) for c, w in zip(self.checkpoints, weights) if c in chosen},
-            lr_weighting=lr_weighting,
+            lr_weighting=request.lr_weighting,
             took_ms=(time.perf_counter() - start) * 1e3,
         )
 
@@ -294,7 +340,8 @@ class QueryEngine:
     def _position(self, example_id: int) -> int:
         if type(self.task).example_id is Task.example_id:  # ids are positions
             if not 0 <= example_id < len(self._examples):
-                raise UnknownExampleError(f"no training example with id {example_id} (ids are 0..{len(self._examples) - 1})")
+                last = len(self._examples) - 1
+                raise UnknownExampleError(f"no training example with id {example_id} (ids are 0..{last})")
             return example_id
         if self._positions is None:
             self._positions = {int(self.task.example_id(self._examples[i], i)): i for i in range(len(self._examples))}
@@ -302,28 +349,47 @@ class QueryEngine:
             raise UnknownExampleError(f"no training example with id {example_id}")
         return self._positions[example_id]
 
-    def run_info(self) -> dict:
-        """Run metadata: checkpoints with lrs, projection, index kind and options, N and D."""
-        spec = self.store.spec
-        options = self.index.options
-        return {
-            "store": str(self.store.path),
-            "index": str(self.index.path),
-            "checkpoints": [
-                {"name": c, "lr": float(lr), "step": self.store.checkpoint_info(c).step, "adam": self._adam[c] is not None}
-                for c, lr in zip(self.checkpoints, self.lrs)
-            ],
-            "projection": {
-                "init": spec.init,
-                "seed": spec.seed,
-                "dim": spec.dim,
-                "layers": [{"name": l.name, "kind": l.kind, "k_in": l.k_in, "k_out": l.k_out} for l in spec.layers],
-            },
-            "index_kind": options.kind,
-            "preconditioner": options.preconditioner,
-            "normalize": options.normalize,
-            "num_examples": self.index.num_rows,
-            "dim": self.store.dim,
-            "device": str(self.device),
-            "residency": self.residency,
-        }
+    def run_info(self) -> RunInfo:
+        """Run metadata: store, checkpoints, projection, index, and how queries are computed here (read once:
+        the engine serves the store as it was when it was loaded)."""
+        if self._run_info is None:
+            self._run_info = run_info(self.store, self.index, residency=self.residency, device=str(self.device))
+        return self._run_info.model_copy(deep=True)
+
+
+def run_info(
+    store: GradientStore,
+    index: GradientIndex | None = None,
+    *,
+    index_error: GradstoreError | None = None,
+    residency: Residency | None = None,
+    device: str | None = None,
+) -> RunInfo:
+    """The :class:`RunInfo` of a store and its index (or the error that keeps the index from serving)."""
+    spec = store.spec
+    if index is not None:
+        options = index.options
+        index_info = RunIndex(
+            status="ready", path=str(index.path), kind=options.kind, preconditioner=options.preconditioner,
+            normalize=options.normalize, rows=index.num_rows, checkpoints=list(index.checkpoints),
+        )
+    else:
+        index_info = RunIndex(status="unusable", reason=str(index_error) if index_error is not None else None)
+    checkpoints = []
+    for name in store.checkpoints:
+        info = store.checkpoint_info(name)
+        rows = store.num_rows(name)
+        checkpoints.append(RunCheckpoint(name=name, lr=info.lr, step=info.step, rows=rows, adam=info.adam))
+    return RunInfo(
+        store=str(store.path),
+        dtype=store.dtype,
+        dim=store.dim,
+        projection=RunProjection(
+            init=spec.init, seed=spec.seed, dim=spec.dim,
+            layers=[RunLayer(name=la.name, kind=la.kind, k_in=la.k_in, k_out=la.k_out) for la in spec.layers],
+        ),
+        checkpoints=checkpoints,
+        index=index_info,
+        residency=residency,
+        device=device,
+    )

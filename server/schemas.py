@@ -1,20 +1,101 @@
-"""Result and request schemas shared by the query engine, the CLI's ``--json`` output and the HTTP API."""
+"""Request and result schemas shared by the query engine, the CLI (``--json``), the HTTP API and the SDK.
+
+The request models are the one place where query options get their defaults and rules: the HTTP app
+validates bodies with them, the engine's keyword methods and the SDK build them, and the CLI reads its
+defaults, choices and help from their fields.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WrapValidator, model_validator
+from pydantic_core import PydanticCustomError
 
 LrWeighting = Literal["schedule", "uniform", "normalized"]
+LR_WEIGHTINGS: tuple[LrWeighting, ...] = get_args(LrWeighting)
 Measurement = Literal["loss", "measurement"]
+MEASUREMENTS: tuple[Measurement, ...] = get_args(Measurement)
+Residency = Literal["all", "one"]
+RESIDENCIES: tuple[Residency, ...] = get_args(Residency)
+
+
+# -- requests ------------------------------------------------------------------------------------------------
+
+
+def _keep_arrays(value: Any, handler: Any) -> Any:
+    """An in-process array (numpy, torch) stays as it is, for the engine to check; JSON lists are validated."""
+    if hasattr(value, "__array__") and getattr(value, "ndim", 0) >= 1:
+        return value
+    return handler(value)
+
+
+def _as_lists(value: Any) -> Any:
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+Vectors = Annotated[list[list[list[float]]], WrapValidator(_keep_arrays), PlainSerializer(_as_lists)]
+
+
+class InfluenceOptions(BaseModel):
+    """How to score and what to return: the options of an influence query, whatever its queries are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(default=10, ge=1, description="proponents and opponents per query")
+    lr_weighting: LrWeighting = Field(
+        default="schedule", description="checkpoint weights: the lrs (schedule, TracIn), 1 (uniform) or lr / mean(lr)"
+    )
+    checkpoints: list[str] | None = Field(default=None, description="subset of checkpoints (default: all indexed)")
+    measurement: Measurement = Field(
+        default="loss", description="trace the Task's loss, or its `measurement` (e.g. a margin) of the query"
+    )
+    normalize: bool | None = Field(default=None, description="must match the index's normalisation if given")
+
+
+class InfluenceRequest(InfluenceOptions):
+    """Body of ``POST /v1/influence``: query payloads (for the Task) or precomputed projected gradients."""
+
+    queries: list[dict[str, Any]] | None = Field(default=None, description="JSON payloads the Task turns into examples")
+    vectors: Vectors | None = Field(
+        default=None,
+        description="precomputed projected query gradients, [B][checkpoints][D] in the order of `checkpoints`"
+    )
+
+    @model_validator(mode="after")
+    def _one_batch(self) -> InfluenceRequest:
+        if (self.queries is None) == (self.vectors is None):
+            raise PydanticCustomError(
+                "queries_or_vectors", "give exactly one of `queries` (payloads) or `vectors` (precomputed gradients)"
+            )
+        if self.size == 0:
+            raise PydanticCustomError("empty_batch", "`queries` (or `vectors`) must not be empty")
+        return self
+
+    @property
+    def size(self) -> int:
+        """Number of queries in the request."""
+        return len(self.queries if self.queries is not None else self.vectors)  # type: ignore[arg-type]
+
+
+class SelfInfluenceRequest(BaseModel):
+    """Body of ``POST /v1/self-influence``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(default=20, ge=1, description="training examples to list, largest self-influence first")
+    lr_weighting: LrWeighting = Field(default="schedule", description="checkpoint weights, as for influence")
+    checkpoints: list[str] | None = Field(default=None, description="subset of checkpoints (default: all indexed)")
+
+
+# -- results -------------------------------------------------------------------------------------------------
 
 
 class Influence(BaseModel):
     """One training example's influence on a query (or on itself)."""
 
     id: int = Field(description="the training example's id")
-    score: float = Field(description="learning-rate-weighted sum over checkpoints of the (preconditioned) inner products")
+    score: float = Field(description="lr-weighted sum over checkpoints of the (preconditioned) inner products")
     contributions: dict[str, float] = Field(description="per-checkpoint terms of the score; they sum to it")
     example: dict[str, Any] = Field(description="the Task's description of the example")
 
@@ -22,11 +103,17 @@ class Influence(BaseModel):
 class QueryResult(BaseModel):
     """Proponents (largest scores, descending) and opponents (most negative, ascending) of one query."""
 
-    query: dict[str, Any] | None = Field(None, description="the Task's description of the query example (not for vectors)")
+    query: dict[str, Any] | None = Field(
+        default=None, description="the Task's description of the query example (not for vectors)"
+    )
     proponents: list[Influence]
     opponents: list[Influence]
-    mean_abs_score: float | None = Field(None, description="mean |score| over every indexed example (flat index only)")
-    max_abs_score: float | None = Field(None, description="max |score| over every indexed example (flat index only)")
+    mean_abs_score: float | None = Field(
+        default=None, description="mean |score| over every indexed example (flat index only)"
+    )
+    max_abs_score: float | None = Field(
+        default=None, description="max |score| over every indexed example (flat index only)"
+    )
 
 
 class InfluenceResponse(BaseModel):
@@ -36,7 +123,7 @@ class InfluenceResponse(BaseModel):
     lr_weighting: LrWeighting
     measurement: Measurement
     took_ms: float | None = None
-    timings_ms: dict[str, float] | None = Field(None, description="gradient and search time of this call")
+    timings_ms: dict[str, float] | None = Field(default=None, description="gradient and search time of this call")
 
 
 class SelfInfluenceResponse(BaseModel):
@@ -47,33 +134,70 @@ class SelfInfluenceResponse(BaseModel):
     took_ms: float | None = None
 
 
+class ExampleResponse(BaseModel):
+    """Answer of ``GET /v1/examples/{id}``."""
+
+    id: int = Field(description="the training example's id")
+    example: dict[str, Any] = Field(description="the Task's description of the example")
+
+
 class ErrorResponse(BaseModel):
-    """Body of every 4xx answer: what is wrong, as a message or as FastAPI's list of field errors."""
+    """Body of every 4xx/5xx answer: what is wrong, as a message or as FastAPI's list of field errors."""
 
     detail: str | list[dict[str, Any]] = Field(
-        description="a message saying what is wrong, or (for a body that fails validation) one entry per bad field with its `loc`"
+        description="a message saying what is wrong, or (for a body that fails validation) one entry per bad field "
+        "with its `loc`"
     )
 
 
-class InfluenceRequest(BaseModel):
-    """Body of ``POST /v1/influence``: query payloads (for the Task) or precomputed projected gradients."""
+# -- run metadata (``GET /v1/run``, ``gradstore info --json``) --------------------------------------------------
 
-    model_config = ConfigDict(extra="forbid")
 
-    queries: list[dict[str, Any]] | None = Field(None, description="JSON payloads the Task turns into examples")
-    vectors: list[list[list[float]]] | None = Field(
-        None, description="precomputed projected query gradients, [B][checkpoints][D] in the order of `checkpoints`"
+class RunLayer(BaseModel):
+    name: str = Field(description="module name in the model")
+    kind: str = Field(description="linear, embedding, conv2d or conv1d")
+    k_in: int = Field(description="projected input dimension")
+    k_out: int = Field(description="projected output dimension")
+
+
+class RunProjection(BaseModel):
+    init: str = Field(description="how the projection matrices were drawn")
+    seed: int
+    dim: int = Field(description="D: numbers per example and checkpoint (sum over layers of k_in * k_out)")
+    layers: list[RunLayer]
+
+
+class RunCheckpoint(BaseModel):
+    name: str
+    lr: float = Field(description="the checkpoint's learning rate (its TracIn weight under `schedule`)")
+    step: int | None = Field(default=None, description="training step, when recorded")
+    rows: int = Field(description="examples logged at this checkpoint")
+    adam: bool = Field(description="whether gradients were divided by Adam's second moment (TrackStar)")
+
+
+class RunIndex(BaseModel):
+    status: Literal["ready", "unusable"]
+    reason: str | None = Field(default=None, description="why the index cannot serve (and what to run), when unusable")
+    path: str | None = None
+    kind: str | None = Field(default=None, description="flat, ivf, hnsw or ivfpq")
+    preconditioner: str | None = Field(default=None, description="identity, kfac or block")
+    normalize: bool | None = Field(default=None, description="unit norm per checkpoint (cosine)")
+    rows: int | None = Field(default=None, description="N: indexed examples")
+    checkpoints: list[str] | None = Field(default=None, description="the checkpoints the index covers")
+
+
+class RunInfo(BaseModel):
+    """A run's store, checkpoints, projection and index, and how queries are computed. Fields are absent when
+    the store cannot be opened (``store_status`` says why); ``index.status`` says whether queries can be served."""
+
+    store: str = Field(description="path of the gradient store")
+    store_status: str | None = Field(default=None, description="why the store cannot be opened, when it cannot")
+    dtype: str | None = Field(default=None, description="dtype of the stored vectors")
+    dim: int | None = Field(default=None, description="D, the projected dimension per checkpoint")
+    projection: RunProjection | None = None
+    checkpoints: list[RunCheckpoint] = Field(default_factory=list, description="every checkpoint in the store")
+    index: RunIndex | None = None
+    residency: Residency | None = Field(
+        default=None, description="all: a model per checkpoint in memory; one: loaded in turn"
     )
-    top_k: int = Field(10, ge=1, description="proponents and opponents per query")
-    lr_weighting: LrWeighting = "schedule"
-    checkpoints: list[str] | None = Field(None, description="subset of checkpoints (default: all indexed)")
-    measurement: Measurement = "loss"
-    normalize: bool | None = Field(None, description="must match the index's normalisation if given")
-
-
-class SelfInfluenceRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    top_k: int = Field(20, ge=1)
-    lr_weighting: LrWeighting = "schedule"
-    checkpoints: list[str] | None = None
+    device: str | None = Field(default=None, description="where query gradients are computed")

@@ -220,7 +220,7 @@ def _check_cards(page, grid: str, expected: list[dict], checkpoints: list[str]) 
 def test_test_digit_query_renders_the_apis_proponents_and_opponents(page, server_url):
     run = httpx.get(f"{server_url}/v1/run", timeout=30).json()
     checkpoints = [c["name"] for c in run["checkpoints"]]
-    sync_api.expect(page.locator("#run-info")).to_contain_text(f"{run['num_examples']} examples")
+    sync_api.expect(page.locator("#run-info")).to_contain_text(f"{run['index']['rows']} examples")
 
     page.select_option("#mode", "test")
     page.fill("#test-index", str(TEST_INDEX))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,8 @@ from gradstore.logger import GradientLogger
 from gradstore.server import cli
 from gradstore.server.config import RunConfig
 from gradstore.server.demo import DigitsTask
-from gradstore.server.jobs import open_engine
-from gradstore.store import GradientStore
+from gradstore.server.runs import open_engine
+from gradstore.store import GradientStore, IndexOptions
 
 N_TRAIN = 200
 TIMING_KEYS = ("took_ms", "timings_ms")
@@ -191,14 +193,19 @@ def test_info_json(indexed, engine, capsys):
     info = run_json(capsys, "info", "--config", config)
     store = engine.store
     assert info["store"] == str(directory / "run.zarr") and info["dim"] == store.dim and info["dtype"] == "float32"
-    assert info["projection"] == {"init": "gaussian", "seed": 3, "layers": 2}
+    assert info["projection"] == {
+        "init": "gaussian", "seed": 3, "dim": store.dim,
+        "layers": [{"name": name, "kind": "linear", "k_in": 8, "k_out": 8} for name in ("0", "2")],
+    }
     assert info["checkpoints"] == [
-        {"name": "epoch-0", "lr": 0.2, "rows": N_TRAIN, "adam": False},
-        {"name": "epoch-1", "lr": 0.05, "rows": N_TRAIN, "adam": False},
+        {"name": "epoch-0", "lr": 0.2, "step": 0, "rows": N_TRAIN, "adam": False},
+        {"name": "epoch-1", "lr": 0.05, "step": 1, "rows": N_TRAIN, "adam": False},
     ]
     assert info["index"] == {
-        "path": str(engine.index.path), "status": "ready", "kind": "flat", "preconditioner": "identity", "normalize": False, "rows": N_TRAIN,
+        "path": str(engine.index.path), "status": "ready", "kind": "flat", "preconditioner": "identity",
+        "normalize": False, "rows": N_TRAIN, "checkpoints": ["epoch-0", "epoch-1"],
     }
+    assert (info["residency"], info["device"]) == ("all", str(engine.device))
     assert "index: {" in run_cli(capsys, "info", "--config", config)
 
 
@@ -292,3 +299,168 @@ def test_stale_mismatched_and_missing_index_then_reindex(indexed, capsys, tmp_pa
     shutil.rmtree(tmp_path / "run.zarr")
     assert "no gradient store" in fails(capsys, *query)
     assert "no gradient store" in run_json(capsys, "info", "--config", config)["store_status"]
+
+
+# -- the run config -----------------------------------------------------------------------------------
+
+
+def _edited(directory: Path, old: str, new: str, name: str = "edited.toml") -> Path:
+    """``run.toml`` with one text replaced (the replaced text must be there)."""
+    text = RUN_TOML.format(n=N_TRAIN, index='kind = "flat"', residency="all")
+    assert old in text, old
+    path = directory / name
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
+INITS = "'gaussian', 'rademacher', 'orthonormal' or 'pca'"
+NOT_AN_INT = "Input should be a valid integer, unable to parse string as an integer"
+CONFIG_ERRORS = {
+    # name: (text in RUN_TOML, its replacement, the whole stderr of `gradstore info`)
+    "unknown key in [logging]": (
+        "[query]", "[logging]\nbatchsize = 8\n\n[query]",
+        "error: logging.batchsize: unknown key; this table takes batch_size\n",
+    ),
+    "bad init": (
+        'init = "gaussian"', 'init = "gauss"', f"error: projection.init: Input should be {INITS}, got 'gauss'\n",
+    ),
+    "bad residency": (
+        'residency = "all"', 'residency = "some"',
+        "error: query.residency: Input should be 'all' or 'one', got 'some'\n",
+    ),
+    "bad lr type": (
+        "lr = 0.05", 'lr = "fast"',
+        "error: checkpoints[1].lr: Input should be a valid number, unable to parse string as a number, got 'fast'\n",
+    ),
+    "duplicate checkpoint names": (
+        'name = "epoch-1"', 'name = "epoch-0"',
+        "error: checkpoints: checkpoint names must be unique; ['epoch-0'] appear more than once\n",
+    ),
+    "unknown checkpoint key": (
+        "step = 0", "steps = 0",
+        "error: checkpoints[0].steps: unknown key; this table takes name, path, lr, step, optimizer, adam_step, "
+        "adam_eps\n",
+    ),
+    "bad index kind": (
+        'kind = "flat"', 'kind = "annoy"',
+        "error: index.kind: Input should be 'flat', 'ivf', 'hnsw' or 'ivfpq', got 'annoy'\n",
+    ),
+    "index check of IndexOptions": (
+        'kind = "flat"', 'kind = "ivf"\nnlist = 0',
+        "error: index.nlist: nlist must be a positive integer (or unset for the default), got 0\n",
+    ),
+    "bad store dtype": (
+        'dtype = "float32"', 'dtype = "int8"',
+        "error: store.dtype: Input should be 'float16' or 'float32', got 'int8'\n",
+    ),
+    "task object without a colon": (
+        'object = "gradstore.server.demo:DigitsTask"', 'object = "DigitsTask"',
+        "error: task.object: must look like \"package.module:TaskClass\", got 'DigitsTask'\n",
+    ),
+    "two bad fields": (
+        'init = "gaussian"\nseed = 3', 'init = "pca2"\nseed = "three"',
+        f"error: projection.init: Input should be {INITS}, got 'pca2'\n"
+        f"error: projection.seed: {NOT_AN_INT}, got 'three'\n",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", CONFIG_ERRORS)
+def test_config_errors_name_section_and_field_and_exit_2(name, capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("GRADSTORE_PORT", raising=False)
+    old, new, expected = CONFIG_ERRORS[name]
+    assert fails(capsys, "info", "--config", _edited(tmp_path, old, new)) == expected
+
+
+def test_config_without_checkpoints_or_task(capsys, tmp_path):
+    text = RUN_TOML.format(n=N_TRAIN, index='kind = "flat"', residency="all")
+    no_checkpoints = tmp_path / "none.toml"
+    no_checkpoints.write_text(text.split("[[checkpoints]]")[0] + "[index]\n")
+    assert fails(capsys, "info", "--config", no_checkpoints) == (
+        "error: checkpoints: needs at least one [[checkpoints]] entry with name, path and lr\n"
+    )
+    no_task = tmp_path / "notask.toml"
+    no_task.write_text(text.replace('[task]\nobject = "gradstore.server.demo:DigitsTask"\n', ""))
+    assert fails(capsys, "info", "--config", no_task).startswith("error: task: Field required\n")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[store\npath = 1\n")
+    assert fails(capsys, "info", "--config", broken).startswith(f"error: {broken}: invalid TOML (")
+
+
+def test_config_error_in_a_real_process_is_one_line_and_no_traceback(tmp_path):
+    bad = _edited(tmp_path, 'residency = "all"', "residency = 3")
+    command = [sys.executable, "-m", "gradstore.server.cli", "query", "--config", str(bad), "--query", "{}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "error: query.residency: Input should be 'all' or 'one', got 3\n"
+
+
+def test_config_values_paths_and_defaults(tmp_path, monkeypatch):
+    for var in ("GRADSTORE_API_KEY", "GRADSTORE_HOST", "GRADSTORE_PORT", "GRADSTORE_MAX_TOP_K"):
+        monkeypatch.delenv(var, raising=False)
+    config = RunConfig.load(_edited(tmp_path, "step = 1", 'step = 1\noptimizer = "opt/epoch-1.pt"\nadam_eps = 1e-6'))
+    assert config.path == tmp_path / "edited.toml"
+    assert config.store.path == tmp_path / "run.zarr" and config.store.eval_path is None
+    assert [c.path for c in config.checkpoints] == [tmp_path / "epoch-0.pt", tmp_path / "epoch-1.pt"]
+    assert [c.optimizer for c in config.checkpoints] == [None, tmp_path / "opt" / "epoch-1.pt"]
+    assert [c.adam_eps for c in config.checkpoints] == [None, 1e-6]  # None: eps from the optimizer state
+    projection = config.projection
+    assert (projection.rank, projection.init, projection.seed, projection.layers) == ((8, 8), "gaussian", 3, ("*",))
+    assert config.index == IndexOptions(kind="flat") and config.index_path is None
+    query = config.query
+    assert (query.residency, query.device, query.batch_size, config.batch_size) == ("all", None, 32, 64)
+    server = config.server
+    assert (server.host, server.port, server.api_key, server.max_top_k) == ("127.0.0.1", 8000, None, 100)
+    assert config.task_object == "gradstore.server.demo:DigitsTask"
+    assert config.task_args == {"n_train": N_TRAIN, "hidden": 16}
+    index = 'kind = "hnsw"\nef_search = 64\npath = "../elsewhere/x.index"'
+    moved = RunConfig.load(_edited(tmp_path, 'kind = "flat"', index))
+    assert moved.index == IndexOptions(kind="hnsw", ef_search=64)
+    assert moved.index_path == tmp_path.parent / "elsewhere" / "x.index"
+
+
+def test_server_settings_from_the_environment(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GRADSTORE_API_KEY", "from-env")
+    monkeypatch.setenv("GRADSTORE_MAX_TOP_K", "7")
+    plain = RunConfig.load(_edited(tmp_path, "[query]", "[server]\nport = 9001\n\n[query]"))
+    assert (plain.server.api_key, plain.server.max_top_k, plain.server.port) == ("from-env", 7, 9001)
+    # what run.toml sets wins over the environment
+    keyed_toml = _edited(tmp_path, "[query]", '[server]\napi_key = "from-toml"\n\n[query]', name="keyed.toml")
+    keyed = RunConfig.load(keyed_toml)
+    assert keyed.server.api_key == "from-toml" and keyed.server.max_top_k == 7
+    monkeypatch.setenv("GRADSTORE_PORT", "eighty")
+    assert fails(capsys, "info", "--config", keyed_toml) == f"error: server.port: {NOT_AN_INT}, got 'eighty'\n"
+    monkeypatch.delenv("GRADSTORE_PORT")
+    unknown = _edited(tmp_path, "[query]", '[server]\ncors = ["x"]\n\n[query]')
+    assert fails(capsys, "info", "--config", unknown) == (
+        "error: server.cors: unknown key; this table takes host, port, api_key, cors_origins, max_top_k, max_queries, "
+        "max_body_bytes\n"
+    )
+
+
+def test_cli_defaults_and_choices_are_the_request_models():
+    from typing import get_args
+
+    from gradstore.server.schemas import InfluenceOptions, LrWeighting, Measurement, SelfInfluenceRequest
+
+    parser = cli.build_parser()
+    query = parser.parse_args(["query", "--config", "run.toml"])
+    flags = (query.top_k, query.lr_weighting, query.measurement)
+    assert flags == (10, "schedule", "loss")
+    assert flags == tuple(InfluenceOptions.model_fields[k].default for k in ("top_k", "lr_weighting", "measurement"))
+    self_inf = parser.parse_args(["self-influence", "--config", "run.toml"])
+    fields = SelfInfluenceRequest.model_fields
+    assert (self_inf.top_k, self_inf.lr_weighting) == (20, "schedule")
+    assert (self_inf.top_k, self_inf.lr_weighting) == (fields["top_k"].default, fields["lr_weighting"].default)
+    actions = {a.dest: a for a in parser._subparsers._group_actions[0].choices["query"]._actions}
+    assert tuple(actions["lr_weighting"].choices) == get_args(LrWeighting) == ("schedule", "uniform", "normalized")
+    assert tuple(actions["measurement"].choices) == get_args(Measurement) == ("loss", "measurement")
+    assert actions["top_k"].help == "proponents and opponents per query (default: 10)"
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out == f"gradstore {version('gradstore')}\n"

@@ -353,7 +353,7 @@ def _tiny_run(tmp_path: Path, demo_config: Path, name: str, n_train: int = 300) 
 def test_torchrun_launcher_indexes_on_two_cpu_ranks(tmp_path, demo_config):
     """2 gloo ranks through deploy/torchrun-index.sh = one process through ``gradstore index``."""
     from gradstore.server.config import RunConfig
-    from gradstore.server.jobs import index_run, open_index
+    from gradstore.server.runs import index_run, open_index
     from gradstore.store import GradientStore
 
     torchrun = Path(sys.executable).with_name("torchrun")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from gradstore.logger import GradientLogger
+from gradstore.server.engine import QueryEngine, QueryError, lr_weights
 from gradstore.store import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -24,7 +25,6 @@ from gradstore.store import (
     IndexOptions,
     StaleIndexError,
 )
-from gradstore.server.engine import QueryEngine, QueryError, lr_weights
 
 from .models import sgd_steps
 from .search_helpers import MeasurementAsLoss, QueryMLPTask, dense_curvature, log_mlp_run, payload, reference_weights
@@ -241,6 +241,42 @@ def test_bad_options_and_vectors_are_refused(run):
         engine.influence(run["payloads"], vectors=np.zeros((1, 3, dim)))
     with pytest.raises(QueryError, match="mean lr is not zero"):
         lr_weights([0.0, 0.0], "normalized")
+
+
+def test_request_models_are_the_engines_options(run):
+    """The engine answers the request models; its keyword methods build them (their defaults and rules)."""
+    from gradstore.server.config import ConfigError
+    from gradstore.server.schemas import InfluenceOptions, InfluenceRequest, SelfInfluenceRequest
+
+    engine = run["engines"]["all"]
+    options = dict(top_k=6, lr_weighting="uniform", checkpoints=["ckpt-2", "ckpt-0"])
+    answer = engine.answer_influence(InfluenceRequest(queries=run["payloads"], **options))
+    _check_lists(run, answer, _expected(run, "uniform", ["ckpt-2", "ckpt-0"])[1], k=6, checkpoints=["ckpt-2", "ckpt-0"])
+    keyword = engine.influence(run["payloads"], **options)
+    for a, b in zip(answer.results, keyword.results):
+        assert a.model_dump() == b.model_dump()
+    # already-built examples take the options alone; defaults are the model's (top_k 10, schedule, loss)
+    by_examples = engine.answer_influence(InfluenceOptions(), examples=run["queries"])
+    assert len(by_examples.results[0].proponents) == 10
+    assert (by_examples.lr_weighting, by_examples.measurement) == ("schedule", "loss")
+    _check_lists(run, by_examples, _expected(run, "schedule")[1], k=10)
+    assert [len(r.proponents) for r in engine.influence(run["payloads"]).results] == [10] * len(run["payloads"])
+    assert len(engine.self_influence().results) == 20
+    assert engine.answer_self_influence(SelfInfluenceRequest(top_k=3)).model_dump(exclude={"took_ms"}) == (
+        engine.self_influence(top_k=3).model_dump(exclude={"took_ms"})
+    )
+    with pytest.raises(QueryError, match="exactly one of"):
+        engine.answer_influence(InfluenceRequest(queries=run["payloads"]), examples=run["queries"])
+    with pytest.raises(QueryError, match="exactly one of"):
+        engine.answer_influence(InfluenceOptions())
+    with pytest.raises(QueryError, match=r"^measurement must be 'loss' or 'measurement', got 'margin'$"):
+        engine.influence(run["payloads"], measurement="margin")
+    with pytest.raises(QueryError, match=r"^topk: Extra inputs are not permitted$"):
+        engine.influence(run["payloads"], topk=3)
+    with pytest.raises(QueryError, match=r"^top_k must be at least 1, got 0$"):
+        engine.self_influence(top_k=0)
+    with pytest.raises(ConfigError, match=r"residency must be one of \('all', 'one'\), got 'some'"):
+        QueryEngine(run["logged"].task, run["store"], run["index"], run["logged"].weights, residency="some")
 
 
 def test_changed_weights_file_is_refused(run, tmp_path):

@@ -45,7 +45,7 @@ CONFIG = {
 
 @pytest.fixture(scope="module")
 def fuzz_schema(demo_config):
-    from gradstore.server.jobs import open_engine
+    from gradstore.server.runs import open_engine
 
     engine = open_engine(RunConfig.load(demo_config), device="cpu")
     app = create_app(engine=engine, settings=ServerConfig(api_key=API_KEY, max_top_k=50, max_queries=8))

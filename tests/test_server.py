@@ -31,7 +31,8 @@ from gradstore.server import cli
 from gradstore.server.app import API_KEY_ENV, create_app
 from gradstore.server.client import AsyncClient, Client, GradstoreAPIError
 from gradstore.server.config import RunConfig, ServerConfig
-from gradstore.server.jobs import open_engine
+from gradstore.server.runs import open_engine
+from gradstore.server.schemas import RunInfo
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`"),  # starlette's TestClient notice
@@ -261,7 +262,7 @@ def test_e2e_sdk_http_cli_and_engine_agree(live_url, engine, queries, demo_confi
 def test_precomputed_vectors_equal_payload_queries(live_url, engine, queries):
     """Projected query gradients sent as ``vectors`` give the payload queries' proponents and opponents."""
     examples = engine.examples_from_payloads(queries)
-    raw = engine.query_gradients(examples, engine.select(None, "schedule"))  # [B, C, D], unweighted
+    raw = engine.query_gradients(examples, engine.checkpoint_weights(None, "schedule"))  # [B, C, D], unweighted
     assert raw.shape == (len(queries), len(engine.checkpoints), engine.store.dim)
 
     subset = ["epoch-0", "epoch-2"]
@@ -295,10 +296,10 @@ def test_examples_run_and_self_influence(live_url, engine, demo_config):
             assert client.example(example_id) == engine.describe(example_id)
         info = client.run()
         self_inf = client.self_influence(top_k=15, lr_weighting="uniform")
-    assert info == engine.run_info()
-    assert [(c["name"], c["lr"]) for c in info["checkpoints"]] == [(c.name, c.lr) for c in config.checkpoints]
-    assert info["num_examples"] == len(engine.task.train_examples()) == 1500
-    assert info["dim"] == engine.store.dim and info["index_kind"] == "flat"
+    assert isinstance(info, RunInfo) and info == engine.run_info()
+    assert [(c.name, c.lr) for c in info.checkpoints] == [(c.name, c.lr) for c in config.checkpoints]
+    assert info.index.rows == len(engine.task.train_examples()) == 1500
+    assert info.dim == engine.store.dim and info.index.kind == "flat"
 
     raw = httpx.get(f"{live_url}/v1/examples/3")
     assert raw.status_code == 200 and raw.json() == {"id": 3, "example": engine.describe(3)}
@@ -429,7 +430,7 @@ def test_sdk_raises_the_servers_message_for_bad_input(secured_url):
             for word in words:
                 assert word in error.value.message, (word, error.value.message)
             assert str(error.value).startswith(f"HTTP {status}: ")
-        with pytest.raises(ValueError, match="exactly one of queries"):
+        with pytest.raises(ValueError, match="exactly one of `queries`"):
             client.influence()  # refused before sending
 
     async def via_async():
@@ -525,12 +526,176 @@ def test_bad_requests_are_4xx_with_a_clear_message(secured_client, engine, name)
         assert word in message, f"{word!r} not in {message!r}"
 
 
+# -- one definition of requests, run metadata and error statuses --------------------------------------
+
+
+def test_info_json_and_v1_run_serve_the_same_run_info(demo_config, capsys, monkeypatch):
+    """``gradstore info --json`` and ``GET /v1/run`` of an app loading the same run.toml: the same RunInfo."""
+    from fastapi.testclient import TestClient
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    info = _cli_json(capsys, ["info", "--config", str(demo_config), "--json"])
+    with TestClient(create_app(RunConfig.load(demo_config))) as client:  # lifespan loads the engine
+        served = client.get("/v1/run")
+    assert served.status_code == 200 and served.json() == info
+    run = RunInfo.model_validate(info)
+    assert run.store_status is None and run.index.status == "ready" and run.index.reason is None
+    names = ["epoch-0", "epoch-1", "epoch-2", "epoch-3"]
+    assert [c.name for c in run.checkpoints] == run.index.checkpoints == names
+    assert [(c.lr, c.step, c.rows, c.adam) for c in run.checkpoints] == [
+        (0.2, 0, 1500, False), (0.1, 1, 1500, False), (0.05, 2, 1500, False), (0.025, 3, 1500, False),
+    ]
+    index = run.index
+    assert (index.rows, index.kind, index.preconditioner, index.normalize) == (1500, "flat", "identity", False)
+    assert run.projection.dim == run.dim == sum(layer.k_in * layer.k_out for layer in run.projection.layers)
+    layers = [(la.name, la.kind, la.k_in, la.k_out) for la in run.projection.layers]
+    assert layers == [("0", "linear", 16, 16), ("2", "linear", 16, 10)]
+    assert (run.residency, run.dtype, run.projection.init, run.projection.seed) == ("all", "float16", "gaussian", 0)
+
+
+def test_openapi_names_the_response_models_and_the_version(secured_client):
+    from importlib.metadata import version
+
+    spec = secured_client.get("/openapi.json").json()
+    assert spec["info"]["version"] == version("gradstore")
+
+    def ok_schema(path: str) -> str:
+        return spec["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+
+    assert ok_schema("/v1/run") == "#/components/schemas/RunInfo"
+    assert ok_schema("/v1/examples/{example_id}") == "#/components/schemas/ExampleResponse"
+    fields = spec["components"]["schemas"]["InfluenceRequest"]["properties"]
+    defaults = {name: fields[name]["default"] for name in ("top_k", "lr_weighting", "measurement")}
+    assert defaults == {"top_k": 10, "lr_weighting": "schedule", "measurement": "loss"}
+    assert spec["components"]["schemas"]["SelfInfluenceRequest"]["properties"]["top_k"]["default"] == 20
+
+
+def _recorder(sent: list, answer: dict) -> httpx.MockTransport:
+    """A transport that records ``(method, path, JSON body)`` and answers ``answer``."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append((request.method, request.url.path, json.loads(request.content) if request.content else None))
+        return httpx.Response(200, json=answer)
+
+    return httpx.MockTransport(handler)
+
+
+INFLUENCE_ANSWER = {"results": [], "checkpoints": ["c"], "weights": {"c": 1.0}, "lr_weighting": "schedule",
+                    "measurement": "loss"}
+SELF_ANSWER = {"results": [], "checkpoints": ["c"], "weights": {"c": 1.0}, "lr_weighting": "uniform"}
+FAKE_URL = "http://gradstore.test"
+
+
+def test_sdk_sends_the_request_models_dump():
+    """The SDK's bodies are ``model_dump(exclude_none=True, mode="json")`` of the server's request models."""
+    from gradstore.server.schemas import InfluenceRequest, SelfInfluenceRequest
+
+    sent: list = []
+    dump = dict(exclude_none=True, mode="json")
+    payloads = [{"test_index": 3, "note": None}]
+    vectors = np.arange(6, dtype=np.float32).reshape(1, 2, 3) / 4
+    options = dict(checkpoints=["b", "a"], lr_weighting="normalized", normalize=False)
+    with Client(FAKE_URL, transport=_recorder(sent, INFLUENCE_ANSWER)) as client:
+        client.influence(payloads, top_k=4)
+        client.influence(vectors=vectors, **options)
+    assert sent == [
+        ("POST", "/v1/influence", InfluenceRequest(queries=payloads, top_k=4).model_dump(**dump)),
+        ("POST", "/v1/influence", InfluenceRequest(vectors=vectors.tolist(), **options).model_dump(**dump)),
+    ]
+    assert sent[0][2] == {"queries": payloads, "top_k": 4, "lr_weighting": "schedule", "measurement": "loss"}
+    assert sent[1][2]["vectors"] == [[[0.0, 0.25, 0.5], [0.75, 1.0, 1.25]]] and sent[1][2]["normalize"] is False
+
+    async def via_async():
+        async with AsyncClient(FAKE_URL, transport=_recorder(sent, SELF_ANSWER)) as client:
+            return await client.self_influence(lr_weighting="uniform", checkpoints=["c"])
+
+    sent.clear()
+    assert asyncio.run(via_async()).lr_weighting == "uniform"
+    expected = SelfInfluenceRequest(lr_weighting="uniform", checkpoints=["c"]).model_dump(**dump)
+    assert sent == [("POST", "/v1/self-influence", expected)]
+    assert expected == {"top_k": 20, "lr_weighting": "uniform", "checkpoints": ["c"]}
+
+
+def test_sdk_refuses_what_the_request_model_refuses_without_sending():
+    from pydantic import ValidationError
+
+    from gradstore.server.client import InvalidRequestError
+
+    sent: list = []
+    with Client(FAKE_URL, transport=_recorder(sent, INFLUENCE_ANSWER)) as client:
+        for call, message in [
+            (lambda: client.influence([{"test_index": 0}], top_k=0),
+             "body.top_k: Input should be greater than or equal to 1"),
+            (lambda: client.influence([{"test_index": 0}], lr_weighting="cosine"),
+             "body.lr_weighting: Input should be 'schedule', 'uniform' or 'normalized'"),
+            (lambda: client.influence([]), "body: `queries` (or `vectors`) must not be empty"),
+            (lambda: client.influence([{"test_index": 0}], vectors=[[[0.0]]]),
+             "body: give exactly one of `queries` (payloads) or `vectors` (precomputed gradients)"),
+            (lambda: client.influence([{"test_index": 0}], topk=3), "body.topk: Extra inputs are not permitted"),
+            (lambda: client.self_influence(top_k=-2), "body.top_k: Input should be greater than or equal to 1"),
+        ]:
+            with pytest.raises(InvalidRequestError) as error:
+                call()
+            refused = error.value
+            assert (refused.status_code, refused.message, str(refused)) == (422, message, f"HTTP 422: {message}")
+            assert isinstance(refused, GradstoreAPIError) and isinstance(refused, ValueError)
+            assert isinstance(refused.__cause__, ValidationError) and refused.errors
+    assert sent == []
+
+    async def via_async():
+        async with AsyncClient(FAKE_URL, transport=_recorder(sent, {})) as client:
+            await client.influence(vectors=np.zeros((1, 1, 2)), top_k=0)
+
+    with pytest.raises(InvalidRequestError, match=r"body\.top_k"):
+        asyncio.run(via_async())
+    assert sent == []
+
+
+def test_error_statuses_come_from_one_table(engine, monkeypatch):
+    """Client mistakes are 4xx, a run the server cannot serve a 503, anything else a 500; each with its message."""
+    from fastapi.testclient import TestClient
+
+    from gradstore.logger import TaskError
+    from gradstore.server.errors import HTTP_STATUS, ConfigError, QueryError, http_status
+    from gradstore.store import CheckpointNotFoundError, IndexNotFoundError, StaleIndexError, UnknownExampleError
+
+    assert [http_status(e("x")) for e in (QueryError, CheckpointNotFoundError, UnknownExampleError)] == [422, 422, 404]
+    assert [http_status(e("x")) for e in (StaleIndexError, IndexNotFoundError, ConfigError)] == [503, 503, 503]
+    assert http_status(TaskError("x")) == 500 and http_status(RuntimeError("x")) == 500
+    assert all(400 <= status < 600 for status in HTTP_STATUS.values())
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    client = TestClient(create_app(engine=engine), raise_server_exceptions=False)
+    for error, status in [(StaleIndexError("the store changed after index build; run `gradstore index`"), 503),
+                          (UnknownExampleError("no training example with id 5"), 404),
+                          (TaskError("describe() returned a list"), 500)]:
+        def describe(example_id, error=error):
+            raise error
+
+        monkeypatch.setattr(engine, "describe", describe)
+        response = client.get("/v1/examples/5")
+        assert (response.status_code, response.json()) == (status, {"detail": str(error)})
+
+
+def test_package_exports_its_public_api_without_fastapi():
+    code = (
+        "import sys, gradstore.server as s; assert 'fastapi' not in sys.modules, 'fastapi imported'; "
+        "assert all(hasattr(s, name) for name in s.__all__); print(' '.join(s.__all__))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    names = result.stdout.split()
+    assert {"Client", "AsyncClient", "QueryEngine", "RunConfig", "RunInfo", "InfluenceRequest"} <= set(names)
+    assert "create_app" not in names and len(names) == len(set(names))
+
+
 # -- 4. concurrency ---------------------------------------------------------------------------------
 
 
 def test_concurrent_clients_get_the_sequential_answers(live_url, engine, queries):
     """32 clients hammer the server for a bounded time; every answer equals the sequential one."""
-    raw = engine.query_gradients(engine.examples_from_payloads(queries[:1]), engine.select(None, "schedule"))
+    weights = engine.checkpoint_weights(None, "schedule")
+    raw = engine.query_gradients(engine.examples_from_payloads(queries[:1]), weights)
     requests = [
         ("/v1/influence", {"queries": [{"test_index": i}], "top_k": 5}) for i in range(6)
     ] + [

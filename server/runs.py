@@ -1,4 +1,5 @@
-"""What the CLI and the server do with a run config: the offline indexing job and opening a query engine."""
+"""What the CLI and the server do with a run config: the offline indexing job, describing the run, and
+opening a query engine."""
 
 from __future__ import annotations
 
@@ -9,13 +10,26 @@ from pathlib import Path
 import torch
 
 from gradstore.logger import GradientLogger
+from gradstore.projection import GradstoreError
 from gradstore.store import GradientIndex, GradientStore, IndexMismatchError
 
 from .config import RunConfig
-from .engine import QueryEngine
+from .engine import QueryEngine, run_info
+from .schemas import RunInfo
+
+__all__ = [
+    "describe_run",
+    "eval_store_path",
+    "index_run",
+    "open_engine",
+    "open_index",
+    "query_device",
+    "serving_threads",
+]
 
 
 def eval_store_path(config: RunConfig) -> Path:
+    """``[store] eval_path``, else ``<store stem>.eval.zarr`` beside the store."""
     store = config.store.path
     return config.store.eval_path or store.with_name(store.stem + ".eval" + (store.suffix or ".zarr"))
 
@@ -84,7 +98,8 @@ def open_index(config: RunConfig, store: GradientStore | None = None, device: st
     """Load the run's index, checked against its store and the config's index options."""
     store = store or GradientStore.open(config.store.path)
     eval_path = eval_store_path(config)
-    eval_store = GradientStore.open(eval_path) if config.index.preconditioner != "identity" and (eval_path / "zarr.json").exists() else None
+    use_eval = config.index.preconditioner != "identity" and (eval_path / "zarr.json").exists()
+    eval_store = GradientStore.open(eval_path) if use_eval else None
     index = GradientIndex.open(config.index_path, store, options=config.index, eval_store=eval_store, device=device)
     configured = [c.name for c in config.checkpoints]
     if index.checkpoints != configured:
@@ -95,6 +110,25 @@ def open_index(config: RunConfig, store: GradientStore | None = None, device: st
     return index
 
 
+def query_device(config: RunConfig) -> str:
+    """Where the run's query gradients are computed: ``[query] device``, else cuda when available, else cpu."""
+    return str(torch.device(config.query.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+
+
+def describe_run(config: RunConfig) -> RunInfo:
+    """The run's :class:`RunInfo`, as ``GET /v1/run`` serves it, also when the store or index is unusable
+    (``store_status`` or ``index.reason`` then says why); opens no models."""
+    try:
+        store = GradientStore.open(config.store.path)
+    except GradstoreError as exc:
+        return RunInfo(store=str(config.store.path), store_status=str(exc))
+    try:
+        index, error = open_index(config, store, device="cpu"), None
+    except GradstoreError as exc:
+        index, error = None, exc
+    return run_info(store, index, index_error=error, residency=config.query.residency, device=query_device(config))
+
+
 def serving_threads(config: RunConfig) -> int:
     """Torch intra-op threads for a process that serves queries: 1 when they run on CPU, unless
     ``OMP_NUM_THREADS`` says otherwise. Returns the setting now in force (it is process-wide).
@@ -103,8 +137,7 @@ def serving_threads(config: RunConfig) -> int:
     op buys nothing there, and its threads spin after every op, competing for the cores with the event
     loop and with the other requests being served (each worker thread would start its own team).
     """
-    device = config.query.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+    if torch.device(query_device(config)).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
     return torch.get_num_threads()
 
