@@ -1,41 +1,77 @@
 """Forward/backward hooks that accumulate Kronecker-projected per-example gradients.
 
-The forward hook projects the layer's input (``a_t = P_in x~_t``, float32, small) and registers a
+The forward hook of a module projects its input (``a_t = P_in x~_t``, float32, small) and registers a
 hook on that call's output tensor; when the output's gradient ``g`` arrives, the backward hook adds
 ``sum_t (P_out g_t) a_t^T`` per example into a shared ``[B, D]`` buffer. Pairing each output with its
 own input this way makes weight sharing (a module called twice) sum correctly, and makes activation
 checkpointing safe: a recomputed forward registers hooks on tensors that are never back-propagated.
+
+One module call may add to several blocks (a tied LM head: the embedding's block, transposed, and its
+own bias block); each such share is a ``_Part``. Special cases handled here:
+
+- an Embedding whose indices are shared by the batch (``[1, T]`` or ``[T]`` position ids) gets its output
+  expanded to ``[B, T, d]``, so each example's gradient ``sum_t g_{b,t} e_{pos_t}^T`` arrives separately;
+- ``nn.MultiheadAttention`` (which never calls ``out_proj.forward``) is run through hookable pieces;
+- a leaf output (first hooked layer, parameters frozen) is made a non-leaf, so in-place ops may follow.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
-from gradstore.projection import LayerMatrices, LayerSpec, per_example_gradient, project_outputs
+from gradstore.projection import (
+    LayerMatrices,
+    LayerSpec,
+    per_example_gradient,
+    project_inputs,
+    project_onehot_inputs,
+    project_outputs,
+)
 
-from .errors import BatchLayoutError
-from .layers import SelectedLayer
+from .errors import BatchLayoutError, UnsupportedLayerError
+from .layers import LayerAdapter, NormAdapter, RMSNormLikeAdapter, SelectedLayer
+
+if TYPE_CHECKING:
+    from .pca import BlockStatistics
 
 
 class CaptureState:
-    """What all hooks of one logger share: the current matrices and the buffer being filled."""
+    """What all hooks of one projector share: the current matrices and the buffer being filled."""
 
-    def __init__(self, matrices: dict[str, LayerMatrices], dim: int):
-        self.matrices = matrices
+    def __init__(self, matrices: Mapping[str, LayerMatrices] | None = None, dim: int = 0):
+        self.matrices: dict[str, LayerMatrices] = dict(matrices or {})
+        self.specs: dict[str, LayerSpec] = {}
         self.dim = dim
         self.buffer: torch.Tensor | None = None
         self.force_output_grad = False  # set while parameters are frozen for a gradient-only pass
         self.paused = False
-        self.backward_calls = 0  # layer gradients added since the buffer was armed
+        self.backward_calls = 0  # module gradients added since the buffer was armed
+        self.statistics: dict[str, BlockStatistics] | None = None  # PCA pass: accumulate covariances instead
+        self.probing: dict[ModuleHook, list[tuple[int, ...]]] | None = None  # layout probe: record input shapes
+        self.undecided: set[ModuleHook] = set()  # 1-D inputs of length B whose layout is not known yet
+        self.root_depth = 0  # > 0 while the hooked model's own forward runs
+        self.forward_batch: int | None = None  # batch size seen by the first hooked module of that forward
+        self._zeros: dict[torch.device, torch.Tensor] = {}
+
+    def configure(self, specs: Sequence[LayerSpec], matrices: Mapping[str, LayerMatrices]) -> None:
+        self.specs = {spec.name: spec for spec in specs}
+        self.matrices = dict(matrices)
+        self.dim = sum(spec.dim for spec in specs)
 
     def arm(self, batch_size: int, device: torch.device) -> None:
         self.buffer = torch.zeros(batch_size, self.dim, dtype=torch.float32, device=device)
         self.backward_calls = 0
+        self.undecided = set()
 
     def disarm(self) -> torch.Tensor:
         buffer, self.buffer = self.buffer, None
@@ -52,44 +88,508 @@ class CaptureState:
             self.buffer = None
             raise
 
+    def batch_size(self) -> int | None:
+        """The number of examples, when known at forward time (armed, or seen earlier in this forward)."""
+        if self.buffer is not None:
+            return self.buffer.shape[0]
+        return self.forward_batch if self.root_depth else None
 
-class LayerHook:
-    """Hooks of one module; ``remove()`` takes them off."""
+    def zero(self, device: torch.device) -> torch.Tensor:
+        """A scalar 0 that requires grad: ``output + zero`` is a differentiable non-leaf copy of ``output``."""
+        if device not in self._zeros:
+            self._zeros[device] = torch.zeros((), device=device, requires_grad=True)
+        return self._zeros[device]
 
-    def __init__(self, layer: SelectedLayer, spec: LayerSpec, state: CaptureState):
-        self.layer, self.spec, self.state = layer, spec, state
-        self._handle = layer.module.register_forward_hook(self._forward)
+    def release(self) -> None:
+        self._zeros = {}
+
+
+# -- parts: one module call's share of one block -------------------------------------------------------
+
+
+class _Part:
+    """Computes one module's contribution to one block, in that block's canonical layout."""
+
+    def __init__(self, block: str, adapter: LayerAdapter):
+        self.block, self.adapter = block, adapter
+
+    def forward(self, module: nn.Module, x: torch.Tensor, m: LayerMatrices | None) -> Any:
+        """What the backward needs, kept until the output's gradient arrives (``m`` is None in the PCA pass)."""
+        return None
+
+    def backward(self, module: nn.Module, feats: Any, grad: torch.Tensor, m: LayerMatrices) -> torch.Tensor:
+        """``[B, k_out * k_in]`` to add into the block's slice."""
+        raise NotImplementedError
+
+    def statistics(self, module: nn.Module, feats: Any, grad: torch.Tensor, stats: BlockStatistics) -> None:
+        raise NotImplementedError
+
+    def _inputs(self, module: nn.Module, x: torch.Tensor, p: torch.Tensor | None, bias: bool) -> torch.Tensor:
+        rows = self.adapter.input_rows(module, x)
+        if p is None:
+            return rows
+        if self.adapter.onehot:
+            return project_onehot_inputs(rows, p, getattr(module, "padding_idx", None))
+        return project_inputs(rows, p, bias)
+
+
+class WeightPart(_Part):
+    """``sum_t (P_out g_t)(P_in x~_t)^T``: the module's own block, a same-orientation tie, or an MHA q/k/v chunk.
+
+    ``with_one``: the module's bias is the block's bias (homogeneous input); ``rows``: the block rows the
+    output covers (MHA chunks).
+    """
+
+    def __init__(self, block: str, adapter: LayerAdapter, with_one: bool, block_bias: bool, rows: slice | None = None):
+        super().__init__(block, adapter)
+        self.with_one, self.drop_bias_column, self.rows = with_one, block_bias and not with_one, rows
+
+    def forward(self, module, x, m):
+        if m is None:
+            return self.adapter.input_rows(module, x)
+        p_in = m.p_in[:, :-1] if self.drop_bias_column else m.p_in
+        return self._inputs(module, x, p_in, self.with_one)
+
+    def backward(self, module, feats, grad, m):
+        p_out = m.p_out if self.rows is None else m.p_out[:, self.rows]
+        return per_example_gradient(project_outputs(self.adapter.output_grad(module, grad), p_out), feats)
+
+    def statistics(self, module, feats, grad, stats):
+        stats.add_grads(self.adapter.output_grad(module, grad), self.rows)
+        if self.adapter.onehot:
+            stats.add_input_counts(feats, getattr(module, "padding_idx", None))
+        else:
+            stats.add_inputs(feats, with_one=self.with_one)
+
+
+class TransposedPart(_Part):
+    """A tie whose canonical gradient is the block's transpose: ``sum_t (P_out x_t)(P_in g_t)^T``."""
+
+    def __init__(self, block: str, adapter: LayerAdapter, block_bias: bool):
+        super().__init__(block, adapter)
+        self.block_bias = block_bias
+
+    def forward(self, module, x, m):
+        return self._inputs(module, x, None if m is None else m.p_out, False)
+
+    def backward(self, module, feats, grad, m):
+        p_in = m.p_in[:, :-1] if self.block_bias else m.p_in
+        return per_example_gradient(feats, project_outputs(self.adapter.output_grad(module, grad), p_in))
+
+    def statistics(self, module, feats, grad, stats):
+        if self.adapter.onehot:
+            stats.add_grad_counts(feats, getattr(module, "padding_idx", None))
+        else:
+            stats.add_grads(feats.reshape(feats.shape[0], -1, feats.shape[-1]))
+        stats.add_inputs(self.adapter.output_grad(module, grad), with_one=False)
+
+
+class BiasPart(_Part):
+    """A tied module's own bias: ``(sum_t P_out g_t) P_in[:, 0]`` (the input is the constant 1)."""
+
+    def backward(self, module, feats, grad, m):
+        summed = project_outputs(self.adapter.output_grad(module, grad), m.p_out).sum(dim=1)
+        return (summed[:, :, None] * m.p_in[:, 0]).flatten(1)
+
+    def statistics(self, module, feats, grad, stats):
+        g = self.adapter.output_grad(module, grad)
+        stats.add_grads(g)
+        stats.add_constant(g.shape[0] * g.shape[1])
+
+
+class NormPart(_Part):
+    """Affine normalisation: ``P_out [sum_t g_t * x^_t, sum_t g_t] P_in^T`` from the input kept by reference."""
+
+    def __init__(self, block: str, adapter: NormAdapter, bias: bool):
+        super().__init__(block, adapter)
+        self.norm, self.bias = adapter, bias
+
+    def forward(self, module, x, m):
+        return x.detach(), x._version
+
+    def _matrix(self, module: nn.Module, feats: tuple[torch.Tensor, int], grad: torch.Tensor) -> torch.Tensor:
+        x, version = feats
+        if x._version != version:
+            raise RuntimeError(
+                f"the input of normalisation layer {self.block!r} was modified in place after its forward; "
+                "gradstore recomputes x^ from it in the backward pass. Avoid the in-place op or leave the layer out"
+            )
+        g = self.norm.output_grad(module, grad).float()
+        columns = [(g * self.norm.normalized(module, x)).sum(dim=1)]
+        if self.bias:
+            columns.append(g.sum(dim=1))
+        return torch.stack(columns, dim=-1)  # [B, d, 1 + bias]
+
+    def backward(self, module, feats, grad, m):
+        matrix = self._matrix(module, feats, grad)
+        return torch.einsum("od,bdi,ki->bok", m.p_out, matrix, m.p_in).flatten(1)
+
+    def statistics(self, module, feats, grad, stats):
+        stats.add_matrices(self._matrix(module, feats, grad))
+
+
+def parts_of(layer: SelectedLayer) -> list[tuple[nn.Module, LayerAdapter, _Part]]:
+    """Every (module, that module's adapter, part) through which a block receives its gradient."""
+    has_bias = layer.adapter.dims(layer.module)[2]
+    if isinstance(layer.adapter, NormAdapter):
+        return [(layer.module, layer.adapter, NormPart(layer.name, layer.adapter, has_bias))]
+    if layer.kind == "bias":
+        inner = layer.adapter.inner  # type: ignore[attr-defined]
+        return [(layer.module, inner, BiasPart(layer.name, inner))]
+    out: list[tuple[nn.Module, LayerAdapter, _Part]] = []
+    if layer.kind != "mha":  # the attention hook feeds the in-projection itself
+        out.append((layer.module, layer.adapter, WeightPart(layer.name, layer.adapter, has_bias, has_bias)))
+    for use in layer.tied:
+        part: _Part
+        if use.transposed:
+            part = TransposedPart(layer.name, use.adapter, has_bias)
+        else:
+            part = WeightPart(layer.name, use.adapter, use.bias_column, has_bias)
+        out.append((use.module, use.adapter, part))
+    return out
+
+
+# -- module hooks ------------------------------------------------------------------------------------
+
+
+class ModuleHook:
+    """The forward hook of one module (all its parts); ``remove()`` takes it off."""
+
+    def __init__(self, name: str, module: nn.Module, adapter: LayerAdapter, parts: list[_Part], state: CaptureState,
+                 register: bool = True, batch_dim: int = 0):
+        self.name, self.module, self.adapter, self.parts, self.state = name, module, adapter, parts, state
+        self.batch_dim = batch_dim  # 1 inside a sequence-first nn.Transformer* layer
+        self.layout_1d: str | None = None  # "shared" | "batch" once known for 1-D index inputs
+        self._verified = not isinstance(adapter, RMSNormLikeAdapter)
+        self._handle = module.register_forward_hook(self._forward, with_kwargs=True) if register else None
 
     def remove(self) -> None:
-        self._handle.remove()
+        if self._handle is not None:
+            self._handle.remove()
 
-    def _forward(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    def _forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor | None:
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        return self.observe(module, x, output)
+
+    def observe(self, module: nn.Module, x: Any, output: Any, parts: list[_Part] | None = None) -> torch.Tensor | None:
+        """Start this call's contribution; returns a replacement for ``output`` when one is needed."""
         state = self.state
-        if state.paused or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
-            return
+        if state.paused or not (torch.is_grad_enabled() or state.probing is not None):
+            return None
+        if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
+            raise UnsupportedLayerError(
+                f"layer {self.name!r} ({type(module).__name__}) was called with {type(x).__name__} and returned "
+                f"{type(output).__name__}; gradstore logs modules that map a tensor to a tensor. "
+                f"Leave it out with layers=[..., '!{self.name}']"
+            )
+        if state.probing is not None:
+            state.probing.setdefault(self, []).append(tuple(x.shape))
+            return None
+        replaced = None
         if not output.requires_grad:
             if not (state.force_output_grad and output.grad_fn is None):
-                return
-            output.requires_grad_()  # parameters are frozen: make the activation path differentiable
-        matrices = state.matrices[self.spec.name]
+                return None
+            # parameters are frozen: a non-leaf copy makes the activation path differentiable and, unlike
+            # requires_grad_() on the output itself, lets in-place ops (ReLU(inplace=True)) follow
+            output = replaced = output + state.zero(output.device)
+        if not self._verified:
+            self._verify(module, x, output)
+        if self.batch_dim:
+            x = x.transpose(0, self.batch_dim)
+        layout = self._layout(x)
+        if layout == "shared":
+            if x.dim() == 1:
+                x, output = x.unsqueeze(0), output.unsqueeze(0)
+            output = replaced = output.expand(state.batch_size(), *output.shape[1:])
+        elif layout == "batch" and state.root_depth and state.forward_batch is None and x.dim() >= 2:
+            state.forward_batch = x.shape[0]
+        problem = self.adapter.runtime_problem(module) if isinstance(self.adapter, NormAdapter) else None
+        parts = self.parts if parts is None else parts
+        stats = state.statistics is not None
+        matrices = [None if stats else state.matrices[part.block] for part in parts]
         with torch.autocast(output.device.type, enabled=False):
-            projected_x = self.layer.adapter.project_input(module, inputs[0].detach(), matrices.p_in)
-        output.register_hook(functools.partial(self._backward, projected_x, matrices.p_out))
+            feats = [part.forward(module, x.detach(), m) for part, m in zip(parts, matrices)]
+        if layout == "shared":
+            feats = [f.expand(output.shape[0], *f.shape[1:]) for f in feats]
+        output.register_hook(functools.partial(self._backward, parts, feats, matrices, layout, problem))
+        return replaced
 
-    def _backward(self, projected_x: torch.Tensor, p_out: torch.Tensor, grad: torch.Tensor) -> None:
-        buffer = self.state.buffer
+    def _verify(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> None:
+        if not self.adapter.verify(module, x, output):  # type: ignore[attr-defined]
+            raise UnsupportedLayerError(
+                f"layer {self.name!r} ({type(module).__name__}) looks like an RMSNorm but its output is not "
+                "weight * x / sqrt(mean(x^2) + eps), so gradstore cannot log it exactly; "
+                f"leave it out with layers=[..., '!{self.name}']"
+            )
+        self._verified = True
+
+    def _layout(self, x: torch.Tensor) -> str:
+        """``batch`` (one row per example), ``shared`` (indices shared by the batch), or ``undecided``."""
+        if not self.adapter.onehot:
+            return "batch"
+        b = self.state.batch_size()
+        if x.dim() >= 2:
+            return "shared" if b is not None and b > 1 and x.shape[0] == 1 else "batch"
+        if b is None:
+            return "batch" if self.layout_1d == "batch" else "undecided"
+        if x.shape[0] != b:
+            self.layout_1d = "shared"
+        elif b == 1:
+            return "batch"  # one example: its gradient is exact either way
+        if self.layout_1d is None:
+            self.state.undecided.add(self)
+            return "undecided"
+        return self.layout_1d
+
+    def _backward(self, parts: list[_Part], feats: list, matrices: list, layout: str, problem: str | None,
+                  grad: torch.Tensor) -> None:
+        state = self.state
+        buffer = state.buffer
         if buffer is None:
             return
+        if self.batch_dim:
+            grad = grad.transpose(0, self.batch_dim)
+        if layout == "undecided":
+            raise BatchLayoutError(
+                f"layer {self.name!r} got 1-D indices of length {grad.shape[0]}, equal to the batch size, so gradstore "
+                "cannot tell one index per example from positions shared by the batch (an arange(T)). project() "
+                "decides this once with one-example probes: call it (or log_checkpoint) before capture(), or pass "
+                "position ids as [1, T] or [B, T]"
+            )
+        if problem is not None:
+            raise UnsupportedLayerError(f"layer {self.name!r}: {problem}")
         if grad.shape[0] != buffer.shape[0]:
             raise BatchLayoutError(
-                f"layer {self.spec.name!r} saw batch dimension {grad.shape[0]} but {buffer.shape[0]} example ids were "
-                "given; hooked modules must take batch-first inputs. An input shared by the whole batch (e.g. position "
-                "ids broadcast over it) has no per-example gradient: expand it to [B, ...] or leave the layer out"
+                f"layer {self.name!r} saw batch dimension {grad.shape[0]} but {buffer.shape[0]} example ids were "
+                "given; hooked modules must take batch-first inputs. Embedding indices shared by the batch ([1, T] "
+                "or [T] position ids) are expanded when the batch size is known at forward time: run the forward "
+                "inside capture()/project(). Otherwise leave the layer out with '!name'"
             )
         with torch.autocast(grad.device.type, enabled=False):
-            projected_g = project_outputs(self.layer.adapter.output_grad(self.layer.module, grad), p_out)
-            buffer[:, self.spec.slice] += per_example_gradient(projected_g, projected_x)
-        self.state.backward_calls += 1
+            for part, f, m in zip(parts, feats, matrices):
+                if state.statistics is not None:
+                    part.statistics(self.module, f, grad, state.statistics[part.block])
+                else:
+                    buffer[:, state.specs[part.block].slice] += part.backward(self.module, f, grad, m)
+        state.backward_calls += 1
+
+
+class AttentionHook:
+    """Runs ``nn.MultiheadAttention`` through hookable pieces while installed (restored by ``remove()``).
+
+    PyTorch's MHA calls ``F.multi_head_attention_forward`` with its weights, so ``out_proj.forward`` never
+    runs and ``in_proj_weight`` is never seen by a module hook. While hooked, and only when gradients are
+    being recorded, the instance's ``forward`` computes the same attention as PyTorch's reference path:
+    in-projection as ``F.linear`` on [q; k; v] (hooked as the ``mha`` block), scaled dot-product attention
+    with the same mask semantics, and ``out_proj`` called as a module so its own hook fires. Otherwise
+    (inference, probes) the original forward runs.
+    """
+
+    def __init__(self, name: str, module: nn.MultiheadAttention, adapter: LayerAdapter | None, state: CaptureState):
+        self.module, self.state = module, state
+        self.block = name if adapter is not None else None
+        self.observer = ModuleHook(name, module, adapter or LayerAdapter(), [], state, register=False)
+        self._parts: dict[tuple[int, int], WeightPart] = {}
+        module.forward = self._forward  # type: ignore[method-assign]
+        # any hook inside an nn.TransformerEncoderLayer keeps it off its fused fast path
+        self._handle = module.register_forward_pre_hook(_keep_off_fast_path)
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") == self._forward:
+            del self.module.forward
+        self._handle.remove()
+
+    def _forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                 average_attn_weights=True, is_causal=False):
+        state, mha = self.state, self.module
+        if state.probing is not None or state.paused or not torch.is_grad_enabled():
+            return type(mha).forward(mha, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                     average_attn_weights, is_causal)
+        return attention_forward(mha, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                 average_attn_weights, is_causal, self._linear)
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: slice) -> torch.Tensor:
+        out = F.linear(x, weight, bias)
+        if self.block is None:
+            return out
+        key = (rows.start, rows.stop)
+        if key not in self._parts:
+            self._parts[key] = WeightPart(self.block, self.observer.adapter, bias is not None, bias is not None, rows)
+        replaced = self.observer.observe(self.module, x, out, [self._parts[key]])
+        return out if replaced is None else replaced
+
+
+def _keep_off_fast_path(module: nn.Module, args: tuple) -> None:
+    return None
+
+
+def attention_forward(mha: nn.MultiheadAttention, query, key, value, key_padding_mask, need_weights, attn_mask,
+                      average_attn_weights, is_causal, linear: Callable) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``nn.MultiheadAttention.forward`` (PyTorch's non-fused path) with a hookable in-projection and ``out_proj``."""
+    if query.is_nested or key.is_nested or value.is_nested:
+        raise UnsupportedLayerError("gradstore cannot log nn.MultiheadAttention on nested tensors; pass padded tensors")
+    batched = query.dim() == 3
+    key_padding_mask = F._canonical_mask(
+        mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
+        other_name="attn_mask", target_type=query.dtype,
+    )
+    attn_mask = F._canonical_mask(
+        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=query.dtype,
+        check_other=False,
+    )
+    if not batched:
+        to_batch_first: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.unsqueeze(0)  # noqa: E731
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    elif mha.batch_first:
+        to_batch_first = lambda t: t  # noqa: E731
+    else:
+        to_batch_first = lambda t: t.transpose(0, 1)  # noqa: E731
+    q_in = to_batch_first(query)
+    k_in = q_in if key is query else to_batch_first(key)
+    v_in = k_in if value is key else q_in if value is query else to_batch_first(value)
+    n, tgt, e = q_in.shape
+    heads = mha.num_heads
+    head_dim = e // heads
+    if is_causal and attn_mask is None:
+        raise RuntimeError(
+            "Need attn_mask if specifying the is_causal hint. You may use the Transformer module method "
+            "`generate_square_subsequent_mask` to create this mask."
+        )
+    if is_causal and key_padding_mask is None and not need_weights:
+        attn_mask = None
+    elif key_padding_mask is not None:
+        is_causal = False
+
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+
+    def project(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        rows = slice(start * e, stop * e)
+        return linear(x, w[rows], None if b is None else b[rows], rows)
+
+    if k_in is q_in and v_in is q_in:
+        q, k, v = project(q_in, 0, 3).chunk(3, dim=-1)
+    elif v_in is k_in:
+        q = project(q_in, 0, 1)
+        k, v = project(k_in, 1, 3).chunk(2, dim=-1)
+    else:
+        q, k, v = project(q_in, 0, 1), project(k_in, 1, 2), project(v_in, 2, 3)
+    q, k, v = (t.reshape(n, t.shape[1], heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    if mha.add_zero_attn:
+        zeros = k.new_zeros(n, heads, 1, head_dim)
+        k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
+        attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+        key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+    src = k.shape[2]
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask.view(1, 1, tgt, src) if attn_mask.dim() == 2 else attn_mask.view(n, heads, tgt, src)
+    if key_padding_mask is not None:
+        padding = key_padding_mask.view(n, 1, 1, src)
+        mask = padding if mask is None else mask + padding
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(q.dtype)
+    dropout_p = mha.dropout if mha.training else 0.0
+    weights = None
+    if need_weights:
+        scores = (q * math.sqrt(1.0 / head_dim)) @ k.transpose(-2, -1)
+        if mask is not None:
+            scores = scores + mask
+        probs = torch.softmax(scores, dim=-1)
+        if dropout_p > 0.0:
+            probs = F.dropout(probs, p=dropout_p)
+        out = probs @ v
+        weights = probs.mean(dim=1) if average_attn_weights else probs
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal=is_causal)
+    out = mha.out_proj(out.transpose(1, 2).reshape(n, tgt, e))
+    if not batched:
+        return out.squeeze(0), None if weights is None else weights.squeeze(0)
+    return (out if mha.batch_first else out.transpose(0, 1)), weights
+
+
+# -- installing and removing -------------------------------------------------------------------------
+
+
+class InstalledHooks:
+    """Every hook, patched forward and flag one projector put on a model; ``remove()`` undoes all of it."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[SelectedLayer], state: CaptureState):
+        self.state = state
+        per_module: dict[int, tuple[str, nn.Module, LayerAdapter, list[_Part]]] = {}
+        names = {id(m): n for n, m in model.named_modules()}
+        for layer in layers:
+            for module, adapter, part in parts_of(layer):
+                entry = per_module.setdefault(id(module), (names.get(id(module), layer.name), module, adapter, []))
+                entry[3].append(part)
+        seq_first = _sequence_first_modules(model)
+        self.modules = [
+            ModuleHook(n, m, a, parts, state, batch_dim=int(id(m) in seq_first))
+            for n, m, a, parts in per_module.values()
+        ]
+        in_proj = {id(layer.module): layer for layer in layers if layer.kind == "mha"}
+        self.attention = [
+            AttentionHook(name, module, in_proj[id(module)].adapter if id(module) in in_proj else None, state)
+            for name, module in model.named_modules()
+            if isinstance(module, nn.MultiheadAttention)
+            and (id(module) in in_proj or id(module.out_proj) in per_module)
+        ]
+        hooked = set(per_module) | set(in_proj)
+        self._nested: list[tuple[nn.TransformerEncoder, bool]] = []
+        for module in model.modules():
+            if isinstance(module, nn.TransformerEncoder) and any(id(m) in hooked for m in module.modules()):
+                # the nested-tensor conversion (eval mode, inputs not requiring grad) would bypass the hooks
+                self._nested.append((module, module.use_nested_tensor))
+                module.use_nested_tensor = False
+        self._root = [
+            model.register_forward_pre_hook(self._root_enter),
+            model.register_forward_hook(self._root_exit, always_call=True),
+        ]
+
+    def _root_enter(self, module: nn.Module, args: tuple) -> None:
+        if self.state.root_depth == 0:
+            self.state.forward_batch = None
+        self.state.root_depth += 1
+
+    def _root_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.state.root_depth -= 1
+        if self.state.root_depth == 0:
+            self.state.forward_batch = None
+
+    def remove(self) -> None:
+        for hook in self.modules:
+            hook.remove()
+        for attention in self.attention:
+            attention.remove()
+        for encoder, flag in self._nested:
+            encoder.use_nested_tensor = flag
+        for handle in self._root:
+            handle.remove()
+        self.modules, self.attention, self._nested, self._root = [], [], [], []
+
+
+def _sequence_first_modules(model: nn.Module) -> set[int]:
+    """Modules that PyTorch's ``nn.Transformer*`` layers call on ``[T, B, d]`` (``batch_first=False``).
+
+    The attention's ``out_proj`` is excluded: the attention hook calls it batch-first.
+    """
+    out: set[int] = set()
+    for module in model.modules():
+        inner: list[nn.Module]
+        if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            first = module.self_attn.batch_first
+            inner = [module]
+        elif isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)) and module.norm is not None:
+            first = module.layers[0].self_attn.batch_first
+            inner = [module.norm]
+        else:
+            continue
+        if not first:
+            attention = {
+                id(m) for r in inner for a in r.modules() if isinstance(a, nn.MultiheadAttention) for m in a.modules()
+            }
+            out |= {id(m) for r in inner for m in r.modules() if id(m) not in attention}
+    return out
 
 
 @contextlib.contextmanager
@@ -107,5 +607,79 @@ def frozen_parameters(model: nn.Module, state: CaptureState) -> Iterator[None]:
         yield
     finally:
         state.force_output_grad = False
+        state.release()
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+# -- audit: logged parameters used outside the modules that log them ------------------------------------
+
+_METADATA = frozenset({
+    "__get__", "size", "dim", "numel", "stride", "data_ptr", "element_size", "is_floating_point", "is_complex",
+    "storage_offset", "is_contiguous", "get_device", "nelement", "ndimension", "__len__", "untyped_storage",
+    "__format__", "__repr__", "is_shared", "is_pinned",
+})
+
+
+class _UseAudit(TorchFunctionMode):
+    def __init__(self, watched: dict[int, str], owners: dict[int, tuple[int, ...]], active: dict[int, int]):
+        super().__init__()
+        self.watched, self.owners, self.active = watched, owners, active
+        self.violations: dict[str, str] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name not in _METADATA:
+            for leaf in tree_leaves((args, kwargs)):
+                key = id(leaf)
+                unowned = key in self.watched and not any(self.active.get(owner) for owner in self.owners[key])
+                if unowned and isinstance(leaf, torch.Tensor):
+                    self.violations.setdefault(self.watched[key], name or repr(func))
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def audit_parameter_uses(model: nn.Module, layers: Sequence[SelectedLayer]) -> Iterator[None]:
+    """Refuse a forward pass that uses a logged parameter outside every module that logs it.
+
+    Such a use (``F.linear(h, self.wte.weight)`` in a parent's forward, a module whose ``forward`` is
+    bypassed) adds to the parameter's gradient without passing through a hook, so the logged block would
+    be partial. Raises :class:`UnsupportedLayerError` after the forward, naming the parameter and the op.
+    """
+    names: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), n)
+    watched = {id(p): names.get(id(p), role) for layer in layers for role, p in layer.parameters().items()}
+    owners: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None and id(param) in watched:
+                owners.setdefault(id(param), []).append(module)
+    active: dict[int, int] = {}
+    handles = []
+    for module in {id(m): m for ms in owners.values() for m in ms}.values():
+        handles.append(module.register_forward_pre_hook(functools.partial(_enter, active)))
+        handles.append(module.register_forward_hook(functools.partial(_exit, active), always_call=True))
+    audit = _UseAudit(watched, {k: tuple(id(m) for m in ms) for k, ms in owners.items()}, active)
+    try:
+        with audit:
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+    if audit.violations:
+        listed = "; ".join(f"{param} (by {op})" for param, op in audit.violations.items())
+        raise UnsupportedLayerError(
+            f"logged parameters are used outside the modules gradstore hooks, so their logged gradients would miss "
+            f"those uses: {listed}. Use the module itself (e.g. an nn.Linear holding the tied weight) instead of "
+            "its weight, or leave the layer out with layers=[..., '!name']"
+        )
+
+
+def _enter(active: dict[int, int], module: nn.Module, args: tuple) -> None:
+    active[id(module)] = active.get(id(module), 0) + 1
+
+
+def _exit(active: dict[int, int], module: nn.Module, args: tuple, output: Any) -> None:
+    active[id(module)] -= 1

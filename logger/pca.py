@@ -1,74 +1,75 @@
-"""The statistics pass behind ``init="pca"``: input and output-gradient covariances per layer."""
+"""The statistics behind ``init="pca"``: per block, covariances of the canonical gradient's two sides.
+
+For a linear-like block these are LoGra's ``E[x~ x~^T]`` and ``E[g g^T]`` over positions; a one-hot input
+side (an embedding) keeps token counts, whose PCA basis is the most frequent tokens. A normalisation
+block uses its per-example ``[d, 1 + bias]`` gradient ``M``: ``sum M^T M`` and ``sum M M^T``. The hooks
+(``hooks.py``) feed these accumulators during a gradient pass, so every module kind, tie and shared
+input is handled exactly as when projecting.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import torch
-from torch import nn
 
 from gradstore.projection.pca import top_eigenvectors, top_frequency_basis
 
-from .layers import EmbeddingAdapter, SelectedLayer
-from .task import Task, move_to_device
+from .layers import SelectedLayer
 
 
-class _CovarianceHook:
+class BlockStatistics:
+    """Accumulated second moments of one block's input side (``in_dim``) and output side (``d_out``)."""
+
     def __init__(self, layer: SelectedLayer, device: torch.device):
-        self.layer = layer
         d_in, d_out, bias = layer.adapter.dims(layer.module)
-        self.bias = bias
-        self.embedding = isinstance(layer.adapter, EmbeddingAdapter)
-        in_dim = d_in + int(bias)
-        self.inputs = torch.zeros(d_in if self.embedding else (in_dim, in_dim), dtype=torch.float64, device=device)
+        self.onehot = layer.adapter.onehot
+        self.in_dim = d_in + int(bias)
+        shape = (self.in_dim,) if self.onehot else (self.in_dim, self.in_dim)
+        self.inputs = torch.zeros(shape, dtype=torch.float64, device=device)
         self.grads = torch.zeros(d_out, d_out, dtype=torch.float64, device=device)
-        self.handle = layer.module.register_forward_hook(self._forward)
 
-    def _forward(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        x = inputs[0].detach()
-        if self.embedding:
-            self.inputs += torch.bincount(x.flatten(), minlength=self.inputs.numel()).to(torch.float64)
+    def add_inputs(self, rows: torch.Tensor, with_one: bool) -> None:
+        """Dense input rows ``[..., c]`` (a homogeneous 1 appended when ``with_one``) into the first columns."""
+        if self.onehot:
+            return  # a one-hot side keeps a frequency basis; dense contributions (a tied head's g) are left out
+        rows = rows.reshape(-1, rows.shape[-1]).to(torch.float64)
+        if with_one:
+            rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)], dim=1)
+        c = rows.shape[1]
+        self.inputs[:c, :c] += rows.T @ rows
+
+    def add_constant(self, count: int) -> None:
+        """``count`` positions of the homogeneous input 1 (the last column)."""
+        self.inputs[-1, -1] += count
+
+    def add_input_counts(self, indices: torch.Tensor, padding_idx: int | None) -> None:
+        counts = torch.bincount(indices.flatten(), minlength=self.in_dim).to(torch.float64)
+        if padding_idx is not None:
+            counts[padding_idx] = 0
+        if self.onehot:
+            self.inputs += counts
         else:
-            # the adapter's projection with P_in = I yields the homogeneous per-position inputs x~_t
-            identity = torch.eye(self.inputs.shape[0], device=x.device)
-            rows = self.layer.adapter.project_input(module, x, identity).reshape(-1, identity.shape[0]).to(torch.float64)
-            self.inputs += rows.T @ rows
-        if output.requires_grad:
-            output.register_hook(self._backward)
+            self.inputs.diagonal().add_(counts)
 
-    def _backward(self, grad: torch.Tensor) -> None:
-        g = self.layer.adapter.output_grad(self.layer.module, grad.detach())
-        g = g.reshape(-1, self.grads.shape[0]).to(torch.float64)
-        self.grads += g.T @ g
+    def add_grads(self, g: torch.Tensor, rows: slice | None = None) -> None:
+        """Output-side vectors ``[..., r]`` into the block rows ``rows`` (all when None)."""
+        g = g.reshape(-1, g.shape[-1]).to(torch.float64)
+        block = self.grads if rows is None else self.grads[rows, rows]
+        block += g.T @ g
 
+    def add_grad_counts(self, indices: torch.Tensor, padding_idx: int | None) -> None:
+        counts = torch.bincount(indices.flatten(), minlength=self.grads.shape[0]).to(torch.float64)
+        if padding_idx is not None:
+            counts[padding_idx] = 0
+        self.grads.diagonal().add_(counts)
 
-def pca_bases(
-    model: nn.Module,
-    task: Task,
-    layers: list[SelectedLayer],
-    examples: Sequence,
-    rank: tuple[int, int],
-    batch_size: int = 32,
-    device: torch.device | str = "cpu",
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Top-``k`` eigenvectors of ``E[x~ x~^T]`` and ``E[g g^T]`` for every layer, as ``(p_in, p_out)``."""
-    hooks = [_CovarianceHook(layer, torch.device(device)) for layer in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(examples), batch_size):
-            batch = move_to_device(task.collate([examples[i] for i in range(start, min(start + batch_size, len(examples)))]), device)
-            task.loss(model, batch).sum().backward()
-        model.zero_grad(set_to_none=True)
-    finally:
-        for hook in hooks:
-            hook.handle.remove()
-        model.train(was_training)
-    bases = {}
-    for hook in hooks:
-        d_in, d_out, bias = hook.layer.adapter.dims(hook.layer.module)
-        k_in, k_out = min(rank[0], d_in + int(bias)), min(rank[1], d_out)
-        p_in = top_frequency_basis(hook.inputs, k_in) if hook.embedding else top_eigenvectors(hook.inputs, k_in)
-        bases[hook.layer.name] = (p_in, top_eigenvectors(hook.grads, k_out))
-    return bases
+    def add_matrices(self, matrices: torch.Tensor) -> None:
+        """Per-example canonical gradients ``[B, d_out, in_dim]`` (normalisation blocks)."""
+        m = matrices.to(torch.float64)
+        self.inputs += torch.einsum("bdi,bdj->ij", m, m)
+        self.grads += torch.einsum("bdi,bei->de", m, m)
+
+    def bases(self, k_in: int, k_out: int) -> tuple[np.ndarray, np.ndarray]:
+        k_in, k_out = min(k_in, self.in_dim), min(k_out, self.grads.shape[0])
+        p_in = top_frequency_basis(self.inputs, k_in) if self.onehot else top_eigenvectors(self.inputs, k_in)
+        return p_in, top_eigenvectors(self.grads, k_out)

@@ -7,21 +7,27 @@ writing to a store (offline passes and in-training capture).
 from __future__ import annotations
 
 import contextlib
-import warnings
-from typing import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from gradstore.projection import ProjectionMismatchError, ProjectionSpec, build_matrices, fold_denominator, matrices_checksum
+from gradstore.projection import (
+    ProjectionMismatchError,
+    ProjectionSpec,
+    build_matrices,
+    fold_denominator,
+    matrices_checksum,
+)
 from gradstore.projection.spec import Init
 
 from .errors import TaskError
-from .hooks import CaptureState, LayerHook, frozen_parameters
+from .hooks import CaptureState, InstalledHooks, audit_parameter_uses, frozen_parameters
 from .layers import SelectedLayer, select_layers
 from .optimizer_state import split_factors
-from .pca import pca_bases
+from .pca import BlockStatistics
 from .task import Task, move_to_device
 
 Rank = int | tuple[int, int]
@@ -35,7 +41,10 @@ class GradientProjector:
         task: the user's :class:`Task` (collate, per-example loss); needed by :meth:`project`.
         rank: ``k`` for both sides, or ``(k_in, k_out)``; clipped to each layer's dimensions.
         init: ``gaussian`` | ``rademacher`` | ``orthonormal`` | ``pca``.
-        layers: glob patterns on module names (``named_modules``); each must match a supported module.
+        layers: glob patterns on module names (``named_modules``); each must match a supported module, ``!pattern``
+            excludes. ``"*"`` logs every trainable parameter of the supported modules (Linear, Embedding, Conv2d, HF
+            Conv1D, MultiheadAttention, and the affine parameters of LayerNorm / RMSNorm / GroupNorm / BatchNorm);
+            a tied weight is one block. A selected module that cannot be logged exactly is refused.
         seed: projection seed; with the same arguments two projectors project into the same space.
         pca_examples: examples for the ``init="pca"`` statistics pass (default: the first 1024 training examples).
         spec: reuse an existing projection (e.g. ``store.spec``, to project queries exactly as a store was
@@ -58,24 +67,38 @@ class GradientProjector:
         if spec is not None:
             layers = [layer.name for layer in spec.layers]
         self.layers: list[SelectedLayer] = select_layers(model, list(layers))
-        _warn_on_shared_weights(self.layers)
         if spec is not None:
             _check_layers_match(self.layers, spec)
-        else:
-            bases = self._pca_bases(rank, pca_examples) if init == "pca" else None
-            spec = ProjectionSpec.build([layer.dims() for layer in self.layers], rank, init=init, seed=seed, pca_bases=bases)
-        self.base_matrices = build_matrices(spec, device=self.device, verify=spec.matrix_sha256 is not None)
+        self._state = CaptureState()
+        self._installed: InstalledHooks | None = InstalledHooks(model, self.layers, self._state)
+        self._audited = False
+        try:
+            if spec is None:
+                bases = self._pca_bases(rank, pca_examples) if init == "pca" else None
+                dims = [layer.dims() for layer in self.layers]
+                spec = ProjectionSpec.build(dims, rank, init=init, seed=seed, pca_bases=bases)
+            self.base_matrices = build_matrices(spec, device=self.device, verify=spec.matrix_sha256 is not None)
+        except BaseException:
+            self._remove_hooks()
+            raise
         self.spec = spec if spec.matrix_sha256 else spec.with_checksum(matrices_checksum(self.base_matrices))
-        self._state = CaptureState(dict(self.base_matrices), self.spec.dim)
-        self._hooks = [LayerHook(layer, layer_spec, self._state) for layer, layer_spec in zip(self.layers, self.spec.layers)]
+        self._state.configure(self.spec.layers, self.base_matrices)
 
     def _pca_bases(self, rank: Rank, examples: Sequence | None) -> dict:
+        """Top-``k`` eigenvectors of every block's input and output-side covariances (``init="pca"``)."""
         task = self._require_task()
         if examples is None:
             train = task.train_examples()
             examples = [train[i] for i in range(min(len(train), 1024))]
-        k = (rank, rank) if isinstance(rank, int) else (rank[0], rank[1])
-        return pca_bases(self.model, task, self.layers, examples, k, device=self.device)
+        k_in, k_out = (rank, rank) if isinstance(rank, int) else (rank[0], rank[1])
+        stats = {layer.name: BlockStatistics(layer, self.device) for layer in self.layers}
+        self._state.statistics = stats
+        try:
+            for start in range(0, len(examples), 32):
+                self._gradient_pass([examples[i] for i in range(start, min(start + 32, len(examples)))], task.loss)
+        finally:
+            self._state.statistics = None
+        return {name: s.bases(k_in, k_out) for name, s in stats.items()}
 
     def _require_task(self) -> Task:
         if self.task is None:
@@ -99,24 +122,70 @@ class GradientProjector:
             self._state.matrices = previous
 
     def project(self, examples: Sequence, measurement: bool = False) -> torch.Tensor:
-        """Projected gradients ``[B, D]`` (float32, on the model's device) of a batch of examples at the current weights.
+        """Projected gradients ``[B, D]`` (float32, on the model's device) of a batch at the current weights.
 
         Uses the per-example loss, or the Task's measurement when ``measurement`` is true. The model is
         put in eval mode for the call and parameters' ``.grad`` are left untouched.
         """
         task = self._require_task()
-        batch = move_to_device(task.collate(list(examples)), self.device)
+        return self._gradient_pass(list(examples), task.measurement if measurement else task.loss)
+
+    def _gradient_pass(self, examples: list, fn: Callable[[nn.Module, Any], torch.Tensor]) -> torch.Tensor:
+        """Forward and backward one batch in eval mode with frozen parameters; returns the filled buffer."""
+        task = self._require_task()
+        batch = move_to_device(task.collate(examples), self.device)
         was_training = self.model.training
         self.model.eval()
         try:
-            with frozen_parameters(self.model, self._state), self._state.armed(len(examples), self.device):
-                values = (task.measurement if measurement else task.loss)(self.model, batch)
-                check_losses(values, len(examples))
-                if values.requires_grad:
-                    values.sum().backward()
-                return self._state.disarm()
+            with frozen_parameters(self.model, self._state):
+                for attempt in range(2):
+                    with self._state.armed(len(examples), self.device):
+                        with self._audit():
+                            values = fn(self.model, batch)
+                        check_losses(values, len(examples))
+                        if self._state.undecided and attempt == 0:
+                            self._resolve_layouts(examples, fn)  # then run the batch again, expanded where needed
+                            self._state.disarm()
+                            continue
+                        if values.requires_grad:
+                            values.sum().backward()
+                        return self._state.disarm()
+                raise AssertionError("unreachable")
         finally:
             self.model.train(was_training)
+
+    def _audit(self) -> contextlib.AbstractContextManager:
+        """The first forward pass checks that no logged parameter is used outside its hooked modules."""
+        if self._audited:
+            return contextlib.nullcontext()
+        self._audited = True
+        return audit_parameter_uses(self.model, self.layers)
+
+    def _resolve_layouts(self, examples: list, fn: Callable[[nn.Module, Any], torch.Tensor]) -> None:
+        """Decide, with one-example forward passes, whether ambiguous 1-D index inputs are per example or shared.
+
+        A 1-D input of length B could be one index per example or positions ``arange(T)`` with ``T == B``. Alone,
+        an example's per-example input has length 1, while shared positions keep their length T > 1 for some
+        example. The answer is remembered by the layer's hook.
+        """
+        task = self._require_task()
+        undecided = set(self._state.undecided)
+        for example in examples:
+            observed: dict = {}
+            self._state.probing = observed
+            try:
+                with torch.no_grad():
+                    fn(self.model, move_to_device(task.collate([example]), self.device))
+            finally:
+                self._state.probing = None
+            for hook in list(undecided):
+                if any(len(shape) == 1 and shape[0] != 1 for shape in observed.get(hook, [])):
+                    hook.layout_1d = "shared"
+                    undecided.discard(hook)
+            if not undecided:
+                break
+        for hook in undecided:
+            hook.layout_1d = "batch"
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -128,12 +197,15 @@ class GradientProjector:
             self._state.paused = False
 
     def close(self) -> None:
-        """Remove every hook."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        """Remove every hook and restore every patched module."""
+        self._remove_hooks()
 
-    def __enter__(self) -> "GradientProjector":
+    def _remove_hooks(self) -> None:
+        if self._installed is not None:
+            self._installed.remove()
+            self._installed = None
+
+    def __enter__(self) -> GradientProjector:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -156,15 +228,3 @@ def _check_layers_match(layers: list[SelectedLayer], spec: ProjectionSpec) -> No
     if found != expected:
         raise ProjectionMismatchError(f"the model's layers {found} do not match the projection spec's {expected}")
 
-
-def _warn_on_shared_weights(layers: list[SelectedLayer]) -> None:
-    seen: dict[int, str] = {}
-    for layer in layers:
-        key = id(layer.module.weight)
-        if key in seen:
-            warnings.warn(
-                f"layers {seen[key]!r} and {layer.name!r} share a weight; each is projected separately, so their "
-                "cross terms are not in the inner product. Select only one of them for exact TracIn.",
-                stacklevel=4,
-            )
-        seen[key] = layer.name

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from gradstore.logger import Task, canonical_gradient
+from gradstore.logger import Task
 
 PAD = 0
 
@@ -84,7 +84,8 @@ class LMTask(Task):
         gen = torch.Generator().manual_seed(seed)
         self.vocab, self.max_len = vocab, max_len
         self.seqs = [
-            torch.randint(1, vocab, (int(torch.randint(3, max_len + 1, (1,), generator=gen)),), generator=gen) for _ in range(n)
+            torch.randint(1, vocab, (int(torch.randint(3, max_len + 1, (1,), generator=gen)),), generator=gen)
+            for _ in range(n)
         ]
 
     def build_model(self) -> nn.Module:
@@ -103,33 +104,41 @@ class LMTask(Task):
     def loss(self, model, batch):
         logits = model(batch[:, :-1])
         target = batch[:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none", ignore_index=PAD)
+        nll = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none", ignore_index=PAD
+        )
         return nll.view(target.shape).sum(dim=1)
 
 
-def per_example_canonical_grads(model: nn.Module, task: Task, examples: list, layers, dtype=torch.float64) -> dict:
-    """Exact per-example gradients with ``torch.func`` (vmap of grad), in each layer's canonical layout.
+def per_example_canonical_grads(
+    model: nn.Module, task: Task, examples: list, layers, dtype=torch.float64, vectorize: bool = True
+) -> dict:
+    """Exact per-example gradients with ``torch.func`` (vmap of grad), in each block's canonical layout.
 
-    The model is copied to ``dtype``; returns ``{layer name: [B, d_out, in_dim]}``.
+    The model is copied to ``dtype`` without gradstore's hooks; returns ``{block name: [B, d_out, in_dim]}``.
+    ``vectorize=False`` takes ``grad`` one example at a time (models whose masks branch on data, as HF's do).
     """
+    grads = per_example_parameter_grads(model, task, examples, dtype, vectorize)
+    return {layer.name: layer.canonical({k: grads[n] for k, n in layer.parameter_names().items()}) for layer in layers}
+
+
+def per_example_parameter_grads(
+    model: nn.Module, task: Task, examples: list, dtype=torch.float64, vectorize: bool = True
+) -> dict:
+    """``{parameter name: [B, *shape]}`` for every distinct parameter (a tied one once, under its first name)."""
     ref = _copy_as(model, dtype)
     params = {k: v.detach() for k, v in ref.named_parameters()}
     batch = _to_dtype(task.collate(list(examples)), dtype)
 
     def one(p, item):
         item = item.unsqueeze(0) if isinstance(item, torch.Tensor) else tuple(b.unsqueeze(0) for b in item)
-        return task.loss(lambda *a: functional_call(ref, p, a), item).sum()
+        return task.loss(lambda *a, **kw: functional_call(ref, p, a, kw), item).sum()
 
-    grads = vmap(grad(one), in_dims=(None, 0))(params, batch)
-    modules = dict(ref.named_modules())
-    out = {}
-    for layer in layers:
-        module = modules[layer.name]
-        names = {k: f"{layer.name}.{k}" for k in ("weight", "bias") if getattr(module, k, None) is not None}
-        out[layer.name] = canonical_gradient(
-            type(layer)(layer.name, module, layer.adapter), {k: grads[v] for k, v in names.items()}
-        )
-    return out
+    if vectorize:
+        return vmap(grad(one), in_dims=(None, 0))(params, batch)
+    items = [batch[i] if isinstance(batch, torch.Tensor) else tuple(b[i] for b in batch) for i in range(len(examples))]
+    per_item = [grad(one)(params, item) for item in items]
+    return {k: torch.stack([g[k] for g in per_item]) for k in params}
 
 
 def _to_dtype(batch, dtype):
@@ -143,9 +152,16 @@ def flat_full_gradients(canonical: dict, layer_names: list[str]) -> torch.Tensor
 
 
 def _copy_as(model: nn.Module, dtype) -> nn.Module:
+    """A copy in ``dtype``, eval mode, without gradstore's hooks and patched forwards: plain PyTorch."""
     import copy
 
-    return copy.deepcopy(model).to(dtype).eval()
+    ref = copy.deepcopy(model).to(dtype).eval()
+    for module in ref.modules():
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                      "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
+            getattr(module, hooks).clear()
+        module.__dict__.pop("forward", None)
+    return ref
 
 
 def sgd_steps(model: nn.Module, task: Task, steps: int, lr: float, seed: int = 0, batch_size: int = 8) -> None:
@@ -162,3 +178,38 @@ def sgd_steps(model: nn.Module, task: Task, steps: int, lr: float, seed: int = 0
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT-style LM: ``wpe(arange(T))`` is ``[T, d]``, broadcast onto ``[B, T, d]``; ``wte``/``lm_head`` tied."""
+
+    def __init__(self, vocab: int = 50, d: int = 16, max_len: int = 16, heads: int = 2, layers: int = 1):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(max_len, d)
+        self.blocks = nn.ModuleList(_NanoBlock(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
+        for block in self.blocks:
+            h = block(h)
+        return self.lm_head(self.ln_f(h))
+
+
+class _NanoBlock(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.heads = heads
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, t, d = h.shape
+        q, k, v = self.c_attn(self.ln_1(h)).split(d, dim=2)
+        q, k, v = (x.view(b, t, self.heads, -1).transpose(1, 2) for x in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        h = h + self.c_proj(y)
+        return h + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(h))))

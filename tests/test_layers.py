@@ -121,7 +121,8 @@ def test_pca_init_full_rank_is_exact_and_reused_from_store(tmp_path):
     torch.manual_seed(0)
     model = task.build_model()
     sgd_steps(model, task, steps=3, lr=0.2)
-    logger = GradientLogger(model, task, store=tmp_path / "s.zarr", rank=10**6, init="pca", dtype="float32", progress=False)
+    store = tmp_path / "s.zarr"
+    logger = GradientLogger(model, task, store=store, rank=10**6, init="pca", dtype="float32", progress=False)
     matrices = build_matrices(logger.spec)
     for m in matrices.values():  # orthonormal rows
         for p in (m.p_in, m.p_out):
@@ -129,12 +130,13 @@ def test_pca_init_full_rank_is_exact_and_reused_from_store(tmp_path):
     logger.log_checkpoint("c", lr=1.0)
     _, rows = GradientStore.open(tmp_path / "s.zarr").read("c")
     names = [layer.name for layer in logger.layers]
-    full = torch.cat([per_example_canonical_grads(model, task, task.train_examples(), logger.layers)[n].flatten(1) for n in names], 1)
+    canonical = per_example_canonical_grads(model, task, task.train_examples(), logger.layers)
+    full = torch.cat([canonical[n].flatten(1) for n in names], 1)
     gram = torch.from_numpy(rows).double() @ torch.from_numpy(rows).double().T
     assert relative_error(gram, full @ full.T) < 1e-4
     # a second logger on the same store reuses the stored bases even after the weights moved
     sgd_steps(model, task, steps=3, lr=0.2, seed=5)
-    again = GradientLogger(model, task, store=tmp_path / "s.zarr", rank=10**6, init="pca", dtype="float32", progress=False)
+    again = GradientLogger(model, task, store=store, rank=10**6, init="pca", dtype="float32", progress=False)
     assert again.spec.same_projection(logger.spec)
 
 
@@ -145,7 +147,7 @@ def test_pca_low_rank_captures_top_directions():
     model = task.build_model()
     logger = GradientLogger(model, task, rank=3, init="pca", progress=False)
     x = torch.cat([task.x, torch.ones(len(task.x), 1)], dim=1).double()
-    evals, evecs = torch.linalg.eigh(x.T @ x)
+    _, evecs = torch.linalg.eigh(x.T @ x)
     top = evecs[:, -3:]
     p_in = torch.from_numpy(np.asarray(logger.spec.pca_bases["0"][0])).double()
     # the rows span the same subspace: all principal angles are zero
