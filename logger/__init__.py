@@ -1,4 +1,4 @@
-"""Torch integration: the Task protocol, the GradientProjector (hooks, no I/O) and the GradientLogger (writes a store)."""
+"""Torch integration: the Task protocol, GradientProjector (hooks, no I/O) and GradientLogger (writes a store)."""
 
 from .errors import (
     BatchLayoutError,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 
 from gradstore.projection import ProjectionSpec
 from gradstore.projection.spec import Init
-from gradstore.store.gradient_store import StoreDtype
 from gradstore.store import (
     AppendWriter,
     BackgroundWriter,
@@ -27,6 +26,7 @@ from gradstore.store import (
     Segment,
     file_sha256,
 )
+from gradstore.store.gradient_store import StoreDtype
 
 from .errors import CaptureError, NonFiniteGradientError, TaskError
 from .fingerprint import examples_fingerprint
@@ -68,11 +68,17 @@ class GradientLogger(GradientProjector):
     ):
         if spec is None and init == "pca" and store is not None and (Path(store) / "zarr.json").exists():
             spec = GradientStore.open(store).spec  # PCA bases are data: reuse the ones the store was written with
-        super().__init__(model, task, rank=rank, init=init, layers=layers, seed=seed, pca_examples=pca_examples, spec=spec)
+        super().__init__(
+            model, task, rank=rank, init=init, layers=layers, seed=seed, pca_examples=pca_examples, spec=spec
+        )
         self.progress = progress
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.process_rank = process_rank if process_rank is not None else (torch.distributed.get_rank() if distributed else 0)
-        self.world_size = world_size if world_size is not None else (torch.distributed.get_world_size() if distributed else 1)
+        self.process_rank = (
+            process_rank if process_rank is not None else (torch.distributed.get_rank() if distributed else 0)
+        )
+        self.world_size = (
+            world_size if world_size is not None else (torch.distributed.get_world_size() if distributed else 1)
+        )
         self._distributed = distributed and self.world_size > 1
         self.store: GradientStore | None = None
         if store is not None:
@@ -159,7 +165,10 @@ class GradientLogger(GradientProjector):
         mine = [k for k in range(segment.n_chunks) if k % self.world_size == self.process_rank]
         damaged = [k for k in mine if committed[k] and not segment.chunk_intact(k)]
         if damaged:
-            warnings.warn(f"checkpoint {name!r}: re-logging damaged chunks {damaged[:20]} of {segment.group.store_path}")
+            warnings.warn(
+                f"checkpoint {name!r}: re-logging damaged chunks {damaged[:20]} of {segment.group.store_path}",
+                stacklevel=2,
+            )
         self._check_resumed_chunks(segment, [k for k in mine if committed[k] and k not in damaged], examples, ids, name)
         todo = [k for k in mine if committed[k] == 0 or k in damaged]
         try:
@@ -196,7 +205,7 @@ class GradientLogger(GradientProjector):
     def _check_resumed_chunks(
         self, segment: Segment, chunks: list[int], examples: Sequence, ids: np.ndarray, checkpoint: str
     ) -> None:
-        """Refuse to resume a pass whose committed chunks hold other examples (ids or content) than the ones given now."""
+        """Refuse to resume a pass whose committed chunks hold other examples (ids or content) than those given."""
         counts, chunk_rows = segment.committed_counts(), segment.chunk_rows
         for chunk in chunks:
             start, stop = chunk * chunk_rows, chunk * chunk_rows + int(counts[chunk])
@@ -205,7 +214,8 @@ class GradientLogger(GradientProjector):
             chunk_examples = [examples[i] for i in range(start, stop)]
             if not same_ids or (recorded and recorded != examples_fingerprint(self._require_task(), chunk_examples)):
                 raise CheckpointMismatchError(
-                    f"checkpoint {checkpoint!r}: the examples differ from those of the interrupted run (chunk {chunk}): "
+                    f"checkpoint {checkpoint!r}: the examples differ from those of the interrupted run "
+                    f"(chunk {chunk}): "
                     f"their {'ids' if not same_ids else 'content'} changed in rows {start}..{stop - 1}; "
                     "resume with the same examples in the same order, or use a new checkpoint name"
                 )
@@ -219,7 +229,9 @@ class GradientLogger(GradientProjector):
         positions = np.concatenate([np.arange(lo, hi) for lo, hi in bounds]) if bounds else np.zeros(0, np.int64)
         pending = iter(zip(chunks, bounds))
         buffer: ChunkBuffer | None = None
-        with tqdm(total=len(positions), desc=desc, unit="ex", disable=not self.progress or self.process_rank != 0) as bar:
+        with tqdm(
+            total=len(positions), desc=desc, unit="ex", disable=not self.progress or self.process_rank != 0
+        ) as bar:
             for lo in range(0, len(positions), batch_size):
                 batch_positions = positions[lo : lo + batch_size]
                 batch_ids = ids[batch_positions]
@@ -228,8 +240,12 @@ class GradientLogger(GradientProjector):
                 while taken < len(batch_ids):
                     if buffer is None or buffer.rows == 0:
                         chunk, (start, stop) = next(pending)
-                        fingerprint = examples_fingerprint(self._require_task(), [examples[i] for i in range(start, stop)])
-                        buffer = ChunkBuffer(segment, chunk, stop - start, store.dim, store.dtype, self._writer, fingerprint)
+                        fingerprint = examples_fingerprint(
+                            self._require_task(), [examples[i] for i in range(start, stop)]
+                        )
+                        buffer = ChunkBuffer(
+                            segment, chunk, stop - start, store.dim, store.dtype, self._writer, fingerprint
+                        )
                     taken += buffer.add(batch_ids[taken:], grads[taken:])
                 bar.update(len(batch_ids))
         return len(positions)
@@ -246,7 +262,8 @@ class GradientLogger(GradientProjector):
         if overflow.any():
             bad_ids = ids[overflow].tolist()
             raise NonFiniteGradientError(
-                f"gradients of example ids {bad_ids[:20]} overflow float16; create the store with dtype='float32'", bad_ids
+                f"gradients of example ids {bad_ids[:20]} overflow float16; create the store with dtype='float32'",
+                bad_ids,
             )
         return host
 
@@ -298,7 +315,9 @@ class GradientLogger(GradientProjector):
         seen = self._capture_seen[checkpoint]
         repeated = [int(i) for i in batch_ids[keep] if int(i) in seen]
         if repeated or len(set(batch_ids[keep].tolist())) != int(keep.sum()):
-            raise DuplicateIdError(f"example ids logged twice for checkpoint {checkpoint!r}: {repeated[:10] or 'within one batch'}")
+            raise DuplicateIdError(
+                f"example ids logged twice for checkpoint {checkpoint!r}: {repeated[:10] or 'within one batch'}"
+            )
         if not keep.any():
             return
         rows = self._to_storage(grads[torch.from_numpy(keep).to(grads.device)], batch_ids[keep])
@@ -339,5 +358,5 @@ class GradientLogger(GradientProjector):
             self._writer.close()
             super().close()
 
-    def __enter__(self) -> "GradientLogger":
+    def __enter__(self) -> GradientLogger:
         return self

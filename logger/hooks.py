@@ -255,8 +255,16 @@ def parts_of(layer: SelectedLayer) -> list[tuple[nn.Module, LayerAdapter, _Part]
 class ModuleHook:
     """The forward hook of one module (all its parts); ``remove()`` takes it off."""
 
-    def __init__(self, name: str, module: nn.Module, adapter: LayerAdapter, parts: list[_Part], state: CaptureState,
-                 register: bool = True, batch_dim: int = 0):
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module,
+        adapter: LayerAdapter,
+        parts: list[_Part],
+        state: CaptureState,
+        register: bool = True,
+        batch_dim: int = 0,
+    ):
         self.name, self.module, self.adapter, self.parts, self.state = name, module, adapter, parts, state
         self.batch_dim = batch_dim  # 1 inside a sequence-first nn.Transformer* layer
         self.layout_1d: str | None = None  # "shared" | "batch" once known for 1-D index inputs
@@ -341,8 +349,9 @@ class ModuleHook:
             return "undecided"
         return self.layout_1d
 
-    def _backward(self, parts: list[_Part], feats: list, matrices: list, layout: str, problem: str | None,
-                  grad: torch.Tensor) -> None:
+    def _backward(
+        self, parts: list[_Part], feats: list, matrices: list, layout: str, problem: str | None, grad: torch.Tensor
+    ) -> None:
         state = self.state
         buffer = state.buffer
         if buffer is None:
@@ -399,14 +408,34 @@ class AttentionHook:
             del self.module.forward
         self._handle.remove()
 
-    def _forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                 average_attn_weights=True, is_causal=False):
+    def _forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
         state, mha = self.state, self.module
         if state.probing is not None or state.paused or not torch.is_grad_enabled():
-            return type(mha).forward(mha, query, key, value, key_padding_mask, need_weights, attn_mask,
-                                     average_attn_weights, is_causal)
-        return attention_forward(mha, query, key, value, key_padding_mask, need_weights, attn_mask,
-                                 average_attn_weights, is_causal, self._linear)
+            return type(mha).forward(
+                mha, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
+        return attention_forward(
+            mha,
+            query,
+            key,
+            value,
+            key_padding_mask,
+            need_weights,
+            attn_mask,
+            average_attn_weights,
+            is_causal,
+            self._linear,
+        )
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: slice) -> torch.Tensor:
         out = F.linear(x, weight, bias)
@@ -423,18 +452,35 @@ def _keep_off_fast_path(module: nn.Module, args: tuple) -> None:
     return None
 
 
-def attention_forward(mha: nn.MultiheadAttention, query, key, value, key_padding_mask, need_weights, attn_mask,
-                      average_attn_weights, is_causal, linear: Callable) -> tuple[torch.Tensor, torch.Tensor | None]:
+def attention_forward(
+    mha: nn.MultiheadAttention,
+    query,
+    key,
+    value,
+    key_padding_mask,
+    need_weights,
+    attn_mask,
+    average_attn_weights,
+    is_causal,
+    linear: Callable,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``nn.MultiheadAttention.forward`` (PyTorch's non-fused path) with a hookable in-projection and ``out_proj``."""
     if query.is_nested or key.is_nested or value.is_nested:
         raise UnsupportedLayerError("gradstore cannot log nn.MultiheadAttention on nested tensors; pass padded tensors")
     batched = query.dim() == 3
     key_padding_mask = F._canonical_mask(
-        mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
-        other_name="attn_mask", target_type=query.dtype,
+        mask=key_padding_mask,
+        mask_name="key_padding_mask",
+        other_type=F._none_or_dtype(attn_mask),
+        other_name="attn_mask",
+        target_type=query.dtype,
     )
     attn_mask = F._canonical_mask(
-        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=query.dtype,
+        mask=attn_mask,
+        mask_name="attn_mask",
+        other_type=None,
+        other_name="",
+        target_type=query.dtype,
         check_other=False,
     )
     if not batched:
@@ -614,11 +660,30 @@ def frozen_parameters(model: nn.Module, state: CaptureState) -> Iterator[None]:
 
 # -- audit: logged parameters used outside the modules that log them ------------------------------------
 
-_METADATA = frozenset({
-    "__get__", "size", "dim", "numel", "stride", "data_ptr", "element_size", "is_floating_point", "is_complex",
-    "storage_offset", "is_contiguous", "get_device", "nelement", "ndimension", "__len__", "untyped_storage",
-    "__format__", "__repr__", "is_shared", "is_pinned",
-})
+_METADATA = frozenset(
+    {
+        "__get__",
+        "size",
+        "dim",
+        "numel",
+        "stride",
+        "data_ptr",
+        "element_size",
+        "is_floating_point",
+        "is_complex",
+        "storage_offset",
+        "is_contiguous",
+        "get_device",
+        "nelement",
+        "ndimension",
+        "__len__",
+        "untyped_storage",
+        "__format__",
+        "__repr__",
+        "is_shared",
+        "is_pinned",
+    }
+)
 
 
 class _UseAudit(TorchFunctionMode):

@@ -363,8 +363,11 @@ def adapter_for(module: nn.Module) -> LayerAdapter | None:
         return Conv2dAdapter()
     if isinstance(module, nn.MultiheadAttention):
         return MultiheadAttentionAdapter()
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(getattr(module, "weight", None),
-                                                                                 torch.Tensor):
+    if (
+        type(module).__name__ == "Conv1D"
+        and hasattr(module, "nf")
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+    ):
         return Conv1DAdapter()  # transformers' Conv1D, detected without importing transformers
     if isinstance(module, nn.LayerNorm):
         return LayerNormAdapter()

@@ -124,11 +124,16 @@ class GradientProjector:
     def project(self, examples: Sequence, measurement: bool = False) -> torch.Tensor:
         """Projected gradients ``[B, D]`` (float32, on the model's device) of a batch at the current weights.
 
-        Uses the per-example loss, or the Task's measurement when ``measurement`` is true. The model is
+        Uses the per-example loss, or the Task's measurement when ``measurement`` is true (negated when the Task
+        says ``higher_is_better``, so that proponents keep positive scores). The model is
         put in eval mode for the call and parameters' ``.grad`` are left untouched.
         """
         task = self._require_task()
-        return self._gradient_pass(list(examples), task.measurement if measurement else task.loss)
+        if not measurement:
+            return self._gradient_pass(list(examples), task.loss)
+        if task.higher_is_better:  # score = <grad m_q, grad loss_i> needs m where lower means "more of the output"
+            return self._gradient_pass(list(examples), lambda model, batch: -task.measurement(model, batch))
+        return self._gradient_pass(list(examples), task.measurement)
 
     def _gradient_pass(self, examples: list, fn: Callable[[nn.Module, Any], torch.Tensor]) -> torch.Tensor:
         """Forward and backward one batch in eval mode with frozen parameters; returns the filled buffer."""
@@ -227,4 +232,3 @@ def _check_layers_match(layers: list[SelectedLayer], spec: ProjectionSpec) -> No
     expected = [(layer.name, layer.kind, layer.d_in, layer.d_out, layer.bias) for layer in spec.layers]
     if found != expected:
         raise ProjectionMismatchError(f"the model's layers {found} do not match the projection spec's {expected}")
-

@@ -15,7 +15,15 @@ class Task:
 
     Contract for :meth:`loss`: one loss per example, shape ``[B]``, summed (not averaged) over the
     example's tokens or positions, so that its gradient is that example's own gradient.
+
+    Sign convention: ``score(q, i) = sum_c lr_c <grad m_q, grad loss_i>``. A gradient step on example ``i``
+    changes ``m_q`` by about ``-lr <grad m_q, grad loss_i>``, so a positive score means training on ``i``
+    lowered ``m_q``. With the loss (or any measurement where lower means "more of this output") proponents
+    have positive scores. A measurement where higher means more of the output (a log-prob, a margin) must set
+    ``higher_is_better = True``: gradstore then takes the gradient of ``-m_q``, and proponents stay positive.
     """
+
+    higher_is_better: bool = False  # does a larger measurement() mean "more of the output"? (the loss: no)
 
     def build_model(self) -> torch.nn.Module:
         """A fresh model in the architecture the checkpoints were saved from."""
@@ -49,7 +57,8 @@ class Task:
         raise NotImplementedError(f"{type(self).__name__}.loss")
 
     def measurement(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        """What a query's gradient is taken of (default: the loss). E.g. a margin or a target span's log-prob."""
+        """What a query's gradient is taken of (default: the loss). E.g. a margin or a target span's log-prob;
+        set :attr:`higher_is_better` when larger values mean more of the output."""
         return self.loss(model, batch)
 
     def query_example(self, payload: dict) -> Any:

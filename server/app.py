@@ -82,13 +82,15 @@ def _errors(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
 api = APIRouter(
     prefix="/v1",
     dependencies=[Depends(_check_api_key)],
-    responses=_errors({
-        400: "the body could not be read (e.g. not UTF-8)",
-        401: "missing or wrong API key (when the server has one)",
-        413: "request body larger than the server's limit",
-        422: "invalid request: the message names the field or says what is wrong",
-        503: "the query engine is still loading, or the run cannot be served (the message says what to run)",
-    }),
+    responses=_errors(
+        {
+            400: "the body could not be read (e.g. not UTF-8)",
+            401: "missing or wrong API key (when the server has one)",
+            413: "request body larger than the server's limit",
+            422: "invalid request: the message names the field or says what is wrong",
+            503: "the query engine is still loading, or the run cannot be served (the message says what to run)",
+        }
+    ),
 )
 
 
@@ -123,7 +125,9 @@ async def self_influence(body: SelfInfluenceRequest, engine: Engine, settings: S
 
 
 @api.get(
-    "/examples/{example_id}", response_model=ExampleResponse, summary="The Task's description of a training example",
+    "/examples/{example_id}",
+    response_model=ExampleResponse,
+    summary="The Task's description of a training example",
     responses=_errors({404: "no training example with that id"}),
 )
 async def example(example_id: int, engine: Engine) -> ExampleResponse:
@@ -131,7 +135,9 @@ async def example(example_id: int, engine: Engine) -> ExampleResponse:
 
 
 @api.get(
-    "/run", response_model=RunInfo, response_model_exclude_none=True,
+    "/run",
+    response_model=RunInfo,
+    response_model_exclude_none=True,
     summary="Run metadata: store, checkpoints, projection, index, N, D (as `gradstore info --json`)",
 )
 async def run(engine: Engine) -> RunInfo:
@@ -190,8 +196,12 @@ def create_app(
     app.state.metrics = Metrics()
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # inside CORS: a 413 still carries its headers
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["*"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+        )
 
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)  # outermost: counts 413s and CORS answers too
 

@@ -73,10 +73,16 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> None:
-    request = build_request(InfluenceRequest, {
-        "queries": _load_queries(args), "top_k": args.top_k, "lr_weighting": args.lr_weighting,
-        "checkpoints": _checkpoints(args.checkpoints), "measurement": args.measurement,
-    })
+    request = build_request(
+        InfluenceRequest,
+        {
+            "queries": _load_queries(args),
+            "top_k": args.top_k,
+            "lr_weighting": args.lr_weighting,
+            "checkpoints": _checkpoints(args.checkpoints),
+            "measurement": args.measurement,
+        },
+    )
     response = open_engine(_config(args), device=args.device).answer_influence(request)
     if args.json:
         print(response.model_dump_json(indent=2))
@@ -90,9 +96,14 @@ def cmd_query(args: argparse.Namespace) -> None:
 
 
 def cmd_self_influence(args: argparse.Namespace) -> None:
-    request = build_request(SelfInfluenceRequest, {
-        "top_k": args.top_k, "lr_weighting": args.lr_weighting, "checkpoints": _checkpoints(args.checkpoints),
-    })
+    request = build_request(
+        SelfInfluenceRequest,
+        {
+            "top_k": args.top_k,
+            "lr_weighting": args.lr_weighting,
+            "checkpoints": _checkpoints(args.checkpoints),
+        },
+    )
     response = open_engine(_config(args), device=args.device).answer_self_influence(request)
     if args.json:
         print(response.model_dump_json(indent=2))

@@ -73,7 +73,9 @@ class Client:
         transport: httpx.BaseTransport | None = None,
     ):
         self._http = httpx.Client(
-            base_url=base_url, headers=_headers(api_key), timeout=timeout,
+            base_url=base_url,
+            headers=_headers(api_key),
+            timeout=timeout,
             transport=transport or httpx.HTTPTransport(retries=retries),
         )
 
@@ -135,7 +137,9 @@ class AsyncClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ):
         self._http = httpx.AsyncClient(
-            base_url=base_url, headers=_headers(api_key), timeout=timeout,
+            base_url=base_url,
+            headers=_headers(api_key),
+            timeout=timeout,
             transport=transport or httpx.AsyncHTTPTransport(retries=retries),
         )
 

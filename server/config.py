@@ -340,4 +340,3 @@ def _known_keys(error: ValidationError) -> dict[tuple[int | str, ...], list[str]
             if table is not None:
                 known[tuple(e["loc"][:-1])] = [name for name in table.model_fields if name != "index_path"]
     return known
-

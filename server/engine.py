@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 
-from gradstore.logger import GradientLogger, Task
+from gradstore.logger import GradientProjector, Task
 from gradstore.projection import GradstoreError
 from gradstore.store import (
     CheckpointMismatchError,
@@ -112,15 +112,15 @@ class QueryEngine:
         self._adam = {name: store.adam_factors(name) for name in self.checkpoints}
         self._lock = threading.Lock()  # hooks hold per-call state: one gradient computation at a time
         base = task.build_model().to(self.device)
-        self._loggers: dict[str, GradientLogger] = {}
+        self._projectors: dict[str, GradientProjector] = {}
         if residency == "all":
             for name in self.checkpoints:
                 model = copy.deepcopy(base)
                 task.load_checkpoint(model, self.paths[name])
-                self._loggers[name] = GradientLogger(model, task, spec=store.spec, progress=False)
+                self._projectors[name] = GradientProjector(model, task, spec=store.spec)
             self._loaded: str | None = None
         else:
-            self._shared = GradientLogger(base, task, spec=store.spec, progress=False)
+            self._shared = GradientProjector(base, task, spec=store.spec)
             self._loaded = None
         self._examples = task.train_examples()
         self._positions: dict[int, int] | None = None
@@ -179,20 +179,20 @@ class QueryEngine:
             for j, name in enumerate(self.checkpoints):
                 if weights[j] == 0:
                     continue
-                logger = self._logger(name)
-                with logger.adam_correction(self._adam[name]):
+                projector = self._projector(name)
+                with projector.adam_correction(self._adam[name]):
                     for lo in range(0, len(examples), self.batch_size):
                         batch = examples[lo : lo + self.batch_size]
-                        grads = logger.project(batch, measurement=measurement == "measurement")
+                        grads = projector.project(batch, measurement=measurement == "measurement")
                         out[lo : lo + len(batch), j] = grads.detach().cpu().numpy()
         if not np.isfinite(out).all():
             bad = sorted({int(i) for i in np.argwhere(~np.isfinite(out))[:, 0]})
             raise QueryError(f"queries {bad} have non-finite (NaN/Inf) gradients")
         return out
 
-    def _logger(self, name: str) -> GradientLogger:
+    def _projector(self, name: str) -> GradientProjector:
         if self.residency == "all":
-            return self._loggers[name]
+            return self._projectors[name]
         if self._loaded != name:
             self.task.load_checkpoint(self._shared.model, self.paths[name])
             self._loaded = name
@@ -370,8 +370,13 @@ def run_info(
     if index is not None:
         options = index.options
         index_info = RunIndex(
-            status="ready", path=str(index.path), kind=options.kind, preconditioner=options.preconditioner,
-            normalize=options.normalize, rows=index.num_rows, checkpoints=list(index.checkpoints),
+            status="ready",
+            path=str(index.path),
+            kind=options.kind,
+            preconditioner=options.preconditioner,
+            normalize=options.normalize,
+            rows=index.num_rows,
+            checkpoints=list(index.checkpoints),
         )
     else:
         index_info = RunIndex(status="unusable", reason=str(index_error) if index_error is not None else None)
@@ -385,7 +390,9 @@ def run_info(
         dtype=store.dtype,
         dim=store.dim,
         projection=RunProjection(
-            init=spec.init, seed=spec.seed, dim=spec.dim,
+            init=spec.init,
+            seed=spec.seed,
+            dim=spec.dim,
             layers=[RunLayer(name=la.name, kind=la.kind, k_in=la.k_in, k_out=la.k_out) for la in spec.layers],
         ),
         checkpoints=checkpoints,

@@ -4,6 +4,7 @@ opening a query engine."""
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from pathlib import Path
 
@@ -56,28 +57,48 @@ def index_run(config: RunConfig, progress: bool = True) -> GradientIndex | None:
     model = task.build_model().to(device)
     p = config.projection
     logger = GradientLogger(
-        model, task, store=config.store.path, rank=p.rank, init=p.init, layers=p.layers, seed=p.seed,
-        dtype=config.store.dtype, chunk_rows=config.store.chunk_rows, progress=progress,
+        model,
+        task,
+        store=config.store.path,
+        rank=p.rank,
+        init=p.init,
+        layers=p.layers,
+        seed=p.seed,
+        dtype=config.store.dtype,
+        chunk_rows=config.store.chunk_rows,
+        progress=progress,
     )
     eval_examples = task.eval_examples() if config.index.preconditioner != "identity" else None
     eval_logger = None
     if eval_examples:
         eval_model = copy.deepcopy(model)
         eval_logger = GradientLogger(
-            eval_model, task, store=eval_store_path(config), spec=logger.spec,
-            dtype=config.store.dtype, chunk_rows=config.store.chunk_rows, progress=progress,
+            eval_model,
+            task,
+            store=eval_store_path(config),
+            spec=logger.spec,
+            dtype=config.store.dtype,
+            chunk_rows=config.store.chunk_rows,
+            progress=progress,
         )
     try:
         for ckpt in config.checkpoints:
             task.load_checkpoint(model, ckpt.path)
-            kwargs = dict(
-                name=ckpt.name, lr=ckpt.lr, batch_size=config.batch_size, step=ckpt.step, weights_path=ckpt.path,
-                optimizer_state=ckpt.optimizer, adam_step=ckpt.adam_step, adam_eps=ckpt.adam_eps,
+            pass_args = functools.partial(
+                GradientLogger.log_checkpoint,
+                name=ckpt.name,
+                lr=ckpt.lr,
+                batch_size=config.batch_size,
+                step=ckpt.step,
+                weights_path=ckpt.path,
+                optimizer_state=ckpt.optimizer,
+                adam_step=ckpt.adam_step,
+                adam_eps=ckpt.adam_eps,
             )
-            logger.log_checkpoint(examples=task.train_examples(), **kwargs)
+            pass_args(logger, examples=task.train_examples())
             if eval_logger is not None:
                 task.load_checkpoint(eval_logger.model, ckpt.path)
-                eval_logger.log_checkpoint(examples=eval_examples, **kwargs)
+                pass_args(eval_logger, examples=eval_examples)
     finally:
         logger.close()
         if eval_logger is not None:
@@ -89,8 +110,12 @@ def index_run(config: RunConfig, progress: bool = True) -> GradientIndex | None:
     store = GradientStore.open(config.store.path)
     eval_store = GradientStore.open(eval_store_path(config)) if eval_logger is not None else None
     return GradientIndex.build(
-        store, config.index, path=config.index_path, checkpoints=[c.name for c in config.checkpoints],
-        eval_store=eval_store, progress=progress,
+        store,
+        config.index,
+        path=config.index_path,
+        checkpoints=[c.name for c in config.checkpoints],
+        eval_store=eval_store,
+        progress=progress,
     )
 
 
@@ -148,6 +173,11 @@ def open_engine(config: RunConfig, device: str | None = None) -> QueryEngine:
     device = device or config.query.device
     index = open_index(config, store, device=device)
     return QueryEngine(
-        config.make_task(), store, index, {c.name: c.path for c in config.checkpoints},
-        residency=config.query.residency, device=device, batch_size=config.query.batch_size,
+        config.make_task(),
+        store,
+        index,
+        {c.name: c.path for c in config.checkpoints},
+        residency=config.query.residency,
+        device=device,
+        batch_size=config.query.batch_size,
     )

@@ -59,7 +59,7 @@ class InfluenceRequest(InfluenceOptions):
     queries: list[dict[str, Any]] | None = Field(default=None, description="JSON payloads the Task turns into examples")
     vectors: Vectors | None = Field(
         default=None,
-        description="precomputed projected query gradients, [B][checkpoints][D] in the order of `checkpoints`"
+        description="precomputed projected query gradients, [B][checkpoints][D] in the order of `checkpoints`",
     )
 
     @model_validator(mode="after")

@@ -25,9 +25,10 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import zarr
@@ -277,7 +278,7 @@ class Segment:
         self.commit_chunk(chunk, n)
 
     def commit_chunk(self, chunk: int, rows: int) -> None:
-        """Record ``rows`` committed rows in ``chunk``: only now do readers see them (called after the data is written)."""
+        """Record ``rows`` committed rows in ``chunk``: only now do readers see them (call after writing the data)."""
         self._require("committed")[chunk] = rows
 
 
@@ -300,7 +301,7 @@ class GradientStore:
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, mode: Literal["r", "a"] = "r") -> "GradientStore":
+    def open(cls, path: str | Path, mode: Literal["r", "a"] = "r") -> GradientStore:
         """Open an existing store, read-only by default."""
         path = Path(path)
         if not (path / "zarr.json").exists():
@@ -315,7 +316,7 @@ class GradientStore:
     @classmethod
     def create(
         cls, path: str | Path, spec: ProjectionSpec, dtype: str = "float16", chunk_rows: int = 1024
-    ) -> "GradientStore":
+    ) -> GradientStore:
         """Create a new, empty store; fails if one exists."""
         path = Path(path)
         if dtype not in DTYPES:
@@ -328,7 +329,7 @@ class GradientStore:
             raise StoreExistsError(f"a store already exists at {path}; open it, or choose another path")
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StoreExistsError(f"{path} exists and is not a gradient store; remove it or choose another path")
-        meta = {
+        meta: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "projection": spec.to_dict(),
             "dim": spec.dim,
@@ -345,7 +346,7 @@ class GradientStore:
     @classmethod
     def open_or_create(
         cls, path: str | Path, spec: ProjectionSpec, dtype: str = "float16", chunk_rows: int = 1024
-    ) -> "GradientStore":
+    ) -> GradientStore:
         """Open a store for writing, creating it if absent; refuses a store written with another projection."""
         path = Path(path)
         if not (path / "zarr.json").exists():
@@ -409,9 +410,7 @@ class GradientStore:
         except (TypeError, ValueError) as exc:
             raise StoreFormatError(f"{self.path}/checkpoints/{name}: malformed checkpoint metadata ({exc})") from exc
 
-    def begin_checkpoint(
-        self, info: CheckpointInfo, adam_factors: tuple[np.ndarray, np.ndarray] | None = None
-    ) -> None:
+    def begin_checkpoint(self, info: CheckpointInfo, adam_factors: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Create a checkpoint, or check that an existing one has the same metadata (for resuming)."""
         self._require_writable()
         if info.adam != (adam_factors is not None):
@@ -473,15 +472,28 @@ class GradientStore:
         n_chunks = -(-capacity // chunk)
         # Arrays are created in this order; a crash in between leaves a segment readers treat as empty.
         if "grads" not in segment_group:
-            segment_group.create_array("grads", shape=(capacity, self.dim), chunks=(chunk, self.dim), dtype=self.dtype, compressors=None, fill_value=0)
+            segment_group.create_array(
+                "grads",
+                shape=(capacity, self.dim),
+                chunks=(chunk, self.dim),
+                dtype=self.dtype,
+                compressors=None,
+                fill_value=0,
+            )
         if "ids" not in segment_group:
             segment_group.create_array("ids", shape=(capacity,), chunks=(chunk,), dtype="int64", fill_value=-1)
         if "checksums" not in segment_group:  # hash of each committed chunk's rows, verified when they are read
-            segment_group.create_array("checksums", shape=(n_chunks,), chunks=(1,), dtype="uint64", compressors=None, fill_value=0)
+            segment_group.create_array(
+                "checksums", shape=(n_chunks,), chunks=(1,), dtype="uint64", compressors=None, fill_value=0
+            )
         if "fingerprints" not in segment_group:  # hash of each chunk's examples, checked when a pass resumes
-            segment_group.create_array("fingerprints", shape=(n_chunks,), chunks=(1,), dtype="uint64", compressors=None, fill_value=0)
+            segment_group.create_array(
+                "fingerprints", shape=(n_chunks,), chunks=(1,), dtype="uint64", compressors=None, fill_value=0
+            )
         if "committed" not in segment_group:
-            segment_group.create_array("committed", shape=(n_chunks,), chunks=(1,), dtype="int32", compressors=None, fill_value=0)
+            segment_group.create_array(
+                "committed", shape=(n_chunks,), chunks=(1,), dtype="int32", compressors=None, fill_value=0
+            )
         return Segment(segment_group, chunk)
 
     def pass_segment(self, checkpoint: str, num_rows: int) -> Segment:
@@ -524,7 +536,7 @@ class GradientStore:
                     yield segment.read_rows(lo, min(lo + block_rows, stop))
 
     def read(self, checkpoint: str, ids: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Committed rows of a checkpoint: ``(ids [n], grads [n, D])``, optionally only the given ids, in their order."""
+        """Committed rows of a checkpoint: ``(ids [n], grads [n, D])``, optionally only the given ids, in order."""
         blocks = list(self.iter_blocks(checkpoint))
         all_ids = np.concatenate([b[0] for b in blocks]) if blocks else np.zeros(0, dtype=np.int64)
         grads = np.concatenate([b[1] for b in blocks]) if blocks else np.zeros((0, self.dim), dtype=self.dtype)
@@ -607,5 +619,7 @@ def _read_meta(root: zarr.Group, path: Path) -> dict:
     except (KeyError, TypeError, ValueError) as exc:
         raise StoreFormatError(f"{path}: malformed store metadata ({exc})") from exc
     if dtype not in DTYPES or chunk_rows < 1 or meta.get("dim") != spec.dim:
-        raise StoreFormatError(f"{path}: inconsistent store metadata (dtype={dtype}, chunk_rows={chunk_rows}, dim={meta.get('dim')})")
+        raise StoreFormatError(
+            f"{path}: inconsistent store metadata (dtype={dtype}, chunk_rows={chunk_rows}, dim={meta.get('dim')})"
+        )
     return {"spec": spec, "dtype": dtype, "chunk_rows": chunk_rows}

@@ -152,7 +152,8 @@ class GradientIndex:
         absent = {name: m["absent"] for name, m in missing.items() if m["absent"]}
         if absent:
             warnings.warn(
-                f"{sum(absent.values())} example rows are absent (not logged) at some checkpoints, which then count them "
+                f"{sum(absent.values())} example rows are absent (not logged) at some checkpoints, which then count "
+                "them "
                 f"as zero (per checkpoint: {absent}). Finish logging (it resumes) and rebuild to include them.",
                 stacklevel=2,
             )
@@ -224,7 +225,7 @@ class GradientIndex:
             out[:, j] = (normalize_rows(v) if self.options.normalize else v) * np.float32(weights[j])
         return out.reshape(b, c * d)
 
-    def search(self, raw: np.ndarray, weights: Sequence[float], k: int) -> SearchResult:
+    def search(self, raw: np.ndarray, weights: Sequence[float] | np.ndarray, k: int) -> SearchResult:
         """Top-``k`` proponents and opponents of each query, with exact scores and per-checkpoint contributions."""
         queries = self.prepare_queries(raw, np.asarray(weights, dtype=np.float64))
         k = min(k, self.num_rows)
@@ -276,7 +277,7 @@ class GradientIndex:
             self._store_vectors = VectorSource(checkpoint_rows, self.preconditioners, self.options.normalize, self.dim)
         return self._store_vectors.vectors(self.ids[rows]).vectors
 
-    def self_influence(self, weights: Sequence[float]) -> np.ndarray:
+    def self_influence(self, weights: Sequence[float] | np.ndarray) -> np.ndarray:
         """``[N, C]`` per-checkpoint contributions ``w_c ||T_c g_i,c||^2`` to each example's self-influence."""
         return self.sqnorms * np.asarray(weights, dtype=np.float64)[None, :]
 

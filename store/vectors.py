@@ -45,7 +45,9 @@ def indexed_ids(rows: dict[str, CheckpointRows]) -> IndexedIds:
     """The union of the checkpoints' ids; an example without a row at a checkpoint contributes zero there."""
     union = np.unique(np.concatenate([r.sorted_ids for r in rows.values()]))
     if len(union) == 0:
-        raise StoreFormatError(f"no example has committed rows at any of the checkpoints {list(rows)}; nothing to index")
+        raise StoreFormatError(
+            f"no example has committed rows at any of the checkpoints {list(rows)}; nothing to index"
+        )
     missing = {}
     for name, r in rows.items():
         lacking = np.setdiff1d(union, r.sorted_ids, assume_unique=True)

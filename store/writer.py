@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
 
 import numpy as np
 
@@ -47,7 +47,14 @@ class ChunkBuffer:
     """Collects rows for one chunk of a segment and writes the chunk when it is full (or on :meth:`flush`)."""
 
     def __init__(
-        self, segment: Segment, chunk: int, rows: int, dim: int, dtype: str, writer: BackgroundWriter, fingerprint: int = 0
+        self,
+        segment: Segment,
+        chunk: int,
+        rows: int,
+        dim: int,
+        dtype: str,
+        writer: BackgroundWriter,
+        fingerprint: int = 0,
     ):
         self.segment, self.chunk, self.rows, self.writer, self.fingerprint = segment, chunk, rows, writer, fingerprint
         self.ids = np.empty(rows, dtype=np.int64)
@@ -91,7 +98,9 @@ class AppendWriter:
     def _new_buffer(self) -> ChunkBuffer:
         if self._segment is None or self._next_chunk == self._segment.n_chunks:
             self._segment, self._next_chunk = self.store.new_capture_segment(self.checkpoint, self.writer_tag), 0
-        buffer = ChunkBuffer(self._segment, self._next_chunk, self.store.chunk_rows, self.store.dim, self.store.dtype, self.background)
+        buffer = ChunkBuffer(
+            self._segment, self._next_chunk, self.store.chunk_rows, self.store.dim, self.store.dtype, self.background
+        )
         self._next_chunk += 1
         return buffer
 

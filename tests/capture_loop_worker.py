@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 import torch
-
 from crash_task import MLPTask
+
 from gradstore.logger import GradientLogger
 
 EPOCHS, BATCH, SAVE_EVERY, LR = 2, 8, 3, 0.1
@@ -37,7 +37,9 @@ def main() -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, start_batch = state["epoch"], state["batch"]
         generator.set_state(state["generator"])
-    logger = GradientLogger(model, task, store=run / "store.zarr", rank=4, chunk_rows=16, dtype="float32", progress=False)
+    logger = GradientLogger(
+        model, task, store=run / "store.zarr", rank=4, chunk_rows=16, dtype="float32", progress=False
+    )
     step = 0
     for epoch in range(start_epoch, EPOCHS):
         epoch_generator_state = generator.get_state()
@@ -59,8 +61,13 @@ def main() -> None:
                     logger.flush()  # commit the captured rows *before* the training state that skips past them
                 if step == kill_step and kill_point == "flushed":
                     os.kill(os.getpid(), signal.SIGKILL)
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                         "batch": b + 1, "generator": epoch_generator_state}
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch,
+                    "batch": b + 1,
+                    "generator": epoch_generator_state,
+                }
                 torch.save(state, run / "state.tmp")
                 os.replace(run / "state.tmp", run / "state.pt")
                 if step == kill_step and kill_point == "saved":

@@ -15,6 +15,7 @@ import signal
 import sys
 
 from crash_task import MLPTask, make_model
+
 from gradstore.logger import GradientLogger
 from gradstore.store import gradient_store
 

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-
 from crash_task import MLPTask, make_model
+
 from gradstore.logger import GradientLogger
 from gradstore.store import gradient_store
 
@@ -66,7 +65,9 @@ def main() -> None:
     logger.close()
     dist.barrier()
     dist.destroy_process_group()
-    (out_dir / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "world": world, "computed": computed, "capture_ids": mine, "writes": writes}))
+    (out_dir / f"rank{rank}.json").write_text(
+        json.dumps({"rank": rank, "world": world, "computed": computed, "capture_ids": mine, "writes": writes})
+    )
 
 
 if __name__ == "__main__":

@@ -157,8 +157,13 @@ def _copy_as(model: nn.Module, dtype) -> nn.Module:
 
     ref = copy.deepcopy(model).to(dtype).eval()
     for module in ref.modules():
-        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-                      "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
+        for hooks in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_forward_hooks_with_kwargs",
+            "_forward_hooks_always_called",
+            "_forward_pre_hooks_with_kwargs",
+        ):
             getattr(module, hooks).clear()
         module.__dict__.pop("forward", None)
     return ref

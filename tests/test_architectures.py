@@ -132,8 +132,12 @@ class Seq2Seq(nn.Module):
         t = input_ids.shape[1]
         pad = attention_mask == 0
         out = self.transformer(
-            src.transpose(0, 1), tgt.transpose(0, 1), tgt_mask=nn.Transformer.generate_square_subsequent_mask(t),
-            src_key_padding_mask=pad, memory_key_padding_mask=pad, tgt_is_causal=True,
+            src.transpose(0, 1),
+            tgt.transpose(0, 1),
+            tgt_mask=nn.Transformer.generate_square_subsequent_mask(t),
+            src_key_padding_mask=pad,
+            memory_key_padding_mask=pad,
+            tgt_is_causal=True,
         )
         return self.head(out.mean(0))
 
@@ -154,9 +158,13 @@ class ImageTask(Task):
 def cnn() -> nn.Module:
     """Conv -> ReLU(inplace) -> Conv -> BatchNorm (eval, non-trivial running stats) -> ReLU(inplace) -> Linear."""
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(4, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
-        nn.Flatten(), nn.Linear(4 * 3 * 3, 3),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(4, 4, 3, stride=2),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 3),
     )
     with torch.no_grad():
         model.train()
@@ -168,23 +176,49 @@ def cnn() -> nn.Module:
 
 
 def gpt2() -> nn.Module:
-    cfg = transformers.GPT2Config(vocab_size=V, n_positions=T_MAX, n_embd=D, n_layer=2, n_head=2, attn_pdrop=0.0,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, tie_word_embeddings=True, bos_token_id=1,
-                                  eos_token_id=1)
+    cfg = transformers.GPT2Config(
+        vocab_size=V,
+        n_positions=T_MAX,
+        n_embd=D,
+        n_layer=2,
+        n_head=2,
+        attn_pdrop=0.0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
     return transformers.GPT2LMHeadModel(cfg)
 
 
 def bert() -> nn.Module:
-    cfg = transformers.BertConfig(vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=T_MAX, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0, num_labels=3)
+    cfg = transformers.BertConfig(
+        vocab_size=V,
+        hidden_size=D,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=T_MAX,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+    )
     return transformers.BertForSequenceClassification(cfg)
 
 
 def llama() -> nn.Module:
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=T_MAX,
-                                   bos_token_id=1, eos_token_id=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=D,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=T_MAX,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
@@ -225,7 +259,9 @@ def check_exact_gram(
             "kinds": sorted({layer.kind for layer in projector.layers}),
             "blocks": len(projector.layers),
             "layouts": {
-                h.name: h.layout_1d for h in projector._installed.modules if h.layout_1d  # type: ignore[union-attr]
+                h.name: h.layout_1d
+                for h in projector._installed.modules
+                if h.layout_1d  # type: ignore[union-attr]
             },
         }
     print(f"\n{type(model).__name__}: {facts}")
@@ -309,8 +345,17 @@ def test_attention_forward_matches_pytorch(case):
 
     torch.manual_seed(0)
     n, t, s, e, heads = 3, 5, 5 if case.get("cross") != "qkv" else 4, 8, 2
-    mha = nn.MultiheadAttention(e, heads, batch_first=case["batch_first"], add_zero_attn=case.get("zero_attn", False),
-                                bias=case.get("bias", True)).double().eval()
+    mha = (
+        nn.MultiheadAttention(
+            e,
+            heads,
+            batch_first=case["batch_first"],
+            add_zero_attn=case.get("zero_attn", False),
+            bias=case.get("bias", True),
+        )
+        .double()
+        .eval()
+    )
     with torch.no_grad():
         for p in mha.parameters():
             p.normal_(0, 0.3)
@@ -336,9 +381,18 @@ def test_attention_forward_matches_pytorch(case):
         kw["attn_mask"] = torch.rand(n * heads, t, s) > 0.7
         kw["attn_mask"][..., 0] = False
     expected = mha(q, k, v, **kw)
-    got = attention_forward(mha, q, k, v, kw.get("key_padding_mask"), kw["need_weights"], kw.get("attn_mask"),
-                            kw["average_attn_weights"], kw.get("is_causal", False),
-                            lambda x, w, b, rows: F.linear(x, w, b))
+    got = attention_forward(
+        mha,
+        q,
+        k,
+        v,
+        kw.get("key_padding_mask"),
+        kw["need_weights"],
+        kw.get("attn_mask"),
+        kw["average_attn_weights"],
+        kw.get("is_causal", False),
+        lambda x, w, b, rows: F.linear(x, w, b),
+    )
     assert torch.allclose(got[0], expected[0], atol=1e-10)
     assert (got[1] is None) == (expected[1] is None)
     if got[1] is not None:
@@ -543,8 +597,9 @@ def test_adam_fold_on_every_block_kind(tmp_path, model_name):
         opt.zero_grad()
         task.loss(model, task.collate(examples)).mean().backward()
         opt.step()
-    logger = GradientLogger(model, task, store=tmp_path / "s.zarr", rank=10**6, init="orthonormal", dtype="float32",
-                            progress=False)
+    logger = GradientLogger(
+        model, task, store=tmp_path / "s.zarr", rank=10**6, init="orthonormal", dtype="float32", progress=False
+    )
     logger.log_checkpoint("adam", lr=1e-2, optimizer_state=opt.state_dict())
     store = GradientStore.open(tmp_path / "s.zarr")
     factors = split_factors(logger.spec, store.adam_factors("adam"))

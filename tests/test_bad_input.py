@@ -37,7 +37,9 @@ OPTIONS = dict(rank=4, chunk_rows=CHUNK, dtype="float32", progress=False)
 
 
 def make_logger(path: Path, task=None, **overrides) -> GradientLogger:
-    return GradientLogger(make_model(), task if task is not None else MLPTask(N), store=path, **{**OPTIONS, **overrides})
+    return GradientLogger(
+        make_model(), task if task is not None else MLPTask(N), store=path, **{**OPTIONS, **overrides}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -186,18 +188,20 @@ def test_unsupported_format_version(store_path):
 
 @pytest.mark.parametrize(("task_cls", "shape"), [(ScalarLossTask, "()"), (ColumnLossTask, "(8, 1)")])
 def test_wrong_loss_shape(store_path, base, task_cls, shape):
-    with make_logger(store_path, task_cls(N)) as logger:
-        with pytest.raises(TaskError, match=r"must return one value per example, shape \(8,\); got " + re.escape(shape)):
-            logger.log_checkpoint("bad", lr=0.1, batch_size=8)
+    with make_logger(store_path, task_cls(N)) as logger, pytest.raises(
+        TaskError, match=r"must return one value per example, shape \(8,\); got " + re.escape(shape)
+    ):
+        logger.log_checkpoint("bad", lr=0.1, batch_size=8)
     store = assert_intact(store_path, base)
     assert store.read("bad")[0].size == 0  # begun, nothing committed
 
 
 def test_nan_loss_reports_exactly_the_bad_ids(store_path, base):
     bad = [19, 21]  # both in the third batch of 8; chunks 0 and 1 are complete before it
-    with make_logger(store_path, ScaledLossTask({i: float("nan") for i in bad})) as logger:
-        with pytest.raises(NonFiniteGradientError, match=r"non-finite \(NaN/Inf\) gradients for example ids \[19, 21\]") as info:
-            logger.log_checkpoint("nan", lr=0.1, batch_size=8)
+    with make_logger(store_path, ScaledLossTask({i: float("nan") for i in bad})) as logger, pytest.raises(
+        NonFiniteGradientError, match=r"non-finite \(NaN/Inf\) gradients for example ids \[19, 21\]"
+    ) as info:
+        logger.log_checkpoint("nan", lr=0.1, batch_size=8)
     assert info.value.ids == bad
     assert isinstance(info.value, FloatingPointError)
     store = assert_intact(store_path, base)
@@ -224,7 +228,9 @@ def test_float16_overflow_says_use_float32(tmp_path):
     with make_logger(path, ScaledLossTask({i: 1e8 for i in huge}), dtype="float16") as logger:
         full = logger.project([logger.task.examples[i] for i in huge])
         assert torch.isfinite(full).all() and full.abs().max() > 65504
-        with pytest.raises(NonFiniteGradientError, match=r"overflow float16; create the store with dtype='float32'") as info:
+        with pytest.raises(
+            NonFiniteGradientError, match=r"overflow float16; create the store with dtype='float32'"
+        ) as info:
             logger.log_checkpoint("big", lr=0.1, batch_size=8)
     assert info.value.ids == huge
     store = GradientStore.open(path)
@@ -241,9 +247,10 @@ def test_float16_overflow_says_use_float32(tmp_path):
 
 
 def test_resume_with_different_lr(store_path, base):
-    with make_logger(store_path) as logger:
-        with pytest.raises(CheckpointMismatchError, match=r"checkpoint 'c0' already exists with different metadata") as info:
-            logger.log_checkpoint("c0", lr=0.2)
+    with make_logger(store_path) as logger, pytest.raises(
+        CheckpointMismatchError, match=r"checkpoint 'c0' already exists with different metadata"
+    ) as info:
+        logger.log_checkpoint("c0", lr=0.2)
     assert "'lr': (0.1, 0.2)" in str(info.value)
     assert GradientStore.open(store_path).checkpoint_info("c0").lr == 0.1
     assert_intact(store_path, base)
@@ -259,9 +266,10 @@ def test_resume_with_different_number_of_examples(store_path, base):
 
 def test_resume_with_reordered_examples(store_path, base):
     task = MLPTask(N)
-    with make_logger(store_path, task) as logger:
-        with pytest.raises(CheckpointMismatchError, match=r"the examples differ from those of the interrupted run \(chunk 0\)"):
-            logger.log_checkpoint("c0", lr=0.1, examples=task.examples[::-1])
+    with make_logger(store_path, task) as logger, pytest.raises(
+        CheckpointMismatchError, match=r"the examples differ from those of the interrupted run \(chunk 0\)"
+    ):
+        logger.log_checkpoint("c0", lr=0.1, examples=task.examples[::-1])
     assert_intact(store_path, base)
 
 
@@ -307,7 +315,9 @@ def test_read_unknown_example_ids(store_path, base):
 def test_write_to_read_only_store(store_path, base):
     store = GradientStore.open(store_path)  # mode "r" by default
     assert store.read_only
-    with pytest.raises(StoreReadOnlyError, match=r"is open read-only; use GradientStore.open\(path, mode='a'\)") as info:
+    with pytest.raises(
+        StoreReadOnlyError, match=r"is open read-only; use GradientStore.open\(path, mode='a'\)"
+    ) as info:
         store.begin_checkpoint(CheckpointInfo(name="x", lr=0.1))
     assert isinstance(info.value, PermissionError)
     with pytest.raises(StoreReadOnlyError):

@@ -15,7 +15,9 @@ from .models import LMTask, MLPTask, TinyCausalLM, relative_error
 
 
 def _pass_rows(tmp_path, task, model, name="pass.zarr", **kw):
-    logger = GradientLogger(model, task, store=tmp_path / name, rank=6, dtype="float32", chunk_rows=8, progress=False, **kw)
+    logger = GradientLogger(
+        model, task, store=tmp_path / name, rank=6, dtype="float32", chunk_rows=8, progress=False, **kw
+    )
     logger.log_checkpoint("c", lr=0.1, batch_size=16)
     logger.close()
     return GradientStore.open(tmp_path / name).read("c")
@@ -28,7 +30,9 @@ def test_capture_in_training_loop_equals_checkpoint_pass(tmp_path, reduction):
     model = task.build_model()
     ids_ref, rows_ref = _pass_rows(tmp_path, task, model)
 
-    logger = GradientLogger(model, task, store=tmp_path / "cap.zarr", rank=6, dtype="float32", chunk_rows=8, progress=False)
+    logger = GradientLogger(
+        model, task, store=tmp_path / "cap.zarr", rank=6, dtype="float32", chunk_rows=8, progress=False
+    )
     examples = task.train_examples()
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(1))
     for batch_ids in order.split(7):  # shuffled batches; 7 does not divide the chunk size
@@ -48,7 +52,9 @@ def test_capture_removes_grad_scaler_scale(tmp_path):
     model = task.build_model()
     ids_ref, rows_ref = _pass_rows(tmp_path, task, model)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    logger = GradientLogger(model, task, store=tmp_path / "cap.zarr", rank=6, dtype="float32", chunk_rows=8, progress=False)
+    logger = GradientLogger(
+        model, task, store=tmp_path / "cap.zarr", rank=6, dtype="float32", chunk_rows=8, progress=False
+    )
     examples = task.train_examples()
     for batch_ids in torch.arange(len(examples)).split(8):
         losses = task.loss(model, task.collate([examples[i] for i in batch_ids]))
@@ -153,7 +159,9 @@ def test_capture_with_activation_checkpointing_in_training(tmp_path):
             return checkpoint(super().forward, x, use_reentrant=False)
 
     wrapped = CheckpointedSequential(*model)  # same module names, same weights
-    logger = GradientLogger(wrapped, task, store=tmp_path / "cap.zarr", rank=6, dtype="float32", chunk_rows=8, progress=False)
+    logger = GradientLogger(
+        wrapped, task, store=tmp_path / "cap.zarr", rank=6, dtype="float32", chunk_rows=8, progress=False
+    )
     examples = task.train_examples()
     batch_ids = torch.arange(16)
     losses = task.loss(wrapped, task.collate(examples))

@@ -50,7 +50,14 @@ def test_capture_is_exact_to_its_definition_and_closest_to_tracin_with_interval_
     torch.manual_seed(0)
     model = task.build_model()
     logger = GradientLogger(
-        model, task, store=tmp_path / "cap.zarr", rank=64, init="orthonormal", dtype="float32", chunk_rows=16, progress=False
+        model,
+        task,
+        store=tmp_path / "cap.zarr",
+        rank=64,
+        init="orthonormal",
+        dtype="float32",
+        chunk_rows=16,
+        progress=False,
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=LRS[0])
     generator = torch.Generator().manual_seed(1)

@@ -24,7 +24,11 @@ N = 200
 
 def _run(run: Path, *args: str, env: dict | None = None) -> int:
     proc = subprocess.run(
-        [sys.executable, str(WORKER), str(run), *args], cwd=HERE, capture_output=True, text=True, timeout=120,
+        [sys.executable, str(WORKER), str(run), *args],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, **(env or {})},
     )
     assert proc.returncode in (0, -signal.SIGKILL), proc.stderr

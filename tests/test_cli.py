@@ -151,16 +151,30 @@ def test_query_json_equals_engine(indexed, engine, capsys, tmp_path, options):
     payloads = [{"test_index": 3}, {"test_index": 40}, {"pixels": [0] * 32 + [16] * 32, "label": 7}]
     query_file = tmp_path / "queries.jsonl"
     query_file.write_text("\n".join(json.dumps(p) for p in payloads[1:]) + "\n\n")
-    argv = ["query", "--config", config, "--query", json.dumps(payloads[0]), "--query-file", query_file, "--top-k", options.get("top_k", 5)]
+    argv = [
+        "query",
+        "--config",
+        config,
+        "--query",
+        json.dumps(payloads[0]),
+        "--query-file",
+        query_file,
+        "--top-k",
+        options.get("top_k", 5),
+    ]
     for key, flag in (("lr_weighting", "--lr-weighting"), ("measurement", "--measurement")):
         if key in options:
             argv += [flag, options[key]]
     if "checkpoints" in options:
         argv += ["--checkpoints", ",".join(options["checkpoints"])]
     answer = run_json(capsys, *argv)
-    expected = plain(engine.influence(payloads, top_k=options.get("top_k", 5), **{k: v for k, v in options.items() if k != "top_k"}))
+    expected = plain(
+        engine.influence(payloads, top_k=options.get("top_k", 5), **{k: v for k, v in options.items() if k != "top_k"})
+    )
     assert {k: v for k, v in answer.items() if k not in TIMING_KEYS} == expected
-    assert len(answer["results"]) == 3 and all(len(r["proponents"]) == options.get("top_k", 5) for r in answer["results"])
+    assert len(answer["results"]) == 3 and all(
+        len(r["proponents"]) == options.get("top_k", 5) for r in answer["results"]
+    )
     first = answer["results"][0]["proponents"][0]
     assert set(first) == {"id", "score", "contributions", "example"}
     assert list(first["contributions"]) == options.get("checkpoints", ["epoch-0", "epoch-1"])
@@ -181,7 +195,18 @@ def test_self_influence_json_equals_engine(indexed, engine, capsys):
     assert {k: v for k, v in answer.items() if k not in TIMING_KEYS} == plain(engine.self_influence(top_k=7))
     scores = [r["score"] for r in answer["results"]]
     assert len(scores) == 7 and scores == sorted(scores, reverse=True)
-    subset = run_json(capsys, "self-influence", "--config", config, "--top-k", 4, "--checkpoints", "epoch-0", "--lr-weighting", "uniform")
+    subset = run_json(
+        capsys,
+        "self-influence",
+        "--config",
+        config,
+        "--top-k",
+        4,
+        "--checkpoints",
+        "epoch-0",
+        "--lr-weighting",
+        "uniform",
+    )
     assert {k: v for k, v in subset.items() if k not in TIMING_KEYS} == plain(
         engine.self_influence(top_k=4, checkpoints=["epoch-0"], lr_weighting="uniform")
     )
@@ -194,7 +219,9 @@ def test_info_json(indexed, engine, capsys):
     store = engine.store
     assert info["store"] == str(directory / "run.zarr") and info["dim"] == store.dim and info["dtype"] == "float32"
     assert info["projection"] == {
-        "init": "gaussian", "seed": 3, "dim": store.dim,
+        "init": "gaussian",
+        "seed": 3,
+        "dim": store.dim,
         "layers": [{"name": name, "kind": "linear", "k_in": 8, "k_out": 8} for name in ("0", "2")],
     }
     assert info["checkpoints"] == [
@@ -202,8 +229,13 @@ def test_info_json(indexed, engine, capsys):
         {"name": "epoch-1", "lr": 0.05, "step": 1, "rows": N_TRAIN, "adam": False},
     ]
     assert info["index"] == {
-        "path": str(engine.index.path), "status": "ready", "kind": "flat", "preconditioner": "identity",
-        "normalize": False, "rows": N_TRAIN, "checkpoints": ["epoch-0", "epoch-1"],
+        "path": str(engine.index.path),
+        "status": "ready",
+        "kind": "flat",
+        "preconditioner": "identity",
+        "normalize": False,
+        "rows": N_TRAIN,
+        "checkpoints": ["epoch-0", "epoch-1"],
     }
     assert (info["residency"], info["device"]) == ("all", str(engine.device))
     assert "index: {" in run_cli(capsys, "info", "--config", config)
@@ -213,19 +245,32 @@ def test_trackstar_style_index_over_the_same_store(indexed, engine, capsys):
     """Another index (kfac, cosine, hnsw) beside the same store is a re-index: logging resumes with nothing to do."""
     directory, _ = indexed
     config = write_config(
-        directory, index='kind = "hnsw"\npreconditioner = "kfac"\nnormalize = true\npath = "trackstar.index"', residency="one", name="trackstar.toml"
+        directory,
+        index='kind = "hnsw"\npreconditioner = "kfac"\nnormalize = true\npath = "trackstar.index"',
+        residency="one",
+        name="trackstar.toml",
     )
     assert "trackstar.index" in run_cli(capsys, "index", "--config", config, "--quiet")
     answer = run_json(capsys, "query", "--config", config, "--query", '{"test_index": 5}', "--top-k", 4)
     trackstar = open_engine(RunConfig.load(config), device="cpu")
-    assert {k: v for k, v in answer.items() if k not in TIMING_KEYS} == plain(trackstar.influence([{"test_index": 5}], top_k=4))
+    assert {k: v for k, v in answer.items() if k not in TIMING_KEYS} == plain(
+        trackstar.influence([{"test_index": 5}], top_k=4)
+    )
     # cosine per checkpoint: each contribution is bounded by its lr
     for item in answer["results"][0]["proponents"] + answer["results"][0]["opponents"]:
-        assert abs(item["contributions"]["epoch-0"]) <= 0.2 + 1e-6 and abs(item["contributions"]["epoch-1"]) <= 0.05 + 1e-6
+        assert (
+            abs(item["contributions"]["epoch-0"]) <= 0.2 + 1e-6 and abs(item["contributions"]["epoch-1"]) <= 0.05 + 1e-6
+        )
     info = run_json(capsys, "info", "--config", config)
-    assert info["index"]["kind"] == "hnsw" and info["index"]["preconditioner"] == "kfac" and info["index"]["normalize"] is True
+    assert (
+        info["index"]["kind"] == "hnsw"
+        and info["index"]["preconditioner"] == "kfac"
+        and info["index"]["normalize"] is True
+    )
     # the flat index of run.toml is untouched and still serves the same answer
-    assert plain(engine.influence([{"test_index": 5}], top_k=4)) == plain(open_engine(RunConfig.load(directory / "run.toml")).influence([{"test_index": 5}], top_k=4))
+    assert plain(engine.influence([{"test_index": 5}], top_k=4)) == plain(
+        open_engine(RunConfig.load(directory / "run.toml")).influence([{"test_index": 5}], top_k=4)
+    )
 
 
 # -- errors --------------------------------------------------------------------------------------------
@@ -236,15 +281,26 @@ def test_query_errors_exit_2_with_a_clear_message(indexed, engine, capsys, tmp_p
     base = ["query", "--config", config]
     err = fails(capsys, *base, "--query", '{"test_index": 3}', "--checkpoints", "epoch-0,nope")
     assert "unknown checkpoints ['nope']; the index has ['epoch-0', 'epoch-1']" in err
-    err = fails(capsys, *base, "--query", '{"test_index": 3}', "--query-file", _jsonl(tmp_path, [{"test_index": 1}, {"test_index": 99999}]))
+    err = fails(
+        capsys,
+        *base,
+        "--query",
+        '{"test_index": 3}',
+        "--query-file",
+        _jsonl(tmp_path, [{"test_index": 1}, {"test_index": 99999}]),
+    )
     assert "query 2 rejected by DigitsTask: test_index must be an integer in [0, 1597), got 99999" in err
-    assert "rejected by DigitsTask: pixels must be a list of 64 numbers" in fails(capsys, *base, "--query", '{"pixels": [1, 2], "label": 3}')
+    assert "rejected by DigitsTask: pixels must be a list of 64 numbers" in fails(
+        capsys, *base, "--query", '{"pixels": [1, 2], "label": 3}'
+    )
     assert "query payloads must be JSON objects" in fails(capsys, *base, "--query", "{test_index: 3}")
     assert "each query payload must be a JSON object" in fails(capsys, *base, "--query", "[1, 2]")
     assert "give --query" in fails(capsys, *base)
     assert "cannot read --query-file" in fails(capsys, *base, "--query-file", tmp_path / "missing.jsonl")
     assert "top_k must be at least 1" in fails(capsys, *base, "--query", '{"test_index": 3}', "--top-k", 0)
-    assert "invalid choice" in fails(capsys, *base, "--query", '{"test_index": 3}', "--lr-weighting", "cosine")  # argparse
+    assert "invalid choice" in fails(
+        capsys, *base, "--query", '{"test_index": 3}', "--lr-weighting", "cosine"
+    )  # argparse
     assert "does not exist" in fails(capsys, "query", "--config", tmp_path / "nowhere.toml", "--query", "{}")
     assert "unknown checkpoints" in fails(capsys, "self-influence", "--config", config, "--checkpoints", "epoch-7")
 
@@ -269,7 +325,15 @@ def test_stale_mismatched_and_missing_index_then_reindex(indexed, capsys, tmp_pa
     task = DigitsTask(n_train=N_TRAIN, hidden=16)
     model = task.build_model()
     task.load_checkpoint(model, tmp_path / "epoch-1.pt")
-    with GradientLogger(model, task, store=tmp_path / "run.zarr", spec=GradientStore.open(tmp_path / "run.zarr").spec, dtype="float32", chunk_rows=64, progress=False) as logger:
+    with GradientLogger(
+        model,
+        task,
+        store=tmp_path / "run.zarr",
+        spec=GradientStore.open(tmp_path / "run.zarr").spec,
+        dtype="float32",
+        chunk_rows=64,
+        progress=False,
+    ) as logger:
         logger.log_checkpoint("extra", lr=0.01)
     err = fails(capsys, *query)
     assert "changed after index" in err and "gradstore index --config" in err
@@ -318,47 +382,59 @@ NOT_AN_INT = "Input should be a valid integer, unable to parse string as an inte
 CONFIG_ERRORS = {
     # name: (text in RUN_TOML, its replacement, the whole stderr of `gradstore info`)
     "unknown key in [logging]": (
-        "[query]", "[logging]\nbatchsize = 8\n\n[query]",
+        "[query]",
+        "[logging]\nbatchsize = 8\n\n[query]",
         "error: logging.batchsize: unknown key; this table takes batch_size\n",
     ),
     "bad init": (
-        'init = "gaussian"', 'init = "gauss"', f"error: projection.init: Input should be {INITS}, got 'gauss'\n",
+        'init = "gaussian"',
+        'init = "gauss"',
+        f"error: projection.init: Input should be {INITS}, got 'gauss'\n",
     ),
     "bad residency": (
-        'residency = "all"', 'residency = "some"',
+        'residency = "all"',
+        'residency = "some"',
         "error: query.residency: Input should be 'all' or 'one', got 'some'\n",
     ),
     "bad lr type": (
-        "lr = 0.05", 'lr = "fast"',
+        "lr = 0.05",
+        'lr = "fast"',
         "error: checkpoints[1].lr: Input should be a valid number, unable to parse string as a number, got 'fast'\n",
     ),
     "duplicate checkpoint names": (
-        'name = "epoch-1"', 'name = "epoch-0"',
+        'name = "epoch-1"',
+        'name = "epoch-0"',
         "error: checkpoints: checkpoint names must be unique; ['epoch-0'] appear more than once\n",
     ),
     "unknown checkpoint key": (
-        "step = 0", "steps = 0",
+        "step = 0",
+        "steps = 0",
         "error: checkpoints[0].steps: unknown key; this table takes name, path, lr, step, optimizer, adam_step, "
         "adam_eps\n",
     ),
     "bad index kind": (
-        'kind = "flat"', 'kind = "annoy"',
+        'kind = "flat"',
+        'kind = "annoy"',
         "error: index.kind: Input should be 'flat', 'ivf', 'hnsw' or 'ivfpq', got 'annoy'\n",
     ),
     "index check of IndexOptions": (
-        'kind = "flat"', 'kind = "ivf"\nnlist = 0',
+        'kind = "flat"',
+        'kind = "ivf"\nnlist = 0',
         "error: index.nlist: nlist must be a positive integer (or unset for the default), got 0\n",
     ),
     "bad store dtype": (
-        'dtype = "float32"', 'dtype = "int8"',
+        'dtype = "float32"',
+        'dtype = "int8"',
         "error: store.dtype: Input should be 'float16' or 'float32', got 'int8'\n",
     ),
     "task object without a colon": (
-        'object = "gradstore.server.demo:DigitsTask"', 'object = "DigitsTask"',
+        'object = "gradstore.server.demo:DigitsTask"',
+        'object = "DigitsTask"',
         "error: task.object: must look like \"package.module:TaskClass\", got 'DigitsTask'\n",
     ),
     "two bad fields": (
-        'init = "gaussian"\nseed = 3', 'init = "pca2"\nseed = "three"',
+        'init = "gaussian"\nseed = 3',
+        'init = "pca2"\nseed = "three"',
         f"error: projection.init: Input should be {INITS}, got 'pca2'\n"
         f"error: projection.seed: {NOT_AN_INT}, got 'three'\n",
     ),

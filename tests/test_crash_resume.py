@@ -99,11 +99,19 @@ def runs(tmp_path_factory):
         try:
             store.read("c0", ids=[probe])
             probe_error = None
-        except Exception as exc:  # noqa: BLE001 - inspected by the tests
+        except Exception as exc:
             probe_error = exc
         killed[name] = Killed(
-            rc, out, err, segments[0].committed_counts(), ids, grads,
-            np.asarray(segments[0].group["ids"][:]), np.asarray(segments[0].group["grads"][:]), probe, probe_error,
+            rc,
+            out,
+            err,
+            segments[0].committed_counts(),
+            ids,
+            grads,
+            np.asarray(segments[0].group["ids"][:]),
+            np.asarray(segments[0].group["grads"][:]),
+            probe,
+            probe_error,
         )
 
     # phase 2: resume every killed store, and re-run the complete reference store (nothing to do)

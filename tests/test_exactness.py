@@ -11,7 +11,15 @@ from gradstore.projection import ProjectionSpec, build_matrices
 from gradstore.projection.reference import project_dense
 from gradstore.store import GradientStore
 
-from .models import DigitsTask, LMTask, MLPTask, flat_full_gradients, per_example_canonical_grads, relative_error, sgd_steps
+from .models import (
+    DigitsTask,
+    LMTask,
+    MLPTask,
+    flat_full_gradients,
+    per_example_canonical_grads,
+    relative_error,
+    sgd_steps,
+)
 
 LRS = [0.1, 0.03]
 
@@ -32,7 +40,9 @@ def _tracin_two_checkpoints(tmp_path, task, queries, **logger_args):
         assert ids.tolist() == list(range(len(task.train_examples())))
         query_vectors = logger.project(queries).double()
         projected = projected + lr * query_vectors @ torch.from_numpy(train_vectors).double().T
-        exact_train = flat_full_gradients(per_example_canonical_grads(model, task, task.train_examples(), logger.layers), names)
+        exact_train = flat_full_gradients(
+            per_example_canonical_grads(model, task, task.train_examples(), logger.layers), names
+        )
         exact_query = flat_full_gradients(per_example_canonical_grads(model, task, queries, logger.layers), names)
         exact = exact + lr * exact_query @ exact_train.T
     logger.close()
@@ -42,7 +52,9 @@ def _tracin_two_checkpoints(tmp_path, task, queries, **logger_args):
 @pytest.mark.parametrize("task_cls", [MLPTask, LMTask], ids=["mlp", "causal-lm"])
 def test_orthonormal_full_rank_reproduces_exact_tracin(tmp_path, task_cls):
     task, queries = task_cls(), task_cls(n=6, seed=1).train_examples()
-    projected, exact, logger = _tracin_two_checkpoints(tmp_path, task, queries, rank=10**6, init="orthonormal", dtype="float32")
+    projected, exact, logger = _tracin_two_checkpoints(
+        tmp_path, task, queries, rank=10**6, init="orthonormal", dtype="float32"
+    )
     # full rank: every layer keeps all its parameters
     assert all(layer.dim == layer.full_dim for layer in logger.spec.layers)
     assert relative_error(projected, exact) < 1e-4
@@ -81,7 +93,11 @@ def test_spec_rebuilds_identical_matrices():
     again = ProjectionSpec.from_json(spec.to_json())
     a, b = build_matrices(spec), build_matrices(again)
     assert all(torch.equal(a[n].p_in, b[n].p_in) and torch.equal(a[n].p_out, b[n].p_out) for n in a)
-    other_seed = build_matrices(ProjectionSpec.build([l.dims() for l in GradientLogger(model, task, rank=6, seed=4, progress=False).layers], 6, seed=4))
+    other_seed = build_matrices(
+        ProjectionSpec.build(
+            [l.dims() for l in GradientLogger(model, task, rank=6, seed=4, progress=False).layers], 6, seed=4
+        )
+    )
     assert not torch.equal(a["0"].p_in, other_seed["0"].p_in)
 
 

@@ -49,16 +49,12 @@ def fuzz_schema(demo_config):
 
     engine = open_engine(RunConfig.load(demo_config), device="cpu")
     app = create_app(engine=engine, settings=ServerConfig(api_key=API_KEY, max_top_k=50, max_queries=8))
-    return schemathesis.openapi.from_asgi(
-        "/openapi.json", app, config=schemathesis.Config.from_dict(CONFIG)
-    )
+    return schemathesis.openapi.from_asgi("/openapi.json", app, config=schemathesis.Config.from_dict(CONFIG))
 
 
 def test_operations_cover_the_schema(fuzz_schema):
     """The fuzzed list is the schema's full list of operations (a new route cannot escape fuzzing)."""
-    found = sorted(
-        (op.method.upper(), op.path) for op in (result.ok() for result in fuzz_schema.get_all_operations())
-    )
+    found = sorted((op.method.upper(), op.path) for op in (result.ok() for result in fuzz_schema.get_all_operations()))
     assert found == sorted((method, path) for method, path, _ in OPERATIONS)
 
 
@@ -121,8 +117,13 @@ def test_fuzz_valid_influence_requests(fuzz_schema, demo_config):
     checkpoints = [c.name for c in RunConfig.load(demo_config).checkpoints]
     operation = fuzz_schema["/v1/influence"]["POST"]
 
-    @settings(max_examples=MAX_EXAMPLES, derandomize=True, database=None, deadline=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(body=_valid_influence_bodies(n_test, checkpoints))
     def check(body):
         case = operation.Case(body=body, media_type="application/json", headers={"X-API-Key": API_KEY})

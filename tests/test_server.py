@@ -64,7 +64,9 @@ def _answer(response) -> dict:
 def _assert_same(actual, expected, rel: float = 0.0, where: str = "answer") -> None:
     """Equal structure, ids, order and descriptions; floats equal (or within ``rel`` when given)."""
     if isinstance(expected, dict):
-        assert isinstance(actual, dict) and actual.keys() == expected.keys(), f"{where}: keys {actual!r} != {expected!r}"
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), (
+            f"{where}: keys {actual!r} != {expected!r}"
+        )
         for key in expected:
             _assert_same(actual[key], expected[key], rel, f"{where}.{key}")
     elif isinstance(expected, list):
@@ -127,9 +129,21 @@ def live_url(demo_config, tmp_path_factory):
     env.pop(API_KEY_ENV, None)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gradstore.server.cli", "serve", "--config", str(demo_config),
-             "--host", "127.0.0.1", "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "gradstore.server.cli",
+                "serve",
+                "--config",
+                str(demo_config),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -198,7 +212,9 @@ def _cli_json(capsys, argv: list[str]) -> dict:
 
 OPTION_SETS = {
     "defaults": dict(top_k=7),
-    "uniform-subset-measurement": dict(top_k=5, lr_weighting="uniform", checkpoints=["epoch-1", "epoch-3"], measurement="measurement"),
+    "uniform-subset-measurement": dict(
+        top_k=5, lr_weighting="uniform", checkpoints=["epoch-1", "epoch-3"], measurement="measurement"
+    ),
 }
 
 
@@ -206,7 +222,16 @@ OPTION_SETS = {
 def test_e2e_sdk_http_cli_and_engine_agree(live_url, engine, queries, demo_config, tmp_path, capsys, options):
     query_file = tmp_path / "queries.jsonl"
     query_file.write_text("".join(json.dumps(q) + "\n" for q in queries))
-    argv = ["query", "--config", str(demo_config), "--query-file", str(query_file), "--top-k", str(options["top_k"]), "--json"]
+    argv = [
+        "query",
+        "--config",
+        str(demo_config),
+        "--query-file",
+        str(query_file),
+        "--top-k",
+        str(options["top_k"]),
+        "--json",
+    ]
     if "lr_weighting" in options:
         argv += ["--lr-weighting", options["lr_weighting"]]
     if "checkpoints" in options:
@@ -230,7 +255,9 @@ def test_e2e_sdk_http_cli_and_engine_agree(live_url, engine, queries, demo_confi
     _assert_same(_answer(whole), expected, where="AsyncClient")
     for i, single in enumerate(singles):
         # alone in its batch: same examples and order; float32 sums over a batch of 1 instead of 3 round apart
-        _assert_same(_answer(single), {**expected, "results": [expected["results"][i]]}, rel=1e-4, where=f"AsyncClient[{i}]")
+        _assert_same(
+            _answer(single), {**expected, "results": [expected["results"][i]]}, rel=1e-4, where=f"AsyncClient[{i}]"
+        )
 
     raw = httpx.post(f"{live_url}/v1/influence", json={"queries": queries, **options}, timeout=60)
     assert raw.status_code == 200 and raw.headers["content-type"] == "application/json"
@@ -277,7 +304,9 @@ def test_precomputed_vectors_equal_payload_queries(live_url, engine, queries):
             _assert_same(by_vector, by_payload, where=f"vectors {extra}")
             # lists over raw HTTP, and the in-process engine, agree too
             body = {"vectors": vectors.tolist(), "top_k": 6, **extra}
-            _assert_same(_answer(httpx.post(f"{live_url}/v1/influence", json=body, timeout=60).json()), by_vector, where="httpx")
+            _assert_same(
+                _answer(httpx.post(f"{live_url}/v1/influence", json=body, timeout=60).json()), by_vector, where="httpx"
+            )
             _assert_same(_answer(engine.influence(vectors=vectors, top_k=6, **extra)), by_vector, where="engine")
 
     async def via_async():
@@ -306,7 +335,9 @@ def test_examples_run_and_self_influence(live_url, engine, demo_config):
     example = raw.json()["example"]
     assert set(example) >= {"label", "pixels", "true_label", "flipped"} and len(example["pixels"]) == 64
 
-    _assert_same(_answer(self_inf), _answer(engine.self_influence(top_k=15, lr_weighting="uniform")), where="self-influence")
+    _assert_same(
+        _answer(self_inf), _answer(engine.self_influence(top_k=15, lr_weighting="uniform")), where="self-influence"
+    )
     scores = [r.score for r in self_inf.results]
     assert len(scores) == 15 and scores == sorted(scores, reverse=True) and scores[-1] > 0
 
@@ -373,14 +404,28 @@ def test_not_ready_until_the_engine_is_loaded(demo_config):
 
 def test_api_key_required_on_the_api_not_on_probes(secured_url):
     influence = {"queries": [{"test_index": 1}], "top_k": 2}
-    for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY},
-                    {"X-API-Key": API_KEY[:-1]}, {"X-API-Key": API_KEY + "x"}):
-        for method, path, body in (("POST", "/v1/influence", influence), ("GET", "/v1/run", None),
-                                   ("GET", "/v1/examples/0", None), ("POST", "/v1/self-influence", {"top_k": 2})):
+    for headers in (
+        {},
+        {"X-API-Key": "wrong"},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": API_KEY},
+        {"X-API-Key": API_KEY[:-1]},
+        {"X-API-Key": API_KEY + "x"},
+    ):
+        for method, path, body in (
+            ("POST", "/v1/influence", influence),
+            ("GET", "/v1/run", None),
+            ("GET", "/v1/examples/0", None),
+            ("POST", "/v1/self-influence", {"top_k": 2}),
+        ):
             response = httpx.request(method, f"{secured_url}{path}", json=body, headers=headers)
             assert response.status_code == 401, (headers, path, response.text)
             assert "API key" in _message(response)
-    for headers in ({"X-API-Key": API_KEY}, {"Authorization": f"Bearer {API_KEY}"}, {"authorization": f"bearer {API_KEY}"}):
+    for headers in (
+        {"X-API-Key": API_KEY},
+        {"Authorization": f"Bearer {API_KEY}"},
+        {"authorization": f"bearer {API_KEY}"},
+    ):
         assert httpx.post(f"{secured_url}/v1/influence", json=influence, headers=headers).status_code == 200, headers
         assert httpx.get(f"{secured_url}/v1/run", headers=headers).status_code == 200, headers
     for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
@@ -440,7 +485,9 @@ def test_sdk_raises_the_servers_message_for_bad_input(secured_url):
             )
 
     bad_index, bad_example = asyncio.run(via_async())
-    assert isinstance(bad_index, GradstoreAPIError) and bad_index.status_code == 422 and "test_index" in bad_index.message
+    assert (
+        isinstance(bad_index, GradstoreAPIError) and bad_index.status_code == 422 and "test_index" in bad_index.message
+    )
     assert isinstance(bad_example, GradstoreAPIError) and bad_example.status_code == 404
 
 
@@ -478,37 +525,151 @@ def test_oversized_bodies_are_refused_over_http(secured_url):
 BAD_REQUESTS = {
     # name: (method, path, JSON body, raw bytes, or a function of the store's dimension D giving the body,
     #        status, words the message must contain, with "D" standing for the dimension)
-    "top_k above the limit": ("POST", "/v1/influence", {"queries": [{"test_index": 0}], "top_k": 21}, 422, ["top_k=21", "limit of 20"]),
-    "top_k zero": ("POST", "/v1/influence", {"queries": [{"test_index": 0}], "top_k": 0}, 422, ["top_k", "greater than or equal to 1"]),
+    "top_k above the limit": (
+        "POST",
+        "/v1/influence",
+        {"queries": [{"test_index": 0}], "top_k": 21},
+        422,
+        ["top_k=21", "limit of 20"],
+    ),
+    "top_k zero": (
+        "POST",
+        "/v1/influence",
+        {"queries": [{"test_index": 0}], "top_k": 0},
+        422,
+        ["top_k", "greater than or equal to 1"],
+    ),
     "top_k not a number": ("POST", "/v1/influence", {"queries": [{"test_index": 0}], "top_k": "ten"}, 422, ["top_k"]),
-    "too many queries": ("POST", "/v1/influence", {"queries": [{"test_index": i} for i in range(5)]}, 422, ["5 queries", "limit is 4"]),
-    "unknown checkpoint": ("POST", "/v1/influence", {"queries": [{"test_index": 0}], "checkpoints": ["epoch-9"]}, 422, ["unknown checkpoints", "epoch-9"]),
-    "empty checkpoint list": ("POST", "/v1/influence", {"queries": [{"test_index": 0}], "checkpoints": []}, 422, ["checkpoints"]),
-    "payload the Task rejects": ("POST", "/v1/influence", {"queries": [{"image": "cat.png"}]}, 422, ["query 0", '"test_index"']),
-    "test_index out of range": ("POST", "/v1/influence", {"queries": [{"test_index": 0}, {"test_index": 10**6}]}, 422, ["query 1", "test_index"]),
-    "pixels of the wrong length": ("POST", "/v1/influence", {"queries": [{"pixels": [0] * 10, "label": 1}]}, 422, ["pixels", "64"]),
+    "too many queries": (
+        "POST",
+        "/v1/influence",
+        {"queries": [{"test_index": i} for i in range(5)]},
+        422,
+        ["5 queries", "limit is 4"],
+    ),
+    "unknown checkpoint": (
+        "POST",
+        "/v1/influence",
+        {"queries": [{"test_index": 0}], "checkpoints": ["epoch-9"]},
+        422,
+        ["unknown checkpoints", "epoch-9"],
+    ),
+    "empty checkpoint list": (
+        "POST",
+        "/v1/influence",
+        {"queries": [{"test_index": 0}], "checkpoints": []},
+        422,
+        ["checkpoints"],
+    ),
+    "payload the Task rejects": (
+        "POST",
+        "/v1/influence",
+        {"queries": [{"image": "cat.png"}]},
+        422,
+        ["query 0", '"test_index"'],
+    ),
+    "test_index out of range": (
+        "POST",
+        "/v1/influence",
+        {"queries": [{"test_index": 0}, {"test_index": 10**6}]},
+        422,
+        ["query 1", "test_index"],
+    ),
+    "pixels of the wrong length": (
+        "POST",
+        "/v1/influence",
+        {"queries": [{"pixels": [0] * 10, "label": 1}]},
+        422,
+        ["pixels", "64"],
+    ),
     "label out of range": ("POST", "/v1/influence", {"queries": [{"pixels": [0] * 64, "label": 12}]}, 422, ["label"]),
     "payload not an object": ("POST", "/v1/influence", {"queries": [3]}, 422, ["queries.0"]),
     "bad JSON": ("POST", "/v1/influence", b'{"queries": [{"test_index": 0}', 422, ["JSON decode error"]),
     "body not an object": ("POST", "/v1/influence", [1, 2], 422, ["body"]),
-    "unknown field": ("POST", "/v1/influence", {"queries": [{"test_index": 0}], "topk": 3}, 422, ["topk", "not permitted"]),
+    "unknown field": (
+        "POST",
+        "/v1/influence",
+        {"queries": [{"test_index": 0}], "topk": 3},
+        422,
+        ["topk", "not permitted"],
+    ),
     "neither queries nor vectors": ("POST", "/v1/influence", {"top_k": 3}, 422, ["exactly one of `queries`"]),
-    "both queries and vectors": ("POST", "/v1/influence", {"queries": [{"test_index": 0}], "vectors": [[[0.0]]]}, 422, ["exactly one"]),
+    "both queries and vectors": (
+        "POST",
+        "/v1/influence",
+        {"queries": [{"test_index": 0}], "vectors": [[[0.0]]]},
+        422,
+        ["exactly one"],
+    ),
     "empty queries": ("POST", "/v1/influence", {"queries": []}, 422, ["must not be empty"]),
-    "vectors of the wrong shape": ("POST", "/v1/influence", {"vectors": [[[0.5] * 3] * 4]}, 422, ["shape [B, 4, D]", "got [1, 4, 3]"]),
-    "vectors for the wrong checkpoints": ("POST", "/v1/influence", lambda d: {"vectors": [[[0.5] * d] * 4], "checkpoints": ["epoch-0"]}, 422, ["shape [B, 1, D]", "got [1, 4, D]"]),
+    "vectors of the wrong shape": (
+        "POST",
+        "/v1/influence",
+        {"vectors": [[[0.5] * 3] * 4]},
+        422,
+        ["shape [B, 4, D]", "got [1, 4, 3]"],
+    ),
+    "vectors for the wrong checkpoints": (
+        "POST",
+        "/v1/influence",
+        lambda d: {"vectors": [[[0.5] * d] * 4], "checkpoints": ["epoch-0"]},
+        422,
+        ["shape [B, 1, D]", "got [1, 4, D]"],
+    ),
     "vectors ragged": ("POST", "/v1/influence", lambda d: {"vectors": [[[0.5] * d] * 3 + [[0.5]]]}, 422, ["vectors"]),
     "vectors not numbers": ("POST", "/v1/influence", {"vectors": [[["a"]]]}, 422, ["vectors"]),
-    "vectors overflow float32": ("POST", "/v1/influence", lambda d: {"vectors": [[[1e300] * d] * 4]}, 422, ["NaN or Inf"]),
-    "unknown lr_weighting": ("POST", "/v1/influence", {"queries": [{"test_index": 0}], "lr_weighting": "cosine"}, 422, ["lr_weighting"]),
-    "unknown measurement": ("POST", "/v1/influence", {"queries": [{"test_index": 0}], "measurement": "accuracy"}, 422, ["measurement"]),
-    "normalize unlike the index": ("POST", "/v1/influence", {"queries": [{"test_index": 0}], "normalize": True}, 422, ["normalize=False", "rebuild"]),
-    "self-influence top_k above the limit": ("POST", "/v1/self-influence", {"top_k": 500}, 422, ["top_k=500", "limit of 20"]),
-    "self-influence unknown checkpoint": ("POST", "/v1/self-influence", {"checkpoints": ["last"]}, 422, ["unknown checkpoints", "last"]),
+    "vectors overflow float32": (
+        "POST",
+        "/v1/influence",
+        lambda d: {"vectors": [[[1e300] * d] * 4]},
+        422,
+        ["NaN or Inf"],
+    ),
+    "unknown lr_weighting": (
+        "POST",
+        "/v1/influence",
+        {"queries": [{"test_index": 0}], "lr_weighting": "cosine"},
+        422,
+        ["lr_weighting"],
+    ),
+    "unknown measurement": (
+        "POST",
+        "/v1/influence",
+        {"queries": [{"test_index": 0}], "measurement": "accuracy"},
+        422,
+        ["measurement"],
+    ),
+    "normalize unlike the index": (
+        "POST",
+        "/v1/influence",
+        {"queries": [{"test_index": 0}], "normalize": True},
+        422,
+        ["normalize=False", "rebuild"],
+    ),
+    "self-influence top_k above the limit": (
+        "POST",
+        "/v1/self-influence",
+        {"top_k": 500},
+        422,
+        ["top_k=500", "limit of 20"],
+    ),
+    "self-influence unknown checkpoint": (
+        "POST",
+        "/v1/self-influence",
+        {"checkpoints": ["last"]},
+        422,
+        ["unknown checkpoints", "last"],
+    ),
     "unknown example": ("GET", "/v1/examples/1500", None, 404, ["no training example with id 1500", "0..1499"]),
     "negative example id": ("GET", "/v1/examples/-1", None, 404, ["no training example with id -1"]),
     "example id not an integer": ("GET", "/v1/examples/seven", None, 422, ["example_id", "integer"]),
-    "oversized body": ("POST", "/v1/influence", {"queries": [{"test_index": 0, "pad": "x" * 100_000}]}, 413, ["limit of 100000 bytes"]),
+    "oversized body": (
+        "POST",
+        "/v1/influence",
+        {"queries": [{"test_index": 0, "pad": "x" * 100_000}]},
+        413,
+        ["limit of 100000 bytes"],
+    ),
 }
 
 
@@ -517,7 +678,11 @@ def test_bad_requests_are_4xx_with_a_clear_message(secured_client, engine, name)
     method, path, body, status, words = BAD_REQUESTS[name]
     dim = engine.store.dim
     body = body(dim) if callable(body) else body
-    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    kwargs = (
+        {"content": body, "headers": {"content-type": "application/json"}}
+        if isinstance(body, bytes)
+        else {"json": body}
+    )
     response = secured_client.request(method, path, **kwargs)
     assert response.status_code == status, response.text
     message = _message(response)
@@ -543,7 +708,10 @@ def test_info_json_and_v1_run_serve_the_same_run_info(demo_config, capsys, monke
     names = ["epoch-0", "epoch-1", "epoch-2", "epoch-3"]
     assert [c.name for c in run.checkpoints] == run.index.checkpoints == names
     assert [(c.lr, c.step, c.rows, c.adam) for c in run.checkpoints] == [
-        (0.2, 0, 1500, False), (0.1, 1, 1500, False), (0.05, 2, 1500, False), (0.025, 3, 1500, False),
+        (0.2, 0, 1500, False),
+        (0.1, 1, 1500, False),
+        (0.05, 2, 1500, False),
+        (0.025, 3, 1500, False),
     ]
     index = run.index
     assert (index.rows, index.kind, index.preconditioner, index.normalize) == (1500, "flat", "identity", False)
@@ -580,8 +748,13 @@ def _recorder(sent: list, answer: dict) -> httpx.MockTransport:
     return httpx.MockTransport(handler)
 
 
-INFLUENCE_ANSWER = {"results": [], "checkpoints": ["c"], "weights": {"c": 1.0}, "lr_weighting": "schedule",
-                    "measurement": "loss"}
+INFLUENCE_ANSWER = {
+    "results": [],
+    "checkpoints": ["c"],
+    "weights": {"c": 1.0},
+    "lr_weighting": "schedule",
+    "measurement": "loss",
+}
 SELF_ANSWER = {"results": [], "checkpoints": ["c"], "weights": {"c": 1.0}, "lr_weighting": "uniform"}
 FAKE_URL = "http://gradstore.test"
 
@@ -624,13 +797,19 @@ def test_sdk_refuses_what_the_request_model_refuses_without_sending():
     sent: list = []
     with Client(FAKE_URL, transport=_recorder(sent, INFLUENCE_ANSWER)) as client:
         for call, message in [
-            (lambda: client.influence([{"test_index": 0}], top_k=0),
-             "body.top_k: Input should be greater than or equal to 1"),
-            (lambda: client.influence([{"test_index": 0}], lr_weighting="cosine"),
-             "body.lr_weighting: Input should be 'schedule', 'uniform' or 'normalized'"),
+            (
+                lambda: client.influence([{"test_index": 0}], top_k=0),
+                "body.top_k: Input should be greater than or equal to 1",
+            ),
+            (
+                lambda: client.influence([{"test_index": 0}], lr_weighting="cosine"),
+                "body.lr_weighting: Input should be 'schedule', 'uniform' or 'normalized'",
+            ),
             (lambda: client.influence([]), "body: `queries` (or `vectors`) must not be empty"),
-            (lambda: client.influence([{"test_index": 0}], vectors=[[[0.0]]]),
-             "body: give exactly one of `queries` (payloads) or `vectors` (precomputed gradients)"),
+            (
+                lambda: client.influence([{"test_index": 0}], vectors=[[[0.0]]]),
+                "body: give exactly one of `queries` (payloads) or `vectors` (precomputed gradients)",
+            ),
             (lambda: client.influence([{"test_index": 0}], topk=3), "body.topk: Extra inputs are not permitted"),
             (lambda: client.self_influence(top_k=-2), "body.top_k: Input should be greater than or equal to 1"),
         ]:
@@ -666,9 +845,12 @@ def test_error_statuses_come_from_one_table(engine, monkeypatch):
 
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     client = TestClient(create_app(engine=engine), raise_server_exceptions=False)
-    for error, status in [(StaleIndexError("the store changed after index build; run `gradstore index`"), 503),
-                          (UnknownExampleError("no training example with id 5"), 404),
-                          (TaskError("describe() returned a list"), 500)]:
+    for error, status in [
+        (StaleIndexError("the store changed after index build; run `gradstore index`"), 503),
+        (UnknownExampleError("no training example with id 5"), 404),
+        (TaskError("describe() returned a list"), 500),
+    ]:
+
         def describe(example_id, error=error):
             raise error
 
@@ -696,11 +878,12 @@ def test_concurrent_clients_get_the_sequential_answers(live_url, engine, queries
     """32 clients hammer the server for a bounded time; every answer equals the sequential one."""
     weights = engine.checkpoint_weights(None, "schedule")
     raw = engine.query_gradients(engine.examples_from_payloads(queries[:1]), weights)
-    requests = [
-        ("/v1/influence", {"queries": [{"test_index": i}], "top_k": 5}) for i in range(6)
-    ] + [
+    requests = [("/v1/influence", {"queries": [{"test_index": i}], "top_k": 5}) for i in range(6)] + [
         ("/v1/influence", {"queries": queries, "top_k": 4, "lr_weighting": "uniform"}),
-        ("/v1/influence", {"queries": [queries[2]], "top_k": 8, "checkpoints": ["epoch-3", "epoch-0"], "measurement": "measurement"}),
+        (
+            "/v1/influence",
+            {"queries": [queries[2]], "top_k": 8, "checkpoints": ["epoch-3", "epoch-0"], "measurement": "measurement"},
+        ),
         ("/v1/influence", {"vectors": raw.tolist(), "top_k": 5}),
         ("/v1/influence", {"queries": [{"test_index": 10**6}]}),  # a 422 is an answer too
         ("/v1/self-influence", {"top_k": 10, "lr_weighting": "normalized"}),
@@ -738,7 +921,7 @@ def test_concurrent_clients_get_the_sequential_answers(live_url, engine, queries
                     _assert_same(got[1], expected[1], rel=1e-5, where=f"{path} {json.dumps(body)[:80]}")
                     answered[n] += 1
                     i += 1
-        except BaseException as exc:  # noqa: BLE001 - reported below with the client's number
+        except BaseException as exc:
             failures.append(f"client {n}: {type(exc).__name__}: {exc}")
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(CONCURRENT_CLIENTS)]

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from gradstore.logger import GradientLogger
-from gradstore.store import GradientStore
-from gradstore.store import StoreCorruptError, StoreFormatError
+from gradstore.store import GradientStore, StoreCorruptError, StoreFormatError
 
 from .models import MLPTask
 
