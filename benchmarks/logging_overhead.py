@@ -56,7 +56,12 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         _sync(args.device)
         elapsed = time.perf_counter() - start
         logger.close()
-        return {"mode": mode, "examples_per_s": args.batch * args.steps / elapsed, "peak_rss_mib": _peak_rss_mib(), "dim": logger.spec.dim}
+        return {
+            "mode": mode,
+            "examples_per_s": args.batch * args.steps / elapsed,
+            "peak_rss_mib": _peak_rss_mib(),
+            "dim": logger.spec.dim,
+        }
     times = []
     for step in range(args.steps + args.warmup):
         batch = data[step * args.batch : (step + 1) * args.batch]
@@ -77,7 +82,12 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         logger.close()  # the last writes are part of the cost
         times[-1] += time.perf_counter() - start
     step_s = statistics.median(times)
-    return {"mode": mode, "step_ms": 1000 * step_s, "examples_per_s": args.batch / step_s, "peak_rss_mib": _peak_rss_mib()}
+    return {
+        "mode": mode,
+        "step_ms": 1000 * step_s,
+        "examples_per_s": args.batch / step_s,
+        "peak_rss_mib": _peak_rss_mib(),
+    }
 
 
 def main() -> None:
@@ -96,19 +106,33 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for _ in range(args.repeats):
         for mode in ("plain", "capture", "pass"):
-            cmd = [sys.executable, __file__, "--mode", mode] + [f"--{k}={v}" for k, v in vars(args).items() if k != "mode"]
+            cmd = [sys.executable, __file__, "--mode", mode] + [
+                f"--{k}={v}" for k, v in vars(args).items() if k != "mode"
+            ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             results.setdefault(mode, []).append(json.loads(out.strip().splitlines()[-1]))
     best = {mode: max(runs, key=lambda r: r["examples_per_s"]) for mode, runs in results.items()}
     plain, capture, passes = best["plain"], best["capture"], best["pass"]
     rss = {mode: min(r["peak_rss_mib"] for r in runs) for mode, runs in results.items()}
-    print(f"device={args.device} batch={args.batch} seq=128 d_model=256 layers=4 rank={args.rank} D={passes['dim']} threads={torch.get_num_threads()}")
-    print(f"plain fwd+bwd step   {plain['step_ms']:8.1f} ms   {plain['examples_per_s']:7.1f} ex/s   peak RSS {rss['plain']:7.0f} MiB")
-    print(f"step with capture()  {capture['step_ms']:8.1f} ms   {capture['examples_per_s']:7.1f} ex/s   peak RSS {rss['capture']:7.0f} MiB")
+    print(
+        f"device={args.device} batch={args.batch} seq=128 d_model=256 layers=4 rank={args.rank} D={passes['dim']} "
+        f"threads={torch.get_num_threads()}"
+    )
+    print(
+        f"plain fwd+bwd step   {plain['step_ms']:8.1f} ms   {plain['examples_per_s']:7.1f} ex/s   "
+        f"peak RSS {rss['plain']:7.0f} MiB"
+    )
+    print(
+        f"step with capture()  {capture['step_ms']:8.1f} ms   {capture['examples_per_s']:7.1f} ex/s   "
+        f"peak RSS {rss['capture']:7.0f} MiB"
+    )
     print(f"checkpoint pass                    {passes['examples_per_s']:7.1f} ex/s   peak RSS {rss['pass']:7.0f} MiB")
     print(f"capture overhead: {100 * (capture['step_ms'] / plain['step_ms'] - 1):+.1f}% step time (target <= +10%)")
     print(f"pass throughput: {passes['examples_per_s'] / plain['examples_per_s']:.2f}x plain fwd+bwd (target >= 0.85x)")
-    print(f"peak RSS: capture {100 * (rss['capture'] / rss['plain'] - 1):+.1f}%, pass {100 * (rss['pass'] / rss['plain'] - 1):+.1f}% vs plain (target within 10%)")
+    print(
+        f"peak RSS: capture {100 * (rss['capture'] / rss['plain'] - 1):+.1f}%, "
+        f"pass {100 * (rss['pass'] / rss['plain'] - 1):+.1f}% vs plain (target within 10%)"
+    )
 
 
 if __name__ == "__main__":

@@ -117,8 +117,11 @@ def predict_build_s(kind: str, prev: dict, n: int, nlist: int | None, train_rows
         if n0 < train_rows:  # training (k-means, PQ) ran on fewer rows than it will: no basis for a prediction
             return None
         ratio_train = min(n, train_rows) / min(n0, train_rows)
-        return (phases["train_s"] * ratio_train * ratio_list + (phases["add_s"] + other) * ratio_n * ratio_list
-                + phases["sample_s"] * ratio_train)
+        return (
+            phases["train_s"] * ratio_train * ratio_list
+            + (phases["add_s"] + other) * ratio_n * ratio_list
+            + phases["sample_s"] * ratio_train
+        )
     return prev["build_s"] * ratio_n
 
 
@@ -393,7 +396,9 @@ def build_options(kind: str, args, n: int) -> IndexOptions:
     return IndexOptions(kind=kind, **extra)
 
 
-def build_or_reuse(store: GradientStore, kind: str, options: IndexOptions, path: Path, reuse: bool) -> tuple[GradientIndex, float, bool]:
+def build_or_reuse(
+    store: GradientStore, kind: str, options: IndexOptions, path: Path, reuse: bool
+) -> tuple[GradientIndex, float, bool]:
     record = path.with_name(path.name + ".build.json")
     if reuse and record.exists():
         try:
@@ -421,21 +426,35 @@ def run(args) -> dict:
     gen = GradientLike(args.dim, args.clusters, args.latent_rank, args.noise, args.norm_sigma, args.seed)
     raw = gen.queries(args.queries)
     env = {
-        "python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-        "faiss": faiss.__version__, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "faiss_threads": faiss.omp_get_max_threads(), "cuda": torch.cuda.is_available(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "faiss": faiss.__version__,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "cuda": torch.cuda.is_available(),
         "faiss_gpus": faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0,
-        "loadavg_start": os.getloadavg(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        "loadavg_start": os.getloadavg(),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
     }
     out = {"env": env, "args": vars(args), "sizes": []}
     log(f"env {env}")
     prev_build: dict[str, dict] = {}
     phases = BuildPhases()
     for n in sorted(sizes):
-        params = {"n": n, "dim": args.dim, "clusters": args.clusters, "latent_rank": args.latent_rank,
-                  "noise": args.noise, "norm_sigma": args.norm_sigma, "seed": args.seed, "chunk_rows": args.chunk_rows}
+        params = {
+            "n": n,
+            "dim": args.dim,
+            "clusters": args.clusters,
+            "latent_rank": args.latent_rank,
+            "noise": args.noise,
+            "norm_sigma": args.norm_sigma,
+            "seed": args.seed,
+            "chunk_rows": args.chunk_rows,
+        }
         store, gen_s = make_store(workdir / f"store-{n}.zarr", n, gen, params, args.chunk_rows)
-        log(f"N={n}: store ready ({'generated in %.1fs' % gen_s if gen_s else 'reused'})")
+        log(f"N={n}: store ready ({f'generated in {gen_s:.1f}s' if gen_s else 'reused'})")
         size = {"n": n, "dim": args.dim, "store_gen_s": gen_s, "results": [], "skipped": []}
         out["sizes"].append(size)
         truth = None
@@ -447,8 +466,10 @@ def run(args) -> dict:
                 prev = prev_build[kind]
                 estimate = predict_build_s(kind, prev, n, nlist, options.train_rows)
                 if estimate is not None and estimate > args.max_build_s:
-                    note = (f"skipped: build predicted {estimate / 60:.0f} min (from {prev['build_s']:.0f} s at "
-                            f"N={prev['n']:,}) > --max-build-s {args.max_build_s:.0f} s")
+                    note = (
+                        f"skipped: build predicted {estimate / 60:.0f} min (from {prev['build_s']:.0f} s at "
+                        f"N={prev['n']:,}) > --max-build-s {args.max_build_s:.0f} s"
+                    )
                     log(f"N={n} {kind}: {note}")
                     size["skipped"].append({"kind": kind, "note": note, "predicted_build_s": estimate})
                     continue
@@ -460,8 +481,10 @@ def run(args) -> dict:
             build_phases = phases.split() if not reused else None
             if not reused:
                 prev_build[kind] = {"n": n, "build_s": build_s, "phases": build_phases, "nlist": nlist}
-            log(f"N={n} {kind}: built in {build_s:.1f}s{' (reused)' if reused else ''} {build_phases}, "
-                f"{index_bytes(path) / 1e9:.2f} GB")
+            log(
+                f"N={n} {kind}: built in {build_s:.1f}s{' (reused)' if reused else ''} {build_phases}, "
+                f"{index_bytes(path) / 1e9:.2f} GB"
+            )
             base = index.options
             extra = {}
             if kind == "flat":
@@ -479,19 +502,31 @@ def run(args) -> dict:
                     gc.collect()
                     index = GradientIndex.open(path, store, options=opts)
                 m = measure(index, raw, args.batch, args.latency_budget_s, args.min_single)
-                row = {"kind": kind, "setting": setting_label(kind, setting), "default": bool(setting.get("default")),
-                       "search_options": {k: getattr(opts, k) for k in ("nprobe", "ef_search", "rerank")},
-                       "build_options": {**options.build_key(), "nlist": nlist}, "build_s": build_s,
-                       "build_phases": build_phases, "build_reused": reused,
-                       "index_bytes": index_bytes(path),
-                       **{k: v for k, v in m.items() if not k.startswith(("ids_", "scores_"))}}
+                row = {
+                    "kind": kind,
+                    "setting": setting_label(kind, setting),
+                    "default": bool(setting.get("default")),
+                    "search_options": {k: getattr(opts, k) for k in ("nprobe", "ef_search", "rerank")},
+                    "build_options": {**options.build_key(), "nlist": nlist},
+                    "build_s": build_s,
+                    "build_phases": build_phases,
+                    "build_reused": reused,
+                    "index_bytes": index_bytes(path),
+                    **{k: v for k, v in m.items() if not k.startswith(("ids_", "scores_"))},
+                }
                 if kind == "flat":
                     truth = m
                     row.update(recall=1.0, recall_pro=1.0, recall_opp=1.0)
                     bytes_q = n * args.dim * 4
                     bound_ms = bytes_q / (bw["read_GBps"] * 1e9) * 1e3
-                    row.update(bytes_per_query=bytes_q, bound_ms=bound_ms, ratio_p50=m["p50_ms"] / bound_ms,
-                               ratio_scan=m["scan_p50_ms"] / bound_ms, ratio_scan_min=m["scan_min_ms"] / bound_ms, **extra)
+                    row.update(
+                        bytes_per_query=bytes_q,
+                        bound_ms=bound_ms,
+                        ratio_p50=m["p50_ms"] / bound_ms,
+                        ratio_scan=m["scan_p50_ms"] / bound_ms,
+                        ratio_scan_min=m["scan_min_ms"] / bound_ms,
+                        **extra,
+                    )
                 else:
                     row.update(recall(truth, m))
                     row["speedup_p50"] = truth["p50_ms"] / m["p50_ms"]
@@ -499,9 +534,12 @@ def run(args) -> dict:
                     if not setting.get("default") and row["recall"] >= args.target_recall:
                         reached = True
                 size["results"].append(row)
-                log(f"N={n} {kind} [{row['setting']}]: p50 {m['p50_ms']:.2f} ms p99 {m['p99_ms']:.2f} ms, "
+                log(
+                    f"N={n} {kind} [{row['setting']}]: p50 {m['p50_ms']:.2f} ms p99 {m['p99_ms']:.2f} ms, "
                     f"{m['batch_qps']:.1f} q/s, recall {row['recall'] if kind != 'flat' else 1.0}, "
-                    f"rerank share {m['rerank_share']:.2f}" + (f", ratio to bound {row['ratio_scan']:.2f}" if kind == "flat" else ""))
+                    f"rerank share {m['rerank_share']:.2f}"
+                    + (f", ratio to bound {row['ratio_scan']:.2f}" if kind == "flat" else "")
+                )
                 if args.json:
                     Path(args.json).write_text(json.dumps(out, indent=2, default=float))
             del index
@@ -523,8 +561,12 @@ def summarize(size: dict, target: float) -> dict:
         "flat_ratio_to_bound": flat["ratio_scan"],
         "flat_ratio_to_bound_best": flat["ratio_scan_min"],
         "flat_within_1.5x": flat["ratio_scan"] <= 1.5,
-        "best_approx": None if best is None else {**{k: best[k] for k in ("kind", "setting", "p50_ms", "speedup_p50", "speedup_batch")},
-                                                  "recall": min(best["recall_pro"], best["recall_opp"])},
+        "best_approx": None
+        if best is None
+        else {
+            **{k: best[k] for k in ("kind", "setting", "p50_ms", "speedup_p50", "speedup_batch")},
+            "recall": min(best["recall_pro"], best["recall_opp"]),
+        },
         "approx_10x_at_target": best is not None and best["speedup_p50"] >= 10,
     }
 
@@ -537,7 +579,10 @@ def fmt(v, spec=".2f") -> str:
 
 def markdown(out: dict, target: float) -> str:
     lines = []
-    lines.append("| N | kind | search setting | build s | p50 ms | p99 ms | batch q/s | recall@10 pro/opp | speedup p50 / batch | re-rank ms (share) |")
+    lines.append(
+        "| N | kind | search setting | build s | p50 ms | p99 ms | batch q/s | recall@10 pro/opp "
+        "| speedup p50 / batch | re-rank ms (share) |"
+    )
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for size in out["sizes"]:
         for r in size["results"]:
@@ -546,35 +591,51 @@ def markdown(out: dict, target: float) -> str:
                 rec = f"**{rec}**"
             speed = "1" if r["kind"] == "flat" else f"{r['speedup_p50']:.1f}x / {r['speedup_batch']:.1f}x"
             lines.append(
-                f"| {size['n']:,} | {r['kind']} | {r['setting']} | {r['build_s']:.1f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
-                f"| {r['batch_qps']:.1f} | {rec} | {speed} | {r['rerank_p50_ms']:.2f} ({100 * r['rerank_share']:.0f}%) |"
+                f"| {size['n']:,} | {r['kind']} | {r['setting']} | {r['build_s']:.1f} | {r['p50_ms']:.2f} "
+                f"| {r['p99_ms']:.2f} | {r['batch_qps']:.1f} | {rec} | {speed} "
+                f"| {r['rerank_p50_ms']:.2f} ({100 * r['rerank_share']:.0f}%) |"
             )
         for s in size["skipped"]:
             lines.append(f"| {size['n']:,} | {s['kind']} | {s['note']} | | | | | | | |")
     lines.append("")
     lines.append("Flat vs memory-bandwidth bound (bytes scanned per query = N x D x 4, float32 flat matrix):")
     lines.append("")
-    lines.append("| N | bytes/query | read bw GB/s (np.sum / torch.sum / copy) | bound ms | scan p50 ms (min) | search p50 ms | scan p50 / bound | scan min / bound | search p50 / bound |")
+    lines.append(
+        "| N | bytes/query | read bw GB/s (np.sum / torch.sum / copy) | bound ms | scan p50 ms (min) | search p50 ms "
+        "| scan p50 / bound | scan min / bound | search p50 / bound |"
+    )
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for size in out["sizes"]:
         r = next(r for r in size["results"] if r["kind"] == "flat")
         bw = r["bandwidth"]
         lines.append(
-            f"| {size['n']:,} | {r['bytes_per_query'] / 1e6:.0f} MB | {bw['read_GBps']:.1f} ({bw['numpy_sum_GBps']:.1f} / "
-            f"{bw['torch_sum_GBps']:.1f} / {bw['copy_GBps']:.1f}) | {r['bound_ms']:.2f} | {r['scan_p50_ms']:.2f} ({r['scan_min_ms']:.2f}) "
+            f"| {size['n']:,} | {r['bytes_per_query'] / 1e6:.0f} MB "
+            f"| {bw['read_GBps']:.1f} ({bw['numpy_sum_GBps']:.1f} / "
+            f"{bw['torch_sum_GBps']:.1f} / {bw['copy_GBps']:.1f}) | {r['bound_ms']:.2f} "
+            f"| {r['scan_p50_ms']:.2f} ({r['scan_min_ms']:.2f}) "
             f"| {r['p50_ms']:.2f} | {r['ratio_scan']:.2f} | {r['ratio_scan_min']:.2f} | {r['ratio_p50']:.2f} |"
         )
     lines.append("")
-    lines.append(f"Targets: flat scan within 1.5x of the bound; an approximate kind at recall@10 >= {target} at least 10x faster than flat at N = 1M.")
+    lines.append(
+        f"Targets: flat scan within 1.5x of the bound; an approximate kind at recall@10 >= {target} "
+        "at least 10x faster than flat at N = 1M."
+    )
     for size in out["sizes"]:
         s = summarize(size, target)
         best = s["best_approx"]
-        text = "none reached the recall target" if best is None else (
-            f"fastest at recall >= {target}: {best['kind']} {best['setting']} (recall {best['recall']:.3f}, "
-            f"{best['speedup_p50']:.1f}x flat single-query p50, {best['speedup_batch']:.1f}x flat batch throughput)")
-        lines.append(f"- N={size['n']:,}: flat scan / bound = {s['flat_ratio_to_bound']:.2f} at p50 "
-                     f"({'within' if s['flat_within_1.5x'] else 'NOT within'} 1.5x), "
-                     f"{s['flat_ratio_to_bound_best']:.2f} best-of (like the best-of bandwidth); {text}")
+        text = (
+            "none reached the recall target"
+            if best is None
+            else (
+                f"fastest at recall >= {target}: {best['kind']} {best['setting']} (recall {best['recall']:.3f}, "
+                f"{best['speedup_p50']:.1f}x flat single-query p50, {best['speedup_batch']:.1f}x flat batch throughput)"
+            )
+        )
+        lines.append(
+            f"- N={size['n']:,}: flat scan / bound = {s['flat_ratio_to_bound']:.2f} at p50 "
+            f"({'within' if s['flat_within_1.5x'] else 'NOT within'} 1.5x), "
+            f"{s['flat_ratio_to_bound_best']:.2f} best-of (like the best-of bandwidth); {text}"
+        )
     return "\n".join(lines)
 
 
@@ -586,9 +647,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64, help="queries per search() call for the throughput measurement")
     p.add_argument("--workdir", default=None, help="where stores and indexes go (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the temporary workdir")
-    p.add_argument("--keep-indexes", action="store_true", help="keep built indexes in the workdir (for --reuse-indexes)")
-    p.add_argument("--reuse-indexes", action="store_true", help="reuse indexes kept by an earlier run with the same options")
-    p.add_argument("--max-build-s", type=float, default=900.0, help="skip a kind whose predicted build time exceeds this")
+    p.add_argument(
+        "--keep-indexes", action="store_true", help="keep built indexes in the workdir (for --reuse-indexes)"
+    )
+    p.add_argument(
+        "--reuse-indexes", action="store_true", help="reuse indexes kept by an earlier run with the same options"
+    )
+    p.add_argument(
+        "--max-build-s", type=float, default=900.0, help="skip a kind whose predicted build time exceeds this"
+    )
     p.add_argument("--json", default=None, help="write results here (default: <workdir>/search_results.json)")
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="only the library's default search settings")
     p.add_argument("--target-recall", type=float, default=0.95)
@@ -603,7 +670,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nlist", type=int, default=None, help="ivf/ivfpq lists (default: the library's ~4 sqrt(N))")
     p.add_argument("--nlist-max", type=int, default=None, help="cap the library's default nlist (e.g. 1024 at N = 1M)")
-    p.add_argument("--pq-m", type=int, default=None, help="ivfpq sub-quantizers (library default D/4; D/8 trains much faster)")
+    p.add_argument(
+        "--pq-m", type=int, default=None, help="ivfpq sub-quantizers (library default D/4; D/8 trains much faster)"
+    )
     p.add_argument("--report", default=None, help="only print the tables of these comma-separated result JSONs")
     p.add_argument("--train-rows", type=int, default=IndexOptions.train_rows)
     p.add_argument("--hnsw-m", type=int, default=IndexOptions.hnsw_m)

@@ -53,7 +53,12 @@ def _pct(values, q: float) -> float | None:
 
 
 def _summary(values) -> dict:
-    return {"p50": _pct(values, 50), "p99": _pct(values, 99), "mean": float(np.mean(values)) if len(values) else None, "n": len(values)}
+    return {
+        "p50": _pct(values, 50),
+        "p99": _pct(values, 99),
+        "mean": float(np.mean(values)) if len(values) else None,
+        "n": len(values),
+    }
 
 
 def _free_port() -> int:
@@ -71,9 +76,19 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self._proc = self._thread = self._uvicorn = None
         if mode == "subprocess":
-            cmd = [sys.executable, "-m", "gradstore.server.cli", "serve", "--config", str(config_path),
-                   "--host", "127.0.0.1", "--port", str(self.port)]
-            self._log = open(log_path, "w")
+            cmd = [
+                sys.executable,
+                "-m",
+                "gradstore.server.cli",
+                "serve",
+                "--config",
+                str(config_path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ]
+            self._log = open(log_path, "w")  # noqa: SIM115 -- the server's stdout for its whole life; closed in stop()
             self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **env})
         else:
             import uvicorn
@@ -122,23 +137,46 @@ class Server:
 
 
 # -- phase 1: single queries, interleaved --------------------------------------------------------
-def single(engine, server: "Server", n: int, warmup: int, top_k: int) -> dict:
+def single(engine, server: Server, n: int, warmup: int, top_k: int) -> dict:
     import httpx
 
     from gradstore.server.client import Client
 
     http = httpx.Client(base_url=server.url, timeout=60.0)
     sdk = Client(server.url, timeout=60.0)
-    rec = {k: [] for k in ("inproc_e2e", "inproc_took", "inproc_gradient", "inproc_search", "inproc_assemble",
-                           "http_e2e", "http_took", "http_gradient", "http_search", "http_assemble", "http_overhead",
-                           "sdk_e2e", "sdk_overhead", "inproc_cpu", "http_client_cpu")}
+    rec = {
+        k: []
+        for k in (
+            "inproc_e2e",
+            "inproc_took",
+            "inproc_gradient",
+            "inproc_search",
+            "inproc_assemble",
+            "http_e2e",
+            "http_took",
+            "http_gradient",
+            "http_search",
+            "http_assemble",
+            "http_overhead",
+            "sdk_e2e",
+            "sdk_overhead",
+            "inproc_cpu",
+            "http_client_cpu",
+        )
+    }
     mismatches = 0
 
     def inproc(payload):
         cpu, start = time.process_time(), time.perf_counter()  # process time: torch's worker threads count too
         r = engine.influence([payload], top_k=top_k)
         elapsed = (time.perf_counter() - start) * 1e3
-        return elapsed, r.took_ms, r.timings_ms, [p.id for p in r.results[0].proponents], (time.process_time() - cpu) * 1e3
+        return (
+            elapsed,
+            r.took_ms,
+            r.timings_ms,
+            [p.id for p in r.results[0].proponents],
+            (time.process_time() - cpu) * 1e3,
+        )
 
     def raw(payload):
         body = {"queries": [payload], "top_k": top_k}
@@ -162,7 +200,7 @@ def single(engine, server: "Server", n: int, warmup: int, top_k: int) -> dict:
             server_cpu = server.cpu_seconds()
         payload = {"test_index": i % N_TEST}
         out = {}
-        for name, call in arms[i % 3:] + arms[: i % 3]:  # rotate the order: no arm always runs first
+        for name, call in arms[i % 3 :] + arms[: i % 3]:  # rotate the order: no arm always runs first
             out[name] = call(payload)
         mismatches += out["http"][3] != out["inproc"][3] or out["sdk"][3] != out["inproc"][3]
         if i < warmup:
@@ -190,7 +228,7 @@ def single(engine, server: "Server", n: int, warmup: int, top_k: int) -> dict:
 
 
 # -- phase 2: concurrent clients -----------------------------------------------------------------
-async def _load(server: "Server", clients: int, duration: float, warmup: float, top_k: int) -> dict:
+async def _load(server: Server, clients: int, duration: float, warmup: float, top_k: int) -> dict:
     from gradstore.server.client import AsyncClient
 
     url = server.url
@@ -216,7 +254,7 @@ async def _load(server: "Server", clients: int, duration: float, warmup: float, 
                     return
                 try:
                     r = await client.influence([{"test_index": i % N_TEST}], top_k=top_k)
-                except Exception as exc:  # noqa: BLE001 - counted and reported
+                except Exception as exc:
                     errors.append(repr(exc))
                     continue
                 t1 = time.perf_counter()
@@ -239,7 +277,7 @@ async def _load(server: "Server", clients: int, duration: float, warmup: float, 
     }
 
 
-def load(server: "Server", clients: int, duration: float, warmup: float, top_k: int) -> dict:
+def load(server: Server, clients: int, duration: float, warmup: float, top_k: int) -> dict:
     return asyncio.run(_load(server, clients, duration, warmup, top_k))
 
 
@@ -271,59 +309,94 @@ def report(runs: list[dict], meta: dict) -> str:
     def across(get) -> list[float]:
         return [get(s) for s in single_runs]
 
-    lines = [f"## gradstore serve benchmark: {meta['server']} server, top_k={meta['top_k']}, {meta['queries']} single "
-             f"queries x {len(runs)} repeats, {meta['cpus']} CPUs, torch threads {meta['torch_threads']}, "
-             f"N={meta['num_examples']} D={meta['dim']} x {len(meta['checkpoints'])} checkpoints ({meta['index_kind']})",
-             "", "### Single query, per repeat: p50 / p99 ms", "",
-             "| repeat | path | end to end | gradient | search | assemble | overhead | load avg |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## gradstore serve benchmark: {meta['server']} server, top_k={meta['top_k']}, {meta['queries']} single "
+        f"queries x {len(runs)} repeats, {meta['cpus']} CPUs, torch threads {meta['torch_threads']}, "
+        f"N={meta['num_examples']} D={meta['dim']} x {len(meta['checkpoints'])} checkpoints ({meta['index_kind']})",
+        "",
+        "### Single query, per repeat: p50 / p99 ms",
+        "",
+        "| repeat | path | end to end | gradient | search | assemble | overhead | load avg |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r, (run, s) in enumerate(zip(runs, single_runs), 1):
-        lines.append(f"| {r} | in-process engine | {_pp(s['inproc_e2e'])} | {_pp(s['inproc_gradient'])} | {_pp(s['inproc_search'])} "
-                     f"| {_pp(s['inproc_assemble'])} | {_pp(s['inproc_call_overhead'])} (call − took_ms) | {run['loadavg_before']:.1f} |")
-        lines.append(f"| {r} | HTTP (httpx, keep-alive) | {_pp(s['http_e2e'])} | {_pp(s['http_gradient'])} | {_pp(s['http_search'])} "
-                     f"| {_pp(s['http_assemble'])} | {_pp(s['http_overhead'])} (client − took_ms) | |")
-        lines.append(f"| {r} | SDK Client (typed) | {_pp(s['sdk_e2e'])} | | | | {_pp(s['sdk_overhead'])} (client − took_ms) | |")
+        lines.append(
+            f"| {r} | in-process engine | {_pp(s['inproc_e2e'])} | {_pp(s['inproc_gradient'])} "
+            f"| {_pp(s['inproc_search'])} | {_pp(s['inproc_assemble'])} "
+            f"| {_pp(s['inproc_call_overhead'])} (call − took_ms) | {run['loadavg_before']:.1f} |"
+        )
+        lines.append(
+            f"| {r} | HTTP (httpx, keep-alive) | {_pp(s['http_e2e'])} | {_pp(s['http_gradient'])} "
+            f"| {_pp(s['http_search'])} "
+            f"| {_pp(s['http_assemble'])} | {_pp(s['http_overhead'])} (client − took_ms) | |"
+        )
+        lines.append(
+            f"| {r} | SDK Client (typed) | {_pp(s['sdk_e2e'])} | | | | {_pp(s['sdk_overhead'])} (client − took_ms) | |"
+        )
     http50, in50 = across(lambda s: s["http_e2e"]["p50"]), across(lambda s: s["inproc_e2e"]["p50"])
     over50 = across(lambda s: s["http_overhead"]["p50"])
     diff50 = [h - i for h, i in zip(http50, in50)]
-    lines += ["", "### Single query, across repeats: median (min–max) of the repeats' values, ms", "",
-              "| metric | value | target |", "|---|---|---|",
-              f"| in-process engine end to end p50 | {_spread(in50)} | |",
-              f"| HTTP end to end p50 | {_spread(http50)} | {_verdict(http50, TARGET_P50_MS)} |",
-              f"| HTTP end to end p99 | {_spread(across(lambda s: s['http_e2e']['p99']))} | |",
-              f"| HTTP gradient / search / assemble p50 (server) | {_spread(across(lambda s: s['http_gradient']['p50']))} / "
-              f"{_spread(across(lambda s: s['http_search']['p50']))} / {_spread(across(lambda s: s['http_assemble']['p50']))} | |",
-              f"| HTTP overhead p50 (client-observed − server took_ms) | {_spread(over50)} | {_verdict(over50, TARGET_OVERHEAD_MS)} |",
-              f"| HTTP p50 − in-process p50 | {_spread(diff50)} | {_verdict(diff50, TARGET_OVERHEAD_MS)} |",
-              f"| HTTP p99 − in-process p99 | {_spread(across(lambda s: s['http_e2e']['p99'] - s['inproc_e2e']['p99']))} | |",
-              f"| answers differing from in-process | {sum(across(lambda s: s['mismatches']))} | 0 |"]
+    lines += [
+        "",
+        "### Single query, across repeats: median (min–max) of the repeats' values, ms",
+        "",
+        "| metric | value | target |",
+        "|---|---|---|",
+        f"| in-process engine end to end p50 | {_spread(in50)} | |",
+        f"| HTTP end to end p50 | {_spread(http50)} | {_verdict(http50, TARGET_P50_MS)} |",
+        f"| HTTP end to end p99 | {_spread(across(lambda s: s['http_e2e']['p99']))} | |",
+        f"| HTTP gradient / search / assemble p50 (server) | {_spread(across(lambda s: s['http_gradient']['p50']))} / "
+        f"{_spread(across(lambda s: s['http_search']['p50']))} / "
+        f"{_spread(across(lambda s: s['http_assemble']['p50']))} | |",
+        f"| HTTP overhead p50 (client-observed − server took_ms) | {_spread(over50)} "
+        f"| {_verdict(over50, TARGET_OVERHEAD_MS)} |",
+        f"| HTTP p50 − in-process p50 | {_spread(diff50)} | {_verdict(diff50, TARGET_OVERHEAD_MS)} |",
+        f"| HTTP p99 − in-process p99 | {_spread(across(lambda s: s['http_e2e']['p99'] - s['inproc_e2e']['p99']))} | |",
+        f"| answers differing from in-process | {sum(across(lambda s: s['mismatches']))} | 0 |",
+    ]
     if single_runs[0]["server_cpu_per_request"] is not None:
         engine_cpu = across(lambda s: s["inproc_cpu"]["mean"])
         server_cpu = across(lambda s: s["server_cpu_per_request"])
-        lines += ["", "### CPU time per query (insensitive to waiting for a core on a busy machine): median (min–max) ms", "",
-                  "| metric | value |", "|---|---|",
-                  f"| in-process engine (process CPU, mean) | {_spread(engine_cpu)} |",
-                  f"| server process per request (mean) | {_spread(server_cpu)} |",
-                  f"| server − in-process engine = HTTP stack CPU in the server | {_spread([a - b for a, b in zip(server_cpu, engine_cpu)])} |",
-                  f"| client (httpx thread CPU, mean) | {_spread(across(lambda s: s['http_client_cpu']['mean']))} |"]
-    lines += ["", f"### Concurrent clients ({meta['duration']:.0f} s each after {meta['load_warmup']:.0f} s warm-up): "
-              "median (min–max) over repeats", "",
-              "| clients | queries/s | p50 ms | p99 ms | server took_ms p50 | server CPU ms/req | client CPU ms/req | errors |",
-              "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "### CPU time per query (insensitive to waiting for a core on a busy machine): median (min–max) ms",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            f"| in-process engine (process CPU, mean) | {_spread(engine_cpu)} |",
+            f"| server process per request (mean) | {_spread(server_cpu)} |",
+            "| server − in-process engine = HTTP stack CPU in the server "
+            f"| {_spread([a - b for a, b in zip(server_cpu, engine_cpu)])} |",
+            f"| client (httpx thread CPU, mean) | {_spread(across(lambda s: s['http_client_cpu']['mean']))} |",
+        ]
+    lines += [
+        "",
+        f"### Concurrent clients ({meta['duration']:.0f} s each after {meta['load_warmup']:.0f} s warm-up): "
+        "median (min–max) over repeats",
+        "",
+        "| clients | queries/s | p50 ms | p99 ms | server took_ms p50 | server CPU ms/req "
+        "| client CPU ms/req | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for j, c in enumerate(meta["clients"]):
         rows = [run["load"][j] for run in runs]
         server_cpu = [x["server_cpu_per_request"] for x in rows]
-        lines.append(f"| {c} | {_spread([x['qps'] for x in rows])} | {_spread([x['latency']['p50'] for x in rows])} "
-                     f"| {_spread([x['latency']['p99'] for x in rows])} | {_spread([x['server_took']['p50'] for x in rows])} "
-                     f"| {'—' if None in server_cpu else _spread(server_cpu)} | {_spread([x['client_cpu_per_request'] for x in rows])} "
-                     f"| {sum(x['errors'] for x in rows)} |")
+        lines.append(
+            f"| {c} | {_spread([x['qps'] for x in rows])} | {_spread([x['latency']['p50'] for x in rows])} "
+            f"| {_spread([x['latency']['p99'] for x in rows])} | {_spread([x['server_took']['p50'] for x in rows])} "
+            f"| {'—' if None in server_cpu else _spread(server_cpu)} "
+            f"| {_spread([x['client_cpu_per_request'] for x in rows])} "
+            f"| {sum(x['errors'] for x in rows)} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", help="demo run directory (default: a temporary one); reused if already prepared")
-    parser.add_argument("--queries", type=int, default=200, help="single queries per repeat (each over all three paths)")
+    parser.add_argument(
+        "--queries", type=int, default=200, help="single queries per repeat (each over all three paths)"
+    )
     parser.add_argument("--warmup", type=int, default=20, help="single queries before measuring")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per concurrency level")
     parser.add_argument("--load-warmup", type=float, default=1.0, help="seconds of load before measuring each level")
@@ -331,8 +404,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--server", choices=["subprocess", "thread"], default="subprocess")
-    parser.add_argument("--torch-threads", type=int,
-                        help="torch intra-op threads here and in the server (sets OMP_NUM_THREADS; default: the server's own choice)")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        help="torch intra-op threads here and in the server (sets OMP_NUM_THREADS; default: the server's own choice)",
+    )
     parser.add_argument("--json", help="write results here (default: <workdir>/serve_bench.json)")
     args = parser.parse_args()
 
@@ -370,11 +446,23 @@ def main() -> None:
     engine = open_engine(config)
     clients = [int(c) for c in args.clients.split(",") if c]
     meta = {
-        "server": args.server, "top_k": args.top_k, "queries": args.queries, "duration": args.duration,
-        "load_warmup": args.load_warmup, "clients": clients, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-        "num_examples": engine.index.num_rows, "dim": engine.store.dim, "checkpoints": engine.checkpoints,
-        "index_kind": engine.index.options.kind, "device": str(engine.device), "env": env,
+        "server": args.server,
+        "top_k": args.top_k,
+        "queries": args.queries,
+        "duration": args.duration,
+        "load_warmup": args.load_warmup,
+        "clients": clients,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "num_examples": engine.index.num_rows,
+        "dim": engine.store.dim,
+        "checkpoints": engine.checkpoints,
+        "index_kind": engine.index.options.kind,
+        "device": str(engine.device),
+        "env": env,
     }
     server = Server(args.server, config_path, engine, workdir / "serve_bench_server.log", env)
     runs = []

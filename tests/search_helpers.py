@@ -98,11 +98,15 @@ def log_mlp_run(
     task = QueryMLPTask(n=n)
     torch.manual_seed(0)
     model = task.build_model()
-    logger = GradientLogger(model, task, store=directory / store_name, rank=rank, init=init, dtype=dtype, progress=False)
+    logger = GradientLogger(
+        model, task, store=directory / store_name, rank=rank, init=init, dtype=dtype, progress=False
+    )
     eval_logger = None
     if eval_examples is not None:
         eval_model = task.build_model()  # its own hooks: two loggers must not hook the same modules
-        eval_logger = GradientLogger(eval_model, task, store=directory / "eval.zarr", spec=logger.spec, dtype=dtype, progress=False)
+        eval_logger = GradientLogger(
+            eval_model, task, store=directory / "eval.zarr", spec=logger.spec, dtype=dtype, progress=False
+        )
     names, weights = [], {}
     for c, lr in enumerate(lrs):
         if c:
@@ -113,7 +117,9 @@ def log_mlp_run(
         logger.log_checkpoint(name, lr=lr, batch_size=32, step=c * 5, weights_path=path)
         if eval_logger is not None:
             eval_logger.model.load_state_dict(model.state_dict())
-            eval_logger.log_checkpoint(name, lr=lr, examples=eval_examples, batch_size=32, step=c * 5, weights_path=path)
+            eval_logger.log_checkpoint(
+                name, lr=lr, examples=eval_examples, batch_size=32, step=c * 5, weights_path=path
+            )
         names.append(name)
         weights[name] = path
     logger.close()
@@ -127,13 +133,15 @@ def reference_weights(lrs, lr_weighting: str) -> np.ndarray:
     return {"schedule": lrs, "uniform": np.ones_like(lrs), "normalized": lrs / lrs.mean()}[lr_weighting]
 
 
-def dense_curvature(kind: str, train: np.ndarray, eval: np.ndarray | None, mix: float, damping: float, spec) -> np.ndarray:
+def dense_curvature(
+    kind: str, train: np.ndarray, eval: np.ndarray | None, mix: float, damping: float, spec
+) -> np.ndarray:
     """Block-diagonal ``R`` ``[D, D]`` built independently: per layer ``block`` or ``kfac``, mixed and damped."""
     R = np.zeros((spec.dim, spec.dim))
     for layer in spec.layers:
         sl = layer.slice
 
-        def moments(rows):
+        def moments(rows, sl=sl, layer=layer):
             g = rows[:, sl].astype(np.float64)
             if kind == "block":
                 return [g.T @ g / len(g)]
@@ -165,7 +173,9 @@ def dense_curvature(kind: str, train: np.ndarray, eval: np.ndarray | None, mix: 
 
 def synthetic_spec(layers: list[tuple[str, int, int]], init: str = "gaussian") -> ProjectionSpec:
     """A spec with linear layers ``(name, k_in, k_out)`` at full rank (``d_in + 1 = k_in``, ``d_out = k_out``)."""
-    spec = ProjectionSpec.build([(name, "linear", k_in - 1, k_out, True) for name, k_in, k_out in layers], 10**6, init=init)
+    spec = ProjectionSpec.build(
+        [(name, "linear", k_in - 1, k_out, True) for name, k_in, k_out in layers], 10**6, init=init
+    )
     return spec.with_checksum(matrices_checksum(build_matrices(spec, verify=False)))
 
 
@@ -199,7 +209,9 @@ def write_store(
     return store
 
 
-def gradient_like(rng: np.random.Generator, n: int, dim: int, clusters: int = 64, rank: int = 32, basis=None, centers=None):
+def gradient_like(
+    rng: np.random.Generator, n: int, dim: int, clusters: int = 64, rank: int = 32, basis=None, centers=None
+):
     """Rows that look like per-example gradients: clustered in a low-rank subspace, plus noise, heavy-tailed norms.
 
     Returns ``(rows, basis, centers)`` so queries can be drawn from the same distribution.

@@ -188,8 +188,9 @@ def test_unsupported_format_version(store_path):
 
 @pytest.mark.parametrize(("task_cls", "shape"), [(ScalarLossTask, "()"), (ColumnLossTask, "(8, 1)")])
 def test_wrong_loss_shape(store_path, base, task_cls, shape):
-    with make_logger(store_path, task_cls(N)) as logger, pytest.raises(
-        TaskError, match=r"must return one value per example, shape \(8,\); got " + re.escape(shape)
+    with (
+        make_logger(store_path, task_cls(N)) as logger,
+        pytest.raises(TaskError, match=r"must return one value per example, shape \(8,\); got " + re.escape(shape)),
     ):
         logger.log_checkpoint("bad", lr=0.1, batch_size=8)
     store = assert_intact(store_path, base)
@@ -198,9 +199,12 @@ def test_wrong_loss_shape(store_path, base, task_cls, shape):
 
 def test_nan_loss_reports_exactly_the_bad_ids(store_path, base):
     bad = [19, 21]  # both in the third batch of 8; chunks 0 and 1 are complete before it
-    with make_logger(store_path, ScaledLossTask({i: float("nan") for i in bad})) as logger, pytest.raises(
-        NonFiniteGradientError, match=r"non-finite \(NaN/Inf\) gradients for example ids \[19, 21\]"
-    ) as info:
+    with (
+        make_logger(store_path, ScaledLossTask({i: float("nan") for i in bad})) as logger,
+        pytest.raises(
+            NonFiniteGradientError, match=r"non-finite \(NaN/Inf\) gradients for example ids \[19, 21\]"
+        ) as info,
+    ):
         logger.log_checkpoint("nan", lr=0.1, batch_size=8)
     assert info.value.ids == bad
     assert isinstance(info.value, FloatingPointError)
@@ -247,9 +251,10 @@ def test_float16_overflow_says_use_float32(tmp_path):
 
 
 def test_resume_with_different_lr(store_path, base):
-    with make_logger(store_path) as logger, pytest.raises(
-        CheckpointMismatchError, match=r"checkpoint 'c0' already exists with different metadata"
-    ) as info:
+    with (
+        make_logger(store_path) as logger,
+        pytest.raises(CheckpointMismatchError, match=r"checkpoint 'c0' already exists with different metadata") as info,
+    ):
         logger.log_checkpoint("c0", lr=0.2)
     assert "'lr': (0.1, 0.2)" in str(info.value)
     assert GradientStore.open(store_path).checkpoint_info("c0").lr == 0.1
@@ -266,8 +271,11 @@ def test_resume_with_different_number_of_examples(store_path, base):
 
 def test_resume_with_reordered_examples(store_path, base):
     task = MLPTask(N)
-    with make_logger(store_path, task) as logger, pytest.raises(
-        CheckpointMismatchError, match=r"the examples differ from those of the interrupted run \(chunk 0\)"
+    with (
+        make_logger(store_path, task) as logger,
+        pytest.raises(
+            CheckpointMismatchError, match=r"the examples differ from those of the interrupted run \(chunk 0\)"
+        ),
     ):
         logger.log_checkpoint("c0", lr=0.1, examples=task.examples[::-1])
     assert_intact(store_path, base)

@@ -1,7 +1,7 @@
 """The dashboard in a real browser (issue 4, test 5).
 
-The app ``gradstore serve`` runs is served on the demo run by uvicorn (in a thread) on a free loopback port; headless Chromium
-(the Debian ``chromium`` package, driven by Playwright's Python API with that system binary: no
+The app ``gradstore serve`` runs is served on the demo run by uvicorn (in a thread) on a free loopback port;
+headless Chromium (the Debian ``chromium`` package, driven by Playwright's Python API with that system binary: no
 ``playwright install`` download) loads ``/`` and is used as a person would use it:
 
 - test-digit mode: pick a held-out digit, set top k and the lr weighting, click "Find influences";
@@ -36,7 +36,9 @@ try:
 except ImportError:
     if REQUIRED:
         raise
-    pytest.skip("playwright is not installed (pip install -e '.[dev]'; scripts/setup.sh does it)", allow_module_level=True)
+    pytest.skip(
+        "playwright is not installed (pip install -e '.[dev]'; scripts/setup.sh does it)", allow_module_level=True
+    )
 
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser")
 TEST_INDEX = 7
@@ -64,9 +66,12 @@ def _free_port() -> int:
 
 CHROMIUM = _chromium()
 if CHROMIUM is None and REQUIRED:
-    raise RuntimeError("GRADSTORE_REQUIRE_BROWSER=1 but no Chromium binary was found (scripts/setup.sh installs the chromium package)")
+    raise RuntimeError(
+        "GRADSTORE_REQUIRE_BROWSER=1 but no Chromium binary was found (scripts/setup.sh installs the chromium package)"
+    )
 pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no Chromium binary (apt-get install chromium; scripts/setup.sh does it, or set GRADSTORE_CHROMIUM)"
+    CHROMIUM is None,
+    reason="no Chromium binary (apt-get install chromium; scripts/setup.sh does it, or set GRADSTORE_CHROMIUM)",
 )
 
 
@@ -138,8 +143,11 @@ def page(browser, server_url, page_problems):
     page.on("pageerror", lambda exc: problems.append(f"uncaught: {exc}"))
     page.on(
         "console",
-        lambda msg: problems.append(f"console.{msg.type}: {msg.text} ({msg.location.get('url', '')})")
-        if msg.type == "error" and "favicon" not in msg.location.get("url", "") else None,
+        lambda msg: (
+            problems.append(f"console.{msg.type}: {msg.text} ({msg.location.get('url', '')})")
+            if msg.type == "error" and "favicon" not in msg.location.get("url", "")
+            else None
+        ),
     )
     page.goto(f"{server_url}/")
     sync_api.expect(page.locator("#run-info")).to_contain_text("examples", timeout=TIMEOUT_MS)
@@ -228,12 +236,20 @@ def test_test_digit_query_renders_the_apis_proponents_and_opponents(page, server
     page.select_option("#weighting", "uniform")
     with page.expect_request("**/v1/influence") as sent:
         page.click("#run-query")
-    assert sent.value.post_data_json == {"queries": [{"test_index": TEST_INDEX}], "top_k": TOP_K, "lr_weighting": "uniform"}
+    assert sent.value.post_data_json == {
+        "queries": [{"test_index": TEST_INDEX}],
+        "top_k": TOP_K,
+        "lr_weighting": "uniform",
+    }
     sync_api.expect(page.locator("#proponents .card")).to_have_count(TOP_K)
     sync_api.expect(page.locator("#opponents .card")).to_have_count(TOP_K)
     assert page.text_content("#query-error") == ""
 
-    answer = _api(server_url, "/v1/influence", {"queries": [{"test_index": TEST_INDEX}], "top_k": TOP_K, "lr_weighting": "uniform"})
+    answer = _api(
+        server_url,
+        "/v1/influence",
+        {"queries": [{"test_index": TEST_INDEX}], "top_k": TOP_K, "lr_weighting": "uniform"},
+    )
     result = answer["results"][0]
     _check_cards(page, "proponents", result["proponents"], checkpoints)
     _check_cards(page, "opponents", result["opponents"], checkpoints)
@@ -268,8 +284,11 @@ def test_draw_mode_queries_the_drawn_digit(page, server_url):
     query = body["queries"][0]
     assert query["label"] == 1 and len(query["pixels"]) == 64
     assert all(isinstance(v, int) and 0 <= v <= 16 for v in query["pixels"])
-    column = [query["pixels"][row * 8 + 4] for row in range(8)] if query["pixels"][4 * 8 + 4] else \
-             [query["pixels"][row * 8 + 3] for row in range(8)]
+    column = (
+        [query["pixels"][row * 8 + 4] for row in range(8)]
+        if query["pixels"][4 * 8 + 4]
+        else [query["pixels"][row * 8 + 3] for row in range(8)]
+    )
     assert sum(v > 8 for v in column) >= 5, f"the stroke did not reach the payload: {query['pixels']}"
 
     answer = _api(server_url, "/v1/influence", body)

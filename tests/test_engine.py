@@ -50,10 +50,20 @@ def run(tmp_path_factory):
         dots.append((logged.full_gradients(name, queries) @ g_train.T).numpy())
         measured.append((logged.full_gradients(name, queries, MeasurementAsLoss(logged.task)) @ g_train.T).numpy())
         sqnorms.append((g_train**2).sum(1).numpy())
-    engines = {residency: QueryEngine(logged.task, store, index, logged.weights, residency=residency) for residency in ("all", "one")}
+    engines = {
+        residency: QueryEngine(logged.task, store, index, logged.weights, residency=residency)
+        for residency in ("all", "one")
+    }
     return dict(
-        logged=logged, store=store, index=index, queries=queries, payloads=[payload(q) for q in queries],
-        dots=np.stack(dots), measured=np.stack(measured), sqnorms=np.stack(sqnorms), engines=engines,
+        logged=logged,
+        store=store,
+        index=index,
+        queries=queries,
+        payloads=[payload(q) for q in queries],
+        dots=np.stack(dots),
+        measured=np.stack(measured),
+        sqnorms=np.stack(sqnorms),
+        engines=engines,
     )
 
 
@@ -68,7 +78,10 @@ def _expected(run, weighting: str, checkpoints=None, dots=None):
 
 
 def _check_lists(run, response, contributions: np.ndarray, k: int, checkpoints=None) -> None:
-    """Proponents/opponents of every query equal the reference lists (ids, order, scores, contributions, descriptions)."""
+    """Proponents/opponents of every query equal the reference lists.
+
+    Compared: ids, order, scores, contributions, descriptions.
+    """
     names = run["logged"].names
     chosen = [c for c in names if c in (checkpoints or names)]
     train = run["logged"].task.train_examples()
@@ -78,7 +91,10 @@ def _check_lists(run, response, contributions: np.ndarray, k: int, checkpoints=N
     for q, result in enumerate(response.results):
         scale = np.abs(scores[q]).max()
         assert scale > 1e-3  # not a comparison between zeros
-        for items, order in ((result.proponents, np.lexsort((ids, -scores[q]))), (result.opponents, np.lexsort((ids, scores[q])))):
+        for items, order in (
+            (result.proponents, np.lexsort((ids, -scores[q]))),
+            (result.opponents, np.lexsort((ids, scores[q]))),
+        ):
             assert [item.id for item in items] == order[:k].tolist()
             for item in items:
                 assert abs(item.score - scores[q, item.id]) <= TOL * scale
@@ -127,7 +143,11 @@ def test_precomputed_vectors_give_the_same_answers(run):
     """Projected query gradients computed outside the engine (same spec) answer exactly like the payloads."""
     logged, store, engine = run["logged"], run["store"], run["engines"]["all"]
     projected = {name: logged.projected(name, run["queries"], store) for name in logged.names}  # [Q, D] each
-    for checkpoints, weighting in ((None, "schedule"), (["ckpt-0", "ckpt-2"], "uniform"), (["ckpt-2", "ckpt-0"], "normalized")):
+    for checkpoints, weighting in (
+        (None, "schedule"),
+        (["ckpt-0", "ckpt-2"], "uniform"),
+        (["ckpt-2", "ckpt-0"], "normalized"),
+    ):
         names = checkpoints or logged.names
         vectors = np.stack([projected[name] for name in names], axis=1)  # [Q, chosen, D] in the order of `checkpoints`
         by_vector = engine.influence(vectors=vectors, top_k=6, lr_weighting=weighting, checkpoints=checkpoints)
@@ -139,7 +159,9 @@ def test_precomputed_vectors_give_the_same_answers(run):
             for x, y in zip(a.proponents + a.opponents, b.proponents + b.opponents):
                 assert x.id == y.id and x.score == pytest.approx(y.score, rel=1e-6)
     # nested lists (as JSON delivers them) work too
-    listed = engine.influence(vectors=vectors.tolist(), top_k=6, lr_weighting="normalized", checkpoints=["ckpt-2", "ckpt-0"])
+    listed = engine.influence(
+        vectors=vectors.tolist(), top_k=6, lr_weighting="normalized", checkpoints=["ckpt-2", "ckpt-0"]
+    )
     assert [p.id for p in listed.results[0].proponents] == [p.id for p in by_vector.results[0].proponents]
 
 
@@ -149,7 +171,9 @@ def test_examples_and_batches_agree_with_single_queries(run):
     for q, example in enumerate(run["queries"]):
         alone = engine.influence(examples=[example], top_k=4).results[0]
         assert [p.id for p in alone.proponents] == [p.id for p in batch.results[q].proponents]
-        assert [p.score for p in alone.opponents] == pytest.approx([p.score for p in batch.results[q].opponents], rel=1e-5)
+        assert [p.score for p in alone.opponents] == pytest.approx(
+            [p.score for p in batch.results[q].opponents], rel=1e-5
+        )
 
 
 def test_measurement_equals_exact_tracin_of_the_measurement(run):
@@ -186,7 +210,9 @@ def test_engine_kfac_and_block_with_eval_store_equal_dense_reference(tmp_path):
     queries = QueryMLPTask(n=4, seed=1).train_examples()
     for kind in ("kfac", "block"):
         options = IndexOptions(preconditioner=kind, mix=0.6, damping=0.05)
-        index = GradientIndex.build(store, options, path=tmp_path / f"{kind}.index", eval_store=eval_store, progress=False)
+        index = GradientIndex.build(
+            store, options, path=tmp_path / f"{kind}.index", eval_store=eval_store, progress=False
+        )
         engine = QueryEngine(logged.task, store, index, residency="one")  # weights paths from the store
         expected = 0.0
         for name, lr in zip(logged.names, (0.1, 0.03)):
@@ -198,7 +224,9 @@ def test_engine_kfac_and_block_with_eval_store_equal_dense_reference(tmp_path):
         for q, result in enumerate(response.results):
             assert [p.id for p in result.proponents] == np.lexsort((ids, -expected[q]))[:5].tolist()
             assert [p.id for p in result.opponents] == np.lexsort((ids, expected[q]))[:5].tolist()
-            assert [p.score for p in result.proponents] == pytest.approx(expected[q][[p.id for p in result.proponents]], rel=1e-4)
+            assert [p.score for p in result.proponents] == pytest.approx(
+                expected[q][[p.id for p in result.proponents]], rel=1e-4
+            )
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -216,7 +244,9 @@ def test_payload_the_task_rejects_names_the_query(run):
 
 def test_unknown_checkpoints_are_refused(run):
     engine = run["engines"]["all"]
-    with pytest.raises(CheckpointNotFoundError, match=r"unknown checkpoints \['nope'\]; the index has \['ckpt-0', 'ckpt-1', 'ckpt-2'\]"):
+    with pytest.raises(
+        CheckpointNotFoundError, match=r"unknown checkpoints \['nope'\]; the index has \['ckpt-0', 'ckpt-1', 'ckpt-2'\]"
+    ):
         engine.influence(run["payloads"], checkpoints=["ckpt-0", "nope"])
     with pytest.raises(CheckpointNotFoundError, match="unknown checkpoints"):
         engine.self_influence(checkpoints=["ckpt-9"])
@@ -300,7 +330,9 @@ def test_stale_index_after_another_checkpoint_then_rebuild(run, tmp_path):
     shutil.copytree(run["index"].path, index_path)
     GradientIndex.open(index_path, GradientStore.open(store_path))  # a faithful copy opens
     model = logged.model_at("ckpt-2")
-    with GradientLogger(model, logged.task, store=store_path, spec=run["store"].spec, dtype="float32", progress=False) as logger:
+    with GradientLogger(
+        model, logged.task, store=store_path, spec=run["store"].spec, dtype="float32", progress=False
+    ) as logger:
         logger.log_checkpoint("ckpt-3", lr=0.01, batch_size=48)
     store = GradientStore.open(store_path)
     with pytest.raises(StaleIndexError, match="changed after index"):

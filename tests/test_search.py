@@ -50,6 +50,7 @@ from gradstore.store import (
     StaleIndexError,
     default_index_path,
 )
+from gradstore.store.manifest import IndexManifest
 from gradstore.store.search import (
     BACKENDS,
     FlatBackend,
@@ -59,8 +60,6 @@ from gradstore.store.search import (
     gpu_available,
     pq_subquantizers,
 )
-
-from gradstore.store.manifest import IndexManifest
 
 from .search_helpers import dense_curvature, gradient_like, synthetic_spec, write_store
 
@@ -102,7 +101,9 @@ def two_checkpoint_store(tmp_path_factory):
         queries, _, _ = gradient_like(rng, 8, spec.dim, basis=basis, centers=centers)
         data[name] = (lr, rows, queries)
     path = tmp_path_factory.mktemp("flat") / "run.zarr"
-    store = write_store(path, spec, {name: (lr, rows) for name, (lr, rows, _) in data.items()}, dtype="float16", chunk_rows=512)
+    store = write_store(
+        path, spec, {name: (lr, rows) for name, (lr, rows, _) in data.items()}, dtype="float16", chunk_rows=512
+    )
     matrix = np.concatenate([store.read(name)[1] for name in data], axis=1)  # [N, C*D], the stored float16 values
     raw = np.stack([queries for _, _, queries in data.values()], axis=1)  # [B, C, D]
     return store, matrix, raw
@@ -123,9 +124,14 @@ def test_flat_equals_numpy_brute_force(two_checkpoint_store, weights):
     np.testing.assert_allclose(found.opponent_scores, scores[rows, bottom], rtol=1e-12, atol=0)
     # per-checkpoint contributions: the exact per-checkpoint dots, summing to the score
     d = store.dim
-    per_ckpt = [queries[:, c * d : (c + 1) * d].astype(np.float64) @ matrix[:, c * d : (c + 1) * d].astype(np.float64).T for c in range(2)]
+    per_ckpt = [
+        queries[:, c * d : (c + 1) * d].astype(np.float64) @ matrix[:, c * d : (c + 1) * d].astype(np.float64).T
+        for c in range(2)
+    ]
     for c in range(2):
-        np.testing.assert_allclose(found.proponent_contributions[:, :, c], per_ckpt[c][rows, top], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            found.proponent_contributions[:, :, c], per_ckpt[c][rows, top], rtol=1e-12, atol=1e-12
+        )
     np.testing.assert_allclose(found.proponent_contributions.sum(-1), found.proponent_scores, rtol=1e-12)
     if weights[0] == 0:
         assert not found.proponent_contributions[:, :, 0].any()  # the excluded checkpoint contributes nothing
@@ -156,7 +162,10 @@ APPROX_OPTIONS = {
 
 @pytest.fixture(scope="module")
 def large_store(tmp_path_factory):
-    """N = 20000 x D = 256 float16 gradient-like rows (clustered, low rank plus noise, heavy-tailed norms) and queries."""
+    """N = 20000 x D = 256 float16 gradient-like rows and queries.
+
+    The rows are clustered, low rank plus noise, with heavy-tailed norms.
+    """
     rng = np.random.default_rng(0)
     spec = synthetic_spec([("w", 16, 16)])
     rows, basis, centers = gradient_like(rng, N_APPROX, D_APPROX)
@@ -208,16 +217,22 @@ def test_approximate_kinds_recall_and_exact_scores(large_store, kind):
     print(f"{kind} {APPROX_OPTIONS[kind]}: recall@10 proponents {recall_pro:.3f}, opponents {recall_opp:.3f}")
     assert recall_pro >= 0.95 and recall_opp >= 0.95
     # search-time knobs are not build options: reopening with another nprobe / ef_search is allowed
-    reopened = GradientIndex.open(index.path, store, options=dataclasses.replace(options, nprobe=1, ef_search=16, rerank=2))
+    reopened = GradientIndex.open(
+        index.path, store, options=dataclasses.replace(options, nprobe=1, ef_search=16, rerank=2)
+    )
     assert reopened.options.rerank == 2
 
 
 def test_ivf_defaults_reach_recall_with_cosine(large_store):
     """With unit normalisation (TrackStar) the norms no longer mislead the coarse quantizer: default nprobe suffices."""
     store, _, raw, directory = large_store
-    flat = GradientIndex.build(store, IndexOptions(kind="flat", normalize=True), path=directory / "flat-cos.index", progress=False)
+    flat = GradientIndex.build(
+        store, IndexOptions(kind="flat", normalize=True), path=directory / "flat-cos.index", progress=False
+    )
     with _faiss_single_thread():
-        ivf = GradientIndex.build(store, IndexOptions(kind="ivf", normalize=True), path=directory / "ivf-cos.index", progress=False)
+        ivf = GradientIndex.build(
+            store, IndexOptions(kind="ivf", normalize=True), path=directory / "ivf-cos.index", progress=False
+        )
     recall_pro, recall_opp = _check_approximate(ivf, flat, raw, [0.05])
     print(f"ivf defaults, normalize=True: recall@10 proponents {recall_pro:.3f}, opponents {recall_opp:.3f}")
     assert recall_pro >= 0.95 and recall_opp >= 0.95
@@ -249,14 +264,19 @@ def precond_stores(tmp_path_factory):
 
 
 def _reference(kind, store, eval_store, raw, weights, mix, damping, normalize=False):
-    """Dense ``[B, N]`` scores and ``[N]`` self-influence: sum_c w_c g_q^T R_c^{-1} g_i (or cosines in the R^{-1} metric)."""
+    """Dense ``[B, N]`` scores and ``[N]`` self-influence.
+
+    sum_c w_c g_q^T R_c^{-1} g_i (or cosines in the R^{-1} metric).
+    """
     scores, self_inf = 0.0, 0.0
     for c, name in enumerate(store.checkpoints):
         train = store.read(name)[1].astype(np.float64)
         if kind == "identity":
             R = np.eye(store.dim)
         else:
-            R = dense_curvature(kind, train, eval_store.read(name)[1] if eval_store is not None else None, mix, damping, store.spec)
+            R = dense_curvature(
+                kind, train, eval_store.read(name)[1] if eval_store is not None else None, mix, damping, store.spec
+            )
         q = raw[:, c].astype(np.float64)
         dots = q @ np.linalg.solve(R, train.T)
         self_dots = np.einsum("nd,dn->n", train, np.linalg.solve(R, train.T))
@@ -290,7 +310,9 @@ def test_preconditioner_equals_dense_reference(precond_stores, kind, use_eval):
     eval_store = eval_store if use_eval else None
     mix, damping = 0.7, 0.05
     options = IndexOptions(preconditioner=kind, mix=mix, damping=damping)
-    index = GradientIndex.build(store, options, path=directory / f"{kind}-{use_eval}.index", eval_store=eval_store, progress=False)
+    index = GradientIndex.build(
+        store, options, path=directory / f"{kind}-{use_eval}.index", eval_store=eval_store, progress=False
+    )
     weights = list(PRECOND_LRS.values())
     expected, expected_self = _reference(kind, store, eval_store, raw, weights, mix, damping)
     actual = _all_scores(index, raw, weights)
@@ -305,7 +327,9 @@ def test_preconditioner_equals_dense_reference(precond_stores, kind, use_eval):
     assert _max_rel(self_influence.sum(1), expected_self) < 1e-5
     # without the eval store the mix is ignored; with it, it matters
     other_mix = IndexOptions(preconditioner=kind, mix=0.2, damping=damping)
-    again = GradientIndex.build(store, other_mix, path=directory / f"{kind}-{use_eval}-mix.index", eval_store=eval_store, progress=False)
+    again = GradientIndex.build(
+        store, other_mix, path=directory / f"{kind}-{use_eval}-mix.index", eval_store=eval_store, progress=False
+    )
     differs = _max_rel(_all_scores(again, raw, weights), actual)
     assert (differs > 1e-2) if use_eval else (differs < 1e-6)
 
@@ -315,7 +339,9 @@ def test_normalize_equals_cosine_per_checkpoint(precond_stores, kind):
     store, eval_store, raw, directory = precond_stores
     eval_store = None if kind == "identity" else eval_store
     options = IndexOptions(preconditioner=kind, normalize=True, mix=0.5, damping=0.1)
-    index = GradientIndex.build(store, options, path=directory / f"{kind}-cos.index", eval_store=eval_store, progress=False)
+    index = GradientIndex.build(
+        store, options, path=directory / f"{kind}-cos.index", eval_store=eval_store, progress=False
+    )
     weights = [0.2, 0.05]
     expected, expected_self = _reference(kind, store, eval_store, raw, weights, 0.5, 0.1, normalize=True)
     assert _max_rel(_all_scores(index, raw, weights), expected) < 1e-5
@@ -331,7 +357,9 @@ def test_self_influence_identity_equals_weighted_squared_norms(two_checkpoint_st
     weights = [0.3, 0.1]
     per_ckpt = index.self_influence(weights)
     d = store.dim
-    expected = np.stack([w * (matrix[:, c * d : (c + 1) * d].astype(np.float64) ** 2).sum(1) for c, w in enumerate(weights)], axis=1)
+    expected = np.stack(
+        [w * (matrix[:, c * d : (c + 1) * d].astype(np.float64) ** 2).sum(1) for c, w in enumerate(weights)], axis=1
+    )
     np.testing.assert_allclose(per_ckpt, expected, rtol=1e-6)
 
 
@@ -381,7 +409,9 @@ def test_stale_after_new_checkpoint(tmp_path):
     with pytest.raises(StaleIndexError):
         GradientIndex.open(None, GradientStore.open(path))
     # rebuild keeps the indexed checkpoints (a new one is added by building with it)
-    assert GradientIndex.rebuild(default_index_path(path), GradientStore.open(path), progress=False).checkpoints == ["c0"]
+    assert GradientIndex.rebuild(default_index_path(path), GradientStore.open(path), progress=False).checkpoints == [
+        "c0"
+    ]
     both = GradientIndex.build(GradientStore.open(path), progress=False)
     assert both.checkpoints == ["c0", "c1"] and both.lrs == {"c0": 0.1, "c1": 0.05}
 
@@ -394,7 +424,9 @@ def test_options_mismatch_is_refused(tmp_path):
         with pytest.raises(IndexMismatchError, match="other options"):
             GradientIndex.open(None, store, options=other)
     # another store (another projection) cannot use this index
-    other_store = write_store(tmp_path / "other.zarr", synthetic_spec([("a", 4, 3)]), {"c0": (0.1, np.ones((10, 12), np.float32))})
+    other_store = write_store(
+        tmp_path / "other.zarr", synthetic_spec([("a", 4, 3)]), {"c0": (0.1, np.ones((10, 12), np.float32))}
+    )
     with pytest.raises(IndexMismatchError, match="another projection"):
         GradientIndex.open(default_index_path(path), other_store)
     # a corrupt manifest is refused, not served
@@ -429,11 +461,13 @@ def test_each_enumeration_is_one_literal():
     assert KINDS == typing.get_args(IndexKind) == ("flat", "ivf", "hnsw", "ivfpq")
     assert PRECONDITIONERS == typing.get_args(PreconditionerKind) == ("identity", "kfac", "block")
     assert INITS == typing.get_args(Init) == ("gaussian", "rademacher", "orthonormal", "pca")
-    assert LAYER_KINDS == typing.get_args(LayerKind) and "linear" in LAYER_KINDS
+    assert typing.get_args(LayerKind) == LAYER_KINDS and "linear" in LAYER_KINDS
     # the fields are typed with the aliases themselves, not with inline copies
     options = typing.get_type_hints(IndexOptions)
     assert options["kind"] == IndexKind and options["preconditioner"] == PreconditionerKind
-    assert typing.get_type_hints(ProjectionSpec)["init"] == Init and typing.get_type_hints(LayerSpec)["kind"] == LayerKind
+    assert (
+        typing.get_type_hints(ProjectionSpec)["init"] == Init and typing.get_type_hints(LayerSpec)["kind"] == LayerKind
+    )
     assert all(f.metadata["help"] for f in dataclasses.fields(IndexOptions))
 
 
@@ -458,8 +492,11 @@ def test_bad_index_options_are_typed_value_errors(options, message):
 def test_pq_m_must_divide_the_dimension(tmp_path):
     assert pq_subquantizers(96, None) == 12 and pq_subquantizers(100, None) == 10 and pq_subquantizers(96, 24) == 24
     store, _ = _small_store(tmp_path / "run.zarr")  # D = 16, one checkpoint
-    with pytest.raises(IndexOptionsError, match=r"^pq_m=5 must divide the index dimension 16 \(checkpoints x D\); "
-                       r"choose a divisor such as \[2, 4, 8\], or leave pq_m unset to pick one$") as info:
+    with pytest.raises(
+        IndexOptionsError,
+        match=r"^pq_m=5 must divide the index dimension 16 \(checkpoints x D\); "
+        r"choose a divisor such as \[2, 4, 8\], or leave pq_m unset to pick one$",
+    ) as info:
         GradientIndex.build(store, IndexOptions(kind="ivfpq", pq_m=5), progress=False)
     assert isinstance(info.value, ValueError)
     # the failed build left nothing behind: no index, no temporary directory
@@ -467,8 +504,11 @@ def test_pq_m_must_divide_the_dimension(tmp_path):
 
 
 def test_projection_and_preconditioner_errors_are_typed():
-    with pytest.raises(ProjectionSpecError, match=r"^no random generator for init 'pca'; use one of "
-                       r"\('gaussian', 'rademacher', 'orthonormal'\)") as info:
+    with pytest.raises(
+        ProjectionSpecError,
+        match=r"^no random generator for init 'pca'; use one of "
+        r"\('gaussian', 'rademacher', 'orthonormal'\)",
+    ) as info:
         random_matrix("pca", 2, 3, seed=0)
     assert isinstance(info.value, ValueError)
     with pytest.raises(ProjectionSpecError, match=r"unknown init 'normal'; expected one of \('gaussian'"):
@@ -521,7 +561,7 @@ def test_malformed_manifests_are_refused(tmp_path):
     broken = {
         "KeyError('num_rows')": {k: v for k, v in good.items() if k != "num_rows"},
         "ValueError('1 checkpoints but 2 lrs')": {**good, "lrs": [0.1, 0.2]},
-        "IndexOptionsError(\"index kind must be one of": {**good, "options": {**good["options"], "kind": "annoy"}},
+        'IndexOptionsError("index kind must be one of': {**good, "options": {**good["options"], "kind": "annoy"}},
     }
     for why, manifest in broken.items():
         manifest_path.write_text(json.dumps(manifest))
@@ -612,7 +652,10 @@ def test_error_tree_draws_every_error_with_its_builtin():
 
 @pytest.mark.parametrize("kind", ["kfac", "block"])
 def test_a_layer_without_training_gradient_is_dropped_not_blown_up(kind):
-    """All-zero training gradients in one layer: R^-1/2 would be ~1e154 there; the layer is dropped, scores stay exact."""
+    """All-zero training gradients in one layer: R^-1/2 would be ~1e154 there.
+
+    The layer is dropped, and the scores stay exact.
+    """
     rng = np.random.default_rng(0)
     spec = synthetic_spec([("live", 4, 3), ("dead", 3, 2)])
     train = gradient_like(rng, 200, spec.dim, clusters=3, rank=4)[0].astype(np.float64)

@@ -12,7 +12,9 @@ from .models import MLPTask
 
 
 def _logger(tmp_path, task, model, **kw):
-    return GradientLogger(model, task, store=tmp_path / "cap.zarr", rank=4, dtype="float32", chunk_rows=8, progress=False, **kw)
+    return GradientLogger(
+        model, task, store=tmp_path / "cap.zarr", rank=4, dtype="float32", chunk_rows=8, progress=False, **kw
+    )
 
 
 def test_capture_without_backward_is_refused_and_stores_nothing(tmp_path):
@@ -21,9 +23,8 @@ def test_capture_without_backward_is_refused_and_stores_nothing(tmp_path):
     logger = _logger(tmp_path, task, model)
     examples = task.train_examples()
     losses = task.loss(model, task.collate(examples[:8]))
-    with pytest.raises(CaptureError, match="ran no backward"):
-        with logger.capture(checkpoint="c", lr=0.1, ids=range(8)):
-            losses.mean()  # forgot .backward()
+    with pytest.raises(CaptureError, match="ran no backward"), logger.capture(checkpoint="c", lr=0.1, ids=range(8)):
+        losses.mean()  # forgot .backward()
     # the logger is still usable, and the refused batch left no rows
     with logger.capture(checkpoint="c", lr=0.1, ids=range(8, 16)):
         task.loss(model, task.collate(examples[8:])).mean().backward()
@@ -78,7 +79,10 @@ def test_resume_over_changed_data_with_the_same_ids_is_refused(tmp_path):
 
 
 def test_grad_scaler_skipped_step_is_recorded_as_skipped_ids(tmp_path):
-    """An overflowing step is skipped by the GradScaler: its examples get no row, and the store says they were skipped."""
+    """An overflowing step is skipped by the GradScaler.
+
+    Its examples get no row, and the store says they were skipped.
+    """
     task = MLPTask(n=16)
     model = task.build_model()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
@@ -102,3 +106,23 @@ def test_grad_scaler_skipped_step_is_recorded_as_skipped_ids(tmp_path):
     store = GradientStore.open(tmp_path / "cap.zarr")
     assert store.skipped_ids("c").tolist() == list(range(8))
     assert sorted(store.committed_ids("c").tolist()) == list(range(8, 16))
+
+
+class LogProbTask(MLPTask):
+    """Measurement: the log-probability of the label, where higher means more of the output."""
+
+    higher_is_better = True
+
+    def measurement(self, model, batch):
+        return -self.loss(model, batch)
+
+
+def test_higher_is_better_measurement_keeps_proponents_positive():
+    task = LogProbTask(n=8)
+    model = task.build_model()
+    examples = task.train_examples()
+    with GradientProjector(model, task, rank=4) as projector:
+        loss_side = projector.project(examples)
+        assert torch.equal(projector.project(examples, measurement=True), loss_side)  # grad of -log p = grad of loss
+        task.higher_is_better = False  # undeclared: the sign flips and proponents would swap with opponents
+        assert torch.equal(projector.project(examples, measurement=True), -loss_side)
