@@ -23,7 +23,7 @@ from gradstore.logger.optimizer_state import adam_factors, adam_fold, hf_decay_p
 from gradstore.projection import ProjectionSpec
 from gradstore.store import GradientStore
 
-from .models import TinyCausalLM
+from .helpers.models import TinyCausalLM
 
 FLOOR = 1e-3  # gradstore's default floor, reimplemented in ref_fit
 

@@ -16,7 +16,7 @@ from gradstore.logger import BatchLayoutError, GradientLogger, GradientProjector
 from gradstore.logger.layers import parameter_coverage
 from gradstore.store import GradientStore
 
-from .models import NanoGPT, per_example_parameter_grads, relative_error
+from .helpers.models import NanoGPT, per_example_parameter_grads, relative_error
 
 transformers = pytest.importorskip("transformers")
 
@@ -583,7 +583,7 @@ def test_adam_fold_on_every_block_kind(tmp_path, model_name):
     from gradstore.projection import build_matrices
     from gradstore.projection.reference import project_dense
 
-    from .models import per_example_canonical_grads
+    from .helpers.models import per_example_canonical_grads
 
     torch.manual_seed(0)
     if model_name == "encoder":

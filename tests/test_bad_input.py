@@ -30,7 +30,7 @@ from gradstore.store import (
     UnknownExampleError,
 )
 
-from .crash_task import MLPTask, make_model
+from .helpers.crash_task import MLPTask, make_model
 
 N, CHUNK = 64, 8
 OPTIONS = dict(rank=4, chunk_rows=CHUNK, dtype="float32", progress=False)

@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from gradstore.logger import GradientLogger
 from gradstore.store import GradientStore
 
-from .models import LMTask, MLPTask, TinyCausalLM, relative_error
+from .helpers.models import LMTask, MLPTask, TinyCausalLM, relative_error
 
 
 def _pass_rows(tmp_path, task, model, name="pass.zarr", **kw):

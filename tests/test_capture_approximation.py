@@ -19,7 +19,7 @@ from torch.func import functional_call, grad, vmap
 from gradstore.logger import GradientLogger, GradientProjector
 from gradstore.store import GradientStore
 
-from .models import MLPTask
+from .helpers.models import MLPTask
 
 LRS = (0.5, 0.3, 0.1)  # one checkpoint per epoch
 BATCH = 8

@@ -18,7 +18,7 @@ import pytest
 from gradstore.store import GradientStore
 
 HERE = Path(__file__).resolve().parent
-WORKER = HERE / "capture_loop_worker.py"
+WORKER = HERE / "helpers" / "capture_loop_worker.py"
 N = 200
 
 

@@ -1,6 +1,6 @@
 """SIGKILL safety: a logger killed mid-pass leaves a store that serves only complete rows and resumes exactly.
 
-Each scenario runs ``tests/crash_worker.py`` in a child process that logs checkpoint "c0" of the
+Each scenario runs ``tests/helpers/crash_worker.py`` in a child process that logs checkpoint "c0" of the
 tiny MLP task (200 examples, chunk_rows=16, float32) and kills itself with SIGKILL at a chosen moment:
 
 * ``loss``: inside the 12th call of ``Task.loss`` (88 rows computed, chunk 5 half filled, the
@@ -27,7 +27,7 @@ import pytest
 from gradstore.store import GradientStore, UnknownExampleError
 
 HERE = Path(__file__).resolve().parent
-WORKER = HERE / "crash_worker.py"
+WORKER = HERE / "helpers" / "crash_worker.py"
 N, CHUNK = 200, 16
 
 SCENARIOS = {

@@ -1,6 +1,6 @@
 """Two gloo ranks (CPU) writing one store: an offline pass with rank-owned chunks and in-training capture.
 
-``tests/dist_worker.py`` runs as two subprocesses (RANK 0/1, MASTER_ADDR=127.0.0.1, a free port). Both
+``tests/helpers/dist_worker.py`` runs as two subprocesses (RANK 0/1, MASTER_ADDR=127.0.0.1, a free port). Both
 construct ``GradientLogger`` on the same store; rank and world size come from torch.distributed.
 The results are compared with a single-process ``log_checkpoint`` of the same model and examples.
 """
@@ -20,10 +20,10 @@ import pytest
 from gradstore.logger import GradientLogger
 from gradstore.store import GradientStore
 
-from .crash_task import MLPTask, make_model
+from .helpers.crash_task import MLPTask, make_model
 
 HERE = Path(__file__).resolve().parent
-WORKER = HERE / "dist_worker.py"
+WORKER = HERE / "helpers" / "dist_worker.py"
 N, CHUNK, WORLD = 100, 8, 2
 N_CHUNKS = -(-N // CHUNK)  # 13, the last one holding 4 rows
 

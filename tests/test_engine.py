@@ -26,8 +26,8 @@ from gradstore.store import (
     StaleIndexError,
 )
 
-from .models import sgd_steps
-from .search_helpers import MeasurementAsLoss, QueryMLPTask, dense_curvature, log_mlp_run, payload, reference_weights
+from .helpers.models import sgd_steps
+from .helpers.search import MeasurementAsLoss, QueryMLPTask, dense_curvature, log_mlp_run, payload, reference_weights
 
 LRS = (0.1, 0.05, 0.02)
 TOL = 1e-4  # relative to the query's largest |score|

@@ -11,7 +11,7 @@ from gradstore.projection import ProjectionSpec, build_matrices
 from gradstore.projection.reference import project_dense
 from gradstore.store import GradientStore
 
-from .models import (
+from .helpers.models import (
     DigitsTask,
     LMTask,
     MLPTask,

@@ -47,7 +47,7 @@ import contextlib
 
 import torch
 
-from .facts import OF, SETTINGS, chance_levels, trace_facts
+from .helpers.facts import OF, SETTINGS, chance_levels, trace_facts
 
 TRACKSTAR = ("TrackStar: Adam + kfac + cosine", "TrackStar: Adam + block + cosine")
 FLOOR_ALL = (0.12, 0.12)  # (MRR, recall@10) for every setting: > 2x / ~3x chance; measured minima 0.350 / 0.250

@@ -13,7 +13,7 @@ from gradstore.projection import build_matrices, fold_denominator, rank1_denomin
 from gradstore.projection.reference import project_dense
 from gradstore.store import GradientStore
 
-from .models import MLPTask, per_example_canonical_grads, relative_error, sgd_steps
+from .helpers.models import MLPTask, per_example_canonical_grads, relative_error, sgd_steps
 
 
 class Conv1D(nn.Module):

@@ -61,7 +61,7 @@ from gradstore.store.search import (
     pq_subquantizers,
 )
 
-from .search_helpers import dense_curvature, gradient_like, synthetic_spec, write_store
+from .helpers.search import dense_curvature, gradient_like, synthetic_spec, write_store
 
 K = 10
 

@@ -11,7 +11,7 @@ import pytest
 from gradstore.logger import GradientLogger
 from gradstore.store import GradientStore, StoreCorruptError, StoreFormatError
 
-from .models import MLPTask
+from .helpers.models import MLPTask
 
 N, CHUNK = 40, 8
 

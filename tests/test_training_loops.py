@@ -8,7 +8,7 @@ import torch
 from gradstore.logger import CaptureError, GradientLogger, GradientProjector
 from gradstore.store import CheckpointMismatchError, GradientStore
 
-from .models import MLPTask
+from .helpers.models import MLPTask
 
 
 def _logger(tmp_path, task, model, **kw):

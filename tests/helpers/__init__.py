@@ -1,0 +1,1 @@
+"""Test helpers: tiny models and Tasks with exact references, synthetic stores, and child-process workers."""
