@@ -126,3 +126,30 @@ def test_higher_is_better_measurement_keeps_proponents_positive():
         assert torch.equal(projector.project(examples, measurement=True), loss_side)  # grad of -log p = grad of loss
         task.higher_is_better = False  # undeclared: the sign flips and proponents would swap with opponents
         assert torch.equal(projector.project(examples, measurement=True), -loss_side)
+
+
+def test_examples_of_a_skipped_step_are_indexed_with_zero_rows_at_that_checkpoint(tmp_path):
+    """The index holds the union of ids: a skipped step's examples count as zero at its checkpoint, not vanish."""
+    from gradstore.store import GradientIndex
+    from gradstore.store.manifest import IndexManifest
+
+    task = MLPTask(n=16)
+    model = task.build_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    logger = _logger(tmp_path, task, model)
+    examples = task.train_examples()
+    for checkpoint in ("a", "b"):
+        for step, batch_ids in enumerate(torch.arange(16).split(8)):
+            losses = task.loss(model, task.collate([examples[i] for i in batch_ids]))
+            if checkpoint == "b" and step == 0:
+                losses = losses * float("inf")
+            with logger.capture(checkpoint=checkpoint, lr=0.1, ids=batch_ids, scaler=scaler):
+                scaler.scale(losses.mean()).backward()
+            model.zero_grad()
+    logger.close()
+    store = GradientStore.open(tmp_path / "cap.zarr")
+    index = GradientIndex.build(store, progress=False)  # no warning: nothing is absent, 8 rows are skipped
+    assert index.ids.tolist() == list(range(16))
+    assert IndexManifest.read(index.path).missing_rows == {"b": {"skipped": 8, "absent": 0}}
+    contributions = index.self_influence([0.1, 0.1])
+    assert (contributions[:8, 1] == 0).all() and (contributions[8:, 1] > 0).all() and (contributions[:, 0] > 0).all()
