@@ -9,8 +9,8 @@ from .errors import (
     UnsupportedLayerError,
 )
 from .gradient_logger import GradientLogger
-from .layers import SelectedLayer, canonical_gradient, select_layers
 from .projector import GradientProjector
+from .selection import SelectedLayer, canonical_gradient, select_layers
 from .task import Task, move_to_device
 
 __all__ = [

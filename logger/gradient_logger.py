@@ -28,9 +28,9 @@ from gradstore.store import (
 )
 from gradstore.store.gradient_store import StoreDtype
 
+from .adam_fold import adam_fold
 from .errors import CaptureError, NonFiniteGradientError, TaskError
 from .fingerprint import examples_fingerprint
-from .optimizer_state import adam_fold
 from .projector import GradientProjector, Rank
 from .task import Task
 

@@ -11,7 +11,8 @@ own bias block); each such share is a ``_Part``. Special cases handled here:
 
 - an Embedding whose indices are shared by the batch (``[1, T]`` or ``[T]`` position ids) gets its output
   expanded to ``[B, T, d]``, so each example's gradient ``sum_t g_{b,t} e_{pos_t}^T`` arrives separately;
-- ``nn.MultiheadAttention`` (which never calls ``out_proj.forward``) is run through hookable pieces;
+- ``nn.MultiheadAttention`` (which never calls ``out_proj.forward``) is run through hookable pieces
+  (:mod:`.attention`);
 - a leaf output (first hooked layer, parameters frozen) is made a non-leaf, so in-place ops may follow.
 """
 
@@ -19,15 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
 from gradstore.projection import (
     LayerMatrices,
@@ -39,7 +36,8 @@ from gradstore.projection import (
 )
 
 from .errors import BatchLayoutError, UnsupportedLayerError
-from .layers import LayerAdapter, NormAdapter, RMSNormLikeAdapter, SelectedLayer
+from .layers import LayerAdapter, NormAdapter, RMSNormLikeAdapter
+from .selection import SelectedLayer
 
 if TYPE_CHECKING:
     from .pca import BlockStatistics
@@ -383,177 +381,6 @@ class ModuleHook:
         state.backward_calls += 1
 
 
-class AttentionHook:
-    """Runs ``nn.MultiheadAttention`` through hookable pieces while installed (restored by ``remove()``).
-
-    PyTorch's MHA calls ``F.multi_head_attention_forward`` with its weights, so ``out_proj.forward`` never
-    runs and ``in_proj_weight`` is never seen by a module hook. While hooked, and only when gradients are
-    being recorded, the instance's ``forward`` computes the same attention as PyTorch's reference path:
-    in-projection as ``F.linear`` on [q; k; v] (hooked as the ``mha`` block), scaled dot-product attention
-    with the same mask semantics, and ``out_proj`` called as a module so its own hook fires. Otherwise
-    (inference, probes) the original forward runs.
-    """
-
-    def __init__(self, name: str, module: nn.MultiheadAttention, adapter: LayerAdapter | None, state: CaptureState):
-        self.module, self.state = module, state
-        self.block = name if adapter is not None else None
-        self.observer = ModuleHook(name, module, adapter or LayerAdapter(), [], state, register=False)
-        self._parts: dict[tuple[int, int], WeightPart] = {}
-        module.forward = self._forward  # type: ignore[method-assign]
-        # any hook inside an nn.TransformerEncoderLayer keeps it off its fused fast path
-        self._handle = module.register_forward_pre_hook(_keep_off_fast_path)
-
-    def remove(self) -> None:
-        if self.module.__dict__.get("forward") == self._forward:
-            del self.module.forward
-        self._handle.remove()
-
-    def _forward(
-        self,
-        query,
-        key,
-        value,
-        key_padding_mask=None,
-        need_weights=True,
-        attn_mask=None,
-        average_attn_weights=True,
-        is_causal=False,
-    ):
-        state, mha = self.state, self.module
-        if state.probing is not None or state.paused or not torch.is_grad_enabled():
-            return type(mha).forward(
-                mha, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
-            )
-        return attention_forward(
-            mha,
-            query,
-            key,
-            value,
-            key_padding_mask,
-            need_weights,
-            attn_mask,
-            average_attn_weights,
-            is_causal,
-            self._linear,
-        )
-
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: slice) -> torch.Tensor:
-        out = F.linear(x, weight, bias)
-        if self.block is None:
-            return out
-        key = (rows.start, rows.stop)
-        if key not in self._parts:
-            self._parts[key] = WeightPart(self.block, self.observer.adapter, bias is not None, bias is not None, rows)
-        replaced = self.observer.observe(self.module, x, out, [self._parts[key]])
-        return out if replaced is None else replaced
-
-
-def _keep_off_fast_path(module: nn.Module, args: tuple) -> None:
-    return None
-
-
-def attention_forward(
-    mha: nn.MultiheadAttention,
-    query,
-    key,
-    value,
-    key_padding_mask,
-    need_weights,
-    attn_mask,
-    average_attn_weights,
-    is_causal,
-    linear: Callable,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``nn.MultiheadAttention.forward`` (PyTorch's non-fused path) with a hookable in-projection and ``out_proj``."""
-    if query.is_nested or key.is_nested or value.is_nested:
-        raise UnsupportedLayerError("gradstore cannot log nn.MultiheadAttention on nested tensors; pass padded tensors")
-    batched = query.dim() == 3
-    key_padding_mask = F._canonical_mask(
-        mask=key_padding_mask,
-        mask_name="key_padding_mask",
-        other_type=F._none_or_dtype(attn_mask),
-        other_name="attn_mask",
-        target_type=query.dtype,
-    )
-    attn_mask = F._canonical_mask(
-        mask=attn_mask,
-        mask_name="attn_mask",
-        other_type=None,
-        other_name="",
-        target_type=query.dtype,
-        check_other=False,
-    )
-    if not batched:
-        to_batch_first: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.unsqueeze(0)  # noqa: E731
-        if key_padding_mask is not None:
-            key_padding_mask = key_padding_mask.unsqueeze(0)
-    elif mha.batch_first:
-        to_batch_first = lambda t: t  # noqa: E731
-    else:
-        to_batch_first = lambda t: t.transpose(0, 1)  # noqa: E731
-    q_in = to_batch_first(query)
-    k_in = q_in if key is query else to_batch_first(key)
-    v_in = k_in if value is key else q_in if value is query else to_batch_first(value)
-    n, tgt, e = q_in.shape
-    heads = mha.num_heads
-    head_dim = e // heads
-    if is_causal and attn_mask is None:
-        raise RuntimeError(
-            "Need attn_mask if specifying the is_causal hint. You may use the Transformer module method "
-            "`generate_square_subsequent_mask` to create this mask."
-        )
-    if is_causal and key_padding_mask is None and not need_weights:
-        attn_mask = None
-    elif key_padding_mask is not None:
-        is_causal = False
-
-    w, b = mha.in_proj_weight, mha.in_proj_bias
-
-    def project(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        rows = slice(start * e, stop * e)
-        return linear(x, w[rows], None if b is None else b[rows], rows)
-
-    if k_in is q_in and v_in is q_in:
-        q, k, v = project(q_in, 0, 3).chunk(3, dim=-1)
-    elif v_in is k_in:
-        q = project(q_in, 0, 1)
-        k, v = project(k_in, 1, 3).chunk(2, dim=-1)
-    else:
-        q, k, v = project(q_in, 0, 1), project(k_in, 1, 2), project(v_in, 2, 3)
-    q, k, v = (t.reshape(n, t.shape[1], heads, head_dim).transpose(1, 2) for t in (q, k, v))
-    if mha.add_zero_attn:
-        zeros = k.new_zeros(n, heads, 1, head_dim)
-        k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
-        attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
-        key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
-    src = k.shape[2]
-    mask = None
-    if attn_mask is not None:
-        mask = attn_mask.view(1, 1, tgt, src) if attn_mask.dim() == 2 else attn_mask.view(n, heads, tgt, src)
-    if key_padding_mask is not None:
-        padding = key_padding_mask.view(n, 1, 1, src)
-        mask = padding if mask is None else mask + padding
-    if mask is not None and mask.is_floating_point():
-        mask = mask.to(q.dtype)
-    dropout_p = mha.dropout if mha.training else 0.0
-    weights = None
-    if need_weights:
-        scores = (q * math.sqrt(1.0 / head_dim)) @ k.transpose(-2, -1)
-        if mask is not None:
-            scores = scores + mask
-        probs = torch.softmax(scores, dim=-1)
-        if dropout_p > 0.0:
-            probs = F.dropout(probs, p=dropout_p)
-        out = probs @ v
-        weights = probs.mean(dim=1) if average_attn_weights else probs
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal=is_causal)
-    out = mha.out_proj(out.transpose(1, 2).reshape(n, tgt, e))
-    if not batched:
-        return out.squeeze(0), None if weights is None else weights.squeeze(0)
-    return (out if mha.batch_first else out.transpose(0, 1)), weights
-
-
 # -- installing and removing -------------------------------------------------------------------------
 
 
@@ -561,6 +388,8 @@ class InstalledHooks:
     """Every hook, patched forward and flag one projector put on a model; ``remove()`` undoes all of it."""
 
     def __init__(self, model: nn.Module, layers: Sequence[SelectedLayer], state: CaptureState):
+        from .attention import AttentionHook  # not at the top: attention.py imports ModuleHook from here
+
         self.state = state
         per_module: dict[int, tuple[str, nn.Module, LayerAdapter, list[_Part]]] = {}
         names = {id(m): n for n, m in model.named_modules()}
@@ -656,95 +485,3 @@ def frozen_parameters(model: nn.Module, state: CaptureState) -> Iterator[None]:
         state.release()
         for p, flag in flags:
             p.requires_grad_(flag)
-
-
-# -- audit: logged parameters used outside the modules that log them ------------------------------------
-
-_METADATA = frozenset(
-    {
-        "__get__",
-        "size",
-        "dim",
-        "numel",
-        "stride",
-        "data_ptr",
-        "element_size",
-        "is_floating_point",
-        "is_complex",
-        "storage_offset",
-        "is_contiguous",
-        "get_device",
-        "nelement",
-        "ndimension",
-        "__len__",
-        "untyped_storage",
-        "__format__",
-        "__repr__",
-        "is_shared",
-        "is_pinned",
-    }
-)
-
-
-class _UseAudit(TorchFunctionMode):
-    def __init__(self, watched: dict[int, str], owners: dict[int, tuple[int, ...]], active: dict[int, int]):
-        super().__init__()
-        self.watched, self.owners, self.active = watched, owners, active
-        self.violations: dict[str, str] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if name not in _METADATA:
-            for leaf in tree_leaves((args, kwargs)):
-                key = id(leaf)
-                unowned = key in self.watched and not any(self.active.get(owner) for owner in self.owners[key])
-                if unowned and isinstance(leaf, torch.Tensor):
-                    self.violations.setdefault(self.watched[key], name or repr(func))
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def audit_parameter_uses(model: nn.Module, layers: Sequence[SelectedLayer]) -> Iterator[None]:
-    """Refuse a forward pass that uses a logged parameter outside every module that logs it.
-
-    Such a use (``F.linear(h, self.wte.weight)`` in a parent's forward, a module whose ``forward`` is
-    bypassed) adds to the parameter's gradient without passing through a hook, so the logged block would
-    be partial. Raises :class:`UnsupportedLayerError` after the forward, naming the parameter and the op.
-    """
-    names: dict[int, str] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), n)
-    watched = {id(p): names.get(id(p), role) for layer in layers for role, p in layer.parameters().items()}
-    owners: dict[int, list[nn.Module]] = {}
-    for module in model.modules():
-        for param in module._parameters.values():
-            if param is not None and id(param) in watched:
-                owners.setdefault(id(param), []).append(module)
-    active: dict[int, int] = {}
-    handles = []
-    for module in {id(m): m for ms in owners.values() for m in ms}.values():
-        handles.append(module.register_forward_pre_hook(functools.partial(_enter, active)))
-        handles.append(module.register_forward_hook(functools.partial(_exit, active), always_call=True))
-    audit = _UseAudit(watched, {k: tuple(id(m) for m in ms) for k, ms in owners.items()}, active)
-    try:
-        with audit:
-            yield
-    finally:
-        for handle in handles:
-            handle.remove()
-    if audit.violations:
-        listed = "; ".join(f"{param} (by {op})" for param, op in audit.violations.items())
-        raise UnsupportedLayerError(
-            f"logged parameters are used outside the modules gradstore hooks, so their logged gradients would miss "
-            f"those uses: {listed}. Use the module itself (e.g. an nn.Linear holding the tied weight) instead of "
-            "its weight, or leave the layer out with layers=[..., '!name']"
-        )
-
-
-def _enter(active: dict[int, int], module: nn.Module, args: tuple) -> None:
-    active[id(module)] = active.get(id(module), 0) + 1
-
-
-def _exit(active: dict[int, int], module: nn.Module, args: tuple, output: Any) -> None:
-    active[id(module)] -= 1

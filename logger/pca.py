@@ -14,7 +14,7 @@ import torch
 
 from gradstore.projection.pca import top_eigenvectors, top_frequency_basis
 
-from .layers import SelectedLayer
+from .selection import SelectedLayer
 
 
 class BlockStatistics:

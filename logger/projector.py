@@ -23,11 +23,12 @@ from gradstore.projection import (
 )
 from gradstore.projection.spec import Init
 
+from .adam_fold import split_factors
+from .audit import audit_parameter_uses
 from .errors import TaskError
-from .hooks import CaptureState, InstalledHooks, audit_parameter_uses, frozen_parameters
-from .layers import SelectedLayer, select_layers
-from .optimizer_state import split_factors
+from .hooks import CaptureState, InstalledHooks, frozen_parameters
 from .pca import BlockStatistics
+from .selection import SelectedLayer, select_layers
 from .task import Task, move_to_device
 
 Rank = int | tuple[int, int]

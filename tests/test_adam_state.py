@@ -18,8 +18,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from gradstore.logger import GradientLogger, Task, select_layers
+from gradstore.logger.adam_fold import adam_factors, adam_fold, split_factors
 from gradstore.logger.errors import OptimizerStateError
-from gradstore.logger.optimizer_state import adam_factors, adam_fold, hf_decay_parameter_names, split_factors
+from gradstore.logger.optimizer_state import hf_decay_parameter_names
 from gradstore.projection import ProjectionSpec
 from gradstore.store import GradientStore
 

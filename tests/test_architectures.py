@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradstore.logger import BatchLayoutError, GradientLogger, GradientProjector, Task, UnsupportedLayerError
-from gradstore.logger.layers import parameter_coverage
+from gradstore.logger.selection import parameter_coverage
 from gradstore.store import GradientStore
 
 from .helpers.models import NanoGPT, per_example_parameter_grads, relative_error
@@ -341,7 +341,7 @@ def test_nn_transformer_encoder_decoder_sequence_first():
 )
 def test_attention_forward_matches_pytorch(case):
     """The hookable MultiheadAttention path computes what PyTorch's own forward computes (float64)."""
-    from gradstore.logger.hooks import attention_forward
+    from gradstore.logger.attention import attention_forward
 
     torch.manual_seed(0)
     n, t, s, e, heads = 3, 5, 5 if case.get("cross") != "qkv" else 4, 8, 2
@@ -579,7 +579,7 @@ def test_adam_fold_on_every_block_kind(tmp_path, model_name):
     """Rows logged with an Adam state equal the dense projection of ``G / (r c^T)`` in each block's canonical
     layout: tied (transposed) weights, normalisation, MHA in-projection and bias blocks lay their parameters out
     the way the optimizer-state code reads them."""
-    from gradstore.logger.optimizer_state import split_factors
+    from gradstore.logger.adam_fold import split_factors
     from gradstore.projection import build_matrices
     from gradstore.projection.reference import project_dense
 

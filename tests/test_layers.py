@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradstore.logger import GradientLogger, Task
-from gradstore.logger.optimizer_state import split_factors
+from gradstore.logger.adam_fold import split_factors
 from gradstore.projection import build_matrices, fold_denominator, rank1_denominator
 from gradstore.projection.reference import project_dense
 from gradstore.store import GradientStore
