@@ -176,7 +176,7 @@ class GradientIndex:
             np.save(directory / "ids.npy", ids)
             np.save(directory / "sqnorms.npy", sqnorms)
             _save_preconditioners(directory, preconditioners)
-            manifest.write(directory)  # last: a directory with a manifest is a finished index
+            manifest.with_files(directory).write(directory)  # last: a directory with a manifest is a finished index
         return cls.open(path, store, options=options, eval_store=eval_store)
 
     @classmethod
@@ -201,6 +201,7 @@ class GradientIndex:
         path = Path(path) if path is not None else default_index_path(store.path)
         manifest = IndexManifest.read(path)
         manifest.check_store(path, store, eval_store)
+        manifest.check_files(path)
         return cls(path, store, manifest.with_search_options(path, options), device=device)
 
     # -- searching -----------------------------------------------------------------------------

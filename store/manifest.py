@@ -4,14 +4,16 @@ the build-then-swap that never leaves a half-built index directory behind."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
+from .durable import fsync_dir, fsync_tree, remove_stale, scratch_dir
 from .errors import IndexMismatchError, IndexNotFoundError, StaleIndexError
 from .gradient_store import GradientStore
 from .index_options import IndexOptions
@@ -35,7 +37,28 @@ class IndexManifest:
     eval_store: str | None = None  # path of the eval store whose statistics entered R (curvature preconditioners)
     eval_fingerprint: str | None = None
     missing_rows: dict[str, dict[str, int]] = field(default_factory=dict)  # per checkpoint: {"skipped", "absent"}
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # {file: {"bytes", "blake2b"}}, checked on open
     format_version: int = INDEX_FORMAT_VERSION
+
+    def with_files(self, directory: Path) -> IndexManifest:
+        """This manifest recording the size and hash of every file built into ``directory`` (but itself)."""
+        return replace(self, files={p.name: _digest(p) for p in sorted(directory.iterdir()) if p.name != MANIFEST})
+
+    def check_files(self, directory: Path) -> None:
+        """Refuse an index whose files are missing, truncated or changed since it was built."""
+        if not self.files:
+            raise IndexMismatchError(f"index {directory} records no file checksums; {REBUILD_HINT}")
+        for name, recorded in self.files.items():
+            path = directory / name
+            if not path.is_file():
+                raise IndexMismatchError(f"index file {path} is missing; {REBUILD_HINT}")
+            if path.stat().st_size != recorded.get("bytes"):
+                raise IndexMismatchError(
+                    f"index file {path} has {path.stat().st_size} bytes, {recorded.get('bytes')} were written "
+                    f"(truncated or replaced); {REBUILD_HINT}"
+                )
+            if _digest(path)["blake2b"] != recorded.get("blake2b"):
+                raise IndexMismatchError(f"index file {path} changed since it was built (checksum); {REBUILD_HINT}")
 
     def write(self, directory: Path) -> None:
         (directory / MANIFEST).write_text(json.dumps(asdict(self), indent=2))
@@ -71,6 +94,7 @@ class IndexManifest:
                 projection_fingerprint=str(data["projection_fingerprint"]),
                 eval_store=data.get("eval_store"),
                 eval_fingerprint=data.get("eval_fingerprint"),
+                files={str(name): dict(f) for name, f in data.get("files", {}).items()},
                 missing_rows={
                     str(name): {"skipped": int(m["skipped"]), "absent": int(m["absent"])}
                     for name, m in data.get("missing_rows", {}).items()
@@ -83,6 +107,12 @@ class IndexManifest:
         """Refuse to serve ``store`` (and ``eval_store``) from an index built for another or an older one."""
         if self.projection_fingerprint != store.spec.fingerprint() or self.dim != store.dim:
             raise IndexMismatchError(f"index {directory} was built for a store with another projection; {REBUILD_HINT}")
+        stored_lrs = [store.checkpoint_info(name).lr for name in self.checkpoints if name in store.checkpoints]
+        if stored_lrs != self.lrs:
+            raise IndexMismatchError(
+                f"index {directory} records lrs {self.lrs} for checkpoints {self.checkpoints}, the store has "
+                f"{stored_lrs}; {REBUILD_HINT}"
+            )
         if self.store_fingerprint != store.fingerprint():
             raise StaleIndexError(
                 f"store {store.path} changed after index {directory} was built (it indexed {self.num_rows} rows of "
@@ -116,11 +146,13 @@ class IndexManifest:
 @contextlib.contextmanager
 def building(path: Path) -> Iterator[Path]:
     """A fresh directory beside ``path`` to build into; it replaces ``path`` when the block succeeds and is removed
-    when it fails, so ``path`` never holds a half-built index."""
+    when it fails, so ``path`` never holds a half-built index. What crashed builds left behind is removed first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
+    remove_stale(path, "old")
+    tmp = scratch_dir(path, "building")
     try:
         yield tmp
+        fsync_tree(tmp)
         _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -128,11 +160,20 @@ def building(path: Path) -> Iterator[Path]:
 
 
 def _swap_in(tmp: Path, path: Path) -> None:
-    """Replace ``path`` by the finished directory ``tmp``."""
+    """Replace ``path`` by the finished directory ``tmp`` (two renames; a reader sees the old or the new index)."""
     if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.rename(path, old)
+        old = scratch_dir(path, "old")
+        os.rename(path, old / "index")
         os.rename(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _digest(path: Path) -> dict[str, Any]:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "blake2b": digest.hexdigest()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -80,3 +81,48 @@ def test_damage_is_a_typed_error_and_relogging_repairs_it(tmp_path, pristine, ca
     ids, grads = GradientStore.open(path).read("c0")
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_allclose(grads, ref_grads, rtol=1e-5, atol=1e-6)  # the re-logged chunk is batched differently
+
+
+# -- the index beside the store ---------------------------------------------------------------------------------
+
+
+def _lrs_edited(file: Path) -> None:
+    manifest = json.loads(file.read_text())
+    manifest["lrs"] = [lr * 10 for lr in manifest["lrs"]]
+    file.write_text(json.dumps(manifest))
+
+
+INDEX_DAMAGE = {  # name: (index kind, file, damage, text the error names)
+    "truncated vectors": ("flat", "vectors.npy", _truncate, "vectors.npy has"),
+    "deleted vectors": ("flat", "vectors.npy", Path.unlink, "vectors.npy is missing"),
+    "garbled vectors": ("flat", "vectors.npy", _garble, "vectors.npy changed since it was built"),
+    "truncated ids": ("flat", "ids.npy", _truncate, "ids.npy has"),
+    "truncated preconditioner": ("flat", "preconditioner.npz", _truncate, "preconditioner.npz has"),
+    "garbled faiss index": ("hnsw", "faiss.index", _garble, "faiss.index changed since it was built"),
+    "edited lrs": ("flat", "manifest.json", _lrs_edited, "records lrs"),
+}
+
+
+@pytest.mark.parametrize("case", list(INDEX_DAMAGE))
+def test_index_damage_is_refused_and_a_rebuild_restores_the_answers(tmp_path, pristine, case):
+    import shutil
+
+    from gradstore.store import GradientIndex, IndexMismatchError, IndexOptions
+
+    source, _ = pristine
+    path = tmp_path / "run.zarr"
+    shutil.copytree(source, path)
+    kind, name, damage, named = INDEX_DAMAGE[case]
+    store = GradientStore.open(path)
+    index = GradientIndex.build(store, IndexOptions(kind=kind), progress=False)
+    queries = np.random.default_rng(0).normal(size=(2, 1, store.dim)).astype(np.float32)
+    before = index.search(queries, [0.1], k=5)
+    damage(index.path / name)
+    with pytest.raises(IndexMismatchError) as info:
+        GradientIndex.open(None, store)
+    assert named in str(info.value) and "rebuild" in str(info.value)
+    rebuilt = GradientIndex.build(store, IndexOptions(kind=kind), progress=False)
+    after = GradientIndex.open(None, store).search(queries, [0.1], k=5)
+    np.testing.assert_array_equal(after.proponent_rows, before.proponent_rows)
+    np.testing.assert_allclose(after.proponent_scores, before.proponent_scores, rtol=1e-6)
+    assert rebuilt.num_rows == N
