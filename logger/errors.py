@@ -35,3 +35,8 @@ class CaptureError(GradstoreError, ValueError):
 
 class OptimizerStateError(GradstoreError, ValueError):
     """An optimizer state that cannot be matched to the model's parameters or read as a second moment."""
+
+
+class HFTaskError(GradstoreError, ValueError):
+    """A model folder, checkpoint folder or data set that cannot be used as asked (no weights file, keys that do
+    not fit the model, a ``trainer_state.json`` without what is needed, missing data); the message says what to do."""

@@ -18,6 +18,7 @@ callers catch either ``GradstoreError`` (or one package's class) or the familiar
     ├── BatchLayoutError ........... ValueError         a hooked module saw another batch size than the ids
     ├── CaptureError ............... ValueError         in-training capture used against its contract
     ├── OptimizerStateError ........ ValueError         optimizer state that cannot be matched or read as a moment
+    ├── HFTaskError ................ ValueError         a model / checkpoint folder or data set CausalLMTask cannot use
     │  store/errors.py
     ├── StoreNotFoundError ......... FileNotFoundError  no gradient store at the path
     ├── StoreExistsError ........... FileExistsError    a store already exists where one was to be created

@@ -21,7 +21,7 @@ from .schemas import InfluenceOptions, InfluenceRequest, SelfInfluenceRequest
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
-    return RunConfig.load(args.config)
+    return RunConfig.load(args.config, hf_output=args.hf_output)
 
 
 def _option(parser: argparse.ArgumentParser, flag: str, model: type[BaseModel], name: str, **kwargs: Any) -> None:
@@ -167,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="TOML run config (see README)")
+        p.add_argument(
+            "--hf-output",
+            metavar="DIR",
+            help="a Hugging Face Trainer output_dir: its checkpoint-* folders are the checkpoints (as [hf] output)",
+        )
         return p
 
     def with_weighting(p: argparse.ArgumentParser, model: type[BaseModel]) -> None:

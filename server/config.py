@@ -3,21 +3,32 @@
 Every table is a pydantic model that refuses unknown keys; a bad value is a :class:`ConfigError` whose
 message names it as ``section.field`` (``checkpoints[1].lr: Input should be a valid number, got 'fast'``).
 Relative paths are resolved against the config file's folder, and that folder is put on ``sys.path`` so
-``[task] object = "mytask:MyTask"`` finds a module next to the config. ``[index]`` takes the fields of
+``[task] object = "mytask:MyTask"`` finds a module next to the config; ``[task] args`` that the Task class lists
+in ``config_paths`` (as :class:`~gradstore.logger.hf_task.CausalLMTask` does) are resolved the same way.
+Without ``[store]`` the store is ``<config stem>.zarr`` beside the config. ``[index]`` takes the fields of
 :class:`~gradstore.store.IndexOptions` (validated by it) plus ``path``. ``[server]`` is
 :class:`ServerConfig`, a pydantic-settings model: what ``run.toml`` sets wins, and ``GRADSTORE_<FIELD>``
 environment variables (``GRADSTORE_API_KEY``, ``GRADSTORE_PORT``, ...) fill in what it leaves out.
+
+Hugging Face Trainer output: a ``[[checkpoints]] path`` that is a folder (``out/checkpoint-500``) is read as a
+Trainer checkpoint: the weights file in it becomes ``path``, and ``name`` (the folder's name), ``step`` and ``lr``
+(from ``trainer_state.json``) and ``optimizer`` (its ``optimizer.pt``) default to what the folder says; values
+given in the config win, and ``optimizer = false`` leaves the Adam correction off. ``[hf] output = "out/"`` (or
+``gradstore <command> --hf-output out/``) lists every ``checkpoint-<step>`` folder of a Trainer run, by step,
+instead of ``[[checkpoints]]``. A checkpoint's lr is its TracIn weight: the mean learning rate logged over the
+interval of steps that ends at it (see :class:`~gradstore.logger.hf_task.TrainerCheckpoint`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import sys
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -41,6 +52,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from gradstore.logger import Task
+from gradstore.logger.hf_task import HFTaskError, trainer_checkpoint, trainer_checkpoints
 from gradstore.projection import Init
 from gradstore.store import IndexOptions, StoreDtype
 
@@ -50,6 +62,7 @@ from .schemas import Residency
 __all__ = [
     "CheckpointConfig",
     "ConfigError",
+    "HFConfig",
     "LoggingConfig",
     "ProjectionConfig",
     "QueryConfig",
@@ -108,21 +121,62 @@ class StoreConfig(_Table):
 
 
 class CheckpointConfig(_Table):
-    """One ``[[checkpoints]]`` entry."""
+    """One ``[[checkpoints]]`` entry; ``path`` may be a Hugging Face checkpoint folder (see the module's doc)."""
 
     name: str = Field(min_length=1, description="the checkpoint's name in the store, index and answers")
-    path: ConfigPath = Field(description="weights file (a state_dict, or what Task.load_checkpoint reads)")
+    path: ConfigPath = Field(
+        description="weights file (a state_dict, or what Task.load_checkpoint reads), or an HF checkpoint folder"
+    )
     lr: float = Field(description="learning rate at this checkpoint: its TracIn weight")
     step: int | None = Field(default=None, description="training step, recorded in the store")
-    optimizer: ConfigPath | None = Field(
+    optimizer: ConfigPath | Literal[False] | None = Field(
         default=None,
-        description="Adam state (exp_avg_sq by parameter name, or an optimizer state_dict): TrackStar's fold",
+        description="Adam state (exp_avg_sq by parameter name, or an optimizer state_dict): TrackStar's fold; "
+        "false: none, even when an HF checkpoint folder has optimizer.pt",
     )
     adam_step: int | None = Field(
         default=None, description="Adam step for bias correction (default: from the optimizer state)"
     )
     adam_eps: float | None = Field(
         default=None, description="Adam's eps (default: from the optimizer state's param_groups, else 1e-8)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_hf_folder(cls, data: Any, info: ValidationInfo) -> Any:
+        """A ``path`` that is a folder: a Trainer checkpoint whose files fill in what the entry leaves out."""
+        if not isinstance(data, dict) or not isinstance(data.get("path"), (str, Path)):
+            return data
+        folder = _resolve(Path(data["path"]), info)
+        if not folder.is_dir():
+            return data
+        try:
+            found = trainer_checkpoint(folder)
+        except HFTaskError as exc:
+            raise ValueError(f"path: {exc}") from None
+        filled = {"name": found.name, **data, "path": str(found.weights)}
+        if found.step is not None:
+            filled.setdefault("step", found.step)
+        if found.optimizer is not None:
+            filled.setdefault("optimizer", str(found.optimizer))
+        if "lr" not in filled:
+            if found.lr is None:
+                raise ValueError(f"lr: give it; {found.lr_problem}")
+            filled["lr"] = found.lr
+        return filled
+
+    @property
+    def optimizer_state(self) -> Path | None:
+        """The optimizer state file, if the Adam correction is on."""
+        return self.optimizer or None
+
+
+class HFConfig(_Table):
+    """``[hf]``: a Hugging Face Trainer run whose checkpoint folders are the checkpoints."""
+
+    output: ConfigPath = Field(description="the Trainer's output_dir: every checkpoint-<step> folder in it, by step")
+    optimizer: bool = Field(
+        default=True, description="use each folder's optimizer.pt for TrackStar's Adam correction (false: none)"
     )
 
 
@@ -209,7 +263,8 @@ class RunConfig(_Table):
 
     task: TaskConfig = Field(description="[task]: the Task")
     projection: ProjectionConfig = Field(default=ProjectionConfig(), description="[projection]")
-    store: StoreConfig = Field(description="[store]")
+    store: StoreConfig = Field(description="[store] (default: <config stem>.zarr beside the config)")
+    hf: HFConfig | None = Field(default=None, description="[hf]: a Trainer output_dir instead of [[checkpoints]]")
     checkpoints: tuple[CheckpointConfig, ...] = Field(
         default=(), validate_default=True, description="[[checkpoints]]: at least one"
     )
@@ -226,18 +281,43 @@ class RunConfig(_Table):
 
     @model_validator(mode="before")
     @classmethod
-    def _split_index_path(cls, data: Any) -> Any:
-        """``[index] path`` is where the index lives, not an IndexOptions field."""
+    def _split_index_path(cls, data: Any, info: ValidationInfo) -> Any:
+        """``[index] path`` is where the index lives, not an IndexOptions field; ``[store]`` has a default."""
         if isinstance(data, dict) and isinstance(data.get("index"), dict) and "path" in data["index"]:
             if "index_path" in data:
                 raise ValueError("give the index directory as [index] path only")
             index = dict(data["index"])
             data = {**data, "index": index, "index_path": index.pop("path")}
+        stem = (info.context or {}).get("stem")
+        if isinstance(data, dict) and "store" not in data and stem is not None:
+            data = {**data, "store": {"path": f"{stem}.zarr"}}
         return data
+
+    @field_validator("checkpoints", mode="before")
+    @classmethod
+    def _from_hf_output(cls, checkpoints: Any, info: ValidationInfo) -> Any:
+        """``[hf] output``: its checkpoint folders, as ``[[checkpoints]]`` entries (``hf`` is validated first)."""
+        hf = info.data.get("hf")
+        if hf is None:
+            return checkpoints
+        if checkpoints:
+            raise ValueError("give either [[checkpoints]] or [hf] output (--hf-output), not both")
+        try:
+            found = trainer_checkpoints(hf.output)
+        except HFTaskError as exc:
+            raise ValueError(f"from [hf] output: {exc}") from None
+        entries: list[dict[str, Any]] = [{"path": str(c.folder)} for c in found]
+        if not hf.optimizer:
+            entries = [{**e, "optimizer": False} for e in entries]
+        return entries
 
     @field_validator("checkpoints")
     @classmethod
-    def _some_with_unique_names(cls, checkpoints: tuple[CheckpointConfig, ...]) -> tuple[CheckpointConfig, ...]:
+    def _some_with_unique_names(
+        cls, checkpoints: tuple[CheckpointConfig, ...], info: ValidationInfo
+    ) -> tuple[CheckpointConfig, ...]:
+        if not checkpoints and "hf" not in info.data:
+            return checkpoints  # [hf] was refused: its error says why there are none
         if not checkpoints:
             raise ValueError("needs at least one [[checkpoints]] entry with name, path and lr")
         names = [c.name for c in checkpoints]
@@ -267,8 +347,11 @@ class RunConfig(_Table):
 
     # -- loading ------------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path) -> RunConfig:
-        """Read and validate a ``run.toml``; any problem is a :class:`ConfigError` naming ``section.field``."""
+    def load(cls, path: str | Path, hf_output: str | Path | None = None) -> RunConfig:
+        """Read and validate a ``run.toml``; any problem is a :class:`ConfigError` naming ``section.field``.
+
+        ``hf_output`` (``--hf-output``; relative to the working directory) sets ``[hf] output``.
+        """
         path = Path(path).resolve()
         if not path.exists():
             raise ConfigError(f"run config {path} does not exist")
@@ -276,6 +359,9 @@ class RunConfig(_Table):
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML ({exc})") from exc
+        if hf_output is not None:
+            hf = data.get("hf")
+            data["hf"] = {**(hf if isinstance(hf, dict) else {}), "output": str(Path(hf_output).resolve())}
         return cls.from_dict(data, path)
 
     @classmethod
@@ -283,14 +369,15 @@ class RunConfig(_Table):
         """Validate parsed TOML as if it were the file ``path`` (whose folder relative paths are resolved against)."""
         path = Path(path).resolve()
         try:
-            config = cls.model_validate(data, context={"base": path.parent})
+            config = cls.model_validate(data, context={"base": path.parent, "stem": path.stem})
         except ValidationError as exc:
             raise ConfigError("\n".join(config_field_errors(exc, _known_keys(exc)))) from None
         config._path = path
         return config
 
     def make_task(self) -> Task:
-        """Import ``[task] object`` and call it with ``[task] args``."""
+        """Import ``[task] object`` and call it with ``[task] args`` (those it lists in ``config_paths`` resolved
+        against the config's folder); args the Task does not take are a :class:`ConfigError`."""
         module_name, _, attr = self.task.object.partition(":")
         if str(self.path.parent) not in sys.path:
             sys.path.insert(0, str(self.path.parent))
@@ -298,7 +385,17 @@ class RunConfig(_Table):
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise ConfigError(f"task.object: cannot import {self.task.object!r}: {exc}") from exc
-        task = factory(**self.task.args)
+        args = dict(self.task.args)
+        for name in getattr(factory, "config_paths", ()):
+            if isinstance(args.get(name), str):
+                args[name] = str(self.path.parent / Path(args[name]).expanduser())
+        try:
+            inspect.signature(factory).bind(**args)
+        except TypeError as exc:
+            raise ConfigError(f"task.args: {self.task.object} does not take them: {exc}") from None
+        except ValueError:  # no signature to check (a builtin): the call says
+            pass
+        task = factory(**args)
         if not isinstance(task, Task):
             got = type(task).__name__
             raise ConfigError(f"task.object: {self.task.object} returned {got}, not a gradstore.logger.Task")

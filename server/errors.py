@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from gradstore.logger import NonFiniteGradientError
+from gradstore.logger.errors import HFTaskError
 from gradstore.projection import GradstoreError
 from gradstore.store import (
     CheckpointMismatchError,
@@ -89,6 +90,7 @@ HTTP_STATUS: Mapping[type[BaseException], int] = {
     StoreFormatError: 503,
     CheckpointMismatchError: 503,
     ConfigError: 503,
+    HFTaskError: 503,  # the run's model / checkpoint folder or data set
 }
 
 

@@ -91,7 +91,7 @@ def index_run(config: RunConfig, progress: bool = True) -> GradientIndex | None:
                 batch_size=config.batch_size,
                 step=ckpt.step,
                 weights_path=ckpt.path,
-                optimizer_state=ckpt.optimizer,
+                optimizer_state=ckpt.optimizer_state,
                 adam_step=ckpt.adam_step,
                 adam_eps=ckpt.adam_eps,
             )
