@@ -60,6 +60,7 @@ OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
 
+
 # -- examples --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LMExample:
@@ -342,6 +343,10 @@ class CausalLMTask(Task):
         if example.prompt is not None:
             out["prompt"], out["completion"] = example.prompt, example.completion
         return out
+
+    def describe_positions(self, example: Any) -> list[str]:
+        """Each input token as the tokenizer writes it alone, for per-token explanations."""
+        return [self.tokenizer.decode([token]) for token in example.input_ids]
 
 
 def _max_positions(config_file: Path) -> int | None:

@@ -7,7 +7,10 @@ own input this way makes weight sharing (a module called twice) sum correctly, a
 checkpointing safe: a recomputed forward registers hooks on tensors that are never back-propagated.
 
 One module call may add to several blocks (a tied LM head: the embedding's block, transposed, and its
-own bias block); each such share is a ``_Part``. Special cases handled here:
+own bias block); each such share is a ``_Part``. Every part also has a per-position form
+(:meth:`_Part.positions`, the terms ``(P_out g_t)(P_in x~_t)^T`` before the sum over t), which the
+per-position mode (:class:`PositionBuffers`, one example) sorts into positions and a ``rest``.
+Special cases handled here:
 
 - an Embedding whose indices are shared by the batch (``[1, T]`` or ``[T]`` position ids) gets its output
   expanded to ``[B, T, d]``, so each example's gradient ``sum_t g_{b,t} e_{pos_t}^T`` arrives separately;
@@ -59,6 +62,7 @@ class CaptureState:
         self.undecided: set[ModuleHook] = set()  # 1-D inputs of length B whose layout is not known yet
         self.root_depth = 0  # > 0 while the hooked model's own forward runs
         self.forward_batch: int | None = None  # batch size seen by the first hooked module of that forward
+        self.positions: PositionBuffers | None = None  # per-position mode (one example): terms kept per position
         self._zeros: dict[torch.device, torch.Tensor] = {}
 
     def configure(self, specs: Sequence[LayerSpec], matrices: Mapping[str, LayerMatrices]) -> None:
@@ -70,6 +74,10 @@ class CaptureState:
         self.buffer = torch.zeros(batch_size, self.dim, dtype=torch.float32, device=device)
         self.backward_calls = 0
         self.undecided = set()
+        if self.positions is not None:
+            if batch_size != 1:
+                raise RuntimeError("the per-position mode projects one example at a time")
+            self.positions.reset()
 
     def disarm(self) -> torch.Tensor:
         buffer, self.buffer = self.buffer, None
@@ -102,6 +110,47 @@ class CaptureState:
         self._zeros = {}
 
 
+class PositionBuffers:
+    """Per-position mode for one example: ``per_position [T, D]`` and ``rest [D]`` (float32).
+
+    A module call whose per-example position count (tokens, pixels: the ``T`` of its ``[B, T, d]`` rows) equals
+    ``count`` adds its term for position ``t`` to row ``t``; the terms of every other call (a pooled head with
+    ``T = 1``, a convolution's pixels) are summed into ``rest``. ``count`` is given, or taken from the first
+    hooked call of the forward pass (the token embedding of a text model). ``per_position.sum(0) + rest`` is the
+    example's projected gradient.
+    """
+
+    def __init__(self, dim: int, device: torch.device, count: int | None = None):
+        self.dim, self.device, self.given = dim, device, count
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = self.given
+        self.per_position: torch.Tensor | None = None
+        if self.count is not None:
+            self.per_position = torch.zeros(self.count, self.dim, dtype=torch.float32, device=self.device)
+        self.rest = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
+
+    def observe(self, count: int) -> None:
+        """A hooked call's position count (forward order): the first one fixes ``count`` when it was not given."""
+        if self.count is None:
+            self.count = count
+            self.per_position = torch.zeros(count, self.dim, dtype=torch.float32, device=self.device)
+
+    def add(self, block: slice, terms: torch.Tensor) -> None:
+        """One call's per-position terms ``[T, dim of the block]`` of the one example."""
+        if self.per_position is not None and terms.shape[0] == self.count:
+            self.per_position[:, block] += terms
+        else:
+            self.rest[block] += terms.sum(dim=0)
+
+
+def outer_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a_t b_t^T`` per position, flattened row-major: ``[B, T, k_out], [B, T, k_in] -> [B, T, k_out * k_in]``
+    (summed over T it is :func:`per_example_gradient`)."""
+    return (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(2)
+
+
 # -- parts: one module call's share of one block -------------------------------------------------------
 
 
@@ -117,6 +166,10 @@ class _Part:
 
     def backward(self, module: nn.Module, feats: Any, grad: torch.Tensor, m: LayerMatrices) -> torch.Tensor:
         """``[B, k_out * k_in]`` to add into the block's slice."""
+        raise NotImplementedError
+
+    def positions(self, module: nn.Module, feats: Any, grad: torch.Tensor, m: LayerMatrices) -> torch.Tensor:
+        """``[B, T, k_out * k_in]``: the terms of :meth:`backward` per position ``t`` (they sum to it over T)."""
         raise NotImplementedError
 
     def statistics(self, module: nn.Module, feats: Any, grad: torch.Tensor, stats: BlockStatistics) -> None:
@@ -149,8 +202,14 @@ class WeightPart(_Part):
         return self._inputs(module, x, p_in, self.with_one)
 
     def backward(self, module, feats, grad, m):
+        return per_example_gradient(self._projected_grad(module, grad, m), feats)
+
+    def positions(self, module, feats, grad, m):
+        return outer_rows(self._projected_grad(module, grad, m), feats)
+
+    def _projected_grad(self, module, grad, m):
         p_out = m.p_out if self.rows is None else m.p_out[:, self.rows]
-        return per_example_gradient(project_outputs(self.adapter.output_grad(module, grad), p_out), feats)
+        return project_outputs(self.adapter.output_grad(module, grad), p_out)
 
     def statistics(self, module, feats, grad, stats):
         stats.add_grads(self.adapter.output_grad(module, grad), self.rows)
@@ -171,8 +230,14 @@ class TransposedPart(_Part):
         return self._inputs(module, x, None if m is None else m.p_out, False)
 
     def backward(self, module, feats, grad, m):
+        return per_example_gradient(feats, self._projected_grad(module, grad, m))
+
+    def positions(self, module, feats, grad, m):
+        return outer_rows(feats, self._projected_grad(module, grad, m))
+
+    def _projected_grad(self, module, grad, m):
         p_in = m.p_in[:, :-1] if self.block_bias else m.p_in
-        return per_example_gradient(feats, project_outputs(self.adapter.output_grad(module, grad), p_in))
+        return project_outputs(self.adapter.output_grad(module, grad), p_in)
 
     def statistics(self, module, feats, grad, stats):
         if self.adapter.onehot:
@@ -188,6 +253,10 @@ class BiasPart(_Part):
     def backward(self, module, feats, grad, m):
         summed = project_outputs(self.adapter.output_grad(module, grad), m.p_out).sum(dim=1)
         return (summed[:, :, None] * m.p_in[:, 0]).flatten(1)
+
+    def positions(self, module, feats, grad, m):
+        projected = project_outputs(self.adapter.output_grad(module, grad), m.p_out)
+        return (projected.unsqueeze(-1) * m.p_in[:, 0]).flatten(2)
 
     def statistics(self, module, feats, grad, stats):
         g = self.adapter.output_grad(module, grad)
@@ -205,13 +274,17 @@ class NormPart(_Part):
     def forward(self, module, x, m):
         return x.detach(), x._version
 
-    def _matrix(self, module: nn.Module, feats: tuple[torch.Tensor, int], grad: torch.Tensor) -> torch.Tensor:
+    def _input(self, feats: tuple[torch.Tensor, int]) -> torch.Tensor:
         x, version = feats
         if x._version != version:
             raise RuntimeError(
                 f"the input of normalisation layer {self.block!r} was modified in place after its forward; "
                 "gradstore recomputes x^ from it in the backward pass. Avoid the in-place op or leave the layer out"
             )
+        return x
+
+    def _matrix(self, module: nn.Module, feats: tuple[torch.Tensor, int], grad: torch.Tensor) -> torch.Tensor:
+        x = self._input(feats)
         g = self.norm.output_grad(module, grad).float()
         columns = [(g * self.norm.normalized(module, x)).sum(dim=1)]
         if self.bias:
@@ -221,6 +294,14 @@ class NormPart(_Part):
     def backward(self, module, feats, grad, m):
         matrix = self._matrix(module, feats, grad)
         return torch.einsum("od,bdi,ki->bok", m.p_out, matrix, m.p_in).flatten(1)
+
+    def positions(self, module, feats, grad, m):
+        g = self.norm.output_grad(module, grad).float()
+        columns = [g * self.norm.normalized(module, self._input(feats))]
+        if self.bias:
+            columns.append(g)
+        per_position = torch.stack(columns, dim=-1)  # [B, T, d, 1 + bias]
+        return torch.einsum("od,btdi,ki->btok", m.p_out, per_position, m.p_in).flatten(2)
 
     def statistics(self, module, feats, grad, stats):
         stats.add_matrices(self._matrix(module, feats, grad))
@@ -309,6 +390,9 @@ class ModuleHook:
             output = replaced = output.expand(state.batch_size(), *output.shape[1:])
         elif layout == "batch" and state.root_depth and state.forward_batch is None and x.dim() >= 2:
             state.forward_batch = x.shape[0]
+        if state.positions is not None:
+            rows = output.transpose(0, self.batch_dim) if self.batch_dim else output
+            state.positions.observe(self.adapter.output_grad(module, rows).shape[1])
         problem = self.adapter.runtime_problem(module) if isinstance(self.adapter, NormAdapter) else None
         parts = self.parts if parts is None else parts
         stats = state.statistics is not None
@@ -376,8 +460,14 @@ class ModuleHook:
             for part, f, m in zip(parts, feats, matrices):
                 if state.statistics is not None:
                     part.statistics(self.module, f, grad, state.statistics[part.block])
+                    continue
+                block = state.specs[part.block].slice
+                if state.positions is not None:
+                    terms = part.positions(self.module, f, grad, m)  # [1, T, dim]
+                    state.positions.add(block, terms[0])
+                    buffer[:, block] += terms.sum(dim=1)
                 else:
-                    buffer[:, state.specs[part.block].slice] += part.backward(self.module, f, grad, m)
+                    buffer[:, block] += part.backward(self.module, f, grad, m)
         state.backward_calls += 1
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -26,12 +26,25 @@ from gradstore.projection.spec import Init
 from .adam_fold import split_factors
 from .audit import audit_parameter_uses
 from .errors import TaskError
-from .hooks import CaptureState, InstalledHooks, frozen_parameters
+from .hooks import CaptureState, InstalledHooks, PositionBuffers, frozen_parameters
 from .pca import BlockStatistics
 from .selection import SelectedLayer, select_layers
 from .task import Task, move_to_device
 
 Rank = int | tuple[int, int]
+
+
+class PositionGradients(NamedTuple):
+    """One example's projected gradient split by position: ``per_position.sum(0) + rest`` is its ``project`` row.
+
+    ``per_position`` ``[T, D]``: row ``t`` holds the terms ``(P_out g_t)(P_in x~_t)^T`` of every module call with T
+    positions (for a text model, input position ``t``: token ``t``'s embedding and the computation at ``t``,
+    which in a causal LM predicts token ``t + 1``); ``rest`` ``[D]``: the terms of calls with another number of
+    positions (a pooled classifier head, convolution pixels). Float32, on the model's device.
+    """
+
+    per_position: torch.Tensor
+    rest: torch.Tensor
 
 
 class GradientProjector:
@@ -129,12 +142,38 @@ class GradientProjector:
         says ``higher_is_better``, so that proponents keep positive scores). The model is
         put in eval mode for the call and parameters' ``.grad`` are left untouched.
         """
+        return self._gradient_pass(list(examples), self._objective(measurement))
+
+    def project_positions(
+        self, example: Any, measurement: bool = False, positions: int | None = None
+    ) -> PositionGradients:
+        """One example's projected gradient split into per-position terms and a rest (see :class:`PositionGradients`).
+
+        Exact: ``per_position.sum(0) + rest`` equals ``project([example])[0]`` to float32 rounding, since the
+        projected gradient of every block is a sum over its positions. ``positions``: the ``T`` whose calls are
+        split (default: the position count of the first hooked module call, e.g. the token embedding's).
+        """
+        if positions is not None and (isinstance(positions, bool) or not isinstance(positions, int) or positions < 1):
+            raise ValueError(f"positions must be a positive integer or None, got {positions!r}")
+        buffers = PositionBuffers(self._state.dim, self.device, positions)
+        self._state.positions = buffers
+        try:
+            self._gradient_pass([example], self._objective(measurement))
+        finally:
+            self._state.positions = None
+        per_position = buffers.per_position
+        if per_position is None:  # no hooked call carried a gradient
+            per_position = torch.zeros(0, self._state.dim, dtype=torch.float32, device=self.device)
+        return PositionGradients(per_position, buffers.rest)
+
+    def _objective(self, measurement: bool) -> Callable[[nn.Module, Any], torch.Tensor]:
+        """The per-example loss, or the measurement with lower meaning "more of the output"."""
         task = self._require_task()
         if not measurement:
-            return self._gradient_pass(list(examples), task.loss)
+            return task.loss
         if task.higher_is_better:  # score = <grad m_q, grad loss_i> needs m where lower means "more of the output"
-            return self._gradient_pass(list(examples), lambda model, batch: -task.measurement(model, batch))
-        return self._gradient_pass(list(examples), task.measurement)
+            return lambda model, batch: -task.measurement(model, batch)
+        return task.measurement
 
     def _gradient_pass(self, examples: list, fn: Callable[[nn.Module, Any], torch.Tensor]) -> torch.Tensor:
         """Forward and backward one batch in eval mode with frozen parameters; returns the filled buffer."""

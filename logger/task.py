@@ -69,6 +69,14 @@ class Task:
         """A JSON-able description of an example, for display next to its score."""
         return {"repr": repr(example)[:500]}
 
+    def describe_positions(self, example: Any) -> list[str] | None:
+        """Optional: the display text of each input position of a training example (its token strings, in the
+        order the model reads them), to label per-token explanations; ``None`` (default): positions unlabelled.
+
+        Position ``t`` is index ``t`` along the sequence the model's first hooked layer sees (the input ids);
+        a list shorter or longer than that sequence is fine (padding, a last token that is only a target)."""
+        return None
+
 
 def move_to_device(batch: Any, device: torch.device | str) -> Any:
     """Move every tensor inside nested lists/tuples/dicts to ``device``."""

@@ -27,14 +27,18 @@ from .errors import ConfigError, GradstoreAPIError, InvalidRequestError, QueryEr
 from .runs import describe_run, index_run, open_engine, open_index
 from .schemas import (
     ExampleResponse,
+    ExplainRequest,
+    ExplainResponse,
     Influence,
     InfluenceOptions,
     InfluenceRequest,
     InfluenceResponse,
     QueryResult,
     RunInfo,
+    ScoringOptions,
     SelfInfluenceRequest,
     SelfInfluenceResponse,
+    TokenShare,
 )
 
 __all__ = [
@@ -42,6 +46,8 @@ __all__ = [
     "Client",
     "ConfigError",
     "ExampleResponse",
+    "ExplainRequest",
+    "ExplainResponse",
     "GradstoreAPIError",
     "Influence",
     "InfluenceOptions",
@@ -53,9 +59,11 @@ __all__ = [
     "QueryResult",
     "RunConfig",
     "RunInfo",
+    "ScoringOptions",
     "SelfInfluenceRequest",
     "SelfInfluenceResponse",
     "ServerConfig",
+    "TokenShare",
     "__version__",
     "describe_run",
     "index_run",

@@ -1,4 +1,5 @@
-"""The HTTP service (FastAPI): influence, self-influence, examples, run metadata, health and metrics.
+"""The HTTP service (FastAPI): influence, per-token explanations, self-influence, examples, run metadata, health
+and metrics.
 
 Heavy state (Task, checkpoint models, store, index) is loaded once in ``lifespan``; gradient and
 search work runs in worker threads so the event loop never blocks. Every answer that is not a 200 carries
@@ -32,6 +33,8 @@ from .runs import open_engine, serving_threads
 from .schemas import (
     ErrorResponse,
     ExampleResponse,
+    ExplainRequest,
+    ExplainResponse,
     InfluenceRequest,
     InfluenceResponse,
     RunInfo,
@@ -114,6 +117,16 @@ async def influence(body: InfluenceRequest, engine: Engine, settings: Settings, 
     metrics.gradient.observe(timings["gradient"] / 1e3)
     metrics.search.observe(timings["search"] / 1e3)
     return response
+
+
+@api.post(
+    "/explain",
+    response_model=ExplainResponse,
+    summary="Which tokens of one training example carry its score for a query (shares sum to the score)",
+    responses=_errors({404: "no training example with that id"}),
+)
+async def explain(body: ExplainRequest, engine: Engine) -> ExplainResponse:
+    return await run_in_threadpool(engine.answer_explain, body)
 
 
 @api.post(

@@ -17,7 +17,7 @@ from . import __version__
 from .config import RunConfig
 from .engine import build_request
 from .runs import describe_run, index_run, open_engine
-from .schemas import InfluenceOptions, InfluenceRequest, SelfInfluenceRequest
+from .schemas import ExplainRequest, InfluenceOptions, InfluenceRequest, SelfInfluenceRequest
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
@@ -92,7 +92,39 @@ def cmd_query(args: argparse.Namespace) -> None:
         for title, rows in (("proponents", result.proponents), ("opponents", result.opponents)):
             print(f"  {title}:")
             for rank, item in enumerate(rows, 1):
-                print(f"    {rank:>3}. id={item.id:<8} score={item.score:+.6g}  {_short(item.example)}")
+                marker = "" if item.role in (None, title[:-1]) else f"  [{item.role}: not a {title[:-1]}]"
+                print(f"    {rank:>3}. id={item.id:<8} score={item.score:+.6g}  {_short(item.example)}{marker}")
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    try:
+        query = json.loads(args.query)
+    except json.JSONDecodeError as exc:
+        raise _bad_input(f"--query must be a JSON object ({exc})") from None
+    if not isinstance(query, dict):
+        raise _bad_input("--query must be a JSON object")
+    request = build_request(
+        ExplainRequest,
+        {
+            "query": query,
+            "example_id": args.example_id,
+            "lr_weighting": args.lr_weighting,
+            "checkpoints": _checkpoints(args.checkpoints),
+            "measurement": args.measurement,
+        },
+    )
+    response = open_engine(_config(args), device=args.device).answer_explain(request)
+    if args.json:
+        print(response.model_dump_json(indent=2))
+        return
+    stored = "-" if response.stored_score is None else f"{response.stored_score:+.6g}"
+    print(f"id={response.example_id}  score={response.score:+.6g} (index: {stored})  {_short(response.example)}")
+    scale = max((abs(t.share) for t in response.tokens), default=0.0) or 1.0
+    for t in response.tokens:
+        bar = ("+" if t.share >= 0 else "-") * round(20 * abs(t.share) / scale)
+        print(f"  {t.position:>5}  {(t.text or '')[:24]:<24} {t.share:+.4g}  {bar}")
+    if response.rest:
+        print(f"  rest (not per token): {response.rest:+.4g}")
 
 
 def cmd_self_influence(args: argparse.Namespace) -> None:
@@ -191,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "--measurement", InfluenceOptions, "measurement")
     with_weighting(p, InfluenceOptions)
     p.set_defaults(func=cmd_query)
+
+    p = with_config(sub.add_parser("explain", help="which tokens of one training example carry its score for a query"))
+    p.add_argument("--query", required=True, help="one JSON payload, as the Task's query_example takes it")
+    p.add_argument("--example-id", type=int, required=True, help="the training example to explain (a proponent's id)")
+    _option(p, "--measurement", ExplainRequest, "measurement")
+    with_weighting(p, ExplainRequest)
+    p.set_defaults(func=cmd_explain)
 
     p = with_config(sub.add_parser("self-influence", help="training examples with the largest self-influence"))
     _option(p, "--top-k", SelfInfluenceRequest, "top_k", type=int)

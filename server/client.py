@@ -22,6 +22,8 @@ from pydantic import BaseModel, ValidationError
 from .errors import GradstoreAPIError, InvalidRequestError
 from .schemas import (
     ExampleResponse,
+    ExplainRequest,
+    ExplainResponse,
     InfluenceRequest,
     InfluenceResponse,
     RunInfo,
@@ -86,6 +88,13 @@ class Client:
         body = _body(InfluenceRequest, queries=queries, vectors=vectors, **options)
         return InfluenceResponse.model_validate(self._post("/v1/influence", body))
 
+    def explain(self, query: dict, example_id: int, **options: Any) -> ExplainResponse:
+        """Each token's share of training example ``example_id``'s score for the query payload (they sum to the
+        score); ``options`` are the :class:`~gradstore.server.schemas.ScoringOptions` fields (``lr_weighting``,
+        ``checkpoints``, ``measurement``, ``normalize``)."""
+        body = _body(ExplainRequest, query=query, example_id=example_id, **options)
+        return ExplainResponse.model_validate(self._post("/v1/explain", body))
+
     def self_influence(self, **options: Any) -> SelfInfluenceResponse:
         """Training examples with the largest self-influence; ``options`` are the SelfInfluenceRequest fields."""
         body = _body(SelfInfluenceRequest, **options)
@@ -146,6 +155,10 @@ class AsyncClient:
     async def influence(self, queries: Any = None, *, vectors: Any = None, **options: Any) -> InfluenceResponse:
         body = _body(InfluenceRequest, queries=queries, vectors=vectors, **options)
         return InfluenceResponse.model_validate(await self._post("/v1/influence", body))
+
+    async def explain(self, query: dict, example_id: int, **options: Any) -> ExplainResponse:
+        body = _body(ExplainRequest, query=query, example_id=example_id, **options)
+        return ExplainResponse.model_validate(await self._post("/v1/explain", body))
 
     async def self_influence(self, **options: Any) -> SelfInfluenceResponse:
         body = _body(SelfInfluenceRequest, **options)

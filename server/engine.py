@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 
-from gradstore.logger import GradientProjector, Task
-from gradstore.projection import GradstoreError
+from gradstore.logger import GradientProjector, NonFiniteGradientError, Task, TaskError
+from gradstore.projection import GradstoreError, Preconditioner
 from gradstore.store import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -32,6 +32,8 @@ from .schemas import (
     LR_WEIGHTINGS,
     MEASUREMENTS,
     RESIDENCIES,
+    ExplainRequest,
+    ExplainResponse,
     Influence,
     InfluenceOptions,
     InfluenceRequest,
@@ -46,6 +48,7 @@ from .schemas import (
     RunProjection,
     SelfInfluenceRequest,
     SelfInfluenceResponse,
+    TokenShare,
 )
 
 __all__ = ["QueryEngine", "QueryError", "build_request", "lr_weights", "run_info"]
@@ -124,6 +127,7 @@ class QueryEngine:
             self._loaded = None
         self._examples = task.train_examples()
         self._positions: dict[int, int] | None = None
+        self._skipped: dict[str, set[int]] = {}  # per checkpoint: ids of GradScaler-skipped steps (read on demand)
         self._run_info: RunInfo | None = None
 
     def _weights_path(self, name: str, given: Mapping[str, str | Path]) -> Path:
@@ -225,12 +229,8 @@ class QueryEngine:
             queries, vectors = request.queries, request.vectors
         if (examples is None) == (queries is None and vectors is None):
             raise QueryError("give exactly one of queries (payloads), examples, or vectors")
-        normalize, checkpoints = request.normalize, request.checkpoints
-        if normalize is not None and normalize != self.index.options.normalize:
-            raise QueryError(
-                f"the index was built with normalize={self.index.options.normalize}; set [index] normalize = "
-                f"{str(normalize).lower()} in the run config and rebuild it to query with normalize={normalize}"
-            )
+        checkpoints = request.checkpoints
+        self._check_normalize(request.normalize)
         weights = self.checkpoint_weights(checkpoints, request.lr_weighting)
         chosen = [c for c in self.checkpoints if checkpoints is None or c in checkpoints]
         if vectors is not None:
@@ -275,6 +275,13 @@ class QueryEngine:
             },
         )
 
+    def _check_normalize(self, normalize: bool | None) -> None:
+        if normalize is not None and normalize != self.index.options.normalize:
+            raise QueryError(
+                f"the index was built with normalize={self.index.options.normalize}; set [index] normalize = "
+                f"{str(normalize).lower()} in the run config and rebuild it to query with normalize={normalize}"
+            )
+
     def _vectors(self, vectors: np.ndarray | Sequence, chosen: list[str]) -> np.ndarray:
         try:
             given = np.asarray(vectors, dtype=np.float32)
@@ -294,7 +301,7 @@ class QueryEngine:
         return raw
 
     def _influences(
-        self, rows: np.ndarray, scores: np.ndarray, contributions: np.ndarray, chosen: list[str]
+        self, rows: np.ndarray, scores: np.ndarray, contributions: np.ndarray, chosen: list[str], roles: bool = True
     ) -> list[Influence]:
         out = []
         for row, score, contrib in zip(rows, scores, contributions):
@@ -307,6 +314,7 @@ class QueryEngine:
                     score=float(score),
                     contributions={c: float(v) for c, v in zip(self.checkpoints, contrib) if c in chosen},
                     example=self.describe(example_id),
+                    role=None if not roles else "proponent" if score > 0 else "opponent" if score < 0 else "neutral",
                 )
             )
         return out
@@ -324,7 +332,7 @@ class QueryEngine:
         contributions = self.index.self_influence(weights)
         scores = contributions.sum(1)
         order = np.lexsort((self.index.ids, -scores))[: request.top_k]
-        results = self._influences(order, scores[order], contributions[order], chosen)
+        results = self._influences(order, scores[order], contributions[order], chosen, roles=False)
         return SelfInfluenceResponse(
             results=results,
             checkpoints=chosen,
@@ -332,6 +340,123 @@ class QueryEngine:
             lr_weighting=request.lr_weighting,
             took_ms=(time.perf_counter() - start) * 1e3,
         )
+
+    # -- per-token explanations --------------------------------------------------------------------
+    def explain(self, query: Mapping[str, Any], example_id: int, **options: Any) -> ExplainResponse:
+        """Keyword form of :meth:`answer_explain`: ``options`` are the :class:`ScoringOptions` fields
+        (``lr_weighting``, ``checkpoints``, ``measurement``, ``normalize``), with their defaults."""
+        return self.answer_explain(build_request(ExplainRequest, {"query": query, "example_id": example_id, **options}))
+
+    def answer_explain(self, request: ExplainRequest) -> ExplainResponse:
+        """Each input position's share of training example ``example_id``'s score for the query.
+
+        The score is linear in the example's gradient once the query side is fixed:
+        ``score = sum_c <T_c^T p_c, G_c> / n_c`` with ``p_c`` the prepared (preconditioned, normalised, weighted)
+        query, ``T_c`` the preconditioner and ``n_c = ||T_c G_c||`` when the index normalises (1 otherwise). The
+        example is re-run at each checkpoint with its gradient split by position (``project_positions``), so
+        ``G_c = sum_t G_c,t + rest_c`` and the position shares ``sum_c <T_c^T p_c, G_c,t> / n_c`` add up to the
+        score exactly. Checkpoints where the example's step was skipped (GradScaler) count zero, as in the index.
+        """
+        start = time.perf_counter()
+        self._check_normalize(request.normalize)
+        weights = self.checkpoint_weights(request.checkpoints, request.lr_weighting)
+        chosen = [c for c in self.checkpoints if request.checkpoints is None or c in request.checkpoints]
+        example = self._examples[self._position(request.example_id)]
+        query = self.examples_from_payloads([request.query])
+        raw = self.query_gradients(query, weights, request.measurement)
+        prepared = self.index.prepare_queries(raw, weights).astype(np.float64).reshape(len(self.checkpoints), -1)
+        shares, rest, contributions = self._position_scores(example, request.example_id, prepared, weights)
+        labels = self._position_labels(example)
+        count = max(len(shares), len(labels or ()))
+        tokens = [
+            TokenShare(
+                position=t,
+                text=labels[t] if labels is not None and t < len(labels) else None,
+                share=float(shares[t]) if t < len(shares) else 0.0,
+            )
+            for t in range(count)
+        ]
+        return ExplainResponse(
+            query=self.task.describe(query[0]),
+            example_id=request.example_id,
+            example=self.task.describe(example),
+            score=float(sum(contributions.values())),
+            stored_score=self._stored_score(request.example_id, prepared),
+            contributions={c: contributions[c] for c in chosen},
+            positions=len(shares),
+            tokens=tokens,
+            rest=rest,
+            checkpoints=chosen,
+            weights={c: float(w) for c, w in zip(self.checkpoints, weights) if c in chosen},
+            lr_weighting=request.lr_weighting,
+            measurement=request.measurement,
+            took_ms=(time.perf_counter() - start) * 1e3,
+        )
+
+    def _position_scores(
+        self, example: Any, example_id: int, prepared: np.ndarray, weights: np.ndarray
+    ) -> tuple[np.ndarray, float, dict[str, float]]:
+        """``(shares [T], rest, {checkpoint: contribution})`` of one training example (float64 sums)."""
+        count: int | None = None
+        shares: np.ndarray | None = None
+        rest, contributions = 0.0, {}
+        with self._lock:
+            for j, name in enumerate(self.checkpoints):
+                if weights[j] == 0:
+                    continue
+                if example_id in self._skipped_ids(name):
+                    contributions[name] = 0.0
+                    continue
+                projector = self._projector(name)
+                with projector.adam_correction(self._adam[name]):
+                    split = projector.project_positions(example, positions=count)
+                per_position = split.per_position.detach().cpu().double().numpy()
+                remainder = split.rest.detach().cpu().double().numpy()
+                if not (np.isfinite(per_position).all() and np.isfinite(remainder).all()):
+                    raise NonFiniteGradientError(
+                        f"training example {example_id} has non-finite (NaN/Inf) gradients at checkpoint {name!r}",
+                        [example_id],
+                    )
+                count = len(per_position)
+                direction = _query_direction(
+                    self.index.preconditioners[name],
+                    prepared[j],
+                    per_position.sum(axis=0) + remainder,
+                    self.index.options.normalize,
+                )
+                at_checkpoint = per_position @ direction
+                shares = at_checkpoint if shares is None else shares + at_checkpoint
+                rest += float(remainder @ direction)
+                contributions[name] = float(at_checkpoint.sum() + remainder @ direction)
+        return (np.zeros(count or 0) if shares is None else shares), rest, contributions
+
+    def _skipped_ids(self, name: str) -> set[int]:
+        if name not in self._skipped:
+            self._skipped[name] = {int(i) for i in self.store.skipped_ids(name)}
+        return self._skipped[name]
+
+    def _stored_score(self, example_id: int, prepared: np.ndarray) -> float | None:
+        """The index's score of the example for the prepared query (as its search re-scores), or None."""
+        ids = self.index.ids
+        row = int(np.searchsorted(ids, example_id))
+        if row >= len(ids) or ids[row] != example_id:
+            return None
+        vector = self.index.exact_vectors(np.array([row]))[0].astype(np.float64)
+        return float(vector @ prepared.ravel())
+
+    def _position_labels(self, example: Any) -> list[str] | None:
+        labels = self.task.describe_positions(example)
+        if labels is None:
+            return None
+        if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
+            raise TaskError(
+                f"{type(self.task).__name__}.describe_positions must return a list of strings or None, "
+                f"got {type(labels).__name__}"
+            )
+        labels = list(labels)
+        if not all(isinstance(label, str) for label in labels):
+            raise TaskError(f"{type(self.task).__name__}.describe_positions must return strings only")
+        return labels
 
     def describe(self, example_id: int) -> dict:
         """The Task's description of a training example, by id."""
@@ -355,6 +480,35 @@ class QueryEngine:
         if self._run_info is None:
             self._run_info = run_info(self.store, self.index, residency=self.residency, device=str(self.device))
         return self._run_info.model_copy(deep=True)
+
+
+def _query_direction(
+    preconditioner: Preconditioner, prepared: np.ndarray, gradient: np.ndarray, normalize: bool
+) -> np.ndarray:
+    """``a`` with ``<a, g> = <prepared, T g> / ||T G||`` for every part ``g`` of the training gradient ``G``
+    (``||T G|| = 1`` without normalisation): ``a = T^T prepared / ||T G||``, float64."""
+    direction = _adjoint(preconditioner, prepared)
+    if not normalize:
+        return direction
+    norm = float(np.linalg.norm(preconditioner.apply(gradient[None].astype(np.float32)).astype(np.float64)))
+    return direction / norm if norm > 0 else np.zeros_like(direction)  # a zero row stays zero, as normalize_rows
+
+
+def _adjoint(preconditioner: Preconditioner, vector: np.ndarray) -> np.ndarray:
+    """``T^T v`` of the transform ``T = preconditioner.apply`` (which maps rows ``g -> g @ t`` per layer for
+    ``block``, ``M -> S M A`` for ``kfac``), so that ``<v, T g> = <T^T v, g>``."""
+    if preconditioner.kind == "identity":
+        return vector
+    out = np.empty_like(vector, dtype=np.float64)
+    for layer in preconditioner.layers:
+        v = vector[layer.slice]
+        if preconditioner.kind == "block":
+            (t,) = preconditioner.transforms[layer.name]
+            out[layer.slice] = t @ v
+        else:
+            s_half, a_half = preconditioner.transforms[layer.name]
+            out[layer.slice] = (s_half.T @ v.reshape(layer.k_out, layer.k_in) @ a_half.T).ravel()
+    return out
 
 
 def run_info(

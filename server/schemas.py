@@ -37,12 +37,11 @@ def _as_lists(value: Any) -> Any:
 Vectors = Annotated[list[list[list[float]]], WrapValidator(_keep_arrays), PlainSerializer(_as_lists)]
 
 
-class InfluenceOptions(BaseModel):
-    """How to score and what to return: the options of an influence query, whatever its queries are."""
+class ScoringOptions(BaseModel):
+    """How scores are computed: the options influence queries and explanations share."""
 
     model_config = ConfigDict(extra="forbid")
 
-    top_k: int = Field(default=10, ge=1, description="proponents and opponents per query")
     lr_weighting: LrWeighting = Field(
         default="schedule", description="checkpoint weights: the lrs (schedule, TracIn), 1 (uniform) or lr / mean(lr)"
     )
@@ -51,6 +50,12 @@ class InfluenceOptions(BaseModel):
         default="loss", description="trace the Task's loss, or its `measurement` (e.g. a margin) of the query"
     )
     normalize: bool | None = Field(default=None, description="must match the index's normalisation if given")
+
+
+class InfluenceOptions(ScoringOptions):
+    """How to score and what to return: the options of an influence query, whatever its queries are."""
+
+    top_k: int = Field(default=10, ge=1, description="proponents and opponents per query")
 
 
 class InfluenceRequest(InfluenceOptions):
@@ -78,6 +83,17 @@ class InfluenceRequest(InfluenceOptions):
         return len(self.queries if self.queries is not None else self.vectors)  # type: ignore[arg-type]
 
 
+class ExplainRequest(ScoringOptions):
+    """Body of ``POST /v1/explain``: which positions (tokens) of one training example carry its score for a query.
+
+    The example is re-run at each chosen checkpoint's weights, with the store's projection and Adam correction and
+    the index's preconditioner and normalisation, keeping each position's term of its gradient; the shares sum to
+    the example's score exactly."""
+
+    query: dict[str, Any] = Field(description="the query's JSON payload (as one entry of influence's `queries`)")
+    example_id: int = Field(description="id of the training example to explain (e.g. one of the query's proponents)")
+
+
 class SelfInfluenceRequest(BaseModel):
     """Body of ``POST /v1/self-influence``."""
 
@@ -91,6 +107,9 @@ class SelfInfluenceRequest(BaseModel):
 # -- results -------------------------------------------------------------------------------------------------
 
 
+Role = Literal["proponent", "opponent", "neutral"]
+
+
 class Influence(BaseModel):
     """One training example's influence on a query (or on itself)."""
 
@@ -98,16 +117,26 @@ class Influence(BaseModel):
     score: float = Field(description="lr-weighted sum over checkpoints of the (preconditioned) inner products")
     contributions: dict[str, float] = Field(description="per-checkpoint terms of the score; they sum to it")
     example: dict[str, Any] = Field(description="the Task's description of the example")
+    role: Role | None = Field(
+        default=None,
+        description="what the example is for the query, by its score's sign: `proponent` (score > 0), `opponent` "
+        "(score < 0) or `neutral` (0). A `proponents` list holds other roles only when fewer than top_k examples "
+        "have a positive score (an `opponents` list: a negative one); show those apart, not as proponents "
+        "(opponents). None for self-influence.",
+    )
 
 
 class QueryResult(BaseModel):
-    """Proponents (largest scores, descending) and opponents (most negative, ascending) of one query."""
+    """Proponents (largest scores, descending) and opponents (most negative, ascending) of one query.
+
+    Both lists hold top_k examples (fewer only when the index has fewer rows), ranked by score; each item's
+    `role` says whether its score has the list's sign."""
 
     query: dict[str, Any] | None = Field(
         default=None, description="the Task's description of the query example (not for vectors)"
     )
-    proponents: list[Influence]
-    opponents: list[Influence]
+    proponents: list[Influence] = Field(description="the largest scores, descending (check each item's `role`)")
+    opponents: list[Influence] = Field(description="the most negative scores, ascending (check each item's `role`)")
     mean_abs_score: float | None = Field(
         default=None, description="mean |score| over every indexed example (flat index only)"
     )
@@ -131,6 +160,47 @@ class SelfInfluenceResponse(BaseModel):
     checkpoints: list[str]
     weights: dict[str, float]
     lr_weighting: LrWeighting
+    took_ms: float | None = None
+
+
+class TokenShare(BaseModel):
+    """One position of an explained training example and its share of the score."""
+
+    position: int = Field(description="index along the sequence the model reads (0-based)")
+    text: str | None = Field(description="the Task's label of the position (`describe_positions`), if it gives one")
+    share: float = Field(description="this position's part of the score (positive: pushes toward the query)")
+
+
+class ExplainResponse(BaseModel):
+    """Answer of ``POST /v1/explain``: ``sum(tokens[].share) + rest == score``.
+
+    A position's share is the score of the terms of the example's gradient computed at that input position (its
+    embedding, and in a causal LM the prediction of the next token), summed over the chosen checkpoints with their
+    weights, preconditioned and normalised as the index does (the normalisation divides by the norm of the whole
+    example's gradient, so shares stay additive). Module calls with another number of positions (a pooled
+    classifier head, convolution pixels) go to `rest`."""
+
+    query: dict[str, Any] = Field(description="the Task's description of the query example")
+    example_id: int = Field(description="the explained training example's id")
+    example: dict[str, Any] = Field(description="the Task's description of the training example")
+    score: float = Field(description="the example's score recomputed from its re-run gradient: sum of shares + rest")
+    stored_score: float | None = Field(
+        default=None,
+        description="the index's score for this pair (from the logged vectors), for comparison; equal to `score` up "
+        "to the store's precision for rows logged by an offline pass (in-training capture logs gradients at the "
+        "training step's weights, not the checkpoint's). None when the example is not in the index",
+    )
+    contributions: dict[str, float] = Field(description="per-checkpoint terms of `score`; they sum to it")
+    positions: int = Field(description="T: the number of input positions the shares are taken over")
+    tokens: list[TokenShare] = Field(
+        description="one entry per position, in order; labelled positions beyond T (a last token that is only a "
+        "target) are listed with share 0"
+    )
+    rest: float = Field(description="the part of the score from module calls without per-token positions")
+    checkpoints: list[str] = Field(description="checkpoints that entered the score")
+    weights: dict[str, float] = Field(description="weight of each checkpoint (from the lr weighting)")
+    lr_weighting: LrWeighting
+    measurement: Measurement
     took_ms: float | None = None
 
 

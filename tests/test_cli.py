@@ -176,7 +176,7 @@ def test_query_json_equals_engine(indexed, engine, capsys, tmp_path, options):
         len(r["proponents"]) == options.get("top_k", 5) for r in answer["results"]
     )
     first = answer["results"][0]["proponents"][0]
-    assert set(first) == {"id", "score", "contributions", "example"}
+    assert set(first) == {"id", "score", "contributions", "example", "role"}
     assert list(first["contributions"]) == options.get("checkpoints", ["epoch-0", "epoch-1"])
     assert sum(first["contributions"].values()) == pytest.approx(first["score"], rel=1e-9)
 

@@ -23,6 +23,7 @@ MAX_EXAMPLES = 30
 OPERATIONS = [
     ("POST", "/v1/influence", True),
     ("POST", "/v1/self-influence", True),
+    ("POST", "/v1/explain", True),
     ("GET", "/v1/examples/{example_id}", True),
     ("GET", "/v1/run", True),  # the API-key header is its input
     ("GET", "/healthz", False),
