@@ -16,7 +16,7 @@ from gradstore.projection import GradstoreError
 from . import __version__
 from .config import RunConfig
 from .engine import build_request
-from .runs import describe_run, index_run, open_engine
+from .runs import describe_run, index_run, open_engine, verify_run
 from .schemas import ExplainRequest, InfluenceOptions, InfluenceRequest, SelfInfluenceRequest
 
 
@@ -162,6 +162,15 @@ def cmd_info(args: argparse.Namespace) -> None:
             print(f"{key}: {value}")
 
 
+def cmd_verify(args: argparse.Namespace) -> None:
+    problems = verify_run(_config(args))
+    for line in problems:
+        print(f"damaged: {line}")
+    if problems:
+        raise SystemExit(2)
+    print("store and index intact")
+
+
 def _serve(app, host: str, port: int) -> None:
     import uvicorn
 
@@ -248,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-serve", action="store_true", help="prepare the run and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    p = with_config(sub.add_parser("verify", help="check every stored chunk and index file; list what is damaged"))
+    p.set_defaults(func=cmd_verify)
 
     p = with_config(sub.add_parser("info", help="store, checkpoints and index status (works with an unusable index)"))
     p.add_argument("--json", action="store_true", help="print JSON (the schema of GET /v1/run)")

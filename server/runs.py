@@ -154,6 +154,26 @@ def describe_run(config: RunConfig) -> RunInfo:
     return run_info(store, index, index_error=error, residency=config.query.residency, device=query_device(config))
 
 
+def verify_run(config: RunConfig) -> list[str]:
+    """Walk the run's store (every committed chunk against its checksum), its eval store and its index (every file
+    against the manifest's sizes and checksums); one line per damaged or unusable part, empty when all is intact."""
+    problems: list[str] = []
+    stores = [config.store.path]
+    eval_path = eval_store_path(config)
+    if (eval_path / "zarr.json").exists():
+        stores.append(eval_path)
+    for path in stores:
+        try:
+            problems += GradientStore.open(path).verify()
+        except GradstoreError as exc:
+            problems.append(str(exc))
+    try:
+        open_index(config, device="cpu")
+    except GradstoreError as exc:
+        problems.append(str(exc))
+    return problems
+
+
 def serving_threads(config: RunConfig) -> int:
     """Torch intra-op threads for a process that serves queries: 1 when they run on CPU, unless
     ``OMP_NUM_THREADS`` says otherwise. Returns the setting now in force (it is process-wide).

@@ -47,7 +47,7 @@ K8S = DEPLOY / "k8s"
 COMPOSE = DEPLOY / "docker-compose.yml"
 LAUNCHER = DEPLOY / "torchrun-index.sh"
 DOCKERFILES = {"cpu": DEPLOY / "Dockerfile", "cuda": DEPLOY / "Dockerfile.cuda"}
-SUBCOMMANDS = {"index", "query", "explain", "serve", "self-influence", "demo", "info"}
+SUBCOMMANDS = {"index", "query", "explain", "serve", "self-influence", "demo", "info", "verify"}
 SOURCES = ("pyproject.toml", "README.md", "projection", "logger", "store", "server")
 
 

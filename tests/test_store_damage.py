@@ -126,3 +126,33 @@ def test_index_damage_is_refused_and_a_rebuild_restores_the_answers(tmp_path, pr
     np.testing.assert_array_equal(after.proponent_rows, before.proponent_rows)
     np.testing.assert_allclose(after.proponent_scores, before.proponent_scores, rtol=1e-6)
     assert rebuilt.num_rows == N
+
+
+def test_gradstore_verify_lists_damage_and_exits_2(tmp_path, pristine, capsys):
+    """`gradstore verify` walks the store and the index: intact -> exit 0; a damaged chunk and a damaged index file
+    are each named on a `damaged:` line, exit 2."""
+    import shutil
+
+    from gradstore.server.cli import main
+    from gradstore.store import GradientIndex
+
+    source, _ = pristine
+    path = tmp_path / "run.zarr"
+    shutil.copytree(source, path)
+    GradientIndex.build(GradientStore.open(path), progress=False)
+    config = tmp_path / "run.toml"
+    config.write_text(
+        '[task]\nobject = "tests.helpers.models:MLPTask"\nargs = { n = 40 }\n[store]\npath = "run.zarr"\n'
+        '[[checkpoints]]\nname = "c0"\npath = "weights.pt"\nlr = 0.1\n'
+    )
+    (tmp_path / "weights.pt").write_bytes(b"")  # verify opens no model
+    main(["verify", "--config", str(config)])
+    assert "store and index intact" in capsys.readouterr().out
+    _garble(path / f"{SEGMENT}/grads/c/2/0")
+    _truncate(path.with_suffix(".index") / "ids.npy")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["verify", "--config", str(config)])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("damaged: ")]
+    assert len(lines) == 2
+    assert "chunk 2 (rows 16..23) fails its checksum" in lines[0] and "ids.npy has" in lines[1]
