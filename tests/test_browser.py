@@ -10,7 +10,16 @@ headless Chromium (the Debian ``chromium`` package, driven by Playwright's Pytho
 - draw mode: draw a stroke on the 8x8 pad, choose a label, query; the page sends the drawn pixels and
   shows the API's answer for exactly that payload;
 - the Self-influence tab: the listed cards are the API's top self-influence examples, with the
-  mislabeled ones marked.
+  mislabeled ones marked;
+- a JSON payload box on every run.
+
+The text view (issue 10, test 5) on a tiny word-level LM run (tests/helpers/text_run.py, served the same way):
+the page picks text mode; typed text, prompt/completion and JSON payloads are sent as the Task reads them; every
+proponent and opponent shows its text (long ones folded behind "more"), its other fields as key-values, and a mark
+when its score has the other sign (from ``role`` or from the score alone); markup in task text stays text. The
+generic renderer draws nested 2-D arrays, flat square ``pixels`` and PNG data of any size (answers fabricated with
+``page.route``). "which tokens?" sends ``POST /v1/explain`` and colours each token by the API's share; a server
+without that route (404 / 405) gets a clear message. Screenshots go to ``$GRADSTORE_SCREENSHOTS`` (or a tmp folder).
 
 The API's answer for the same request is fetched independently with httpx from the same server.
 Skipped (with the reason) only when Chromium or Playwright is missing; ``scripts/setup.sh`` installs both, and
@@ -19,11 +28,18 @@ CI sets ``GRADSTORE_REQUIRE_BROWSER=1`` so that there a missing browser fails in
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import json
 import os
+import re
 import shutil
 import socket
+import struct
 import threading
 import time
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -89,20 +105,11 @@ def browser():
             browser.close()
 
 
-@pytest.fixture(scope="module")
-def live(demo_config):
-    """The app of ``gradstore serve --config <demo run.toml>`` under uvicorn in a thread, on a free loopback port.
-
-    (tests/test_server.py covers the ``gradstore serve`` subprocess; a thread saves re-importing torch here.)
-    """
+@contextlib.contextmanager
+def _serve(app, port: int) -> Iterator[str]:
+    """``app`` under uvicorn in a thread on loopback ``port``; yields its URL once it answers ``/readyz``."""
     import uvicorn
 
-    from gradstore.server.app import create_app
-    from gradstore.server.config import RunConfig, ServerConfig
-
-    port = _free_port()
-    app = create_app(RunConfig.load(demo_config), settings=ServerConfig(host="127.0.0.1", port=port))
-    app.state.api_key = None  # no API key, whatever GRADSTORE_API_KEY says
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, name="gradstore-browser-test-server", daemon=True)
     thread.start()
@@ -116,10 +123,52 @@ def live(demo_config):
     url = f"http://127.0.0.1:{port}"
     assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
     try:
-        yield SimpleNamespace(url=url, app=app)
+        yield url
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def live(demo_config):
+    """The app of ``gradstore serve --config <demo run.toml>`` under uvicorn in a thread, on a free loopback port.
+
+    (tests/test_server.py covers the ``gradstore serve`` subprocess; a thread saves re-importing torch here.)
+    """
+    from gradstore.server.app import create_app
+    from gradstore.server.config import RunConfig, ServerConfig
+
+    port = _free_port()
+    app = create_app(RunConfig.load(demo_config), settings=ServerConfig(host="127.0.0.1", port=port))
+    app.state.api_key = None  # no API key, whatever GRADSTORE_API_KEY says
+    with _serve(app, port) as url:
+        yield SimpleNamespace(url=url, app=app)
+
+
+@pytest.fixture(scope="module")
+def text_live(tmp_path_factory):
+    """A tiny word-level LM run (tests/helpers/text_run.py: describe gives text, source, words) served in a thread."""
+    from gradstore.server.app import create_app
+    from gradstore.server.config import ServerConfig
+
+    from .helpers.text_run import build_text_run
+
+    run = build_text_run(tmp_path_factory.mktemp("text-run"))
+    port = _free_port()
+    app = create_app(engine=run.engine(), settings=ServerConfig(host="127.0.0.1", port=port))
+    app.state.api_key = None
+    with _serve(app, port) as url:
+        yield SimpleNamespace(url=url, app=app, run=run)
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    """Where the tests save screenshots: ``$GRADSTORE_SCREENSHOTS`` if set (to look at them), else a tmp folder."""
+    explicit = os.environ.get("GRADSTORE_SCREENSHOTS")
+    if explicit:
+        Path(explicit).mkdir(parents=True, exist_ok=True)
+        return Path(explicit)
+    return tmp_path_factory.mktemp("screenshots")
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +182,12 @@ def page_problems() -> list[str]:
     return []
 
 
-@pytest.fixture()
-def page(browser, server_url, page_problems):
-    """A fresh page on the dashboard, with the run info loaded; fails the test on any page error."""
+@contextlib.contextmanager
+def _dashboard(browser, url: str, problems: list[str]) -> Iterator:
+    """A fresh page on the dashboard at ``url``, with the run info loaded; fails the test on any page error."""
     context = browser.new_context(viewport={"width": 1280, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
-    problems = page_problems
     page.on("pageerror", lambda exc: problems.append(f"uncaught: {exc}"))
     page.on(
         "console",
@@ -149,11 +197,27 @@ def page(browser, server_url, page_problems):
             else None
         ),
     )
-    page.goto(f"{server_url}/")
+    page.goto(f"{url}/")
     sync_api.expect(page.locator("#run-info")).to_contain_text("examples", timeout=TIMEOUT_MS)
-    yield page
-    context.close()
+    try:
+        yield page
+    finally:
+        context.close()
     assert not problems, "errors in the page:\n" + "\n".join(problems)
+
+
+@pytest.fixture()
+def page(browser, server_url, page_problems):
+    """The dashboard on the digits demo run."""
+    with _dashboard(browser, server_url, page_problems) as page:
+        yield page
+
+
+@pytest.fixture()
+def text_page(browser, text_live, page_problems):
+    """The dashboard on the text run."""
+    with _dashboard(browser, text_live.url, page_problems) as page:
+        yield page
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -225,7 +289,7 @@ def _check_cards(page, grid: str, expected: list[dict], checkpoints: list[str]) 
 # -- tests -------------------------------------------------------------------------------------------
 
 
-def test_test_digit_query_renders_the_apis_proponents_and_opponents(page, server_url):
+def test_test_digit_query_renders_the_apis_proponents_and_opponents(page, server_url, screenshots):
     run = httpx.get(f"{server_url}/v1/run", timeout=30).json()
     checkpoints = [c["name"] for c in run["checkpoints"]]
     sync_api.expect(page.locator("#run-info")).to_contain_text(f"{run['index']['rows']} examples")
@@ -260,6 +324,9 @@ def test_test_digit_query_renders_the_apis_proponents_and_opponents(page, server
     assert page.evaluate("document.querySelector('#query-card canvas')?.width") == 96
     assert f"label {result['query']['label']}" in page.text_content("#query-card")
     assert "took" in page.text_content("#query-stats")
+    shot = screenshots / "digits-view.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"screenshot: {shot}")
 
 
 def test_draw_mode_queries_the_drawn_digit(page, server_url):
@@ -362,3 +429,387 @@ def test_api_key_typed_into_the_page(browser, live):
     finally:
         live.app.state.api_key = None
         context.close()
+
+
+def test_json_payload_mode_on_the_digits_run(page, server_url):
+    """The JSON box is there on every run (prefilled with the run's kind of payload); text modes are not offered."""
+    assert _enabled_modes(page) == ["test", "draw", "json"]
+    page.select_option("#mode", "json")
+    assert page.is_visible("#query-json") and not page.is_visible("#test-index")
+    assert json.loads(page.input_value("#query-json")) == {"test_index": 0}
+    page.fill("#query-json", '{"test_index": 5}')
+    page.fill("#top-k", "3")
+    with page.expect_request("**/v1/influence") as sent:
+        page.click("#run-query")
+    assert sent.value.post_data_json == {"queries": [{"test_index": 5}], "top_k": 3, "lr_weighting": "schedule"}
+    sync_api.expect(page.locator("#proponents .card")).to_have_count(3)
+    answer = _api(server_url, "/v1/influence", sent.value.post_data_json)["results"][0]
+    assert [c["id"] for c in _rendered_cards(page, "proponents")] == [p["id"] for p in answer["proponents"]]
+
+
+# -- the text view (issue 10, test 5) ----------------------------------------------------------------------
+
+FOLD_CHARS = 240  # the dashboard folds texts longer than this behind a "more" toggle
+SIGN_NOTE = {"proponents": "score ≤ 0: not a proponent", "opponents": "score ≥ 0: not an opponent"}
+ROLE = {"proponents": "proponent", "opponents": "opponent"}
+TEXT_QUERY = "the capital of france is paris ."
+
+
+def _enabled_modes(page) -> list[str]:
+    return page.eval_on_selector("#mode", "(s) => [...s.options].filter((o) => !o.disabled).map((o) => o.value)")
+
+
+def _text_cards(page, grid: str) -> list[dict]:
+    """What each card of ``#<grid>`` shows: id, score, text fields (shown text, folded), key-values, sign mark."""
+    return page.evaluate(
+        """(grid) => [...document.querySelectorAll(`#${grid} .card`)].map((card) => ({
+            id: Number(card.dataset.id),
+            score: card.querySelector(".meta > .score")?.textContent,
+            texts: Object.fromEntries([...card.querySelectorAll(".field")].map((f) => [f.dataset.key, {
+              shown: f.querySelector(".text").textContent,
+              folded: f.querySelector(".text").classList.contains("folded"),
+              more: f.querySelector("button.more")?.textContent ?? null,
+            }])),
+            kv: Object.fromEntries([...card.querySelectorAll(".kv > div")].map(
+              (d) => [d.querySelector("dt").textContent, d.querySelector("dd").textContent])),
+            wrong: card.classList.contains("wrong-sign"),
+            badge: card.querySelector(".badge.sign")?.textContent ?? null,
+            explain: card.querySelector(".explain-button") !== null,
+            bars: card.querySelectorAll(".bar").length,
+            visible: card.offsetParent !== null,
+          }))""",
+        grid,
+    )
+
+
+def _wrong_sign(item: dict, grid: str) -> bool:
+    return not item["score"] > 0 if grid == "proponents" else not item["score"] < 0
+
+
+def _check_text_cards(page, grid: str, expected: list[dict], unfolded: bool = False) -> list[dict]:
+    """The cards of ``#<grid>`` show ``expected`` (the API's influences) in order: text (folded when long and not
+    ``unfolded``), key-values, and the sign mark exactly on the items whose score has the other sign."""
+    cards = _text_cards(page, grid)
+    assert [c["id"] for c in cards] == [e["id"] for e in expected], f"{grid}: card ids differ from the API's"
+    formatted = page.evaluate("(xs) => xs.map((x) => x.toPrecision(4))", [e["score"] for e in expected])
+    for card, item, score_text in zip(cards, expected, formatted):
+        ex, where = item["example"], f"{grid} card #{item['id']}"
+        assert card["visible"] and card["score"] == score_text, where
+        assert list(card["texts"]) == ["text"], f"{where}: text fields {list(card['texts'])}"
+        shown, full = card["texts"]["text"], ex["text"]
+        if len(full) > FOLD_CHARS and not unfolded:
+            assert shown["folded"] and shown["more"] == "more", f"{where}: a {len(full)}-char text is not folded"
+            head = shown["shown"].removesuffix(" …")
+            assert head != shown["shown"] and full.startswith(head) and len(head) <= FOLD_CHARS, where
+        else:
+            assert shown["shown"] == full and not shown["folded"], f"{where}: shows {shown['shown']!r}"
+            assert shown["more"] == ("less" if len(full) > FOLD_CHARS else None), where
+        assert card["kv"] == {"source": ex["source"], "words": str(ex["words"])}, f"{where}: key-values"
+        wrong = _wrong_sign(item, grid)
+        assert card["wrong"] == wrong, f"{where}: score {item['score']} but sign mark {card['wrong']}"
+        assert card["badge"] == (SIGN_NOTE[grid] if wrong else None), where
+        if item.get("role") is not None:
+            assert (item["role"] != ROLE[grid]) == wrong, f"{where}: role {item['role']} disagrees with the sign"
+        assert card["explain"], f"{where}: no per-token button"
+        assert card["bars"] == len(item["contributions"]), where
+    return cards
+
+
+def test_text_query_renders_texts_key_values_and_sign_marks(text_page, text_live, screenshots):
+    """A text run: text mode is chosen, the typed text is sent as ``{"text": ...}``, and every proponent and
+    opponent shows its text (long ones folded, unfolded by "more"), its key-values and, where the score has the
+    other sign (top k = every example here), the mark that it did not push that way."""
+    page, url = text_page, text_live.url
+    n = len(text_live.run.task.docs)
+    assert page.input_value("#mode") == "text" and _enabled_modes(page) == ["text", "prompt", "json"]
+    assert page.is_visible("#query-text") and not page.is_visible("#test-index") and not page.is_visible("#draw")
+    page.fill("#query-text", TEXT_QUERY)
+    page.fill("#top-k", str(n))
+    with page.expect_request("**/v1/influence") as sent:
+        page.click("#run-query")
+    body = {"queries": [{"text": TEXT_QUERY}], "top_k": n, "lr_weighting": "schedule"}
+    assert sent.value.post_data_json == body
+    sync_api.expect(page.locator("#proponents .card")).to_have_count(n)
+    sync_api.expect(page.locator("#opponents .card")).to_have_count(n)
+    assert page.text_content("#query-error") == ""
+    assert page.text_content("#query-card .field[data-key=text] .text") == TEXT_QUERY
+
+    result = _api(url, "/v1/influence", body)["results"][0]
+    for grid in ("proponents", "opponents"):
+        items = result[grid]
+        assert page.evaluate("(g) => document.getElementById(g).classList.contains('list')", grid)  # one per row
+        _check_text_cards(page, grid, items)
+        wrong = [_wrong_sign(item, grid) for item in items]
+        assert 0 < sum(wrong) < n and wrong == sorted(wrong), f"{grid}: the wrong-signed ones are not all last"
+        note = f"· {n - sum(wrong)} of {n} with a {'positive' if grid == 'proponents' else 'negative'} score"
+        assert page.text_content(f"#{grid}-note") == note
+        divider = page.locator(f"#{grid} > .sign-divider")
+        sync_api.expect(divider).to_have_count(1)
+        assert page.evaluate(
+            "(g) => [...document.getElementById(g).children].findIndex((c) => c.classList.contains('sign-divider'))",
+            grid,
+        ) == wrong.index(True)
+    long = [p for p in result["proponents"] if len(p["example"]["text"]) > FOLD_CHARS]
+    assert long and len(long) < n, "the run should have long and short documents"
+
+    # task text is text: the HTML-like document shows its markup literally and runs nothing
+    from .helpers.text_run import HTML_DOC
+
+    html_card = page.locator("#proponents .card", has_text="notes on markup")
+    assert html_card.locator(".field .text").text_content() == HTML_DOC
+    assert page.locator("#proponents img, #opponents img, #proponents .field b").count() == 0
+    assert page.evaluate("window.__gradstore_xss") is None
+
+    shot = screenshots / "text-view.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"screenshot: {shot}")
+
+    for toggle in page.locator("#proponents button.more").all():  # unfold every long text
+        toggle.click()
+    _check_text_cards(page, "proponents", result["proponents"], unfolded=True)
+    page.locator("#proponents button.more").first.click()  # "less" folds it again
+    sync_api.expect(page.locator("#proponents .text.folded")).to_have_count(1)
+
+
+def test_prompt_completion_and_json_modes(text_page, text_live, page_problems):
+    """Prompt/completion boxes send ``{"prompt", "completion"}``; the JSON box sends its object, and a payload that
+    is not one JSON object is refused on the page without a request."""
+    page, url = text_page, text_live.url
+    page.select_option("#mode", "prompt")
+    assert page.is_visible("#query-prompt") and page.is_visible("#query-completion")
+    assert not page.is_visible("#query-text")
+    page.fill("#query-prompt", "the capital of italy is")
+    page.fill("#query-completion", "rome")
+    page.fill("#top-k", "3")
+    with page.expect_request("**/v1/influence") as sent:
+        page.click("#run-query")
+    query = {"prompt": "the capital of italy is", "completion": "rome"}
+    assert sent.value.post_data_json == {"queries": [query], "top_k": 3, "lr_weighting": "schedule"}
+    sync_api.expect(page.locator("#proponents .card")).to_have_count(3)
+    result = _api(url, "/v1/influence", sent.value.post_data_json)["results"][0]
+    _check_text_cards(page, "proponents", result["proponents"])
+    _check_text_cards(page, "opponents", result["opponents"])
+    assert page.text_content("#query-card .field[data-key=prompt] .text") == query["prompt"]
+    assert page.text_content("#query-card .field[data-key=completion] .text") == query["completion"]
+    assert page.text_content("#query-card .field[data-key=completion] .key") == "completion"
+
+    page.select_option("#mode", "json")
+    assert json.loads(page.input_value("#query-json")) == {"text": ""}
+    page.fill("#query-json", '{"text": "the trains to rome are fast"}')
+    with page.expect_request("**/v1/influence") as sent:
+        page.click("#run-query")
+    assert sent.value.post_data_json["queries"] == [{"text": "the trains to rome are fast"}]
+    sync_api.expect(page.locator("#query-card .field[data-key=text] .text")).to_have_text("the trains to rome are fast")
+
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url) if "/v1/influence" in request.url else None)
+    for text, message in (("{not json", "JSON payload"), ("[1, 2]", "must be one object")):
+        page.fill("#query-json", text)
+        page.click("#run-query")
+        sync_api.expect(page.locator("#query-error")).to_contain_text(message)
+    page.select_option("#mode", "text")
+    page.fill("#query-text", "  ")
+    page.click("#run-query")
+    sync_api.expect(page.locator("#query-error")).to_contain_text("type a text")
+    assert requests == [] and page.is_enabled("#run-query")
+
+
+def _fulfil_json(route, data, status: int = 200) -> None:
+    route.fulfill(status=status, content_type="application/json", body=json.dumps(data))
+
+
+def test_sign_marking_from_role_or_from_the_score_alone(text_page, text_live):
+    """Rows are marked by their score's sign whether the server sends ``role`` or not (an older server), and a
+    zero score is marked in both lists."""
+    page, url = text_page, text_live.url
+    body = {"queries": [{"text": TEXT_QUERY}], "top_k": 3, "lr_weighting": "schedule"}
+    answer = _api(url, "/v1/influence", body)
+    result = answer["results"][0]
+    pos, neg = result["proponents"], result["opponents"]
+    assert all(p["score"] > 0 for p in pos) and all(o["score"] < 0 for o in neg)
+
+    def without_role(item: dict, **changes) -> dict:
+        return {k: v for k, v in {**item, **changes}.items() if k != "role"}
+
+    result["proponents"] = [
+        pos[0],
+        without_role(pos[1]),
+        {**pos[2], "score": 0.0, "role": "neutral"},
+        without_role(neg[0]),
+    ]
+    result["opponents"] = [neg[0], without_role(neg[1]), without_role(neg[2], score=0.0), {**pos[0]}]
+    page.route("**/v1/influence", lambda route: _fulfil_json(route, answer))
+    page.fill("#query-text", TEXT_QUERY)
+    page.click("#run-query")
+    sync_api.expect(page.locator("#opponents .card")).to_have_count(4)
+    for grid, expected in (("proponents", [False, False, True, True]), ("opponents", [False, False, True, True])):
+        cards = _text_cards(page, grid)
+        assert [c["wrong"] for c in cards] == expected, grid
+        assert [c["badge"] for c in cards] == [SIGN_NOTE[grid] if w else None for w in expected], grid
+        assert page.text_content(f"#{grid}-note") == (
+            f"· 2 of 4 with a {'positive' if grid == 'proponents' else 'negative'} score"
+        )
+
+
+def _png_base64(width: int, height: int, rgb: tuple[int, int, int]) -> str:
+    """A valid RGB PNG file of one colour, base64-encoded."""
+    raw = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return base64.b64encode(png).decode()
+
+
+def test_generic_renderer_images_and_key_values(text_page, text_live, screenshots):
+    """Whatever describe returns: a nested 2-D array, a flat square ``pixels`` list in 0..1, an image larger than
+    the card, PNG data (a data URL or bare base64), a long string, and other fields as escaped key-values."""
+    page, url = text_page, text_live.url
+    answer = _api(url, "/v1/influence", {"queries": [{"text": TEXT_QUERY}], "top_k": 2})
+    item = answer["results"][0]["proponents"][0]
+    wide = [[(r * 20 + c) % 256 for c in range(20)] for r in range(12)]  # 12 x 20 in 0..255
+    flat = [round(i / 255, 4) for i in range(256)]  # 16 x 16 in 0..1
+    big = [[(r + c) % 2 for c in range(100)] for r in range(100)]  # larger than the 64 px box
+    png = _png_base64(3, 2, (200, 30, 40))
+    caption = "a long caption " * 20
+    described = {
+        "label": "cat",
+        "image": wide,
+        "pixels": flat,
+        "big": big,
+        "thumb": f"data:image/png;base64,{png}",
+        "raw_png": png,
+        "caption": caption,
+        "meta": {"w": 20, "note": "<b>x</b>"},
+        "ok": True,
+        "ratio": 0.123456,
+        "name": "<script>window.__gradstore_xss = 2</script>",
+    }
+    answer["results"][0]["proponents"] = [{**item, "example": described}]
+    answer["results"][0]["opponents"] = []
+    page.route("**/v1/influence", lambda route: _fulfil_json(route, answer))
+    page.fill("#query-text", TEXT_QUERY)
+    page.click("#run-query")
+    card = page.locator("#proponents .card")
+    sync_api.expect(card).to_have_count(1)
+    page.wait_for_function("[...document.querySelectorAll('#proponents img')].every((i) => i.complete)")
+    shown = page.evaluate(
+        """() => {
+          const card = document.querySelector("#proponents .card");
+          const canvases = [...card.querySelectorAll(".media canvas")].map((c) => {
+            const data = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+            return { w: c.width, h: c.height, css: c.style.width, data: [...data].filter((_, i) => i % 4 === 0) };
+          });
+          return {
+            canvases,
+            imgs: [...card.querySelectorAll(".media img")].map((i) => [i.getAttribute("src"), i.naturalWidth]),
+            label: card.querySelector(".meta b")?.textContent,
+            kv: Object.fromEntries([...card.querySelectorAll(".kv > div")].map(
+              (d) => [d.querySelector("dt").textContent, d.querySelector("dd").textContent])),
+            caption: card.querySelector(".field[data-key=caption] .text")?.textContent,
+            scripts: card.querySelectorAll("script, b:not(.meta b)").length,
+          };
+        }"""
+    )
+    (image, pixels, big_canvas) = shown["canvases"]
+    assert (image["w"], image["h"]) == (60, 36)  # 3-px cells: the 20-wide side fits 64 px
+    assert [image["data"][(r * 3 + 1) * 60 + c * 3 + 1] for r in range(12) for c in range(20)] == [
+        v for row in wide for v in row
+    ]
+    assert (pixels["w"], pixels["h"]) == (64, 64)  # 16 x 16, 4-px cells, 0..1 -> 0..255
+    cells = [pixels["data"][(i // 16 * 4 + 2) * 64 + i % 16 * 4 + 2] for i in range(256)]
+    assert cells == [round(v * 255) for v in flat]
+    assert (big_canvas["w"], big_canvas["h"], big_canvas["css"]) == (100, 100, "64px")
+    assert big_canvas["data"][:4] == [0, 255, 0, 255]
+    assert shown["imgs"] == [[f"data:image/png;base64,{png}", 3], [f"data:image/png;base64,{png}", 3]]
+    assert shown["label"] == "cat"
+    assert shown["kv"] == {
+        "meta": '{"w":20,"note":"<b>x</b>"}',
+        "ok": "true",
+        "ratio": "0.1235",
+        "name": "<script>window.__gradstore_xss = 2</script>",
+    }
+    assert shown["caption"] == caption[: caption.rindex(" ", 0, FOLD_CHARS)].rstrip() + " …"
+    assert shown["scripts"] == 0 and page.evaluate("window.__gradstore_xss") is None
+    shot = screenshots / "generic-renderer.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"screenshot: {shot}")
+
+
+@pytest.mark.parametrize(
+    ("status", "detail", "message"),
+    [
+        (404, "Not Found", "Per-token explanations are not available on this server"),
+        (405, "Method Not Allowed", "Per-token explanations are not available on this server"),
+        (404, "no training example with id 3", "explain failed: 404: no training example with id 3"),
+    ],
+)
+def test_explain_button_says_what_went_wrong(text_page, page_problems, status, detail, message):
+    """A server without ``POST /v1/explain`` (404 / 405) gets a clear message on the row; other errors are shown."""
+    page = text_page
+    page.route("**/v1/explain", lambda route: _fulfil_json(route, {"detail": detail}, status=status))
+    page.fill("#query-text", TEXT_QUERY)
+    page.fill("#top-k", "2")
+    page.click("#run-query")
+    sync_api.expect(page.locator("#proponents .card")).to_have_count(2)
+    page.locator("#proponents .explain-button").first.click()
+    error = page.locator("#proponents .card").first.locator(".explain-error")
+    sync_api.expect(error).to_contain_text(message)
+    assert page.is_enabled("#proponents .explain-button >> nth=0")
+    expected = [p for p in page_problems if f"status of {status}" in p and "/v1/explain" in p]
+    assert len(expected) == 1, page_problems  # Chromium logs the failed fetch itself
+    page_problems.remove(expected[0])
+
+
+def _has_route(app, path: str) -> bool:
+    return path in app.openapi()["paths"]
+
+
+def test_token_highlighting_shows_the_apis_shares(text_page, text_live, screenshots):
+    """The "which tokens?" button of a proponent sends the query and the example to ``POST /v1/explain`` and
+    colours each token by its share (green toward the query, red away, alpha proportional to |share|), with the rest."""
+    if not _has_route(text_live.app, "/v1/explain"):
+        pytest.skip("this server has no POST /v1/explain route yet")
+    page, url = text_page, text_live.url
+    page.select_option("#mode", "prompt")
+    query = {"prompt": "the capital of france is", "completion": "paris"}
+    page.fill("#query-prompt", query["prompt"])
+    page.fill("#query-completion", query["completion"])
+    page.fill("#top-k", "3")
+    page.select_option("#weighting", "uniform")
+    page.click("#run-query")
+    sync_api.expect(page.locator("#proponents .card")).to_have_count(3)
+    result = _api(url, "/v1/influence", {"queries": [query], "top_k": 3, "lr_weighting": "uniform"})["results"][0]
+    top = result["proponents"][0]
+    first = page.locator("#proponents .card").first
+    with page.expect_request("**/v1/explain") as sent:
+        first.locator(".explain-button").click()
+    body = {"query": query, "example_id": top["id"], "lr_weighting": "uniform"}
+    assert sent.value.post_data_json == body
+    answer = _api(url, "/v1/explain", body)
+    tokens = answer["tokens"]
+    sync_api.expect(first.locator(".tok")).to_have_count(len(tokens))
+    spans = first.locator(".tok").evaluate_all(
+        "(spans) => spans.map((s) => [s.textContent, Number(s.dataset.share), getComputedStyle(s).backgroundColor])"
+    )
+    assert [s[0] for s in spans] == [t["text"] for t in tokens]
+    assert [s[1] for s in spans] == [t["share"] for t in tokens]
+    scale = max(abs(t["share"]) for t in tokens)
+    for text, share, colour in spans:
+        r, g, b, *alpha = (float(v) for v in re.findall(r"[\d.]+", colour))
+        alpha_value = alpha[0] if alpha else 1.0
+        assert (r, g, b) == ((26, 127, 55) if share >= 0 else (207, 34, 46)), f"{text!r}: {colour}"
+        assert alpha_value == pytest.approx(0.85 * abs(share) / scale, abs=0.006), f"{text!r}: {colour}"
+    rest = page.evaluate("(x) => x.toPrecision(4)", answer["rest"])
+    assert first.locator(".explain-rest").text_content() == rest
+    score = page.evaluate("(x) => x.toPrecision(4)", answer["score"])
+    assert f"score {score}" in first.locator(".explain-summary").text_content()
+    assert sum(t["share"] for t in tokens) + answer["rest"] == pytest.approx(answer["score"], rel=1e-5)
+    assert answer["score"] == pytest.approx(top["score"], rel=1e-4)
+    shot = screenshots / "token-highlighting.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"screenshot: {shot}")
+    first.locator(".explain-button").click()  # a second click hides it
+    assert not first.locator(".explain-box").is_visible()
