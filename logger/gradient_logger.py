@@ -87,6 +87,7 @@ class GradientLogger(GradientProjector):
         self._sinks: dict[str, AppendWriter] = {}
         self._capture_seen: dict[str, set[int]] = {}
         self._capture_done: dict[str, set[int]] = {}
+        self._capture_lr: dict[str, float] = {}
         self.skipped_ids: dict[str, set[int]] = {}  # per checkpoint: ids whose step a GradScaler skipped
 
     # -- setup -----------------------------------------------------------------------------------
@@ -324,20 +325,35 @@ class GradientLogger(GradientProjector):
         seen.update(batch_ids[keep].tolist())
         sink.append(batch_ids[keep], rows)
 
-    def _capture_sink(self, checkpoint: str, lr: float, step: int | None) -> AppendWriter:
+    def begin_capture(self, info: CheckpointInfo, adam_factors: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Create (or, resuming, validate) capture checkpoint ``info.name`` with its full metadata before its first
+        :meth:`capture` (which by itself records only name, lr and step): weights path and sha256, optimizer path,
+        and the Adam factors its rows are projected with (enter :meth:`adam_correction` with the same factors)."""
+        self._capture_sink(info.name, info.lr, info.step, info=info, adam_factors=adam_factors)
+
+    def _capture_sink(
+        self,
+        checkpoint: str,
+        lr: float,
+        step: int | None,
+        info: CheckpointInfo | None = None,
+        adam_factors: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> AppendWriter:
         if checkpoint in self._sinks:
-            info = self.store.checkpoint_info(checkpoint)  # type: ignore[union-attr]
-            if info.lr != float(lr):
+            if self._capture_lr[checkpoint] != float(lr):  # cached: reading the store's attributes costs ~1.5 ms
                 raise CaptureError(
-                    f"checkpoint {checkpoint!r} was started with lr={info.lr}; a capture passed lr={lr}. "
-                    "Use the checkpoint's nominal learning rate (per-step rates are not stored)"
+                    f"checkpoint {checkpoint!r} was started with lr={self._capture_lr[checkpoint]}; a capture passed "
+                    f"lr={lr}. Use the checkpoint's nominal learning rate (per-step rates are not stored)"
                 )
             return self._sinks[checkpoint]
         store = self._require_store()
         for other in self._sinks.values():
             other.flush()  # a new checkpoint: commit the last one's partial chunk
-        info = CheckpointInfo(name=checkpoint, lr=float(lr), step=step)
-        self._rank0_first(lambda: store.begin_checkpoint(info), lambda: store.begin_checkpoint(info))
+        info = info if info is not None else CheckpointInfo(name=checkpoint, lr=float(lr), step=step)
+        self._rank0_first(
+            lambda: store.begin_checkpoint(info, adam_factors), lambda: store.begin_checkpoint(info, adam_factors)
+        )
+        self._capture_lr[checkpoint] = info.lr
         self._capture_done[checkpoint] = set(store.committed_ids(checkpoint).tolist())
         self._capture_seen[checkpoint] = set()
         self._sinks[checkpoint] = AppendWriter(store, checkpoint, f"r{self.process_rank}", self._writer)
