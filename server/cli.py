@@ -188,11 +188,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from .app import create_app
-    from .demo import prepare_demo
 
-    config = RunConfig.load(prepare_demo(args.workdir, progress=not args.quiet))
-    try_it = f"gradstore query --config {config.path} --query '{{\"test_index\": 0}}'"
-    print(f"demo run ready: {config.path} (try: {try_it})", flush=True)
+    if args.task == "lm":
+        from .demo_lm import prepare_lm_demo, try_query
+
+        workdir = args.workdir or "runs/demo-lm"
+        config = RunConfig.load(prepare_lm_demo(workdir, progress=not args.quiet))
+        prompt, completion = try_query(workdir)
+        payload = json.dumps({"prompt": prompt, "completion": completion})
+        print(f"demo run ready: {config.path}", flush=True)
+        print(f"  try: gradstore query --config {config.path} --query '{payload}'", flush=True)
+        print(f"  or in the dashboard: prompt -> completion, {prompt!r} -> {completion.strip()!r}", flush=True)
+    else:
+        from .demo import prepare_demo
+
+        config = RunConfig.load(prepare_demo(args.workdir or "runs/demo", progress=not args.quiet))
+        try_it = f"gradstore query --config {config.path} --query '{{\"test_index\": 0}}'"
+        print(f"demo run ready: {config.path} (try: {try_it})", flush=True)
     if args.no_serve:
         return
     print(f"gradstore demo: dashboard at http://{args.host}:{args.port}/  (API docs at /docs)", flush=True)
@@ -250,8 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="default: [server] port or 8000")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("demo", help="train a digits classifier with in-training logging, index it, serve the dashboard")
-    p.add_argument("--workdir", default="runs/demo", help="where the demo run is written (reused if complete)")
+    p = sub.add_parser(
+        "demo", help="train a small model with in-training logging (digits or a tiny LM), index it, serve the dashboard"
+    )
+    p.add_argument(
+        "--task",
+        choices=("digits", "lm"),
+        default="digits",
+        help="digits: an MLP on 8x8 digits; lm: a tiny GPT-2 (transformers.Trainer) on planted facts (default: digits)",
+    )
+    p.add_argument(
+        "--workdir", help="where the demo run is written, reused if complete (default: runs/demo, runs/demo-lm)"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-serve", action="store_true", help="prepare the run and exit")
