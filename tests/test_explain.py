@@ -25,9 +25,8 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from gradstore.logger import GradientLogger, GradientProjector, Task, TaskError
+from gradstore.logger import GradientLogger, GradientProjector, TaskError
 from gradstore.projection import build_matrices
 from gradstore.projection.reference import project_dense
 from gradstore.server.app import create_app
@@ -35,7 +34,8 @@ from gradstore.server.client import AsyncClient, Client, InvalidRequestError
 from gradstore.server.engine import QueryEngine, QueryError
 from gradstore.store import GradientIndex, GradientStore, IndexOptions, UnknownExampleError
 
-from .helpers.models import PAD, LMTask, MLPTask, TinyCausalLM, per_example_parameter_grads
+from .helpers.facts import TargetLossTask
+from .helpers.models import LMTask, MLPTask, TinyCausalLM, per_example_parameter_grads
 from .test_architectures import (
     CausalLMTask,
     ClassifierTask,
@@ -149,7 +149,7 @@ STEPS, LR, BATCH, RANK = 100, 1e-2, 16, 8
 CHECKPOINTS = (STEPS // 2, STEPS)
 
 
-class PlantedTask(Task):
+class PlantedTask(TargetLossTask):
     """Documents of ``LENGTH`` tokens: ``BOS`` then a fixed cycle over ``FILLERS`` filler words from a random start;
     ``PER_FACT`` documents of each fact ``k`` have the pair ``A_k B_k`` written over two of their words, at a random
     position. The loss sums every next-token prediction; a query ``{"fact": k}`` is ``BOS w w A_k B_k`` with the
@@ -185,24 +185,6 @@ class PlantedTask(Task):
 
     def train_examples(self):
         return self.train
-
-    def collate(self, examples):
-        t = max(len(ids) for ids, _ in examples)
-        batch = torch.full((len(examples), t), PAD, dtype=torch.long)
-        weight = torch.zeros(len(examples), t - 1)
-        for i, (ids, target) in enumerate(examples):
-            batch[i, : len(ids)] = ids
-            if target is None:
-                weight[i, : len(ids) - 1] = 1.0
-            else:
-                weight[i, target - 1] = 1.0  # the logits at target - 1 predict the token at target
-        return batch, weight
-
-    def loss(self, model, batch):
-        ids, weight = batch
-        logits = model(ids[:, :-1])
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-        return (nll.view(weight.shape) * weight).sum(dim=1)
 
     def query_example(self, payload):
         fact = payload.get("fact")

@@ -43,7 +43,30 @@ QUERY_TEMPLATE = (BOS, "r", OF, "s", IS, "o")  # held out: relation before subje
 EVAL_TEMPLATE = (BOS, "f", "r", "s", WAS, "o")  # held out as well; the query distribution for R_eval
 
 
-class FactsTask(Task):
+class TargetLossTask(Task):
+    """Examples ``(token ids, target)``: the loss is the whole sequence's next-token loss (``target`` None) or only
+    the token at position ``target``'s, summed per example."""
+
+    def collate(self, examples):
+        t = max(len(ids) for ids, _ in examples)
+        batch = torch.full((len(examples), t), PAD, dtype=torch.long)
+        weight = torch.zeros(len(examples), t - 1)
+        for i, (ids, target) in enumerate(examples):
+            batch[i, : len(ids)] = ids
+            if target is None:
+                weight[i, : len(ids) - 1] = 1.0
+            else:
+                weight[i, target - 1] = 1.0  # logits at position target - 1 predict the token at target
+        return batch, weight
+
+    def loss(self, model, batch):
+        ids, weight = batch
+        logits = model(ids[:, :-1])
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        return (nll.view(weight.shape) * weight).sum(dim=1)
+
+
+class FactsTask(TargetLossTask):
     """Facts about ``subjects x relations`` with ``objects`` possible answers, plus ``noise`` filler sequences."""
 
     def __init__(
@@ -107,24 +130,6 @@ class FactsTask(Task):
 
     def eval_examples(self):
         return self.evals
-
-    def collate(self, examples):
-        t = max(len(ids) for ids, _ in examples)
-        batch = torch.full((len(examples), t), PAD, dtype=torch.long)
-        weight = torch.zeros(len(examples), t - 1)
-        for i, (ids, target) in enumerate(examples):
-            batch[i, : len(ids)] = ids
-            if target is None:
-                weight[i, : len(ids) - 1] = 1.0
-            else:
-                weight[i, target - 1] = 1.0  # logits at position target - 1 predict the token at target
-        return batch, weight
-
-    def loss(self, model, batch):
-        ids, weight = batch
-        logits = model(ids[:, :-1])
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-        return (nll.view(weight.shape) * weight).sum(dim=1)
 
     def query_example(self, payload: dict):
         fact = payload.get("fact")
