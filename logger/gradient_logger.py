@@ -164,7 +164,7 @@ class GradientLogger(GradientProjector):
         segment = self._begin_pass(store, info, factors, len(ids))
         committed = segment.committed_counts()
         mine = [k for k in range(segment.n_chunks) if k % self.world_size == self.process_rank]
-        damaged = [k for k in mine if committed[k] and not segment.chunk_intact(k)]
+        damaged = [k for k in mine if committed[k] and not segment.chunk_intact(k, committed)]
         if damaged:
             warnings.warn(
                 f"checkpoint {name!r}: re-logging damaged chunks {damaged[:20]} of {segment.group.store_path}",

@@ -190,16 +190,21 @@ class Segment:
             + _RELOG
         )
 
-    def chunk_intact(self, chunk: int) -> bool:
-        """Whether a committed chunk's rows read back and match their checksum (True when none was recorded)."""
-        n = int(self.committed_counts()[chunk])
+    def chunk_intact(self, chunk: int, counts: np.ndarray | None = None) -> bool:
+        """Whether a committed chunk's rows read back and match their checksum (True when none was recorded).
+
+        ``counts``: :meth:`committed_counts`, when the caller has them (each read costs one file per chunk)."""
+        counts = self.committed_counts() if counts is None else counts
+        n = int(counts[chunk])
         try:
-            self.read_rows(chunk * self.chunk_rows, chunk * self.chunk_rows + n)
+            self.read_rows(chunk * self.chunk_rows, chunk * self.chunk_rows + n, counts=counts)
         except StoreCorruptError:
             return False
         return True
 
-    def read_rows(self, start: int, stop: int, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def read_rows(
+        self, start: int, stop: int, verify: bool = True, counts: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, grads)`` of rows ``[start, stop)``; with ``verify``, each whole committed chunk in the range is
         checked against the checksum written with its commit (a damaged chunk raises :class:`StoreCorruptError`)."""
         try:
@@ -211,7 +216,7 @@ class Segment:
         checksums = self._array("checksums") if verify else None
         if checksums is None:
             return ids, grads
-        counts = self.committed_counts()
+        counts = self.committed_counts() if counts is None else counts
         for chunk in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
             lo, n = chunk * self.chunk_rows, int(counts[chunk])
             expected = int(np.asarray(checksums[chunk]))
@@ -531,9 +536,10 @@ class GradientStore:
         """Stream committed ``(ids, grads)`` blocks of at most ``block_rows`` rows."""
         block_rows = max(1, block_rows // self.chunk_rows) * self.chunk_rows  # whole chunks: each is verified
         for segment in self.segments(checkpoint):
-            for start, stop in segment.row_ranges():
+            counts = segment.committed_counts()
+            for start, stop in segment.row_ranges(counts):
                 for lo in range(start, stop, block_rows):
-                    yield segment.read_rows(lo, min(lo + block_rows, stop))
+                    yield segment.read_rows(lo, min(lo + block_rows, stop), counts=counts)
 
     def read(self, checkpoint: str, ids: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Committed rows of a checkpoint: ``(ids [n], grads [n, D])``, optionally only the given ids, in order."""
@@ -581,7 +587,7 @@ class GradientStore:
                 for chunk in np.flatnonzero(counts):
                     lo = int(chunk) * segment.chunk_rows
                     try:
-                        segment.read_rows(lo, lo + int(counts[chunk]))
+                        segment.read_rows(lo, lo + int(counts[chunk]), counts=counts)
                     except StoreFormatError as exc:
                         problems.append(str(exc))
         return problems

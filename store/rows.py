@@ -62,8 +62,9 @@ class CheckpointRows:
         self.store, self.checkpoint = store, checkpoint
         self.segments = store.segments(checkpoint)
         ids, segment_of, row_of = [], [], []
+        self._counts = [segment.committed_counts() for segment in self.segments]
         for s, segment in enumerate(self.segments):
-            for start, stop in segment.row_ranges():
+            for start, stop in segment.row_ranges(self._counts[s]):
                 ids.append(np.asarray(segment.ids_array[start:stop]))
                 segment_of.append(np.full(stop - start, s, dtype=np.int32))
                 row_of.append(np.arange(start, stop, dtype=np.int64))
@@ -131,6 +132,7 @@ class CheckpointRows:
             for chunk in unique_chunks:
                 sel = in_segment[chunks == chunk]
                 lo = int(chunk) * chunk_rows
-                block = np.asarray(grads[lo : min(lo + chunk_rows, grads.shape[0])])
+                counts = self._counts[int(s)]  # whole committed chunks are read verified against their checksum
+                _, block = self.segments[int(s)].read_rows(lo, lo + int(counts[chunk]), counts=counts)
                 out[sel] = block[rows[sel] - lo]
         return out

@@ -156,3 +156,18 @@ def test_gradstore_verify_lists_damage_and_exits_2(tmp_path, pristine, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("damaged: ")]
     assert len(lines) == 2
     assert "chunk 2 (rows 16..23) fails its checksum" in lines[0] and "ids.npy has" in lines[1]
+
+
+def test_index_build_refuses_a_damaged_chunk_instead_of_indexing_it(tmp_path, pristine):
+    """The build reads whole chunks verified: a garbled chunk is an error naming it, not NaN rows in the index."""
+    import shutil
+
+    from gradstore.store import GradientIndex
+
+    source, _ = pristine
+    path = tmp_path / "run.zarr"
+    shutil.copytree(source, path)
+    _garble(path / f"{SEGMENT}/grads/c/2/0")
+    with pytest.raises(StoreCorruptError, match=r"chunk 2 \(rows 16..23\) fails its checksum"):
+        GradientIndex.build(GradientStore.open(path), progress=False)
+    assert not path.with_suffix(".index").exists()
