@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -162,15 +163,16 @@ class GradientLogger(GradientProjector):
             adam_summary=fold.summary if fold is not None else None,
         )
         segment = self._begin_pass(store, info, factors, len(ids))
-        committed = segment.committed_counts()
+        committed, bad_records = segment.commit_records()  # a chunk with a damaged commit record is re-logged
         mine = [k for k in range(segment.n_chunks) if k % self.world_size == self.process_rank]
-        damaged = [k for k in mine if committed[k] and not segment.chunk_intact(k, committed)]
+        damaged = [k for k in mine if k in bad_records or (committed[k] and not segment.chunk_intact(k, committed))]
         if damaged:
             warnings.warn(
                 f"checkpoint {name!r}: re-logging damaged chunks {damaged[:20]} of {segment.group.store_path}",
                 stacklevel=2,
             )
-        self._check_resumed_chunks(segment, [k for k in mine if committed[k] and k not in damaged], examples, ids, name)
+        resumed = [k for k in mine if committed[k] and k not in damaged]
+        self._check_resumed_chunks(segment, resumed, committed, examples, ids, name)
         todo = [k for k in mine if committed[k] == 0 or k in damaged]
         try:
             with self.adam_correction(factors):
@@ -204,10 +206,16 @@ class GradientLogger(GradientProjector):
         return self._rank0_first(begin, begin)
 
     def _check_resumed_chunks(
-        self, segment: Segment, chunks: list[int], examples: Sequence, ids: np.ndarray, checkpoint: str
+        self,
+        segment: Segment,
+        chunks: list[int],
+        counts: np.ndarray,
+        examples: Sequence,
+        ids: np.ndarray,
+        checkpoint: str,
     ) -> None:
         """Refuse to resume a pass whose committed chunks hold other examples (ids or content) than those given."""
-        counts, chunk_rows = segment.committed_counts(), segment.chunk_rows
+        chunk_rows = segment.chunk_rows
         for chunk in chunks:
             start, stop = chunk * chunk_rows, chunk * chunk_rows + int(counts[chunk])
             same_ids = np.array_equal(segment.chunk_ids(chunk)[: counts[chunk]], ids[start:stop])
@@ -279,6 +287,7 @@ class GradientLogger(GradientProjector):
         reduction: Literal["mean", "sum"] = "mean",
         scaler: Any | None = None,
         loss_scale: float = 1.0,
+        weights_path: str | Path | None = None,
     ) -> Iterator[None]:
         """Log the examples of one training step, at the weights of that step, as a by-product of its backward.
 
@@ -287,11 +296,15 @@ class GradientLogger(GradientProjector):
         a ``torch.amp.GradScaler`` passed as ``scaler`` has its scale removed. Ids already committed for
         ``checkpoint`` by an earlier session are skipped (resume); an id seen twice in this session is an error.
         The checkpoint's ``lr`` is fixed by its first capture.
+
+        ``weights_path``: the weights file this checkpoint's queries use (saved before its first step); read by the
+        first capture of the checkpoint in this session, which records the file's sha256 with it, so that changed
+        weights are refused when the run is indexed or served.
         """
         if reduction not in ("mean", "sum"):
             raise CaptureError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         batch_ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64).reshape(-1)
-        sink = self._capture_sink(checkpoint, lr, step)
+        sink = self._capture_sink(checkpoint, lr, step, weights_path=weights_path)
         with self._state.armed(len(batch_ids), self.device):
             yield
         if self._state.backward_calls == 0:
@@ -328,7 +341,10 @@ class GradientLogger(GradientProjector):
     def begin_capture(self, info: CheckpointInfo, adam_factors: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Create (or, resuming, validate) capture checkpoint ``info.name`` with its full metadata before its first
         :meth:`capture` (which by itself records only name, lr and step): weights path and sha256, optimizer path,
-        and the Adam factors its rows are projected with (enter :meth:`adam_correction` with the same factors)."""
+        and the Adam factors its rows are projected with (enter :meth:`adam_correction` with the same factors).
+        A weights path given without its sha256 has it computed here."""
+        if info.weights_path is not None and info.weights_sha256 is None:
+            info = dataclasses.replace(info, weights_sha256=file_sha256(info.weights_path))
         self._capture_sink(info.name, info.lr, info.step, info=info, adam_factors=adam_factors)
 
     def _capture_sink(
@@ -338,6 +354,7 @@ class GradientLogger(GradientProjector):
         step: int | None,
         info: CheckpointInfo | None = None,
         adam_factors: tuple[np.ndarray, np.ndarray] | None = None,
+        weights_path: str | Path | None = None,
     ) -> AppendWriter:
         if checkpoint in self._sinks:
             if self._capture_lr[checkpoint] != float(lr):  # cached: reading the store's attributes costs ~1.5 ms
@@ -349,7 +366,10 @@ class GradientLogger(GradientProjector):
         store = self._require_store()
         for other in self._sinks.values():
             other.flush()  # a new checkpoint: commit the last one's partial chunk
-        info = info if info is not None else CheckpointInfo(name=checkpoint, lr=float(lr), step=step)
+        if info is None:
+            sha256 = file_sha256(weights_path) if weights_path is not None else None
+            path = str(Path(weights_path).resolve()) if weights_path is not None else None
+            info = CheckpointInfo(name=checkpoint, lr=float(lr), step=step, weights_path=path, weights_sha256=sha256)
         self._rank0_first(
             lambda: store.begin_checkpoint(info, adam_factors), lambda: store.begin_checkpoint(info, adam_factors)
         )

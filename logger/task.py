@@ -77,6 +77,26 @@ class Task:
         a list shorter or longer than that sequence is fine (padding, a last token that is only a target)."""
         return None
 
+    # -- optional: evaluation (``gradstore evaluate``) ------------------------------------------------------------
+    def train(self, examples: Sequence, seed: int) -> torch.nn.Module:
+        """Optional: train a fresh model from scratch on ``examples`` (a subset of :meth:`train_examples`, in their
+        order) with randomness from ``seed``, as the run's model was trained; return it (on any device).
+
+        Needed by the retraining evaluations (``gradstore evaluate lds`` and ``brittleness``); they refuse a Task
+        without it. The returned model is saved with ``state_dict()`` and read back with :meth:`load_checkpoint`.
+        """
+        raise NotImplementedError(f"{type(self).__name__}.train")
+
+    def correct(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """Optional: whether the model's prediction on each example of a collated batch is right, bool ``[B]``
+        (a classifier: argmax == label). Needed by ``gradstore evaluate brittleness``."""
+        raise NotImplementedError(f"{type(self).__name__}.correct")
+
+
+def implements(task: Task, method: str) -> bool:
+    """Does ``task`` override the optional :class:`Task` method ``method`` (``train``, ``correct``, ...)?"""
+    return getattr(type(task), method, None) is not getattr(Task, method)
+
 
 def move_to_device(batch: Any, device: torch.device | str) -> Any:
     """Move every tensor inside nested lists/tuples/dicts to ``device``."""

@@ -36,9 +36,11 @@ callers catch either ``GradstoreError`` (or one package's class) or the familiar
     ├── IndexMismatchError ......... ValueError         the index was built with other options or another projection
     ├── IndexOptionsError .......... ValueError         invalid IndexOptions (kind, preconditioner, mix, pq_m, ...)
     ├── QueryShapeError ............ ValueError         query vectors whose shape does not fit the index
+    ├── StoreLockedError ........... TimeoutError       another `gradstore index` holds the store's lock
     │  server/errors.py
     ├── QueryError ................. ValueError         a query the engine cannot answer as asked
     ├── ConfigError ................ ValueError         a run config (``run.toml``) or setting missing or invalid
+    ├── EvaluationError ............ ValueError         an evaluation that cannot run as asked (no Task.train, bad file)
     └── GradstoreAPIError .......... RuntimeError       the HTTP server refused a request (``.status_code``)
         └── InvalidRequestError .... ValueError         the SDK refused it before sending (the request model, 422)
 

@@ -8,10 +8,17 @@ estimated per layer from the per-example projected gradients themselves:
 * ``kfac``: a layer's gradient is the ``k_out x k_in`` matrix ``M``; with ``S = E[M M^T]`` and
   ``A = E[M^T M]``, ``R_l = (S (x) A) / E||M||^2`` (the Kronecker factorisation whose traces match
   ``E[vec M vec M^T]``), applied as ``M -> sqrt(E||M||^2) S^{-1/2} M A^{-1/2}``.
+* ``ekfac``: ``R_l = Q diag(Lambda) Q^T`` in KFAC's eigenbasis ``Q = Q_S (x) Q_A`` with eigenvalues re-fitted from the
+  examples, ``Lambda_ij = E[(Q_S^T M Q_A)_ij^2]`` (:mod:`.ekfac`), applied as
+  ``M -> Q_S ((Q_S^T M Q_A) / sqrt(Lambda + delta)) Q_A^T``.
+* ``source``: SOURCE's segment-wise unrolling (:mod:`.source`): an asymmetric form ``q_L^T T_c g_c``, the query at the
+  final checkpoint only; training vectors map by ``T_c``, queries stay as they are (:attr:`KindTraits.final_query`).
 
-With an eval set, each statistic is mixed ``lambda * eval + (1 - lambda) * train`` before damping.
+With an eval set, each statistic is mixed ``lambda * eval + (1 - lambda) * train`` before damping (for ``ekfac``:
+``S`` and ``A`` before their eigenbases are taken, and ``Lambda``; ``source`` ignores the eval set).
 Damping adds ``damping * mean eigenvalue`` to the diagonal of each matrix that is inverted
-(``R_l`` for ``block``, ``S`` and ``A`` for ``kfac``). Everything is float64 numpy: fitting is a
+(``R_l`` for ``block``, ``S`` and ``A`` for ``kfac``, ``R_l`` for ``ekfac``: ``delta = damping * mean(Lambda)``, the
+same shift as ``block``'s since both have trace ``E||M||^2``). Everything is float64 numpy: fitting is a
 one-off reduction and the transforms are small.
 """
 
@@ -23,13 +30,40 @@ from typing import Literal, cast, get_args
 
 import numpy as np
 
+from .ekfac import EkfacCurvature, LayerEigenbasis, eigenbasis_apply
 from .errors import PreconditionerError
+from .source import Segment, source_chains
 from .spec import LayerSpec
 
-PreconditionerKind = Literal["identity", "kfac", "block"]
+PreconditionerKind = Literal["identity", "kfac", "block", "ekfac", "source"]
 PRECONDITIONERS: tuple[PreconditionerKind, ...] = get_args(PreconditionerKind)
-# How many matrices each kind keeps per layer: block R^{-1/2}; kfac S^{-1/2} (scaled) and A^{-1/2}.
-_TRANSFORMS_PER_LAYER: dict[PreconditionerKind, int] = {"identity": 0, "block": 1, "kfac": 2}
+# How many matrices each kind keeps per layer: block R^{-1/2}; kfac S^{-1/2} (scaled) and A^{-1/2}; ekfac and source
+# (Q_S, Q_A, diag) per factor of their chain (one factor for ekfac, L - c + 1 for source's checkpoint c).
+_TRANSFORMS_PER_LAYER: dict[PreconditionerKind, int] = {"identity": 0, "block": 1, "kfac": 2, "ekfac": 3, "source": 3}
+
+
+@dataclass(frozen=True)
+class KindTraits:
+    """How a preconditioner kind enters an index and a query."""
+
+    eval_mix: bool  # an eval store's statistics enter the curvature (TrackStar's lambda)
+    final_query: bool  # the query gradient is taken at the final checkpoint only, the same in every checkpoint's slot
+    lr_inside: bool  # the transform already holds each checkpoint's lr: only the `uniform` weighting makes sense
+    two_pass: bool  # fitting reads each checkpoint's rows twice (bases, then eigenvalues)
+
+
+KIND_TRAITS: dict[PreconditionerKind, KindTraits] = {
+    "identity": KindTraits(eval_mix=False, final_query=False, lr_inside=False, two_pass=False),
+    "kfac": KindTraits(eval_mix=True, final_query=False, lr_inside=False, two_pass=False),
+    "block": KindTraits(eval_mix=True, final_query=False, lr_inside=False, two_pass=False),
+    "ekfac": KindTraits(eval_mix=True, final_query=False, lr_inside=False, two_pass=True),
+    "source": KindTraits(eval_mix=False, final_query=True, lr_inside=True, two_pass=True),
+}
+
+
+def kind_traits(kind: str) -> KindTraits:
+    """The :class:`KindTraits` of a preconditioner kind (refusing an unknown one)."""
+    return KIND_TRAITS[_check_kind(kind)]
 
 
 @dataclass
@@ -46,7 +80,7 @@ class CurvatureStats:
         for layer in self.layers:
             if self.kind == "block":
                 self.sums[layer.name] = [np.zeros((layer.dim, layer.dim))]
-            elif self.kind == "kfac":
+            elif self.kind != "identity":  # kfac, and the first (KFAC) pass of ekfac and source
                 k_out, k_in = layer.k_out, layer.k_in
                 # S = sum M M^T, A = sum M^T M, sum ||M||^2
                 self.sums[layer.name] = [np.zeros((k_out, k_out)), np.zeros((k_in, k_in)), np.zeros(())]
@@ -59,7 +93,7 @@ class CurvatureStats:
             g = vectors[:, layer.slice]
             if self.kind == "block":
                 self.sums[layer.name][0] += g.T @ g
-            elif self.kind == "kfac":
+            elif self.kind != "identity":
                 m = g.reshape(len(g), layer.k_out, layer.k_in)
                 s, a, sq = self.sums[layer.name]
                 s += np.einsum("noi,npi->op", m, m)
@@ -70,6 +104,23 @@ class CurvatureStats:
         if self.count == 0:
             raise PreconditionerError("cannot fit a preconditioner from zero examples; log gradients before indexing")
         return {name: [s / self.count for s in sums] for name, sums in self.sums.items()}
+
+
+def mixed_means(train: CurvatureStats, eval: CurvatureStats | None, mix: float) -> dict[str, list[np.ndarray]]:
+    """``mix * eval + (1 - mix) * train`` of each per-layer mean (the train means alone without eval statistics)."""
+    if not 0.0 <= mix <= 1.0:
+        raise PreconditionerError(f"mix (lambda) must be in [0, 1], got {mix}")
+    stats = train.means()
+    if eval is None:
+        return stats
+    if eval.kind != train.kind:
+        raise PreconditionerError(
+            f"eval statistics are {eval.kind!r}, train statistics {train.kind!r}; accumulate both with one kind"
+        )
+    return {
+        name: [mix * e + (1 - mix) * t for t, e in zip(stats[name], eval_sums, strict=True)]
+        for name, eval_sums in eval.means().items()
+    }
 
 
 DEAD_LAYER_FRACTION = 1e-12  # a layer whose E||g||^2 is below this fraction of the largest layer's is dropped
@@ -113,23 +164,21 @@ class Preconditioner:
         mix: float = 0.99,
         damping: float = 0.1,
     ) -> Preconditioner:
-        """Fit from training statistics, optionally mixed with eval statistics as ``mix * eval + (1 - mix) * train``."""
+        """Fit from training statistics, optionally mixed with eval statistics as ``mix * eval + (1 - mix) * train``.
+
+        ``ekfac`` and ``source`` need a second pass over the rows: see :meth:`ekfac` and :meth:`source`."""
         if train.kind == "identity":
             return cls.identity(train.layers)
+        if kind_traits(train.kind).two_pass:
+            raise PreconditionerError(
+                f"a {train.kind} preconditioner needs eigenvalues fitted in a second pass; build it with "
+                f"Preconditioner.{train.kind}(...) (store.vectors.fit_preconditioners does both passes)"
+            )
         if not 0.0 <= mix <= 1.0:
             raise PreconditionerError(f"mix (lambda) must be in [0, 1], got {mix}")
         if damping <= 0:
             raise PreconditionerError(f"damping must be positive (e.g. 0.1), got {damping}")
-        stats = train.means()
-        if eval is not None:
-            if eval.kind != train.kind:
-                raise PreconditionerError(
-                    f"eval statistics are {eval.kind!r}, train statistics {train.kind!r}; accumulate both with one kind"
-                )
-            stats = {
-                name: [mix * e + (1 - mix) * t for t, e in zip(stats[name], eval_sums, strict=True)]
-                for name, eval_sums in eval.means().items()
-            }
+        stats = mixed_means(train, eval, mix)
         energy = {name: float(np.trace(m[0])) if train.kind == "block" else float(m[2]) for name, m in stats.items()}
         floor = DEAD_LAYER_FRACTION * max(energy.values(), default=0.0)
         transforms = {}
@@ -150,27 +199,89 @@ class Preconditioner:
                 ]
         return cls(train.kind, train.layers, transforms)
 
-    def apply(self, vectors: np.ndarray) -> np.ndarray:
-        """``R^{-1/2} g`` for each row of ``[n, D]`` vectors (float32 in, float32 out; float64 math)."""
-        if self.kind == "identity":
-            return np.asarray(vectors, dtype=np.float32)
-        vectors = np.asarray(vectors, dtype=np.float64)
-        out = np.empty(vectors.shape, dtype=np.float32)
+    @classmethod
+    def ekfac(cls, curvature: EkfacCurvature, damping: float = 0.1) -> Preconditioner:
+        """``M -> Q_S ((Q_S^T M Q_A) / sqrt(Lambda + damping * mean(Lambda))) Q_A^T`` per layer, so that
+        ``<T q, T g> = q^T H^{-1} g`` with ``H`` the damped EK-FAC curvature. A layer without training gradient is
+        dropped, as for ``kfac``."""
+        damped_values = curvature.damped(damping)
+        energy = curvature.energies()
+        floor = DEAD_LAYER_FRACTION * max(energy.values(), default=0.0)
+        transforms = {}
+        for layer in curvature.layers:
+            basis = curvature.bases[layer.name]
+            if energy[layer.name] <= floor:
+                scale = np.zeros((layer.k_out, layer.k_in))
+            else:
+                scale = 1.0 / np.sqrt(damped_values[layer.name])
+            transforms[layer.name] = [basis.q_s, basis.q_a, scale]
+        return cls("ekfac", curvature.layers, transforms)
+
+    @classmethod
+    def source(
+        cls, curvatures: Sequence[EkfacCurvature], schedule: Sequence[Segment], damping: float = 0.1
+    ) -> list[Preconditioner]:
+        """SOURCE's training-side maps ``T_c = S_L ... S_{c+1} F_c``, one per checkpoint (in ``schedule`` order, which
+        ends at the final checkpoint); see :mod:`.source` for the derivation."""
+        out = []
+        for chain in source_chains(curvatures, schedule, damping):
+            transforms = {
+                name: [a for basis, diag in factors for a in (basis.q_s, basis.q_a, diag)]
+                for name, factors in chain.items()
+            }
+            out.append(cls("source", curvatures[0].layers, transforms))
+        return out
+
+    def _factors(self, layer: LayerSpec) -> list[tuple[LayerEigenbasis, np.ndarray]]:
+        ts = self.transforms[layer.name]
+        return [(LayerEigenbasis(ts[i], ts[i + 1]), ts[i + 2]) for i in range(0, len(ts), 3)]
+
+    def _map(self, vectors: np.ndarray, adjoint: bool, dtype: type = np.float32) -> np.ndarray:
+        """``T g`` (or ``T^T g``) of each float64 row, per layer, into a ``dtype`` array."""
+        out: np.ndarray = np.empty(vectors.shape, dtype=dtype)
         for layer in self.layers:
             g = vectors[:, layer.slice]
             if self.kind == "block":
                 (t,) = self.transforms[layer.name]
                 out[:, layer.slice] = g @ t  # t is symmetric
-            else:
+                continue
+            m = g.reshape(len(g), layer.k_out, layer.k_in)
+            if self.kind == "kfac":
                 s_half, a_half = self.transforms[layer.name]
-                m = g.reshape(len(g), layer.k_out, layer.k_in)
-                out[:, layer.slice] = (s_half @ m @ a_half).reshape(len(g), layer.dim)
+                m = s_half.T @ m @ a_half.T if adjoint else s_half @ m @ a_half
+            else:  # ekfac, source: a chain of symmetric eigenbasis maps; the adjoint applies them in reverse
+                factors = self._factors(layer)
+                for basis, diag in reversed(factors) if adjoint else factors:
+                    m = eigenbasis_apply(m, basis, diag)
+            out[:, layer.slice] = m.reshape(len(g), layer.dim)
+        return out
+
+    def apply(self, vectors: np.ndarray) -> np.ndarray:
+        """The training-side map ``T g`` of each row of ``[n, D]`` vectors (``R^{-1/2} g`` for the symmetric kinds;
+        SOURCE's ``T_c g``): float32 in, float32 out, float64 math."""
+        if self.kind == "identity":
+            return np.asarray(vectors, dtype=np.float32)
+        out = self._map(np.asarray(vectors, dtype=np.float64), adjoint=False)
         if not np.isfinite(out).all():
             bad = [layer.name for layer in self.layers if not np.isfinite(out[:, layer.slice]).all()]
             raise PreconditionerError(
                 f"the {self.kind} preconditioner gives non-finite vectors in layers {bad}; raise [index] damping"
             )
         return out
+
+    def apply_query(self, vectors: np.ndarray) -> np.ndarray:
+        """The query-side map: :meth:`apply` for the symmetric kinds, none for ``source`` (its form is
+        ``q^T T_c g``)."""
+        if kind_traits(self.kind).final_query:
+            return np.asarray(vectors, dtype=np.float32)
+        return self.apply(vectors)
+
+    def adjoint(self, vector: np.ndarray) -> np.ndarray:
+        """``T^T v`` (float64) of the training-side map, so that ``<v, T g> = <T^T v, g>``."""
+        vector = np.asarray(vector, dtype=np.float64)
+        if self.kind == "identity":
+            return vector
+        return self._map(vector[None], adjoint=True, dtype=np.float64)[0]
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
         """Flat ``{key: array}`` for saving (``np.savez``)."""
@@ -184,12 +295,16 @@ class Preconditioner:
         count = _TRANSFORMS_PER_LAYER[_check_kind(kind)]
         if count == 0:
             return cls.identity(layers)
-        try:
-            transforms = {
-                layer.name: [np.asarray(arrays[f"{prefix}/{layer.name}/{i}"]) for i in range(count)] for layer in layers
-            }
-        except KeyError as exc:
-            raise PreconditionerError(f"saved preconditioner is missing {exc}; rebuild the index") from None
+        transforms = {}
+        for layer in layers:
+            key = f"{prefix}/{layer.name}/"
+            # source keeps a chain of (Q_S, Q_A, diag) factors, as many as the checkpoint has later segments, plus one
+            n = sum(1 for k in arrays if k.startswith(key)) if kind == "source" else count
+            n = max(count, n - n % count)
+            try:
+                transforms[layer.name] = [np.asarray(arrays[f"{key}{i}"]) for i in range(n)]
+            except KeyError as exc:
+                raise PreconditionerError(f"saved preconditioner is missing {exc}; rebuild the index") from None
         return cls(kind, layers, transforms)
 
 

@@ -5,30 +5,44 @@ Heavy state (Task, checkpoint models, store, index) is loaded once in ``lifespan
 search work runs in worker threads so the event loop never blocks. Every answer that is not a 200 carries
 ``{"detail": ...}`` saying what is wrong: a client's mistake is a 4xx, a run the server cannot serve (stale or
 missing index, ...) a 503; the status of each gradstore error comes from ``errors.HTTP_STATUS``.
+
+JSON bodies are parsed strictly: ``NaN``, ``Infinity`` and numbers beyond the float range (``1e400``) are a 422
+naming the token, and a 422 never echoes a value JSON cannot carry. Scores that come out NaN, Inf or beyond
+float32 are refused, not served as ``null``. With a run config, the run's files are watched (``watch.py``): a
+rebuilt index or changed store reloads the engine, and a run that cannot be served answers 503 saying why.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
-from collections.abc import AsyncIterator
+import json
+import math
+import re
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from gradstore.projection import GradstoreError
+from gradstore.store import StoreCorruptError
 
 from . import __version__
 from .config import RunConfig, ServerConfig
 from .engine import QueryEngine
 from .errors import ConfigError, QueryError, http_status
-from .middleware import BodyLimit, Metrics, RequestMetrics
+from .middleware import BodyLimit, Drain, Lifecycle, Metrics, RequestMetrics
 from .runs import open_engine, serving_threads
 from .schemas import (
     ErrorResponse,
@@ -40,7 +54,9 @@ from .schemas import (
     RunInfo,
     SelfInfluenceRequest,
     SelfInfluenceResponse,
+    non_finite,
 )
+from .watch import Unavailable, Watcher, run_fingerprint
 
 __all__ = ["API_KEY_ENV", "create_app"]
 
@@ -50,6 +66,9 @@ API_KEY_ENV = ServerConfig.model_config["env_prefix"] + "API_KEY"  # read by Ser
 # The dependencies are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in the thread pool,
 # one thread hop per dependency per request (three per influence call, on top of the engine's own).
 async def _engine(request: Request) -> QueryEngine:
+    unavailable: Unavailable | None = request.app.state.unavailable
+    if unavailable is not None:
+        raise HTTPException(unavailable.status, unavailable.message)
     engine = request.app.state.engine
     if engine is None:
         raise HTTPException(503, "the query engine is still loading")
@@ -73,6 +92,95 @@ async def _check_api_key(
         raise HTTPException(401, "missing or wrong API key (send it as X-API-Key or Authorization: Bearer)")
 
 
+# -- strict JSON bodies -------------------------------------------------------------------------------------
+
+_BIG_NUMBER = re.compile(rb"[eE][+]?0*[1-9][0-9]{2,}|[0-9]{300}")  # a literal that may not fit a float64
+
+
+class _NotANumber(ValueError):
+    def __init__(self, token: str):
+        super().__init__(token)
+        self.token = token
+
+
+def _refuse(token: str) -> Any:
+    raise _NotANumber(token)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotANumber(text if len(text) <= 40 else text[:37] + "...")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 308:  # beyond any float: the Task or the schema could not use it as a number
+        raise _NotANumber(text[:37] + "...")
+    return int(text)
+
+
+def strict_json(body: bytes) -> Any:
+    """``json.loads`` refusing NaN, Infinity and numbers beyond float64 (a 422 naming the token). Literals that
+    might overflow are rare, so only bodies that hold one are parsed with the slower per-number checks."""
+    try:
+        if _BIG_NUMBER.search(body):
+            return json.loads(body, parse_constant=_refuse, parse_float=_finite_float, parse_int=_bounded_int)
+        return json.loads(body, parse_constant=_refuse)
+    except _NotANumber as exc:
+        raise HTTPException(
+            422,
+            f"body: {exc.token} is not a JSON number this API takes: JSON has no NaN or Infinity, and numbers must "
+            "be finite (within about ±1.8e308); send finite numbers",
+        ) from None
+
+
+class _StrictJSONRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = strict_json(await self.body())
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """A route whose JSON body is parsed by :func:`strict_json`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(_StrictJSONRequest(request.scope, request.receive, request._send))
+
+        return strict
+
+
+def _json_safe(value: Any) -> Any:
+    """A validation error's echo made JSON-safe: NaN/Inf as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _finite(response: Any, what: str) -> None:
+    """Refuse an answer whose scores are NaN, Inf or beyond float32 (``what``: the refusal to raise)."""
+    where = non_finite(response)
+    if where is None:
+        return
+    if what == "query":
+        raise QueryError(
+            f"{where}: the scores of this request are not finite float32 numbers; its query gradients (or vectors) "
+            "are too large, or the index is damaged (check with `gradstore verify --config ...`)"
+        )
+    raise StoreCorruptError(
+        f"{where}: the index holds values whose scores are not finite; run `gradstore verify --config ...` and "
+        "rebuild the index with `gradstore index --config ...`"
+    )
+
+
 Engine = Annotated[QueryEngine, Depends(_engine)]
 Settings = Annotated[ServerConfig, Depends(_settings)]
 
@@ -84,10 +192,12 @@ def _errors(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
 
 api = APIRouter(
     prefix="/v1",
+    route_class=StrictJSONRoute,
     dependencies=[Depends(_check_api_key)],
     responses=_errors(
         {
-            400: "the body could not be read (e.g. not UTF-8)",
+            400: "the body could not be read (e.g. not UTF-8), or its framing is ambiguous",
+            408: "the body was not complete in time",
             401: "missing or wrong API key (when the server has one)",
             413: "request body larger than the server's limit",
             422: "invalid request: the message names the field or says what is wrong",
@@ -112,6 +222,7 @@ def _limit(settings: ServerConfig, top_k: int, n_queries: int | None = None) -> 
 async def influence(body: InfluenceRequest, engine: Engine, settings: Settings, request: Request) -> InfluenceResponse:
     _limit(settings, body.top_k, body.size)
     response: InfluenceResponse = await run_in_threadpool(engine.answer_influence, body)
+    _finite(response, "query")
     metrics: Metrics = request.app.state.metrics
     timings = response.timings_ms or {}
     metrics.gradient.observe(timings["gradient"] / 1e3)
@@ -126,7 +237,9 @@ async def influence(body: InfluenceRequest, engine: Engine, settings: Settings, 
     responses=_errors({404: "no training example with that id"}),
 )
 async def explain(body: ExplainRequest, engine: Engine) -> ExplainResponse:
-    return await run_in_threadpool(engine.answer_explain, body)
+    response: ExplainResponse = await run_in_threadpool(engine.answer_explain, body)
+    _finite(response, "query")
+    return response
 
 
 @api.post(
@@ -134,7 +247,9 @@ async def explain(body: ExplainRequest, engine: Engine) -> ExplainResponse:
 )
 async def self_influence(body: SelfInfluenceRequest, engine: Engine, settings: Settings) -> SelfInfluenceResponse:
     _limit(settings, body.top_k)
-    return await run_in_threadpool(engine.answer_self_influence, body)
+    response: SelfInfluenceResponse = await run_in_threadpool(engine.answer_self_influence, body)
+    _finite(response, "index")
+    return response
 
 
 @api.get(
@@ -165,8 +280,15 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@ops.get("/readyz", summary="Readiness: the engine is loaded", responses={503: {"description": "still loading"}})
+@ops.get(
+    "/readyz",
+    summary="Readiness: the engine is loaded and the run's files can be served",
+    responses={503: {"description": "still loading, shutting down, or the run cannot be served (`reason` says why)"}},
+)
 async def readyz(request: Request) -> JSONResponse:
+    unavailable: Unavailable | None = request.app.state.unavailable
+    if unavailable is not None:
+        return JSONResponse({"status": "unavailable", "reason": unavailable.message}, status_code=503)
     ready = request.app.state.engine is not None
     return JSONResponse({"status": "ready" if ready else "loading"}, status_code=200 if ready else 503)
 
@@ -182,20 +304,38 @@ async def dashboard() -> HTMLResponse:
 
 
 def create_app(
-    config: RunConfig | None = None, engine: QueryEngine | None = None, settings: ServerConfig | None = None
+    config: RunConfig | None = None,
+    engine: QueryEngine | None = None,
+    settings: ServerConfig | None = None,
+    fingerprint: tuple | None = None,
 ) -> FastAPI:
-    """The app for a run config (engine loaded at startup) or an already built engine (tests, embedding)."""
+    """The app for a run config (engine loaded at startup unless given) or an already built engine (tests,
+    embedding). With a config, the run's files are watched every ``settings.watch_s`` (see ``watch.py``), starting
+    from ``fingerprint`` (``watch.run_fingerprint`` taken before ``engine`` was loaded; default: now)."""
     if config is None and engine is None:
         raise ConfigError("create_app needs a run config or an engine")
     settings = settings or (config.server if config is not None else ServerConfig())
+    if config is not None and settings.watch_s > 0 and fingerprint is None:
+        fingerprint = run_fingerprint(config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if config is not None:
+            serving_threads(config)  # this process serves queries: no OpenMP team per small op on CPU
         if app.state.engine is None:
             assert config is not None  # create_app was given a config or an engine
-            serving_threads(config)  # this process serves queries: no OpenMP team per small op on CPU
             app.state.engine = await run_in_threadpool(open_engine, config)
-        yield
+        watch = None
+        if config is not None and settings.watch_s > 0:
+            app.state.watcher = Watcher(app, config, settings.watch_s, fingerprint)
+            watch = asyncio.create_task(app.state.watcher.run())
+        try:
+            yield
+        finally:
+            if watch is not None:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
 
     app = FastAPI(
         title="gradstore",
@@ -204,10 +344,15 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.engine = engine
+    app.state.unavailable = None  # an Unavailable when the run's files changed into something not servable
+    app.state.watcher = None
+    app.state.lifecycle = Lifecycle()  # draining is set by serving.GradstoreServer on SIGTERM
     app.state.settings = settings
     app.state.api_key = settings.api_key or None
     app.state.metrics = Metrics()
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # inside CORS: a 413 still carries its headers
+    # inside CORS: a 413 still carries its headers; before routing, so before the API key is looked at
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(Drain, lifecycle=app.state.lifecycle)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -222,6 +367,11 @@ def create_app(
     async def gradstore_error(request: Request, exc: GradstoreError) -> JSONResponse:
         """Every gradstore error as ``{"detail": message}`` with its status from errors.HTTP_STATUS."""
         return JSONResponse({"detail": str(exc)}, status_code=http_status(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422 with the echoed input made JSON-safe (a NaN or Inf input would make it a 500)."""
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
     app.include_router(api)
     app.include_router(ops)

@@ -16,6 +16,7 @@ from gradstore.projection import GradstoreError
 from . import __version__
 from .config import RunConfig
 from .engine import build_request
+from .evaluation.commands import add_evaluate_parser
 from .runs import describe_run, index_run, open_engine, verify_run
 from .schemas import ExplainRequest, InfluenceOptions, InfluenceRequest, SelfInfluenceRequest
 
@@ -27,9 +28,11 @@ def _config(args: argparse.Namespace) -> RunConfig:
 def _option(parser: argparse.ArgumentParser, flag: str, model: type[BaseModel], name: str, **kwargs: Any) -> None:
     """A flag whose default, help and (for a Literal) choices come from the request model's field."""
     field = model.model_fields[name]
-    if get_origin(field.annotation) is Literal:
-        kwargs["choices"] = get_args(field.annotation)
-    parser.add_argument(flag, default=field.default, help=f"{field.description} (default: {field.default})", **kwargs)
+    literal = next((a for a in (field.annotation, *get_args(field.annotation)) if get_origin(a) is Literal), None)
+    if literal is not None:  # a Literal, or an optional one
+        kwargs["choices"] = get_args(literal)
+    shown = "" if field.default is None else f" (default: {field.default})"  # None: the description says it
+    parser.add_argument(flag, default=field.default, help=f"{field.description}{shown}", **kwargs)
 
 
 def _bad_input(message: str) -> SystemExit:
@@ -67,7 +70,7 @@ def _short(example: dict, width: int = 70) -> str:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    index = index_run(_config(args), progress=not args.quiet)
+    index = index_run(_config(args), progress=not args.quiet, wait_s=args.wait)
     if index is not None:
         print(f"indexed {index.num_rows} examples x {len(index.checkpoints)} checkpoints into {index.path}")
 
@@ -162,6 +165,12 @@ def cmd_info(args: argparse.Namespace) -> None:
             print(f"{key}: {value}")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluation.commands import run_evaluation
+
+    run_evaluation(args, _config(args))
+
+
 def cmd_verify(args: argparse.Namespace) -> None:
     problems = verify_run(_config(args))
     for line in problems:
@@ -171,24 +180,28 @@ def cmd_verify(args: argparse.Namespace) -> None:
     print("store and index intact")
 
 
-def _serve(app, host: str, port: int) -> None:
-    import uvicorn
+def _serve(config: RunConfig, host: str, port: int) -> None:
+    """Load the run's engine first (a run it refuses is a GradstoreError: ``error: ...``, exit 2, before any
+    socket is opened), then serve it with the bounds of ``serving.py`` until SIGTERM/SIGINT."""
+    from .app import create_app
+    from .runs import serving_threads
+    from .serving import serve
+    from .watch import run_fingerprint
 
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    serving_threads(config)
+    fingerprint = run_fingerprint(config)  # before loading: a change while it loads is seen by the watch
+    engine = open_engine(config)
+    serve(create_app(config, engine=engine, fingerprint=fingerprint), host, port)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .app import create_app
-
     config = _config(args)
     host, port = args.host or config.server.host, args.port or config.server.port
     print(f"gradstore: loading {config.path.name}; serving on http://{host}:{port} (API docs at /docs)", flush=True)
-    _serve(create_app(config), host, port)
+    _serve(config, host, port)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .app import create_app
-
     if args.task == "lm":
         from .demo_lm import prepare_lm_demo, try_query
 
@@ -208,7 +221,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if args.no_serve:
         return
     print(f"gradstore demo: dashboard at http://{args.host}:{args.port}/  (API docs at /docs)", flush=True)
-    _serve(create_app(config), args.host, args.port)
+    _serve(config, args.host, args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("index", help="log gradients at every checkpoint (resumable) and build the index"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="how long to wait for another `gradstore index` on the same store to finish (default: 0, fail at once)",
+    )
     p.set_defaults(func=cmd_index)
 
     p = with_config(sub.add_parser("query", help="top proponents and opponents of query examples"))
@@ -282,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("verify", help="check every stored chunk and index file; list what is damaged"))
     p.set_defaults(func=cmd_verify)
+
+    add_evaluate_parser(sub, with_config, cmd_evaluate)
 
     p = with_config(sub.add_parser("info", help="store, checkpoints and index status (works with an unusable index)"))
     p.add_argument("--json", action="store_true", help="print JSON (the schema of GET /v1/run)")

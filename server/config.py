@@ -211,6 +211,34 @@ class ServerConfig(BaseSettings):
     max_top_k: int = Field(default=100, ge=1, description="largest top_k a request may ask for")
     max_queries: int = Field(default=64, ge=1, description="most queries (or vectors) in one request")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1, description="largest request body, in bytes")
+    max_header_bytes: int = Field(
+        default=16 * 1024, ge=1024, description="largest request line plus headers, in bytes (else 400)"
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="seconds a client has to send a request's line and headers (else dropped)"
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="seconds a client has to send a request's whole body (else 408)"
+    )
+    keep_alive_s: float = Field(default=5.0, gt=0, description="seconds an idle keep-alive connection is kept open")
+    max_connections: int = Field(
+        default=1000,
+        ge=1,
+        description="most open client connections (also kept below the file-descriptor limit); more are refused "
+        "with 503 at once",
+    )
+    drain_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="on SIGTERM, seconds in-flight requests get to finish while new ones get 503 (keep it under "
+        "the orchestrator's grace period, e.g. Kubernetes' 30 s)",
+    )
+    watch_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="seconds between checks of the run's index, store and weights files for changes, which reload "
+        "the engine (or make the API answer 503 saying why); 0: no checks",
+    )
 
 
 def _index_table() -> type[BaseModel]:

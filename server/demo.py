@@ -2,14 +2,16 @@
 
 ``prepare_demo(workdir)`` trains for a few epochs with a decaying lr, logging every training example's
 projected gradient with ``GradientLogger.capture()`` (one checkpoint per epoch), saves the weights each
-epoch starts from (the ones its queries use), writes ``run.toml`` and builds the index. 3% of the training
-labels are flipped on purpose, so the self-influence view has something to find.
+epoch starts from (the ones its queries use; the store records their sha256), writes ``run.toml`` and builds
+the index. 3% of the training labels are flipped on purpose, so the self-influence view has something to find.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,27 @@ class DigitsTask(Task):
         true = logits.gather(1, y[:, None])[:, 0]
         other = logits.masked_fill(F.one_hot(y, 10).bool(), float("-inf")).max(1).values
         return other - true
+
+    def train(self, examples: Sequence, seed: int) -> nn.Module:
+        """Retrain from scratch on ``examples`` as :func:`prepare_demo` trains (same init, lrs, batch size); ``seed``
+        draws the order of each epoch (``gradstore evaluate`` retrains subsets with it)."""
+        model = self.build_model()
+        x, y = self.collate(list(examples))
+        optimizer = torch.optim.SGD(model.parameters(), lr=EPOCH_LRS[0], momentum=0.0)
+        generator = torch.Generator().manual_seed(seed)
+        for lr in EPOCH_LRS:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for batch in torch.randperm(len(x), generator=generator).split(32):
+                optimizer.zero_grad()
+                F.cross_entropy(model(x[batch]), y[batch]).backward()
+                optimizer.step()
+        return model
+
+    def correct(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Is the predicted digit (argmax) the example's label?"""
+        x, y = batch
+        return model(x).argmax(1) == y
 
     def query_example(self, payload: dict) -> tuple:
         if "test_index" in payload:
@@ -164,7 +187,9 @@ def prepare_demo(workdir: str | Path, rank: int = 16, batch_size: int = 32, prog
     optimizer = torch.optim.SGD(model.parameters(), lr=EPOCH_LRS[0], momentum=0.0)
     generator = torch.Generator().manual_seed(DEMO_SEED)
     entries = []
+    steps_per_epoch = math.ceil(len(examples) / batch_size)
     for epoch, lr in enumerate(EPOCH_LRS):
+        end_step = (epoch + 1) * steps_per_epoch  # the optimizer step this epoch's segment ends at (SOURCE's K)
         name = f"epoch-{epoch}"
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -177,10 +202,11 @@ def prepare_demo(workdir: str | Path, rank: int = 16, batch_size: int = 32, prog
             x, y = task.collate([examples[int(i)] for i in batch_ids])
             losses = F.cross_entropy(model(x), y, reduction="none")
             optimizer.zero_grad()
-            with logger.capture(checkpoint=name, lr=lr, ids=batch_ids, step=epoch):
+            weights = workdir / f"{name}.pt"
+            with logger.capture(checkpoint=name, lr=lr, ids=batch_ids, step=end_step, weights_path=weights):
                 losses.mean().backward()
             optimizer.step()
-        entries.append(f'[[checkpoints]]\nname = "{name}"\npath = "{name}.pt"\nlr = {lr}\nstep = {epoch}\n')
+        entries.append(f'[[checkpoints]]\nname = "{name}"\npath = "{name}.pt"\nlr = {lr}\nstep = {end_step}\n')
     logger.close()
     config_path.write_text(RUN_TOML.format(rank=rank, checkpoints="\n".join(entries)))
     config = RunConfig.load(config_path)

@@ -10,21 +10,19 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 
 from gradstore.logger import GradientProjector, NonFiniteGradientError, Task, TaskError
-from gradstore.projection import GradstoreError, Preconditioner
+from gradstore.projection import GradstoreError, Preconditioner, kind_traits
 from gradstore.store import (
-    CheckpointMismatchError,
     CheckpointNotFoundError,
     GradientIndex,
     GradientStore,
     UnknownExampleError,
-    file_sha256,
 )
 
 from .errors import ConfigError, QueryError, query_error
@@ -38,6 +36,7 @@ from .schemas import (
     InfluenceOptions,
     InfluenceRequest,
     InfluenceResponse,
+    LrWeighting,
     Measurement,
     QueryResult,
     Residency,
@@ -50,6 +49,7 @@ from .schemas import (
     SelfInfluenceResponse,
     TokenShare,
 )
+from .weights import WeightsFile
 
 __all__ = ["QueryEngine", "QueryError", "build_request", "lr_weights", "run_info"]
 
@@ -111,7 +111,8 @@ class QueryEngine:
         self.residency, self.batch_size = residency, batch_size
         default = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device) if device is not None else torch.device(default)
-        self.paths = {name: self._weights_path(name, checkpoint_paths or {}) for name in self.checkpoints}
+        self.weights = {name: self._weights_file(name, checkpoint_paths or {}) for name in self.checkpoints}
+        self.paths = {name: weights.path for name, weights in self.weights.items()}
         self._adam = {name: store.adam_factors(name) for name in self.checkpoints}
         self._lock = threading.Lock()  # hooks hold per-call state: one gradient computation at a time
         base = task.build_model().to(self.device)
@@ -119,7 +120,7 @@ class QueryEngine:
         if residency == "all":
             for name in self.checkpoints:
                 model = copy.deepcopy(base)
-                task.load_checkpoint(model, self.paths[name])
+                self.weights[name].load_into(task, model)
                 self._projectors[name] = GradientProjector(model, task, spec=store.spec)
             self._loaded: str | None = None
         else:
@@ -130,7 +131,9 @@ class QueryEngine:
         self._skipped: dict[str, set[int]] = {}  # per checkpoint: ids of GradScaler-skipped steps (read on demand)
         self._run_info: RunInfo | None = None
 
-    def _weights_path(self, name: str, given: Mapping[str, str | Path]) -> Path:
+    def _weights_file(self, name: str, given: Mapping[str, str | Path]) -> WeightsFile:
+        """The checkpoint's weights file, checked against the sha256 the store records (or, for a run logged without
+        one, the file as it is now) whenever it is loaded."""
         info = self.store.checkpoint_info(name)
         path = given.get(name) or info.weights_path
         if path is None:
@@ -140,16 +143,28 @@ class QueryEngine:
         path = Path(path)
         if not path.exists():
             raise CheckpointNotFoundError(f"weights file {path} of checkpoint {name!r} does not exist")
-        if info.weights_sha256 is not None and file_sha256(path) != info.weights_sha256:
-            raise CheckpointMismatchError(
-                f"weights file {path} differs from the one checkpoint {name!r} was logged with (sha256 mismatch); "
-                "query gradients must come from the same weights"
-            )
-        return path
+        return WeightsFile(name, path, info.weights_sha256)
 
     # -- options ---------------------------------------------------------------------------------
-    def checkpoint_weights(self, checkpoints: Sequence[str] | None, lr_weighting: str) -> np.ndarray:
-        """Weights ``[C]`` over the indexed checkpoints: the lr weighting on the subset, zero elsewhere."""
+    def lr_weighting(self, requested: str | None) -> LrWeighting:
+        """The weighting a request gets: the one it names, else ``schedule`` (TracIn), or ``uniform`` for an index
+        whose transform holds the lrs (``source``)."""
+        if requested is not None:
+            return cast(LrWeighting, requested)
+        return "uniform" if kind_traits(self.index.options.preconditioner).lr_inside else "schedule"
+
+    def checkpoint_weights(self, checkpoints: Sequence[str] | None, lr_weighting: str | None) -> np.ndarray:
+        """Weights ``[C]`` over the indexed checkpoints: the lr weighting on the subset, zero elsewhere.
+
+        An index whose transform holds the lrs (``source``: ``eta_s K_s`` per segment) takes ``uniform`` only."""
+        lr_weighting = self.lr_weighting(lr_weighting)
+        preconditioner = self.index.options.preconditioner
+        if kind_traits(preconditioner).lr_inside and lr_weighting != "uniform" and lr_weighting in LR_WEIGHTINGS:
+            raise QueryError(
+                f"the index's {preconditioner} preconditioner already weights each checkpoint's segment by its lr and "
+                f"step count (eta K); lr_weighting={lr_weighting!r} would apply the lr twice: use "
+                "lr_weighting='uniform' (a checkpoint subset then sums over those segments)"
+            )
         if checkpoints is None:
             chosen = list(self.checkpoints)
         else:
@@ -165,6 +180,10 @@ class QueryEngine:
         return weights
 
     # -- query gradients -------------------------------------------------------------------------
+    def _query_mask(self, weights: np.ndarray) -> np.ndarray:
+        """``[C]`` 1 where the index reads the query gradient for these weights (source: the final checkpoint)."""
+        return self.index.query_checkpoints(weights).astype(np.float64)
+
     def examples_from_payloads(self, payloads: Sequence[Mapping[str, Any]]) -> list:
         examples = []
         for i, payload in enumerate(payloads):
@@ -198,7 +217,9 @@ class QueryEngine:
         if self.residency == "all":
             return self._projectors[name]
         if self._loaded != name:
-            self.task.load_checkpoint(self._shared.model, self.paths[name])
+            self._loaded = None  # until the load below is known to be of the logged weights
+            weights = self.weights[name]
+            weights.load_into(self.task, self._shared.model)
             self._loaded = name
         return self._shared
 
@@ -241,7 +262,7 @@ class QueryEngine:
                 examples = self.examples_from_payloads(queries)
             if not examples:
                 raise QueryError("no queries given")
-            raw = self.query_gradients(list(examples), weights, request.measurement)
+            raw = self.query_gradients(list(examples), self._query_mask(weights), request.measurement)
         gradient_done = time.perf_counter()
         found = self.index.search(raw, weights, request.top_k)
         searched = time.perf_counter()
@@ -265,7 +286,7 @@ class QueryEngine:
             results=results,
             checkpoints=chosen,
             weights={c: float(w) for c, w in zip(self.checkpoints, weights) if c in chosen},
-            lr_weighting=request.lr_weighting,
+            lr_weighting=self.lr_weighting(request.lr_weighting),
             measurement=request.measurement,
             took_ms=(done - start) * 1e3,
             timings_ms={
@@ -287,15 +308,24 @@ class QueryEngine:
             given = np.asarray(vectors, dtype=np.float32)
         except (ValueError, TypeError) as exc:
             raise QueryError(f"vectors must be a numeric [B, checkpoints, D] array ({exc})") from None
-        expected = (len(chosen), self.store.dim)
+        final = self.index.final_query  # source: one vector, the query gradient at the final checkpoint
+        expected = (1 if final else len(chosen), self.store.dim)
         if given.ndim != 3 or given.shape[1:] != expected or len(given) == 0:
+            what = (
+                f"the query gradient at the final checkpoint {self.checkpoints[-1]!r}, which the "
+                f"{self.index.options.preconditioner} index scores every segment with"
+                if final
+                else f"one D-vector per chosen checkpoint {chosen}"
+            )
             raise QueryError(
-                f"vectors must have shape [B, {expected[0]}, {expected[1]}] "
-                f"(one D-vector per chosen checkpoint {chosen}), got {list(given.shape)}"
+                f"vectors must have shape [B, {expected[0]}, {expected[1]}] ({what}), got {list(given.shape)}"
             )
         if not np.isfinite(given).all():
             raise QueryError("vectors contain NaN or Inf")
         raw = np.zeros((len(given), len(self.checkpoints), self.store.dim), dtype=np.float32)
+        if final:
+            raw[:, -1] = given[:, 0]
+            return raw
         for i, name in enumerate(chosen):
             raw[:, self.checkpoints.index(name)] = given[:, i]
         return raw
@@ -337,7 +367,7 @@ class QueryEngine:
             results=results,
             checkpoints=chosen,
             weights={c: float(w) for c, w in zip(self.checkpoints, weights) if c in chosen},
-            lr_weighting=request.lr_weighting,
+            lr_weighting=self.lr_weighting(request.lr_weighting),
             took_ms=(time.perf_counter() - start) * 1e3,
         )
 
@@ -363,7 +393,7 @@ class QueryEngine:
         chosen = [c for c in self.checkpoints if request.checkpoints is None or c in request.checkpoints]
         example = self._examples[self._position(request.example_id)]
         query = self.examples_from_payloads([request.query])
-        raw = self.query_gradients(query, weights, request.measurement)
+        raw = self.query_gradients(query, self._query_mask(weights), request.measurement)
         prepared = self.index.prepare_queries(raw, weights).astype(np.float64).reshape(len(self.checkpoints), -1)
         shares, rest, contributions = self._position_scores(example, request.example_id, prepared, weights)
         labels = self._position_labels(example)
@@ -388,7 +418,7 @@ class QueryEngine:
             rest=rest,
             checkpoints=chosen,
             weights={c: float(w) for c, w in zip(self.checkpoints, weights) if c in chosen},
-            lr_weighting=request.lr_weighting,
+            lr_weighting=self.lr_weighting(request.lr_weighting),
             measurement=request.measurement,
             took_ms=(time.perf_counter() - start) * 1e3,
         )
@@ -495,20 +525,8 @@ def _query_direction(
 
 
 def _adjoint(preconditioner: Preconditioner, vector: np.ndarray) -> np.ndarray:
-    """``T^T v`` of the transform ``T = preconditioner.apply`` (which maps rows ``g -> g @ t`` per layer for
-    ``block``, ``M -> S M A`` for ``kfac``), so that ``<v, T g> = <T^T v, g>``."""
-    if preconditioner.kind == "identity":
-        return vector
-    out = np.empty_like(vector, dtype=np.float64)
-    for layer in preconditioner.layers:
-        v = vector[layer.slice]
-        if preconditioner.kind == "block":
-            (t,) = preconditioner.transforms[layer.name]
-            out[layer.slice] = t @ v
-        else:
-            s_half, a_half = preconditioner.transforms[layer.name]
-            out[layer.slice] = (s_half.T @ v.reshape(layer.k_out, layer.k_in) @ a_half.T).ravel()
-    return out
+    """``T^T v`` of the training-side transform ``T = preconditioner.apply``, so that ``<v, T g> = <T^T v, g>``."""
+    return preconditioner.adjoint(vector)
 
 
 def run_info(

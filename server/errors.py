@@ -4,6 +4,7 @@ pydantic validation errors for each audience.
     GradstoreError (gradstore.projection)
     ├── QueryError .............. ValueError    a query the engine cannot answer as asked (bad payload or option)
     ├── ConfigError ............. ValueError    a run config (``run.toml``) or engine setting that is missing or invalid
+    ├── EvaluationError ......... ValueError    an evaluation that cannot run as asked (no Task.train, a bad file)
     └── GradstoreAPIError ....... RuntimeError  the HTTP server refused a request (``.status_code``, ``.message``)
         └── InvalidRequestError . ValueError    the SDK refused it before sending: the request model says why (422)
 
@@ -38,6 +39,7 @@ from gradstore.store import (
 __all__ = [
     "HTTP_STATUS",
     "ConfigError",
+    "EvaluationError",
     "GradstoreAPIError",
     "InvalidRequestError",
     "QueryError",
@@ -55,6 +57,11 @@ class QueryError(GradstoreError, ValueError):
 class ConfigError(GradstoreError, ValueError):
     """The run config is missing or malformed, or names something that does not exist; the message names the
     field as ``section.field`` (``checkpoints[1].lr``)."""
+
+
+class EvaluationError(GradstoreError, ValueError):
+    """An evaluation (``gradstore evaluate``) that cannot run as asked: the Task lacks the optional method it needs
+    (``train``, ``correct``), or a queries, labels or retrain-results file is malformed; the message says what to do."""
 
 
 class GradstoreAPIError(GradstoreError, RuntimeError):

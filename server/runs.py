@@ -3,18 +3,29 @@ opening a query engine."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from gradstore.logger import GradientLogger
 from gradstore.projection import GradstoreError
-from gradstore.store import GradientIndex, GradientStore, IndexMismatchError
+from gradstore.store import (
+    CheckpointMismatchError,
+    GradientIndex,
+    GradientStore,
+    IndexMismatchError,
+    StoreLockedError,
+    StoreNotFoundError,
+    file_sha256,
+    index_lock,
+)
 
-from .config import RunConfig
+from .config import CheckpointConfig, RunConfig
 from .engine import QueryEngine, run_info
 from .schemas import RunInfo
 
@@ -46,13 +57,40 @@ def _init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def index_run(config: RunConfig, progress: bool = True) -> GradientIndex | None:
+@contextlib.contextmanager
+def _index_lock(config: RunConfig, rank: int, world: int, wait_s: float) -> Iterator[None]:
+    """Rank 0 holds the store's index lock for the block; under torchrun every rank learns whether it got it."""
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if rank == 0:
+            try:
+                stack.enter_context(index_lock(config.store.path, wait_s))
+            except StoreLockedError as exc:
+                refused = str(exc)
+        if world > 1:
+            message = [refused]
+            torch.distributed.broadcast_object_list(message, src=0)
+            refused = message[0]
+        if refused is not None:
+            raise StoreLockedError(refused)
+        yield
+
+
+def index_run(config: RunConfig, progress: bool = True, wait_s: float = 0.0) -> GradientIndex | None:
     """Log every training example at every checkpoint (resumable), then build the index (rank 0 only).
 
     Under ``torchrun`` each rank logs the chunks it owns. When the index uses a curvature
     preconditioner and the Task has ``eval_examples``, those are logged into the eval store for ``R_eval``.
+    Checkpoints captured during training are not logged again: their weights and lr are checked against the
+    config. One index job per store at a time: another one waits ``wait_s`` seconds for its lock, then fails
+    (:class:`~gradstore.store.StoreLockedError`, naming the holder).
     """
     rank, world, device = _init_distributed()
+    with _index_lock(config, rank, world, wait_s):
+        return _index_run(config, progress, rank, world, device)
+
+
+def _index_run(config: RunConfig, progress: bool, rank: int, world: int, device: torch.device) -> GradientIndex | None:
     task = config.make_task()
     model = task.build_model().to(device)
     p = config.projection
@@ -82,8 +120,9 @@ def index_run(config: RunConfig, progress: bool = True) -> GradientIndex | None:
             progress=progress,
         )
     try:
+        store = logger.store
+        assert store is not None  # the logger was given a store path
         for ckpt in config.checkpoints:
-            task.load_checkpoint(model, ckpt.path)
             pass_args = functools.partial(
                 GradientLogger.log_checkpoint,
                 name=ckpt.name,
@@ -95,7 +134,11 @@ def index_run(config: RunConfig, progress: bool = True) -> GradientIndex | None:
                 adam_step=ckpt.adam_step,
                 adam_eps=ckpt.adam_eps,
             )
-            pass_args(logger, examples=task.train_examples())
+            if ckpt.name in store.checkpoints and store.logged_by_capture(ckpt.name):
+                _check_captured(store, ckpt, record=rank == 0)
+            else:
+                task.load_checkpoint(model, ckpt.path)
+                pass_args(logger, examples=task.train_examples())
             if eval_logger is not None:
                 task.load_checkpoint(eval_logger.model, ckpt.path)
                 pass_args(eval_logger, examples=eval_examples)
@@ -117,6 +160,38 @@ def index_run(config: RunConfig, progress: bool = True) -> GradientIndex | None:
         eval_store=eval_store,
         progress=progress,
     )
+
+
+def _check_captured(store: GradientStore, ckpt: CheckpointConfig, record: bool) -> None:
+    """A checkpoint captured during training, as the config describes it: same lr and step, the weights it was
+    captured with (their sha256 is recorded now if the capture recorded none), no Adam correction it lacks."""
+    info = store.checkpoint_info(ckpt.name)
+    entry = "its [[checkpoints]] entry in the config"
+    if info.lr != ckpt.lr:
+        raise CheckpointMismatchError(
+            f"checkpoint {ckpt.name!r} was captured during training with lr={info.lr!r}, the config gives "
+            f"lr={ckpt.lr!r}; set lr = {info.lr!r} in {entry}"
+        )
+    if ckpt.step is not None and info.step is not None and info.step != ckpt.step:
+        raise CheckpointMismatchError(
+            f"checkpoint {ckpt.name!r} was captured with step={info.step}, the config gives step={ckpt.step}; "
+            f"set step = {info.step} in {entry}"
+        )
+    if ckpt.optimizer_state is not None and not info.adam:
+        raise CheckpointMismatchError(
+            f"checkpoint {ckpt.name!r} was captured without the Adam correction, so its optimizer state cannot be "
+            f"applied now; remove the optimizer state from {entry}"
+        )
+    sha256 = file_sha256(ckpt.path)
+    if info.weights_sha256 is None:
+        if record:
+            store.record_weights(ckpt.name, ckpt.path, sha256)
+    elif sha256 != info.weights_sha256:
+        raise CheckpointMismatchError(
+            f"weights file {ckpt.path} differs from the weights checkpoint {ckpt.name!r} was captured with "
+            f"(sha256 {sha256[:16]}..., recorded {info.weights_sha256[:16]}... for {info.weights_path}); give the "
+            f"weights its interval started from in {entry}"
+        )
 
 
 def open_index(config: RunConfig, store: GradientStore | None = None, device: str | None = None) -> GradientIndex:
@@ -141,11 +216,11 @@ def query_device(config: RunConfig) -> str:
 
 
 def describe_run(config: RunConfig) -> RunInfo:
-    """The run's :class:`RunInfo`, as ``GET /v1/run`` serves it, also when the store or index is unusable
-    (``store_status`` or ``index.reason`` then says why); opens no models."""
+    """The run's :class:`RunInfo`, as ``GET /v1/run`` serves it, also when the store is missing or the index is
+    unusable (``store_status`` or ``index.reason`` then says why); opens no models. A damaged store raises."""
     try:
         store = GradientStore.open(config.store.path)
-    except GradstoreError as exc:
+    except StoreNotFoundError as exc:  # a damaged store is an error, not a status
         return RunInfo(store=str(config.store.path), store_status=str(exc))
     try:
         index, error = open_index(config, store, device="cpu"), None

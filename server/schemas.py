@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WrapValidator, model_validator
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WrapValidator, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 LrWeighting = Literal["schedule", "uniform", "normalized"]
@@ -36,14 +37,39 @@ def _as_lists(value: Any) -> Any:
 
 Vectors = Annotated[list[list[list[float]]], WrapValidator(_keep_arrays), PlainSerializer(_as_lists)]
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_range(vectors: Any) -> Any:
+    """Refuse query vectors holding a value that is NaN or Inf as float32 (NaN, Inf, |v| > FLOAT32_MAX). Ragged
+    or non-numeric input is left to the engine's shape check, which names it."""
+    if vectors is None:
+        return vectors
+    try:
+        values = np.asarray(vectors, dtype=np.float64)
+    except (TypeError, ValueError):
+        return vectors
+    bad = ~(np.abs(values) <= FLOAT32_MAX)  # NaN compares False: caught too
+    if bad.any():
+        where = "".join(f"[{int(i)}]" for i in np.argwhere(bad)[0])
+        raise PydanticCustomError(
+            "vectors_range",
+            "vectors{where} is {value}: NaN or Inf as float32; query vectors must be finite and within float32's "
+            "range (|v| <= 3.4e38)",
+            {"where": where, "value": repr(float(values[tuple(np.argwhere(bad)[0])]))},
+        )
+    return vectors
+
 
 class ScoringOptions(BaseModel):
     """How scores are computed: the options influence queries and explanations share."""
 
     model_config = ConfigDict(extra="forbid")
 
-    lr_weighting: LrWeighting = Field(
-        default="schedule", description="checkpoint weights: the lrs (schedule, TracIn), 1 (uniform) or lr / mean(lr)"
+    lr_weighting: LrWeighting | None = Field(
+        default=None,
+        description="checkpoint weights: the lrs (schedule, TracIn), 1 (uniform) or lr / mean(lr); default: "
+        "schedule, or uniform for a source index (its lrs are inside: the only weighting it takes)",
     )
     checkpoints: list[str] | None = Field(default=None, description="subset of checkpoints (default: all indexed)")
     measurement: Measurement = Field(
@@ -64,8 +90,11 @@ class InfluenceRequest(InfluenceOptions):
     queries: list[dict[str, Any]] | None = Field(default=None, description="JSON payloads the Task turns into examples")
     vectors: Vectors | None = Field(
         default=None,
-        description="precomputed projected query gradients, [B][checkpoints][D] in the order of `checkpoints`",
+        description="precomputed projected query gradients, [B][checkpoints][D] in the order of `checkpoints` "
+        "([B][1][D], the final checkpoint's, for a source index)",
     )
+
+    _vectors_in_range = field_validator("vectors")(_check_range)
 
     @model_validator(mode="after")
     def _one_batch(self) -> InfluenceRequest:
@@ -100,7 +129,9 @@ class SelfInfluenceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     top_k: int = Field(default=20, ge=1, description="training examples to list, largest self-influence first")
-    lr_weighting: LrWeighting = Field(default="schedule", description="checkpoint weights, as for influence")
+    lr_weighting: LrWeighting | None = Field(
+        default=None, description="checkpoint weights, as for influence (default: the index's, as there)"
+    )
     checkpoints: list[str] | None = Field(default=None, description="subset of checkpoints (default: all indexed)")
 
 
@@ -220,6 +251,31 @@ class ErrorResponse(BaseModel):
     )
 
 
+def non_finite(answer: BaseModel) -> str | None:
+    """Where an answer holds a float that is NaN, Inf or beyond float32 (``results[0].proponents[3].score``),
+    else None. Such a score is an overflow or damage, never an answer."""
+
+    def walk(value: Any, where: str) -> str | None:
+        if isinstance(value, float):
+            return None if abs(value) <= FLOAT32_MAX else where
+        if isinstance(value, BaseModel):
+            value = {name: getattr(value, name) for name in type(value).model_fields}
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(item, (float, BaseModel, dict, list)) and key not in ("example", "query"):
+                    found = walk(item, f"{where}.{key}" if where else str(key))
+                    if found:
+                        return found
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                found = walk(item, f"{where}[{i}]")
+                if found:
+                    return found
+        return None
+
+    return walk(answer, "")
+
+
 # -- run metadata (``GET /v1/run``, ``gradstore info --json``) --------------------------------------------------
 
 
@@ -250,7 +306,7 @@ class RunIndex(BaseModel):
     reason: str | None = Field(default=None, description="why the index cannot serve (and what to run), when unusable")
     path: str | None = None
     kind: str | None = Field(default=None, description="flat, ivf, hnsw or ivfpq")
-    preconditioner: str | None = Field(default=None, description="identity, kfac or block")
+    preconditioner: str | None = Field(default=None, description="identity, kfac, block, ekfac or source")
     normalize: bool | None = Field(default=None, description="unit norm per checkpoint (cosine)")
     rows: int | None = Field(default=None, description="N: indexed examples")
     checkpoints: list[str] | None = Field(default=None, description="the checkpoints the index covers")

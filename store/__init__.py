@@ -14,6 +14,7 @@ from .errors import (
     StoreCorruptError,
     StoreExistsError,
     StoreFormatError,
+    StoreLockedError,
     StoreNotFoundError,
     StoreReadOnlyError,
     UnknownExampleError,
@@ -21,6 +22,7 @@ from .errors import (
 from .gradient_store import CheckpointInfo, GradientStore, Segment, StoreDtype, file_sha256
 from .index import GradientIndex, SearchResult, default_index_path
 from .index_options import KINDS, IndexKind, IndexOptions
+from .lock import index_lock, lock_path
 from .writer import AppendWriter, BackgroundWriter, ChunkBuffer
 
 __all__ = [
@@ -49,9 +51,12 @@ __all__ = [
     "StoreDtype",
     "StoreExistsError",
     "StoreFormatError",
+    "StoreLockedError",
     "StoreNotFoundError",
     "StoreReadOnlyError",
     "UnknownExampleError",
     "default_index_path",
     "file_sha256",
+    "index_lock",
+    "lock_path",
 ]

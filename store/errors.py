@@ -67,3 +67,7 @@ class QueryShapeError(GradstoreError, ValueError):
 
 class StoreCorruptError(StoreFormatError):
     """Stored rows are damaged (unreadable chunk, checksum mismatch, bad commit record); the message names them."""
+
+
+class StoreLockedError(GradstoreError, TimeoutError):
+    """Another ``gradstore index`` holds the store's index lock; the message says who (pid, host, since when)."""

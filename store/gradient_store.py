@@ -23,15 +23,17 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
 import zarr
+from zarr.codecs import BytesCodec
 
 from gradstore.projection import ProjectionMismatchError, ProjectionSpec, ProjectionSpecError
 
@@ -95,6 +97,17 @@ def file_sha256(path: str | Path) -> str:
 _RELOG = "re-log it: `gradstore index` (or log_checkpoint) rewrites damaged chunks; capture runs must re-capture"
 
 
+def _store_advice(path: Path) -> str:
+    return f"the store cannot be read: restore the file, or {_delete_and_relog(path, 'the run')}"
+
+
+def _delete_and_relog(directory: Path, what: str) -> str:
+    return (
+        f"delete {directory} and log {what} again (`gradstore index` re-logs an offline pass; the rows of a capture "
+        "run must be captured again)"
+    )
+
+
 def rows_checksum(ids: np.ndarray, grads: np.ndarray) -> int:
     """A nonzero 63-bit hash of committed rows (ids and gradients), recorded with each chunk's commit."""
     digest = hashlib.blake2b(np.ascontiguousarray(ids, dtype=np.int64).tobytes(), digest_size=8)
@@ -102,17 +115,58 @@ def rows_checksum(ids: np.ndarray, grads: np.ndarray) -> int:
     return int.from_bytes(digest.digest(), "little") >> 1 | 1
 
 
-def _child_group(parent: zarr.Group, name: str) -> zarr.Group:
-    node = parent[name]
+def _disk(node: zarr.Group | zarr.Array) -> Path:
+    """Where a node of a local store lives on disk."""
+    store_path = node.store_path
+    root = getattr(store_path.store, "root", None)
+    return Path(str(root)) / store_path.path if root is not None else Path(str(store_path))
+
+
+def _child_dirs(directory: Path) -> list[str]:
+    """Names of the Zarr nodes (subdirectories holding a ``zarr.json``) in ``directory``, sorted."""
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir() if (p / "zarr.json").is_file())
+
+
+def _metadata_error(meta: Path, exc: Exception, advice: str) -> StoreCorruptError:
+    return StoreCorruptError(f"{meta} cannot be read ({type(exc).__name__}: {exc}); {advice}")
+
+
+def _child(parent: zarr.Group, name: str, advice: str) -> zarr.Group | zarr.Array:
+    """``parent[name]``; a node whose ``zarr.json`` is truncated or garbled is a StoreCorruptError naming it."""
+    try:
+        return parent[name]
+    except KeyError:
+        meta = _disk(parent) / name / "zarr.json"
+        if meta.is_file():  # there, but zarr could not make a node of it
+            raise _metadata_error(meta, ValueError("not a Zarr node"), advice) from None
+        raise
+    except Exception as exc:  # zarr raises JSONDecodeError, ValueError, TypeError ... for damaged metadata
+        raise _metadata_error(_disk(parent) / name / "zarr.json", exc, advice) from exc
+
+
+def _groups(parent: zarr.Group, advice: Callable[[str], str]) -> dict[str, zarr.Group]:
+    """The child groups of ``parent``; a damaged child is named (``advice(name)`` says what to do about it)."""
+    try:
+        return dict(parent.groups())
+    except Exception as exc:  # find the child whose metadata broke the listing
+        for name in _child_dirs(_disk(parent)):
+            _child(parent, name, advice(name))
+        raise _metadata_error(_disk(parent) / "zarr.json", exc, advice("")) from exc
+
+
+def _child_group(parent: zarr.Group, name: str, advice: str) -> zarr.Group:
+    node = _child(parent, name, advice)
     if not isinstance(node, zarr.Group):
-        raise StoreFormatError(f"{parent.store_path}/{name} should be a group; the store is damaged")
+        raise StoreFormatError(f"{_disk(parent) / name} should be a group; the store is damaged")
     return node
 
 
-def _child_array(parent: zarr.Group, name: str) -> zarr.Array:
-    node = parent[name]
+def _child_array(parent: zarr.Group, name: str, advice: str) -> zarr.Array:
+    node = _child(parent, name, advice)
     if not isinstance(node, zarr.Array):
-        raise StoreFormatError(f"{parent.store_path}/{name} should be an array; the store is damaged")
+        raise StoreFormatError(f"{_disk(parent) / name} should be an array; the store is damaged")
     return node
 
 
@@ -120,32 +174,109 @@ def _int_attr(group: zarr.Group, key: str) -> int:
     value = group.attrs.get(key)
     if isinstance(value, bool) or not isinstance(value, int):
         raise StoreFormatError(
-            f"{group.store_path}: attribute {key!r} should be an integer, got {value!r}; the store is damaged"
+            f"{_disk(group)}: attribute {key!r} should be an integer, got {value!r}; the store is damaged"
         )
     return value
 
 
-class Segment:
-    """A pre-sized ``[capacity, D]`` slab of rows, its ids and its per-chunk commit counts."""
+def _matches(found: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
+    """Whether a shape matches one whose ``None`` entries are unknown."""
+    return len(found) == len(expected) and all(e is None or f == e for f, e in zip(found, expected))
 
-    def __init__(self, group: zarr.Group, chunk_rows: int):
+
+def _raw_scalar_dtype(array: zarr.Array) -> np.dtype | None:
+    """The on-disk dtype of a 1-D one-value-per-chunk array stored as plain bytes (else None: read through zarr)."""
+    metadata = array.metadata
+    codecs = getattr(metadata, "codecs", None)
+    if getattr(metadata, "zarr_format", None) != 3 or array.chunks != (1,) or not codecs or len(codecs) != 1:
+        return None
+    if not isinstance(codecs[0], BytesCodec):
+        return None
+    endian = codecs[0].endian.value if codecs[0].endian is not None else sys.byteorder
+    return np.dtype(array.dtype).newbyteorder("<" if endian == "little" else ">")
+
+
+def _read_scalars(array: zarr.Array, chunks: Sequence[int]) -> tuple[np.ndarray, list[int]]:
+    """Values of one-value chunks ``chunks`` of ``array`` (commit records, checksums) and the chunks that cannot be
+    read. Read straight from their files when they are plain bytes: through zarr each costs a few ms."""
+    dtype = _raw_scalar_dtype(array)
+    out = np.zeros(len(chunks), dtype=np.dtype(array.dtype))
+    bad: list[int] = []
+    if dtype is None:
+        try:
+            values = np.asarray(array[:])
+        except Exception:  # zarr/numcodecs raise assorted types for a truncated or garbled chunk
+            for i, chunk in enumerate(chunks):
+                try:
+                    out[i] = np.asarray(array[chunk])
+                except Exception:
+                    bad.append(chunk)
+            return out, bad
+        return values[list(chunks)], bad
+    directory, fill = _disk(array), array.metadata.fill_value
+    for i, chunk in enumerate(chunks):
+        try:
+            data = (directory / array.metadata.encode_chunk_key((chunk,))).read_bytes()
+        except FileNotFoundError:
+            out[i] = fill
+            continue
+        if len(data) != dtype.itemsize:
+            bad.append(chunk)
+            continue
+        out[i] = np.frombuffer(data, dtype=dtype)[0]
+    return out, bad
+
+
+class Segment:
+    """A pre-sized ``[capacity, D]`` slab of rows, its ids and its per-chunk commit counts.
+
+    ``dim`` and ``dtype`` (the store's): each array's metadata is checked against the segment's geometry, so an
+    edited shape or dtype is a :class:`StoreCorruptError` naming the array, not rows read out of place."""
+
+    def __init__(self, group: zarr.Group, chunk_rows: int, dim: int | None = None, dtype: str | None = None):
         self.group = group
         self.name = group.basename
         self.chunk_rows = chunk_rows
         self.capacity = _int_attr(group, "capacity")
         self.kind = str(group.attrs.get("kind"))
+        self.directory = _disk(group)
+        self._geometry: dict[str, tuple[tuple[int | None, ...], tuple[int | None, ...], str | None]] = {
+            "grads": ((self.capacity, dim), (chunk_rows, dim), dtype),
+            "ids": ((self.capacity,), (chunk_rows,), "int64"),
+            **{name: ((self.n_chunks,), (1,), None) for name in ("checksums", "fingerprints", "committed")},
+        }
+        self._arrays: dict[str, zarr.Array] = {}
 
     @property
     def n_chunks(self) -> int:
         return -(-self.capacity // self.chunk_rows)
 
+    def _advice(self) -> str:
+        return _delete_and_relog(self.directory, f"segment {self.name!r}")
+
     def _array(self, name: str) -> zarr.Array | None:
-        return _child_array(self.group, name) if name in self.group else None
+        if name in self._arrays:
+            return self._arrays[name]
+        if not (self.directory / name / "zarr.json").is_file():
+            return None
+        array = _child_array(self.group, name, self._advice())
+        shape, chunks, dtype = self._geometry[name]
+        if not (_matches(array.shape, shape) and _matches(array.chunks, chunks)) or dtype not in (
+            None,
+            str(array.dtype),
+        ):
+            held = f"{self.capacity} rows in chunks of {self.chunk_rows}" + (f" as {dtype}" if dtype else "")
+            raise StoreCorruptError(
+                f"{self.directory / name / 'zarr.json'} has shape {array.shape}, chunks {array.chunks}, dtype "
+                f"{array.dtype}, where segment {self.name!r} holds {held} (edited or damaged); {self._advice()}"
+            )
+        self._arrays[name] = array
+        return array
 
     def _require(self, name: str) -> zarr.Array:
         array = self._array(name)
         if array is None:
-            raise StoreFormatError(f"{self.group.store_path}/{name} is missing; the store is damaged")
+            raise StoreFormatError(f"{self.directory / name} is missing; {self._advice()}")
         return array
 
     @property
@@ -158,20 +289,28 @@ class Segment:
         """``[capacity, D]`` projected gradients."""
         return self._require("grads")
 
-    def committed_counts(self) -> np.ndarray:
-        """Rows committed in each chunk (0 = not committed). A segment whose creation was cut short has none."""
+    def commit_records(self) -> tuple[np.ndarray, list[int]]:
+        """``(rows committed per chunk, chunks whose commit record is unreadable or impossible)``; a damaged record
+        counts 0 rows. A segment whose creation was cut short has none committed."""
         committed = self._array("committed")
         if committed is None or self._array("grads") is None or self._array("ids") is None:
-            return np.zeros(self.n_chunks, dtype=np.int64)
-        try:
-            counts = np.asarray(committed[:], dtype=np.int64)
-        except Exception as exc:  # zarr/numcodecs raise assorted types for a truncated or garbled record
-            raise StoreCorruptError(f"{self.group.store_path}/committed cannot be read ({exc}); {_RELOG}") from exc
+            return np.zeros(self.n_chunks, dtype=np.int64), []
+        values, bad = _read_scalars(committed, range(self.n_chunks))
+        counts = values.astype(np.int64)
         capacities = np.minimum(self.chunk_rows, self.capacity - np.arange(self.n_chunks) * self.chunk_rows)
-        bad = np.flatnonzero((counts < 0) | (counts > capacities)) if counts.shape == (self.n_chunks,) else [0]
-        if len(bad):
+        damaged = sorted(set(bad) | {int(k) for k in np.flatnonzero((counts < 0) | (counts > capacities))})
+        counts[damaged] = 0
+        return counts, damaged
+
+    def committed_counts(self) -> np.ndarray:
+        """Rows committed in each chunk (0 = not committed); a damaged commit record is a :class:`StoreCorruptError`."""
+        counts, damaged = self.commit_records()
+        if damaged:
+            committed = self._require("committed")
+            first = self.directory / "committed" / committed.metadata.encode_chunk_key((damaged[0],))
             raise StoreCorruptError(
-                f"{self.group.store_path}/committed: impossible row counts for chunks {list(bad)[:10]}; {_RELOG}"
+                f"{self.directory / 'committed'}: the commit records of chunks {damaged[:10]} are unreadable or "
+                f"impossible (first: {first}); {_RELOG}"
             )
         return counts
 
@@ -186,8 +325,7 @@ class Segment:
         else:
             lo, hi = start, stop
         return StoreCorruptError(
-            f"{self.group.store_path}: chunk {lo // self.chunk_rows} (rows {lo}..{hi - 1}) cannot be read ({error}); "
-            + _RELOG
+            f"{self.directory}: chunk {lo // self.chunk_rows} (rows {lo}..{hi - 1}) cannot be read ({error}); " + _RELOG
         )
 
     def chunk_intact(self, chunk: int, counts: np.ndarray | None = None) -> bool:
@@ -217,14 +355,19 @@ class Segment:
         if checksums is None:
             return ids, grads
         counts = self.committed_counts() if counts is None else counts
-        for chunk in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
+        chunks = range(start // self.chunk_rows, -(-stop // self.chunk_rows))
+        recorded, unreadable = _read_scalars(checksums, chunks)
+        for chunk, expected in zip(chunks, recorded.tolist()):
             lo, n = chunk * self.chunk_rows, int(counts[chunk])
-            expected = int(np.asarray(checksums[chunk]))
+            if chunk in unreadable:
+                raise StoreCorruptError(
+                    f"{self.directory}/checksums: the checksum of chunk {chunk} cannot be read; {_RELOG}"
+                )
             if not expected or lo < start or lo + n > stop:
                 continue  # no checksum recorded (an older store), or only part of the chunk was read
             if rows_checksum(ids[lo - start : lo - start + n], grads[lo - start : lo - start + n]) != expected:
                 raise StoreCorruptError(
-                    f"{self.group.store_path}: chunk {chunk} (rows {lo}..{lo + n - 1}) fails its checksum; {_RELOG}"
+                    f"{self.directory}: chunk {chunk} (rows {lo}..{lo + n - 1}) fails its checksum; {_RELOG}"
                 )
         return ids, grads
 
@@ -257,7 +400,7 @@ class Segment:
     def chunk_fingerprint(self, chunk: int) -> int:
         """The content fingerprint recorded with a chunk's rows (0: none recorded, e.g. capture or an older store)."""
         fingerprints = self._array("fingerprints")
-        return 0 if fingerprints is None else int(np.asarray(fingerprints[chunk]))
+        return 0 if fingerprints is None else int(_read_scalars(fingerprints, [chunk])[0][0])
 
     def write_chunk(self, chunk: int, ids: np.ndarray, grads: np.ndarray, fingerprint: int = 0) -> None:
         """Write one whole chunk (padded past ``len(ids)``) and its content fingerprint, then commit its row count."""
@@ -313,8 +456,13 @@ class GradientStore:
             raise StoreNotFoundError(f"no gradient store at {path} (run `gradstore index` or GradientLogger first)")
         if mode not in ("r", "a"):
             raise StoreArgumentError(f"mode must be 'r' or 'a', got {mode!r}")
-        root = zarr.open_group(str(path), mode=mode)
-        if mode == "a" and "checkpoints" not in root:  # an older gradstore killed mid-creation: finish creating it
+        try:
+            root = zarr.open_group(str(path), mode=mode)
+        except Exception as exc:  # a truncated or garbled root zarr.json
+            raise _metadata_error(path / "zarr.json", exc, _store_advice(path)) from exc
+        if (
+            mode == "a" and not (path / "checkpoints" / "zarr.json").is_file()
+        ):  # an older gradstore killed mid-creation: finish creating it
             root.create_group("checkpoints")
         return cls(root, path, read_only=mode == "r")
 
@@ -385,27 +533,26 @@ class GradientStore:
     @property
     def checkpoints(self) -> list[str]:
         """Checkpoint names, in the order they were started."""
-        if "checkpoints" not in self.root:  # created by an older gradstore and killed mid-creation (read-only here)
+        if not (self.path / "checkpoints" / "zarr.json").is_file():  # an older gradstore killed mid-creation
             return []
-        groups = dict(self._checkpoints_group().groups())
+        groups = _groups(self._checkpoints_group(), self._checkpoint_advice)
         return sorted(groups, key=lambda name: (groups[name].attrs.get("created_at", 0.0), name))
 
+    def _checkpoint_advice(self, name: str) -> str:
+        if not name:
+            return _store_advice(self.path)
+        return _delete_and_relog(self.path / "checkpoints" / name, f"checkpoint {name!r}")
+
     def _checkpoints_group(self) -> zarr.Group:
-        node = self.root["checkpoints"]
-        if not isinstance(node, zarr.Group):
-            raise StoreFormatError(f"{self.path}/checkpoints should be a group; the store is damaged")
-        return node
+        return _child_group(self.root, "checkpoints", _store_advice(self.path))
 
     def _checkpoint_group(self, name: str) -> zarr.Group:
         try:
-            node = self.root[f"checkpoints/{name}"]
+            return _child_group(self._checkpoints_group(), name, self._checkpoint_advice(name))
         except KeyError:
             raise CheckpointNotFoundError(
                 f"checkpoint {name!r} is not in store {self.path}; it has {self.checkpoints}"
             ) from None
-        if not isinstance(node, zarr.Group):
-            raise StoreFormatError(f"{self.path}/checkpoints/{name} should be a group; the store is damaged")
-        return node
 
     def checkpoint_info(self, name: str) -> CheckpointInfo:
         attrs: dict[str, Any] = dict(self._checkpoint_group(name).attrs)
@@ -421,9 +568,14 @@ class GradientStore:
         if info.adam != (adam_factors is not None):
             raise StoreArgumentError("CheckpointInfo.adam must say whether Adam factors are given")
         checkpoints = self._checkpoints_group()
-        if info.name in checkpoints:
+        if (self.path / "checkpoints" / info.name / "zarr.json").is_file():
             existing = self.checkpoint_info(info.name)
             diffs = {k: (v, getattr(info, k)) for k, v in asdict(existing).items() if getattr(info, k) != v}
+            weights_given = info.weights_path is not None or info.weights_sha256 is not None
+            weights_known = existing.weights_path is not None or existing.weights_sha256 is not None
+            if not weights_given or not weights_known:  # not given now (keep them), or given for the first time
+                diffs.pop("weights_path", None)
+                diffs.pop("weights_sha256", None)
             if existing.weights_sha256 is not None and existing.weights_sha256 == info.weights_sha256:
                 diffs.pop("weights_path", None)  # same weights, moved run directory
             if existing.optimizer_path is not None and info.optimizer_path is not None:
@@ -436,18 +588,38 @@ class GradientStore:
                     "resume with the same arguments or log under a new checkpoint name"
                 )
             group = self._checkpoint_group(info.name)
+            if weights_given and not weights_known and not diffs:
+                group.attrs.update({"weights_path": info.weights_path, "weights_sha256": info.weights_sha256})
         else:
             group = checkpoints.create_group(info.name, attributes={**asdict(info), "created_at": time.time()})
         if adam_factors is not None:
             for key, values in zip(("adam_r", "adam_c"), adam_factors):
                 values = np.asarray(values, dtype=np.float32)
-                if key in group:
-                    if not np.array_equal(np.asarray(_child_array(group, key)[:]), values):
+                if (_disk(group) / key / "zarr.json").is_file():
+                    if not np.array_equal(
+                        np.asarray(_child_array(group, key, self._checkpoint_advice(info.name))[:]), values
+                    ):
                         raise CheckpointMismatchError(
                             f"checkpoint {info.name!r}: the optimizer state differs from the one it was started with"
                         )
                 else:
                     group.create_array(key, data=values, chunks=values.shape)
+
+    def record_weights(self, name: str, weights_path: str | Path, sha256: str) -> None:
+        """Record the weights file of a checkpoint logged without one (an older capture run); a checkpoint that
+        records other weights is refused (:class:`CheckpointMismatchError`)."""
+        self._require_writable()
+        info = self.checkpoint_info(name)
+        if info.weights_sha256 not in (None, sha256):
+            raise CheckpointMismatchError(
+                f"checkpoint {name!r} was logged with weights of sha256 {info.weights_sha256}, not {weights_path} "
+                f"(sha256 {sha256})"
+            )
+        self._checkpoint_group(name).attrs.update({"weights_path": str(weights_path), "weights_sha256": sha256})
+
+    def logged_by_capture(self, name: str) -> bool:
+        """Whether a checkpoint's rows were captured during training (``capture-*`` segments), not logged by a pass."""
+        return any(segment.kind == "capture" for segment in self.segments(name))
 
     def adam_factors(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
         """The stored Adam denominator factors ``(r, c)``, concatenated over layers in spec order."""
@@ -455,7 +627,8 @@ class GradientStore:
         if not group.attrs.get("adam", False):
             return None
         try:
-            return np.asarray(_child_array(group, "adam_r")[:]), np.asarray(_child_array(group, "adam_c")[:])
+            advice = self._checkpoint_advice(name)
+            return tuple(np.asarray(_child_array(group, key, advice)[:]) for key in ("adam_r", "adam_c"))  # type: ignore[return-value]
         except KeyError:
             raise StoreFormatError(
                 f"checkpoint {name!r} says it has Adam factors but they are missing; resume its logging to rewrite them"
@@ -464,19 +637,29 @@ class GradientStore:
     # -- segments ---------------------------------------------------------------------------------
     def segments(self, checkpoint: str) -> list[Segment]:
         group = self._checkpoint_group(checkpoint)
-        return [Segment(g, self.chunk_rows) for _, g in sorted(group.groups())]
+        directory = self.path / "checkpoints" / checkpoint
+        groups = _groups(
+            group,
+            lambda name: (
+                _delete_and_relog(directory / name, f"segment {name!r}")
+                if name
+                else self._checkpoint_advice(checkpoint)
+            ),
+        )
+        return [Segment(g, self.chunk_rows, self.dim, self.dtype) for _, g in sorted(groups.items())]
 
     def _create_segment(self, checkpoint: str, name: str, kind: str, capacity: int) -> Segment:
         self._require_writable()
         group = self._checkpoint_group(checkpoint)
-        if name in group:
-            segment_group = _child_group(group, name)
+        if (_disk(group) / name / "zarr.json").is_file():
+            segment_group = _child_group(group, name, _delete_and_relog(_disk(group) / name, f"segment {name!r}"))
         else:
             segment_group = group.create_group(name, attributes={"kind": kind, "capacity": capacity})
         chunk = self.chunk_rows
         n_chunks = -(-capacity // chunk)
+        directory = _disk(segment_group)
         # Arrays are created in this order; a crash in between leaves a segment readers treat as empty.
-        if "grads" not in segment_group:
+        if not (directory / "grads" / "zarr.json").is_file():
             segment_group.create_array(
                 "grads",
                 shape=(capacity, self.dim),
@@ -485,27 +668,32 @@ class GradientStore:
                 compressors=None,
                 fill_value=0,
             )
-        if "ids" not in segment_group:
+        if not (directory / "ids" / "zarr.json").is_file():
             segment_group.create_array("ids", shape=(capacity,), chunks=(chunk,), dtype="int64", fill_value=-1)
-        if "checksums" not in segment_group:  # hash of each committed chunk's rows, verified when they are read
+        if not (
+            directory / "checksums" / "zarr.json"
+        ).is_file():  # hash of each committed chunk's rows, verified when they are read
             segment_group.create_array(
                 "checksums", shape=(n_chunks,), chunks=(1,), dtype="uint64", compressors=None, fill_value=0
             )
-        if "fingerprints" not in segment_group:  # hash of each chunk's examples, checked when a pass resumes
+        if not (
+            directory / "fingerprints" / "zarr.json"
+        ).is_file():  # hash of each chunk's examples, checked when a pass resumes
             segment_group.create_array(
                 "fingerprints", shape=(n_chunks,), chunks=(1,), dtype="uint64", compressors=None, fill_value=0
             )
-        if "committed" not in segment_group:
+        if not (directory / "committed" / "zarr.json").is_file():
             segment_group.create_array(
                 "committed", shape=(n_chunks,), chunks=(1,), dtype="int32", compressors=None, fill_value=0
             )
-        return Segment(segment_group, chunk)
+        return Segment(segment_group, chunk, self.dim, self.dtype)
 
     def pass_segment(self, checkpoint: str, num_rows: int) -> Segment:
         """The offline-pass segment of a checkpoint (row i = i-th example), created if absent."""
         group = self._checkpoint_group(checkpoint)
-        if PASS_SEGMENT in group:
-            capacity = _int_attr(_child_group(group, PASS_SEGMENT), "capacity")
+        if (_disk(group) / PASS_SEGMENT / "zarr.json").is_file():
+            advice = _delete_and_relog(self.path / "checkpoints" / checkpoint / PASS_SEGMENT, "it")
+            capacity = _int_attr(_child_group(group, PASS_SEGMENT, advice), "capacity")
             if capacity != num_rows:
                 raise CheckpointMismatchError(
                     f"checkpoint {checkpoint!r} was started over {capacity} examples, now given {num_rows}; "
@@ -569,28 +757,47 @@ class GradientStore:
 
     def verify(self) -> list[str]:
         """Walk every checkpoint, segment and committed chunk; return one line per damaged part (empty: intact)."""
-        problems: list[str] = []
-        for name in self.checkpoints:
+        problems: dict[str, None] = {}  # ordered, without repeats
+        try:
+            names = self.checkpoints
+        except StoreFormatError as exc:  # walk the others too
+            problems[str(exc)] = None
+            names = _child_dirs(self.path / "checkpoints")
+        for name in names:
             try:
                 self.checkpoint_info(name)
                 self.adam_factors(name)
-                segments = self.segments(name)
+                segments = self._each_segment(name)
             except StoreFormatError as exc:
-                problems.append(str(exc))
+                problems[str(exc)] = None
                 continue
             for segment in segments:
                 try:
+                    if isinstance(segment, StoreFormatError):
+                        raise segment
                     counts = segment.committed_counts()
+                    for chunk in np.flatnonzero(counts):
+                        lo = int(chunk) * segment.chunk_rows
+                        try:
+                            segment.read_rows(lo, lo + int(counts[chunk]), counts=counts)
+                        except StoreFormatError as exc:
+                            problems[str(exc)] = None
                 except StoreFormatError as exc:
-                    problems.append(str(exc))
-                    continue
-                for chunk in np.flatnonzero(counts):
-                    lo = int(chunk) * segment.chunk_rows
-                    try:
-                        segment.read_rows(lo, lo + int(counts[chunk]), counts=counts)
-                    except StoreFormatError as exc:
-                        problems.append(str(exc))
-        return problems
+                    problems[str(exc)] = None
+        return list(problems)
+
+    def _each_segment(self, checkpoint: str) -> list[Segment | StoreFormatError]:
+        """Each segment of a checkpoint, or the error that keeps it from being read (so one does not hide others)."""
+        group = self._checkpoint_group(checkpoint)
+        out: list[Segment | StoreFormatError] = []
+        for name in _child_dirs(_disk(group)):
+            try:
+                node = _child(group, name, _delete_and_relog(_disk(group) / name, f"segment {name!r}"))
+                if isinstance(node, zarr.Group):
+                    out.append(Segment(node, self.chunk_rows, self.dim, self.dtype))
+            except StoreFormatError as exc:
+                out.append(exc)
+        return out
 
     @property
     def layer_slices(self) -> dict[str, slice]:

@@ -3,7 +3,8 @@
 Row ``r`` of the index is example ``ids[r]`` (ids present in every indexed checkpoint, sorted); its
 vector is ``[T_1 g_r,1, ..., T_C g_r,C]`` with ``T_c`` checkpoint ``c``'s preconditioner (and unit
 normalisation). Learning-rate weights live on the query side, so a weighting or a checkpoint subset is
-a query option: ``score = sum_c w_c <T_c q_c, T_c g_r,c>``.
+a query option: ``score = sum_c w_c <T_c q_c, T_c g_r,c>``. For ``source`` the form is asymmetric, the query the
+final checkpoint's gradient in every slot: ``score = sum_c w_c <q_L, T_c g_r,c>`` (projection/source.py).
 
 The index kind picks a search backend (``store/search.py``): ``flat`` scans every row exactly and also yields
 mean/max |score|; ``ivf``, ``hnsw`` and ``ivfpq`` are FAISS indexes whose candidates (``k * rerank`` of them)
@@ -32,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from gradstore.projection import Preconditioner, PreconditionerKind, normalize_rows
+from gradstore.projection import Preconditioner, PreconditionerKind, kind_traits, normalize_rows
 
 from .errors import QueryShapeError, StoreFormatError
 from .gradient_store import GradientStore
@@ -40,7 +41,7 @@ from .index_options import BUILD_FIELDS, KINDS, IndexKind, IndexOptions
 from .manifest import IndexManifest, building
 from .rows import CheckpointRows
 from .search import BACKENDS, SearchBackend
-from .vectors import VectorSource, fit_preconditioner, indexed_ids
+from .vectors import VectorSource, fit_preconditioners, indexed_ids
 
 __all__ = [
     "BUILD_FIELDS",
@@ -140,8 +141,8 @@ class GradientIndex:
             raise StoreFormatError(f"store {store.path} has no checkpoints to index; log some first")
         for name in checkpoints:
             store.checkpoint_info(name)  # raises CheckpointNotFoundError with the available names
-        if options.preconditioner == "identity":
-            eval_store = None  # R_eval only enters curvature preconditioners
+        if not kind_traits(options.preconditioner).eval_mix:
+            eval_store = None  # R_eval only enters curvature preconditioners (not identity, not source's dynamics)
         if eval_store is not None:
             eval_store.check_compatible(store.spec)
         # fingerprints first: rows committed while the index is built then make it stale instead of incomplete
@@ -169,7 +170,7 @@ class GradientIndex:
             eval_fingerprint=eval_fingerprint,
             missing_rows=missing,
         )
-        preconditioners = {name: fit_preconditioner(store, eval_store, name, options, progress) for name in checkpoints}
+        preconditioners = fit_preconditioners(store, eval_store, checkpoints, options, progress)
         source = VectorSource(rows, preconditioners, options.normalize, store.dim)
         with building(path) as directory:
             sqnorms = BACKENDS[options.kind].build(source, ids, options, directory, progress)
@@ -200,6 +201,8 @@ class GradientIndex:
         """Load an index, refusing one whose store changed or whose build options differ from ``options``."""
         path = Path(path) if path is not None else default_index_path(store.path)
         manifest = IndexManifest.read(path)
+        if not kind_traits(manifest.options.preconditioner).eval_mix:
+            eval_store = None  # built without one (source): an eval store beside the run does not change it
         manifest.check_store(path, store, eval_store)
         manifest.check_files(path)
         return cls(path, store, manifest.with_search_options(path, options), device=device)
@@ -209,8 +212,25 @@ class GradientIndex:
     def num_rows(self) -> int:
         return len(self.ids)
 
+    @property
+    def final_query(self) -> bool:
+        """Whether the query gradient is taken at the final checkpoint only (``source``): then slot ``c`` of a
+        prepared query holds that one gradient, and the other checkpoints' query gradients are not needed."""
+        return kind_traits(self.options.preconditioner).final_query
+
+    def query_checkpoints(self, weights: Sequence[float] | np.ndarray) -> np.ndarray:
+        """``[C]`` bool: the checkpoints whose query gradients :meth:`prepare_queries` reads for these weights."""
+        weights = np.asarray(weights, dtype=np.float64)
+        if not self.final_query:
+            return weights != 0
+        needed = np.zeros(len(self.checkpoints), dtype=bool)
+        needed[-1] = bool((weights != 0).any())
+        return needed
+
     def prepare_queries(self, raw: np.ndarray, weights: Sequence[float] | np.ndarray) -> np.ndarray:
-        """``[B, C, D]`` raw projected query gradients -> ``[B, C*D]`` transformed, normalised, weighted."""
+        """``[B, C, D]`` raw projected query gradients -> ``[B, C*D]`` transformed, normalised, weighted.
+
+        For ``source`` only the final checkpoint's slot of ``raw`` is read; it fills every weighted slot."""
         raw = np.asarray(raw, dtype=np.float32)
         if raw.ndim != 3 or raw.shape[1] != len(self.checkpoints) or raw.shape[2] != self.dim:
             raise QueryShapeError(
@@ -219,10 +239,11 @@ class GradientIndex:
             )
         b, c, d = raw.shape
         out = np.zeros((b, c, d), dtype=np.float32)
+        final = len(self.checkpoints) - 1
         for j, name in enumerate(self.checkpoints):
             if weights[j] == 0:
                 continue
-            v = self.preconditioners[name].apply(raw[:, j])
+            v = self.preconditioners[name].apply_query(raw[:, final if self.final_query else j])
             out[:, j] = (normalize_rows(v) if self.options.normalize else v) * np.float32(weights[j])
         return out.reshape(b, c * d)
 
@@ -279,7 +300,8 @@ class GradientIndex:
         return self._store_vectors.vectors(self.ids[rows]).vectors
 
     def self_influence(self, weights: Sequence[float] | np.ndarray) -> np.ndarray:
-        """``[N, C]`` per-checkpoint contributions ``w_c ||T_c g_i,c||^2`` to each example's self-influence."""
+        """``[N, C]`` per-checkpoint contributions ``w_c ||T_c g_i,c||^2`` to each example's self-influence
+        (``w_c <g_i,L, T_c g_i,c>`` for ``source``, whose query is the final checkpoint's gradient)."""
         return self.sqnorms * np.asarray(weights, dtype=np.float64)[None, :]
 
     def __repr__(self) -> str:

@@ -26,14 +26,22 @@ class IndexOptions:
         default="flat", metadata={"help": "flat: exact scan; ivf / hnsw / ivfpq: FAISS candidates re-scored exactly"}
     )
     preconditioner: PreconditionerKind = field(
-        default="identity", metadata={"help": "curvature R in projected space: identity, kfac or block"}
+        default="identity",
+        metadata={
+            "help": "curvature in projected space: identity, kfac, block, ekfac (eigenvalue-corrected KFAC) or "
+            "source (SOURCE's segment-wise unrolling; needs checkpoint steps, queries at the final checkpoint)"
+        },
     )
     normalize: bool = field(default=False, metadata={"help": "unit norm per checkpoint (cosine), as TrackStar"})
     damping: float = field(
-        default=0.1, metadata={"help": "added to each inverted curvature matrix, times its mean eigenvalue"}
+        default=0.1,
+        metadata={"help": "added to each inverted curvature matrix (ekfac, source: to H), times its mean eigenvalue"},
     )
     mix: float = field(
-        default=0.99, metadata={"help": "TrackStar's lambda: R = mix * R_eval + (1 - mix) * R_train (eval store given)"}
+        default=0.99,
+        metadata={
+            "help": "TrackStar's lambda: R = mix * R_eval + (1 - mix) * R_train (eval store given; not for source)"
+        },
     )
     nlist: int | None = field(default=None, metadata={"help": "ivf/ivfpq inverted lists (default about 4 sqrt(N))"})
     nprobe: int | None = field(default=None, metadata={"help": "ivf/ivfpq lists visited per query (default nlist / 4)"})

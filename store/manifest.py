@@ -20,6 +20,7 @@ from .index_options import IndexOptions
 
 INDEX_FORMAT_VERSION = 2  # 2: union of ids (missing_rows), self-influence norms taken before normalisation
 MANIFEST = "manifest.json"
+_JSON_NAMES = {dict: "object", list: "array", str: "string"}
 REBUILD_HINT = "rebuild it: `gradstore index --config ...` or GradientIndex.rebuild(path, store)"
 
 
@@ -72,16 +73,23 @@ class IndexManifest:
                 f"no index at {directory}; build it with `gradstore index --config ...` or GradientIndex.build(store)"
             )
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise IndexMismatchError(f"index manifest {path} is not valid JSON ({exc}); rebuild the index") from exc
-        version = data.get("format_version") if isinstance(data, dict) else None
+            data = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # truncated or garbled
+            raise IndexMismatchError(f"index manifest {path} is not valid JSON ({exc}); {REBUILD_HINT}") from exc
+        if not isinstance(data, dict):
+            raise IndexMismatchError(
+                f"index manifest {path} holds a JSON {type(data).__name__}, not an object; {REBUILD_HINT}"
+            )
+        version = data.get("format_version")
         if version != INDEX_FORMAT_VERSION:
             raise IndexMismatchError(
-                f"index {directory} has format version {version!r}, expected {INDEX_FORMAT_VERSION}; rebuild it"
+                f"index manifest {path} has format version {version!r}, expected {INDEX_FORMAT_VERSION}; {REBUILD_HINT}"
             )
         known = {f.name for f in fields(IndexOptions)}  # options a newer build may have dropped are ignored
         try:
+            for key, kind in (("options", dict), ("checkpoints", list), ("lrs", list), ("store_fingerprint", str)):
+                if not isinstance(data.get(key), kind):
+                    raise ValueError(f"{key!r} should be a JSON {_JSON_NAMES[kind]}, got {data.get(key)!r}")
             if len(data["lrs"]) != len(data["checkpoints"]):
                 raise ValueError(f"{len(data['checkpoints'])} checkpoints but {len(data['lrs'])} lrs")
             return cls(
@@ -101,7 +109,7 @@ class IndexManifest:
                 },
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise IndexMismatchError(f"index manifest {path} is malformed ({exc!r}); rebuild the index") from exc
+            raise IndexMismatchError(f"index manifest {path} is malformed ({exc!r}); {REBUILD_HINT}") from exc
 
     def check_store(self, directory: Path, store: GradientStore, eval_store: GradientStore | None) -> None:
         """Refuse to serve ``store`` (and ``eval_store``) from an index built for another or an older one."""

@@ -441,7 +441,7 @@ def test_json_payload_mode_on_the_digits_run(page, server_url):
     page.fill("#top-k", "3")
     with page.expect_request("**/v1/influence") as sent:
         page.click("#run-query")
-    assert sent.value.post_data_json == {"queries": [{"test_index": 5}], "top_k": 3, "lr_weighting": "schedule"}
+    assert sent.value.post_data_json == {"queries": [{"test_index": 5}], "top_k": 3}
     sync_api.expect(page.locator("#proponents .card")).to_have_count(3)
     answer = _api(server_url, "/v1/influence", sent.value.post_data_json)["results"][0]
     assert [c["id"] for c in _rendered_cards(page, "proponents")] == [p["id"] for p in answer["proponents"]]
@@ -527,7 +527,7 @@ def test_text_query_renders_texts_key_values_and_sign_marks(text_page, text_live
     page.fill("#top-k", str(n))
     with page.expect_request("**/v1/influence") as sent:
         page.click("#run-query")
-    body = {"queries": [{"text": TEXT_QUERY}], "top_k": n, "lr_weighting": "schedule"}
+    body = {"queries": [{"text": TEXT_QUERY}], "top_k": n}  # no lr_weighting: the index's default
     assert sent.value.post_data_json == body
     sync_api.expect(page.locator("#proponents .card")).to_have_count(n)
     sync_api.expect(page.locator("#opponents .card")).to_have_count(n)
@@ -584,7 +584,7 @@ def test_prompt_completion_and_json_modes(text_page, text_live, page_problems):
     with page.expect_request("**/v1/influence") as sent:
         page.click("#run-query")
     query = {"prompt": "the capital of italy is", "completion": "rome"}
-    assert sent.value.post_data_json == {"queries": [query], "top_k": 3, "lr_weighting": "schedule"}
+    assert sent.value.post_data_json == {"queries": [query], "top_k": 3}
     sync_api.expect(page.locator("#proponents .card")).to_have_count(3)
     result = _api(url, "/v1/influence", sent.value.post_data_json)["results"][0]
     _check_text_cards(page, "proponents", result["proponents"])

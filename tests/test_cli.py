@@ -510,7 +510,8 @@ def test_server_settings_from_the_environment(tmp_path, monkeypatch, capsys):
     unknown = _edited(tmp_path, "[query]", '[server]\ncors = ["x"]\n\n[query]')
     assert fails(capsys, "info", "--config", unknown) == (
         "error: server.cors: unknown key; this table takes host, port, api_key, cors_origins, max_top_k, max_queries, "
-        "max_body_bytes\n"
+        "max_body_bytes, max_header_bytes, header_timeout_s, body_timeout_s, keep_alive_s, max_connections, drain_s, "
+        "watch_s\n"
     )
 
 
@@ -522,11 +523,11 @@ def test_cli_defaults_and_choices_are_the_request_models():
     parser = cli.build_parser()
     query = parser.parse_args(["query", "--config", "run.toml"])
     flags = (query.top_k, query.lr_weighting, query.measurement)
-    assert flags == (10, "schedule", "loss")
+    assert flags == (10, None, "loss")  # None: the index's default weighting
     assert flags == tuple(InfluenceOptions.model_fields[k].default for k in ("top_k", "lr_weighting", "measurement"))
     self_inf = parser.parse_args(["self-influence", "--config", "run.toml"])
     fields = SelfInfluenceRequest.model_fields
-    assert (self_inf.top_k, self_inf.lr_weighting) == (20, "schedule")
+    assert (self_inf.top_k, self_inf.lr_weighting) == (20, None)
     assert (self_inf.top_k, self_inf.lr_weighting) == (fields["top_k"].default, fields["lr_weighting"].default)
     actions = {a.dest: a for a in parser._subparsers._group_actions[0].choices["query"]._actions}
     assert tuple(actions["lr_weighting"].choices) == get_args(LrWeighting) == ("schedule", "uniform", "normalized")

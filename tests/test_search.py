@@ -61,7 +61,7 @@ from gradstore.store.search import (
     pq_subquantizers,
 )
 
-from .helpers.search import dense_curvature, gradient_like, synthetic_spec, write_store
+from .helpers.search import all_scores, dense_curvature, gradient_like, synthetic_spec, write_store
 
 K = 10
 
@@ -289,16 +289,6 @@ def _reference(kind, store, eval_store, raw, weights, mix, damping, normalize=Fa
     return scores, self_inf
 
 
-def _all_scores(index: GradientIndex, raw, weights) -> np.ndarray:
-    """Every row's score from the index, via a top-N search (exercises ranking and rescoring too)."""
-    found = index.search(raw, weights, index.num_rows)
-    out = np.zeros((len(raw), index.num_rows))
-    for b in range(len(raw)):
-        out[b, found.proponent_rows[b]] = found.proponent_scores[b]
-        np.testing.assert_array_equal(np.sort(found.opponent_rows[b]), np.arange(index.num_rows))
-    return out
-
-
 def _max_rel(actual, expected) -> float:
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
@@ -315,7 +305,7 @@ def test_preconditioner_equals_dense_reference(precond_stores, kind, use_eval):
     )
     weights = list(PRECOND_LRS.values())
     expected, expected_self = _reference(kind, store, eval_store, raw, weights, mix, damping)
-    actual = _all_scores(index, raw, weights)
+    actual = all_scores(index, raw, weights)
     error = _max_rel(actual, expected)
     print(f"{kind} eval={use_eval}: max relative error {error:.2e}")
     assert error < 1e-5
@@ -330,7 +320,7 @@ def test_preconditioner_equals_dense_reference(precond_stores, kind, use_eval):
     again = GradientIndex.build(
         store, other_mix, path=directory / f"{kind}-{use_eval}-mix.index", eval_store=eval_store, progress=False
     )
-    differs = _max_rel(_all_scores(again, raw, weights), actual)
+    differs = _max_rel(all_scores(again, raw, weights), actual)
     assert (differs > 1e-2) if use_eval else (differs < 1e-6)
 
 
@@ -344,7 +334,7 @@ def test_normalize_equals_cosine_per_checkpoint(precond_stores, kind):
     )
     weights = [0.2, 0.05]
     expected, expected_self = _reference(kind, store, eval_store, raw, weights, 0.5, 0.1, normalize=True)
-    assert _max_rel(_all_scores(index, raw, weights), expected) < 1e-5
+    assert _max_rel(all_scores(index, raw, weights), expected) < 1e-5
     np.testing.assert_allclose(index.self_influence(weights).sum(1), expected_self, rtol=1e-6)
     # each checkpoint's contribution is a weighted cosine, so bounded by its weight
     found = index.search(raw, weights, 5)
@@ -459,7 +449,7 @@ def test_unknown_checkpoint_in_build(tmp_path):
 
 def test_each_enumeration_is_one_literal():
     assert KINDS == typing.get_args(IndexKind) == ("flat", "ivf", "hnsw", "ivfpq")
-    assert PRECONDITIONERS == typing.get_args(PreconditionerKind) == ("identity", "kfac", "block")
+    assert PRECONDITIONERS == typing.get_args(PreconditionerKind) == ("identity", "kfac", "block", "ekfac", "source")
     assert INITS == typing.get_args(Init) == ("gaussian", "rademacher", "orthonormal", "pca")
     assert typing.get_args(LayerKind) == LAYER_KINDS and "linear" in LAYER_KINDS
     # the fields are typed with the aliases themselves, not with inline copies
@@ -475,7 +465,10 @@ def test_each_enumeration_is_one_literal():
     "options, message",
     [
         (dict(kind="annoy"), r"index kind must be one of \('flat', 'ivf', 'hnsw', 'ivfpq'\), got 'annoy'"),
-        (dict(preconditioner="ekfac"), r"preconditioner must be one of \('identity', 'kfac', 'block'\), got 'ekfac'"),
+        (
+            dict(preconditioner="shampoo"),
+            r"preconditioner must be one of \('identity', 'kfac', 'block', 'ekfac', 'source'\), got 'shampoo'",
+        ),
         (dict(mix=1.5), r"mix \(lambda\) must be in \[0, 1\], got 1.5"),
         (dict(damping=0.0), r"damping must be positive \(e.g. 0.1\), got 0.0"),
         (dict(nprobe=0), r"nprobe must be a positive integer \(or unset for the default\), got 0"),
@@ -521,7 +514,7 @@ def test_projection_and_preconditioner_errors_are_typed():
     assert spec.layer("a") is spec.layers[0]
 
     layers = spec.layers
-    unknown_kind = r"^preconditioner must be one of \('identity', 'kfac', 'block'\), got 'e'$"
+    unknown_kind = r"^preconditioner must be one of \('identity', 'kfac', 'block', 'ekfac', 'source'\), got 'e'$"
     with pytest.raises(PreconditionerError, match=unknown_kind):
         CurvatureStats("e", layers)  # type: ignore[arg-type]
     kfac = CurvatureStats("kfac", layers)
@@ -568,7 +561,7 @@ def test_malformed_manifests_are_refused(tmp_path):
         with pytest.raises(IndexMismatchError, match=r"index manifest .* is malformed \(" + re.escape(why)):
             GradientIndex.open(None, store)
     manifest_path.write_text("[1, 2]")
-    with pytest.raises(IndexMismatchError, match="format version None, expected 2; rebuild it"):
+    with pytest.raises(IndexMismatchError, match="holds a JSON list, not an object; rebuild it"):
         GradientIndex.open(None, store)
     manifest_path.write_text(json.dumps(good))
     assert GradientIndex.open(None, store).num_rows == 500

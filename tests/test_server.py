@@ -24,7 +24,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from gradstore.server import cli
@@ -33,6 +32,8 @@ from gradstore.server.client import AsyncClient, Client, GradstoreAPIError
 from gradstore.server.config import RunConfig, ServerConfig
 from gradstore.server.runs import open_engine
 from gradstore.server.schemas import RunInfo
+
+from .helpers.serving import serve_in_thread
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`"),  # starlette's TestClient notice
@@ -176,20 +177,8 @@ def _secured_app(engine):
 @pytest.fixture(scope="module")
 def secured_url(engine):
     """An app with an API key and tight limits, served by uvicorn on loopback in a background thread."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(_secured_app(engine), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=15)
-    sock.close()
+    with serve_in_thread(_secured_app(engine)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -374,9 +363,9 @@ def test_metrics_count_requests_and_time_gradient_and_search(live_url, queries):
     def delta(name, **labels):
         return _sample(after, name, **labels) - _sample(before, name, **labels)
 
-    assert delta("gradstore_requests_total", route="/v1/influence", method="POST", status="200") == 2
-    assert delta("gradstore_requests_total", route="/v1/run", method="GET", status="200") == 1
-    assert delta("gradstore_requests_total", route="/v1/examples/{example_id}", method="GET", status="404") == 1
+    assert delta("gradstore_requests_total", route="/v1/influence", status="200") == 2
+    assert delta("gradstore_requests_total", route="/v1/run", status="200") == 1
+    assert delta("gradstore_requests_total", route="/v1/examples/{example_id}", status="404") == 1
     assert delta("gradstore_request_seconds_count", route="/v1/influence") == 2
     assert delta("gradstore_request_seconds_sum", route="/v1/influence") > 0
     for histogram in ("gradstore_gradient_seconds", "gradstore_search_seconds"):
@@ -708,10 +697,10 @@ def test_info_json_and_v1_run_serve_the_same_run_info(demo_config, capsys, monke
     names = ["epoch-0", "epoch-1", "epoch-2", "epoch-3"]
     assert [c.name for c in run.checkpoints] == run.index.checkpoints == names
     assert [(c.lr, c.step, c.rows, c.adam) for c in run.checkpoints] == [
-        (0.2, 0, 1500, False),
-        (0.1, 1, 1500, False),
-        (0.05, 2, 1500, False),
-        (0.025, 3, 1500, False),
+        (0.2, 47, 1500, False),  # step: the optimizer step each epoch ends at (47 batches of 32 per epoch)
+        (0.1, 94, 1500, False),
+        (0.05, 141, 1500, False),
+        (0.025, 188, 1500, False),
     ]
     index = run.index
     assert (index.rows, index.kind, index.preconditioner, index.normalize) == (1500, "flat", "identity", False)
@@ -733,8 +722,8 @@ def test_openapi_names_the_response_models_and_the_version(secured_client):
     assert ok_schema("/v1/run") == "#/components/schemas/RunInfo"
     assert ok_schema("/v1/examples/{example_id}") == "#/components/schemas/ExampleResponse"
     fields = spec["components"]["schemas"]["InfluenceRequest"]["properties"]
-    defaults = {name: fields[name]["default"] for name in ("top_k", "lr_weighting", "measurement")}
-    assert defaults == {"top_k": 10, "lr_weighting": "schedule", "measurement": "loss"}
+    defaults = {name: fields[name].get("default") for name in ("top_k", "lr_weighting", "measurement")}
+    assert defaults == {"top_k": 10, "lr_weighting": None, "measurement": "loss"}  # None: the index's weighting
     assert spec["components"]["schemas"]["SelfInfluenceRequest"]["properties"]["top_k"]["default"] == 20
 
 
@@ -775,7 +764,7 @@ def test_sdk_sends_the_request_models_dump():
         ("POST", "/v1/influence", InfluenceRequest(queries=payloads, top_k=4).model_dump(**dump)),
         ("POST", "/v1/influence", InfluenceRequest(vectors=vectors.tolist(), **options).model_dump(**dump)),
     ]
-    assert sent[0][2] == {"queries": payloads, "top_k": 4, "lr_weighting": "schedule", "measurement": "loss"}
+    assert sent[0][2] == {"queries": payloads, "top_k": 4, "measurement": "loss"}
     assert sent[1][2]["vectors"] == [[[0.0, 0.25, 0.5], [0.75, 1.0, 1.25]]] and sent[1][2]["normalize"] is False
 
     async def via_async():

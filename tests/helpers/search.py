@@ -224,3 +224,14 @@ def gradient_like(
     rows = latent @ basis + 0.3 * rng.standard_normal((n, dim))
     rows *= rng.lognormal(0.0, 1.0, size=(n, 1))  # a few examples have gradients orders of magnitude larger
     return rows.astype(np.float32), basis, centers
+
+
+def all_scores(index, raw: np.ndarray, weights) -> np.ndarray:
+    """Every row's score from ``index`` (a GradientIndex), via a top-N search (exercises ranking and rescoring too);
+    each query's opponents must then be every row too."""
+    found = index.search(raw, weights, index.num_rows)
+    out = np.zeros((len(raw), index.num_rows))
+    for b in range(len(raw)):
+        out[b, found.proponent_rows[b]] = found.proponent_scores[b]
+        np.testing.assert_array_equal(np.sort(found.opponent_rows[b]), np.arange(index.num_rows))
+    return out

@@ -1,0 +1,226 @@
+"""Running the app under uvicorn with bounds on what clients can hold: header and body read time, idle
+keep-alive, open connections, header size; and a bounded drain on SIGTERM.
+
+uvicorn bounds idle keep-alive (``timeout_keep_alive``) and header size (h11's incomplete-event limit) itself;
+it has no header timeout, and its ``limit_concurrency`` answers 503 only once the request is read (the connection
+and its file descriptor stay held). :class:`GuardedH11Protocol` adds both: a connection whose request line and
+headers are not complete within ``header_timeout_s`` is closed, and one over ``max_connections`` is answered 503
+and closed as soon as it is accepted. The body read time is bounded in the app (``middleware.BodyLimit``). Every
+refused client is one log line, never a traceback.
+
+Drain (:class:`GradstoreServer`): on SIGTERM (or Ctrl-C) the server keeps accepting for a while but answers every
+new request 503 with ``Connection: close`` (``middleware.Drain``), lets requests in flight finish, and then shuts
+down: once none is in flight, or ``drain_s`` after the signal, whichever comes first. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import time
+from types import FrameType
+from typing import Any
+
+import h11
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .config import ServerConfig
+from .middleware import Lifecycle
+
+__all__ = ["GradstoreServer", "GuardedH11Protocol", "connection_limits", "serve", "uvicorn_config"]
+
+logger = logging.getLogger("uvicorn.error")
+
+FD_RESERVE = 32  # file descriptors kept for the process's own later use (store and index files, logs)
+ACCEPT_BURSTS = 4
+LINGER_S = 0.5  # after the last in-flight answer, how long clients still get a 503 rather than a refused connect
+
+
+def _open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # not Linux: assume a modest number
+        return 64
+
+
+def connection_limits(settings: ServerConfig) -> tuple[int, int]:
+    """(most open connections, listen backlog) that fit the process's soft file-descriptor limit.
+
+    asyncio accepts up to ``backlog`` connections in one go before any of them can be refused, so the open
+    connections, ``ACCEPT_BURSTS`` accept bursts, the descriptors open now and ``FD_RESERVE`` must all fit under
+    the limit. A small backlog under a flood only makes the kernel drop SYNs, which clients retry."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return settings.max_connections, 2048
+    headroom = max(2, soft - _open_fds() - FD_RESERVE)
+    connections = max(1, min(settings.max_connections, headroom // 2))
+    if connections < settings.max_connections:
+        logger.warning(
+            "server.max_connections=%d lowered to %d to fit the file-descriptor limit of %d (raise it: ulimit -n)",
+            settings.max_connections,
+            connections,
+            soft,
+        )
+    # a refused connection's descriptor is closed a few loop iterations after its accept: allow bursts in flight
+    return connections, max(1, min(2048, (headroom - connections) // ACCEPT_BURSTS))
+
+
+def _peer(protocol: H11Protocol) -> str:
+    return f"{protocol.client[0]}:{protocol.client[1]}" if protocol.client else "a client"
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a header timeout and a cap on open connections (class attributes, set per
+    server by :func:`uvicorn_config`)."""
+
+    header_timeout_s: float = 10.0
+    max_connections: int = 1000
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            logger.warning(
+                "refused %s: %d connections open (server.max_connections)", _peer(self), self.max_connections
+            )
+            transport.write(
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                b'content-length: 48\r\n\r\n{"detail": "too many connections; retry later"}\n'
+            )
+            transport.close()
+            return
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        if self.header_timer is None:
+            self.header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _disarm_header_timer(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def _header_timeout(self) -> None:
+        self.header_timer = None
+        if not self.transport.is_closing():
+            logger.warning(
+                "dropped %s: request headers not complete within %g s (server.header_timeout_s)",
+                _peer(self),
+                self.header_timeout_s,
+            )
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        between_requests = self.cycle is None or self.cycle.response_complete
+        if between_requests and self.conn.their_state is h11.IDLE:
+            self._arm_header_timer()  # a new request starts: its headers have header_timeout_s from now
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.their_state is not h11.IDLE:  # the request line and headers are in
+            self._disarm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    # -- drain --------------------------------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> bool:
+        """A request read completely and not yet answered (the app is working on it)."""
+        cycle = self.cycle
+        return cycle is not None and not cycle.response_complete and not cycle.more_body
+
+    def drop_unfinished(self) -> None:
+        """At shutdown: close the connection unless a request is in flight (slow headers or body, idle)."""
+        if not self.in_flight and not self.transport.is_closing():
+            self.transport.close()
+
+
+class GradstoreServer(uvicorn.Server):
+    """uvicorn's server with a bounded drain (see the module docstring) and one-line accept errors."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, drain_s: float) -> None:
+        super().__init__(config)
+        self.lifecycle, self.drain_s = lifecycle, drain_s
+        self.drain_deadline: float | None = None
+        self.idle_since: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_deadline is not None:  # a second signal: stop waiting
+            self.force_exit = self.should_exit = True
+            return
+        if self.drain_s == 0:
+            return super().handle_exit(sig, frame)
+        self.drain_deadline = time.monotonic() + self.drain_s
+        self.lifecycle.draining = True
+        self._captured_signals.append(sig)  # uvicorn re-raises it once shut down, as it does without a drain
+
+    async def startup(self, sockets: Any = None) -> None:
+        asyncio.get_running_loop().set_exception_handler(_one_line_errors)
+        await super().startup(sockets=sockets)
+        if self.lifecycle.draining:  # a signal during startup
+            self.should_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_deadline is not None and not self.should_exit:
+            now = time.monotonic()
+            busy = any(getattr(c, "in_flight", False) for c in self.server_state.connections)
+            self.idle_since = None if busy else (self.idle_since or now)
+            if now >= self.drain_deadline or (self.idle_since is not None and now - self.idle_since >= LINGER_S):
+                self._end_drain(now)
+        return await super().on_tick(counter)
+
+    def _end_drain(self, now: float) -> None:
+        left = sum(1 for c in self.server_state.connections if getattr(c, "in_flight", False))
+        logger.info("drain over: %d request(s) still in flight; shutting down", left)
+        for connection in list(self.server_state.connections):
+            if isinstance(connection, GuardedH11Protocol):
+                connection.drop_unfinished()
+        # what is left of drain_s, for uvicorn's own wait on connections and tasks
+        left_s = max(0.5, (self.drain_deadline or now) - now)
+        self.config.timeout_graceful_shutdown = left_s  # type: ignore[assignment]  # uvicorn takes a float as well
+        self.should_exit = True
+
+
+def _one_line_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """The event loop's errors (accept() out of file descriptors, a reset connection) as one log line."""
+    error = context.get("exception")
+    logger.warning("%s%s", context.get("message", "event loop error"), f": {error!r}" if error else "")
+
+
+def uvicorn_config(app: Any, host: str, port: int, settings: ServerConfig, log_level: str = "info") -> uvicorn.Config:
+    """uvicorn settings from ``[server]``: timeouts, connection and header limits (see the module docstring)."""
+    max_connections, backlog = connection_limits(settings)
+    protocol = type(
+        "GuardedH11Protocol",
+        (GuardedH11Protocol,),
+        {"header_timeout_s": settings.header_timeout_s, "max_connections": max_connections},
+    )
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=protocol,
+        timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]  # uvicorn takes a float as well
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_graceful_shutdown=settings.drain_s,  # type: ignore[arg-type]
+        backlog=backlog,
+    )
+
+
+def serve(app: Any, host: str, port: int, log_level: str = "info") -> None:
+    """Serve ``app`` (from :func:`~gradstore.server.app.create_app`) on ``host:port`` until SIGTERM/SIGINT."""
+    settings: ServerConfig = app.state.settings
+    server = GradstoreServer(
+        uvicorn_config(app, host, port, settings, log_level), app.state.lifecycle, settings.drain_s
+    )
+    server.run()

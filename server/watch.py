@@ -1,0 +1,132 @@
+"""Live change detection for a running server: the run's files are fingerprinted cheaply (``os.stat`` of the run
+config, the index files, the store's metadata and commit records, and the checkpoint weights files) every
+``watch_s`` seconds; when the fingerprint changes, the run config is read again and the query engine rebuilt in a
+worker thread and swapped in atomically (requests in flight keep the engine they started with), or, when the new
+state cannot be served, the API and ``/readyz`` answer 503 with the reason until it can. ``[server]`` settings
+(port, limits, key) stay those the server started with.
+
+The store's bulk data (``grads`` and ``ids`` chunk files) is not stat'ed file by file: a chunk is only ever
+written together with its commit record and checksum, which are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from gradstore.projection import GradstoreError
+from gradstore.store.index import default_index_path
+
+from .config import RunConfig
+from .errors import http_status
+from .runs import eval_store_path, open_engine
+
+__all__ = ["Unavailable", "Watcher", "run_fingerprint"]
+
+logger = logging.getLogger("uvicorn.error")
+
+BULK_ARRAYS = frozenset({"grads", "ids"})  # arrays whose chunk folders are stat'ed as folders only
+
+
+def _stat(path: str | Path) -> tuple:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (str(path), None)
+    return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _tree(root: Path, out: list[tuple]) -> None:
+    """Stat ``root`` and everything under it, except inside the chunk folders of bulk arrays."""
+    out.append(_stat(root))
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            if entry.name == "c" and root.name in BULK_ARRAYS:
+                out.append(_stat(entry.path))
+            else:
+                _tree(Path(entry.path), out)
+        else:
+            out.append(_stat(entry.path))
+
+
+def run_fingerprint(config: RunConfig) -> tuple:
+    """A value that changes when the run's index, store, eval store or checkpoint files change (stat only)."""
+    out: list[tuple] = [_stat(config.path)]
+    _tree(Path(config.index_path or default_index_path(config.store.path)), out)
+    _tree(Path(config.store.path), out)
+    _tree(eval_store_path(config), out)
+    for checkpoint in config.checkpoints:
+        out.append(_stat(checkpoint.path))
+        if checkpoint.optimizer:
+            out.append(_stat(checkpoint.optimizer))
+    return tuple(out)
+
+
+class Unavailable:
+    """Why the run cannot be served now: the status and message every API request and ``/readyz`` answer."""
+
+    def __init__(self, error: BaseException):
+        self.status = http_status(error) if isinstance(error, GradstoreError) else 503
+        if self.status < 500:
+            self.status = 503  # the run, not the request, is what is wrong
+        self.message = str(error) if isinstance(error, GradstoreError) else f"{type(error).__name__}: {error}"
+
+
+def _reread(config: RunConfig) -> RunConfig:
+    """The run config as its file says now (one built in memory, without a file, as it is)."""
+    if not config.path.is_file():
+        return config
+    return RunConfig.load(config.path, hf_output=config.hf.output if config.hf is not None else None)
+
+
+class Watcher:
+    """The background task that keeps ``app.state.engine`` in step with the run's files."""
+
+    def __init__(self, app: Any, config: RunConfig, interval_s: float, fingerprint: tuple | None = None):
+        self.app, self.config, self.interval_s = app, config, interval_s
+        self.fingerprint = fingerprint if fingerprint is not None else run_fingerprint(config)
+        self.reloads = 0
+
+    async def run(self) -> None:
+        """Check every ``interval_s``; reload on a change. Runs until cancelled."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.check()
+            except Exception as exc:  # the watch must outlive any one failed check
+                logger.warning("watch: check failed: %r", exc)
+
+    async def check(self) -> bool:
+        """Reload if the run's files changed since the last check; returns whether they had."""
+        now = await asyncio.to_thread(run_fingerprint, self.config)
+        if now == self.fingerprint:
+            return False
+        self.fingerprint = now
+        await self.reload()
+        return True
+
+    def _load(self) -> tuple[RunConfig, Any]:
+        config = _reread(self.config)
+        return config, open_engine(config)
+
+    async def reload(self) -> None:
+        """Build a new engine from the run's files and swap it in, or record why the run cannot be served."""
+        try:
+            config, engine = await asyncio.to_thread(self._load)
+        except Exception as exc:
+            self.app.state.unavailable = Unavailable(exc)
+            logger.warning(
+                "watch: the run's files changed and cannot be served: %s", self.app.state.unavailable.message
+            )
+            return
+        self.config = config
+        self.app.state.engine, self.app.state.unavailable = engine, None
+        self.reloads += 1
+        logger.info("watch: the run's files changed; reloaded the query engine")
