@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -27,7 +28,8 @@ from gradstore.store import (
     Segment,
     file_sha256,
 )
-from gradstore.store.gradient_store import StoreDtype
+from gradstore.store.gradient_store import PASS_SEGMENT, StoreDtype
+from gradstore.store.remote import StorePath, as_path
 
 from .adam_fold import adam_fold
 from .errors import CaptureError, NonFiniteGradientError, TaskError
@@ -67,7 +69,7 @@ class GradientLogger(GradientProjector):
         progress: bool = True,
         spec: ProjectionSpec | None = None,
     ):
-        if spec is None and init == "pca" and store is not None and (Path(store) / "zarr.json").exists():
+        if spec is None and init == "pca" and store is not None and (as_path(store) / "zarr.json").exists():
             spec = GradientStore.open(store).spec  # PCA bases are data: reuse the ones the store was written with
         super().__init__(
             model, task, rank=rank, init=init, layers=layers, seed=seed, pca_examples=pca_examples, spec=spec
@@ -83,7 +85,7 @@ class GradientLogger(GradientProjector):
         self._distributed = distributed and self.world_size > 1
         self.store: GradientStore | None = None
         if store is not None:
-            self.store = self._open_store(Path(store), dtype, chunk_rows)
+            self.store = self._open_store(as_path(store), dtype, chunk_rows)
         self._writer = BackgroundWriter()
         self._sinks: dict[str, AppendWriter] = {}
         self._capture_seen: dict[str, set[int]] = {}
@@ -99,7 +101,7 @@ class GradientLogger(GradientProjector):
             torch.distributed.barrier()
         return result if self.process_rank == 0 else others()  # type: ignore[return-value]
 
-    def _open_store(self, path: Path, dtype: str, chunk_rows: int) -> GradientStore:
+    def _open_store(self, path: StorePath, dtype: str, chunk_rows: int) -> GradientStore:
         def reopen() -> GradientStore:
             store = GradientStore.open(path, mode="a")
             store.check_compatible(self.spec, dtype)
@@ -133,9 +135,11 @@ class GradientLogger(GradientProjector):
     ) -> int:
         """Log every example's projected gradient at the model's current weights; resumable.
 
-        Rows already committed by an earlier (interrupted) call are skipped. With several processes
-        each writes the chunks it owns (chunk ``k`` belongs to rank ``k % world_size``). Returns the
-        number of rows this process computed.
+        Rows already committed by an earlier (interrupted) call are skipped. When the examples grew since the
+        checkpoint's first pass (its examples first, unchanged, then new ones), only the examples whose ids it
+        does not hold yet are logged, into an append segment (named by their ids: an interrupted append resumes).
+        With several processes each writes the chunks it owns (chunk ``k`` belongs to rank ``k % world_size``).
+        Returns the number of rows this process computed.
 
         ``optimizer_state``: Adam / Adafactor state (a path, an HF checkpoint folder with ``optimizer.pt``, an
         ``optimizer.state_dict()`` or ``{param name: exp_avg_sq}``) to apply TrackStar's second-moment correction for
@@ -162,7 +166,11 @@ class GradientLogger(GradientProjector):
             adam=factors is not None,
             adam_summary=fold.summary if fold is not None else None,
         )
-        segment = self._begin_pass(store, info, factors, len(ids))
+        examples, ids, segment_name = self._still_to_log(store, name, examples, ids)
+        if not len(ids) and segment_name != PASS_SEGMENT:  # every example is logged: check the metadata only
+            self._rank0_first(lambda: store.begin_checkpoint(info, factors), lambda: None)
+            return 0
+        segment = self._begin_pass(store, info, factors, len(ids), segment_name)
         committed, bad_records = segment.commit_records()  # a chunk with a damaged commit record is re-logged
         mine = [k for k in range(segment.n_chunks) if k % self.world_size == self.process_rank]
         damaged = [k for k in mine if k in bad_records or (committed[k] and not segment.chunk_intact(k, committed))]
@@ -194,14 +202,45 @@ class GradientLogger(GradientProjector):
             )
         return ids
 
+    def _still_to_log(
+        self, store: GradientStore, name: str, examples: Sequence, ids: np.ndarray
+    ) -> tuple[Sequence, np.ndarray, str]:
+        """The examples a pass over ``examples`` still has to log, and the segment they go to: all of them into the
+        pass segment (a new checkpoint, or one to resume with the same examples), or, when the examples grew since
+        the first pass completed (its examples first, unchanged), those after them whose ids the checkpoint does
+        not hold yet, into an append segment."""
+        if name not in store.checkpoints:
+            return examples, ids, PASS_SEGMENT
+        segments = store.segments(name)
+        first = next((s for s in segments if s.name == PASS_SEGMENT), None)
+        counts = first.commit_records()[0] if first is not None else None  # damaged records: 0, re-logged below
+        if first is None or counts is None or first.capacity >= len(ids) or counts.sum() < first.capacity:
+            return examples, ids, PASS_SEGMENT  # resume (pass_segment refuses other examples of an unfinished pass)
+        # grown: the first pass's examples must come first, unchanged (ids and content, chunk by chunk)
+        self._check_resumed_chunks(first, list(range(first.n_chunks)), counts, examples, ids, name)
+        self._barrier()  # every rank reads the same committed ids, before any writes this call's rows
+        known = store.committed_ids(name)
+        positions = first.capacity + np.flatnonzero(~np.isin(ids[first.capacity :], known))
+        self._barrier()
+        digest = hashlib.blake2b(ids[positions].tobytes(), digest_size=8).hexdigest()
+        return [examples[int(p)] for p in positions], ids[positions], f"{PASS_SEGMENT}-append-{digest}"
+
     def _begin_pass(
-        self, store: GradientStore, info: CheckpointInfo, factors: tuple[np.ndarray, np.ndarray] | None, n: int
+        self,
+        store: GradientStore,
+        info: CheckpointInfo,
+        factors: tuple[np.ndarray, np.ndarray] | None,
+        n: int,
+        segment_name: str = PASS_SEGMENT,
     ) -> Segment:
-        """Create (rank 0) or validate (other ranks) the checkpoint and its pre-sized pass segment."""
+        """Create (rank 0) or validate (other ranks) the checkpoint and its pre-sized pass (or append) segment."""
 
         def begin() -> Segment:
             store.begin_checkpoint(info, factors)
-            return store.pass_segment(info.name, n)
+            if segment_name == PASS_SEGMENT:
+                return store.pass_segment(info.name, n)
+            # an append segment is a pass segment over the new examples only (row i = i-th new example)
+            return store._create_segment(info.name, segment_name, "pass", n)
 
         return self._rank0_first(begin, begin)
 

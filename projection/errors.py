@@ -37,6 +37,7 @@ callers catch either ``GradstoreError`` (or one package's class) or the familiar
     ├── IndexOptionsError .......... ValueError         invalid IndexOptions (kind, preconditioner, mix, pq_m, ...)
     ├── QueryShapeError ............ ValueError         query vectors whose shape does not fit the index
     ├── StoreLockedError ........... TimeoutError       another `gradstore index` holds the store's lock
+    ├── RemoteStoreError ........... OSError            a store URL lacking its driver; index changed mid-fetch
     │  server/errors.py
     ├── QueryError ................. ValueError         a query the engine cannot answer as asked
     ├── ConfigError ................ ValueError         a run config (``run.toml``) or setting missing or invalid

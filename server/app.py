@@ -2,7 +2,8 @@
 and metrics.
 
 Heavy state (Task, checkpoint models, store, index) is loaded once in ``lifespan``; gradient and
-search work runs in worker threads so the event loop never blocks. Every answer that is not a 200 carries
+search work runs in worker threads so the event loop never blocks (with ``[server] batch_window_ms``, concurrent
+influence requests share a call: ``batching.py``). Every answer that is not a 200 carries
 ``{"detail": ...}`` saying what is wrong: a client's mistake is a 4xx, a run the server cannot serve (stale or
 missing index, ...) a 503; the status of each gradstore error comes from ``errors.HTTP_STATUS``.
 
@@ -39,6 +40,7 @@ from gradstore.projection import GradstoreError
 from gradstore.store import StoreCorruptError
 
 from . import __version__
+from .batching import InfluenceBatcher
 from .config import RunConfig, ServerConfig
 from .engine import QueryEngine
 from .errors import ConfigError, QueryError, http_status
@@ -221,7 +223,11 @@ def _limit(settings: ServerConfig, top_k: int, n_queries: int | None = None) -> 
 @api.post("/influence", response_model=InfluenceResponse, summary="Top proponents and opponents of query examples")
 async def influence(body: InfluenceRequest, engine: Engine, settings: Settings, request: Request) -> InfluenceResponse:
     _limit(settings, body.top_k, body.size)
-    response: InfluenceResponse = await run_in_threadpool(engine.answer_influence, body)
+    batcher: InfluenceBatcher | None = request.app.state.batcher
+    if batcher is None:
+        response: InfluenceResponse = await run_in_threadpool(engine.answer_influence, body)
+    else:
+        response = await batcher.answer(engine, body)
     _finite(response, "query")
     metrics: Metrics = request.app.state.metrics
     timings = response.timings_ms or {}
@@ -348,6 +354,9 @@ def create_app(
     app.state.watcher = None
     app.state.lifecycle = Lifecycle()  # draining is set by serving.GradstoreServer on SIGTERM
     app.state.settings = settings
+    window = settings.batch_window_ms / 1e3
+    batcher = InfluenceBatcher(window, settings.max_queries, settings.batch_merge) if window > 0 else None
+    app.state.batcher = batcher  # None: each influence request alone
     app.state.api_key = settings.api_key or None
     app.state.metrics = Metrics()
     # inside CORS: a 413 still carries its headers; before routing, so before the API key is looked at

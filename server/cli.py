@@ -70,8 +70,11 @@ def _short(example: dict, width: int = 70) -> str:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    index = index_run(_config(args), progress=not args.quiet, wait_s=args.wait)
+    index = index_run(_config(args), progress=not args.quiet, wait_s=args.wait, rebuild=args.rebuild)
     if index is not None:
+        changes = index.changes
+        if changes is not None:
+            print(f"logged {changes.logged_rows} new rows; {changes.describe()}")
         print(f"indexed {index.num_rows} examples x {len(index.checkpoints)} checkpoints into {index.path}")
 
 
@@ -254,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="SECONDS",
         help="how long to wait for another `gradstore index` on the same store to finish (default: 0, fail at once)",
+    )
+    p.add_argument(
+        "--rebuild", action="store_true", help="build the index afresh instead of updating it (reusing what holds)"
     )
     p.set_defaults(func=cmd_index)
 

@@ -35,10 +35,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
     PlainValidator,
     PrivateAttr,
     ValidationError,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     create_model,
     field_validator,
     model_validator,
@@ -55,6 +58,7 @@ from gradstore.logger import Task
 from gradstore.logger.hf_task import HFTaskError, trainer_checkpoint, trainer_checkpoints
 from gradstore.projection import Init
 from gradstore.store import IndexOptions, StoreDtype
+from gradstore.store.remote import RemotePath, StorePath, as_path, is_url
 
 from .errors import ConfigError, config_field_errors
 from .schemas import Residency
@@ -79,6 +83,16 @@ def _resolve(path: Path, info: ValidationInfo) -> Path:
 
 
 ConfigPath = Annotated[Path, AfterValidator(_resolve)]  # relative to the config's folder
+
+
+def _resolve_location(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> StorePath:
+    if isinstance(value, (str, RemotePath)) and is_url(value):
+        return as_path(value)  # a URL (s3://...) passes unchanged, as a RemotePath
+    return _resolve(handler(value), info)
+
+
+# a ConfigPath, or a store/index URL
+LocationPath = Annotated[Path, WrapValidator(_resolve_location), PlainSerializer(str, when_used="json-unless-none")]
 
 
 class _Table(BaseModel):
@@ -112,10 +126,10 @@ class ProjectionConfig(_Table):
 class StoreConfig(_Table):
     """``[store]``: the Zarr gradient store."""
 
-    path: ConfigPath = Field(description="the store's directory")
+    path: LocationPath = Field(description="the store's directory, or a URL (s3://bucket/run.zarr)")
     dtype: StoreDtype = Field(default="float16", description="dtype of the stored vectors")
     chunk_rows: int = Field(default=1024, ge=1, description="rows per Zarr chunk (the unit of writing and resuming)")
-    eval_path: ConfigPath | None = Field(
+    eval_path: LocationPath | None = Field(
         default=None, description="store of eval-set gradients for TrackStar's R_eval (default: <store stem>.eval.zarr)"
     )
 
@@ -239,6 +253,19 @@ class ServerConfig(BaseSettings):
         description="seconds between checks of the run's index, store and weights files for changes, which reload "
         "the engine (or make the API answer 503 saying why); 0: no checks",
     )
+    batch_window_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="milliseconds an influence request waits for concurrent ones with the same options, to answer "
+        "them with one gradient computation and one search (requests arriving while a batch runs join the next); "
+        "0: each request alone",
+    )
+    batch_merge: bool = Field(
+        default=False,
+        description="with batch_window_ms: one forward/backward and one search for a batch's queries (faster; scores "
+        "then differ from the unbatched ones by float32 rounding, ids and order do not); false: each request of a "
+        "batch answered in turn, bitwise as alone",
+    )
 
 
 def _index_table() -> type[BaseModel]:
@@ -253,7 +280,7 @@ def _index_table() -> type[BaseModel]:
         else:
             fields[f.name] = (hints[f.name], Field(default=f.default, description=help_text))
     path_help = "index directory (default: <store stem>.index beside the store)"
-    fields["path"] = (ConfigPath | None, Field(default=None, description=path_help))
+    fields["path"] = (LocationPath | None, Field(default=None, description=path_help))
     return create_model("IndexConfig", __base__=_Table, **fields)
 
 
@@ -299,7 +326,7 @@ class RunConfig(_Table):
     index: Annotated[IndexOptions, PlainValidator(_index_options)] = Field(
         default_factory=IndexOptions, description="[index]: IndexOptions fields"
     )
-    index_path: ConfigPath | None = Field(
+    index_path: LocationPath | None = Field(
         default=None, description="[index] path: the index directory (default: beside the store)"
     )
     query: QueryConfig = Field(default=QueryConfig(), description="[query]")

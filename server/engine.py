@@ -51,7 +51,7 @@ from .schemas import (
 )
 from .weights import WeightsFile
 
-__all__ = ["QueryEngine", "QueryError", "build_request", "lr_weights", "run_info"]
+__all__ = ["QueryEngine", "QueryError", "build_request", "influence_key", "lr_weights", "run_info"]
 
 Request = TypeVar("Request", bound=BaseModel)
 
@@ -78,6 +78,13 @@ def lr_weights(lrs: Sequence[float] | np.ndarray, lr_weighting: str) -> np.ndarr
             raise QueryError("lr_weighting='normalized' needs checkpoints whose mean lr is not zero")
         return values / mean
     raise QueryError(f"lr_weighting must be one of {LR_WEIGHTINGS}, got {lr_weighting!r}")
+
+
+def influence_key(request: InfluenceOptions) -> tuple:
+    """What influence requests must share to be answered by one :meth:`QueryEngine.answer_influence_many` call:
+    every scoring option (``top_k`` may differ)."""
+    checkpoints = None if request.checkpoints is None else tuple(request.checkpoints)
+    return (request.lr_weighting, checkpoints, request.measurement, request.normalize)
 
 
 class QueryEngine:
@@ -250,13 +257,9 @@ class QueryEngine:
             queries, vectors = request.queries, request.vectors
         if (examples is None) == (queries is None and vectors is None):
             raise QueryError("give exactly one of queries (payloads), examples, or vectors")
-        checkpoints = request.checkpoints
-        self._check_normalize(request.normalize)
-        weights = self.checkpoint_weights(checkpoints, request.lr_weighting)
-        chosen = [c for c in self.checkpoints if checkpoints is None or c in checkpoints]
+        weights, chosen = self._scoring(request)
         if vectors is not None:
-            in_request_order = chosen if checkpoints is None else list(dict.fromkeys(checkpoints))
-            raw = self._vectors(vectors, in_request_order)
+            raw = self._vectors(vectors, self._vector_order(request, chosen))
         else:
             if queries is not None:
                 examples = self.examples_from_payloads(queries)
@@ -266,21 +269,118 @@ class QueryEngine:
         gradient_done = time.perf_counter()
         found = self.index.search(raw, weights, request.top_k)
         searched = time.perf_counter()
+        results = self._results(found, range(len(raw)), examples, chosen, request.top_k)
+        timings = {"gradient": (gradient_done - start) * 1e3, "search": (searched - gradient_done) * 1e3}
+        return self._influence_response(request, results, weights, chosen, start, timings, searched)
+
+    def answer_influence_many(self, requests: Sequence[InfluenceRequest]) -> list[InfluenceResponse | GradstoreError]:
+        """Several :class:`InfluenceRequest` with the same scoring options (:func:`influence_key`; ``top_k`` may
+        differ) answered with one gradient computation for all their queries and one search per distinct ``top_k``,
+        split per request.
+
+        A request whose payloads or vectors are refused gets its error in its place; an error of the merged
+        computation (e.g. a non-finite query gradient) is raised, and the caller answers each request alone.
+        Answers equal :meth:`answer_influence`'s in ids and order; scores may differ by float32 rounding, since
+        a forward/backward over a larger batch is not bitwise identical per example."""
+        start = time.perf_counter()
+        if len({influence_key(r) for r in requests}) > 1:
+            raise ValueError("answer_influence_many takes requests with the same scoring options only")
+        first = requests[0]
+        weights, chosen = self._scoring(first)
+        out: list[InfluenceResponse | GradstoreError | None] = [None] * len(requests)
+        examples: dict[int, list] = {}
+        vectors: dict[int, np.ndarray] = {}
+        for i, request in enumerate(requests):
+            try:
+                if request.vectors is not None:
+                    vectors[i] = self._vectors(request.vectors, self._vector_order(request, chosen))
+                else:
+                    examples[i] = self.examples_from_payloads(request.queries or [])
+            except GradstoreError as exc:
+                out[i] = exc
+        flat = [example for i in sorted(examples) for example in examples[i]]
+        grads = self.query_gradients(flat, self._query_mask(weights), first.measurement) if flat else None
+        gradient_done = time.perf_counter()
+        parts: list[np.ndarray] = []
+        where: dict[int, range] = {}
+        lo = done = 0
+        for i in sorted({*examples, *vectors}):
+            if i in examples:
+                assert grads is not None
+                part, done = grads[done : done + len(examples[i])], done + len(examples[i])
+            else:
+                part = vectors[i]
+            parts.append(part)
+            where[i] = range(lo, lo + len(part))
+            lo += len(part)
+        raw = np.concatenate(parts) if parts else None
+        for top_k in sorted({requests[i].top_k for i in where}):
+            # one search per top_k: the top k of a search for more is not always the top k (rows tied at the k-th
+            # score are picked by the backend's top-k, which may differ between k and a larger one)
+            mine = [i for i in where if requests[i].top_k == top_k]
+            picked = np.concatenate([np.arange(where[i].start, where[i].stop) for i in mine])
+            searched_from = time.perf_counter()
+            assert raw is not None
+            found = self.index.search(raw[picked], weights, top_k)
+            searched = time.perf_counter()
+            timings = {"gradient": (gradient_done - start) * 1e3, "search": (searched - searched_from) * 1e3}
+            lo = 0
+            for i in mine:
+                rows = range(lo, lo + len(where[i]))
+                lo += len(where[i])
+                results = self._results(found, rows, examples.get(i), chosen, top_k)
+                out[i] = self._influence_response(requests[i], results, weights, chosen, start, timings, searched)
+        return cast("list[InfluenceResponse | GradstoreError]", out)
+
+    def _scoring(self, request: InfluenceOptions) -> tuple[np.ndarray, list[str]]:
+        """A request's checkpoint weights ``[C]`` and chosen checkpoints (in index order), its options checked."""
+        self._check_normalize(request.normalize)
+        weights = self.checkpoint_weights(request.checkpoints, request.lr_weighting)
+        return weights, [c for c in self.checkpoints if request.checkpoints is None or c in request.checkpoints]
+
+    @staticmethod
+    def _vector_order(request: InfluenceOptions, chosen: list[str]) -> list[str]:
+        return chosen if request.checkpoints is None else list(dict.fromkeys(request.checkpoints))
+
+    def _results(
+        self, found: Any, rows: range, examples: Sequence | None, chosen: list[str], top_k: int
+    ) -> list[QueryResult]:
+        """The :class:`QueryResult` of search rows ``rows`` (``examples``: their query examples, in order), each
+        list cut to ``top_k`` (the search may have been run for a larger one)."""
+        k = min(top_k, self.index.num_rows)
         results = []
-        for b in range(len(raw)):
+        for n, b in enumerate(rows):
             results.append(
                 QueryResult(
-                    query=self.task.describe(examples[b]) if examples is not None else None,
+                    query=self.task.describe(examples[n]) if examples is not None else None,
                     proponents=self._influences(
-                        found.proponent_rows[b], found.proponent_scores[b], found.proponent_contributions[b], chosen
+                        found.proponent_rows[b, :k],
+                        found.proponent_scores[b, :k],
+                        found.proponent_contributions[b, :k],
+                        chosen,
                     ),
                     opponents=self._influences(
-                        found.opponent_rows[b], found.opponent_scores[b], found.opponent_contributions[b], chosen
+                        found.opponent_rows[b, :k],
+                        found.opponent_scores[b, :k],
+                        found.opponent_contributions[b, :k],
+                        chosen,
                     ),
                     mean_abs_score=None if found.mean_abs_score is None else float(found.mean_abs_score[b]),
                     max_abs_score=None if found.max_abs_score is None else float(found.max_abs_score[b]),
                 )
             )
+        return results
+
+    def _influence_response(
+        self,
+        request: InfluenceOptions,
+        results: list[QueryResult],
+        weights: np.ndarray,
+        chosen: list[str],
+        start: float,
+        timings: dict[str, float],
+        searched: float,
+    ) -> InfluenceResponse:
         done = time.perf_counter()
         return InfluenceResponse(
             results=results,
@@ -289,11 +389,7 @@ class QueryEngine:
             lr_weighting=self.lr_weighting(request.lr_weighting),
             measurement=request.measurement,
             took_ms=(done - start) * 1e3,
-            timings_ms={
-                "gradient": (gradient_done - start) * 1e3,
-                "search": (searched - gradient_done) * 1e3,
-                "assemble": (done - searched) * 1e3,
-            },
+            timings_ms={**timings, "assemble": (done - searched) * 1e3},
         )
 
     def _check_normalize(self, normalize: bool | None) -> None:
@@ -467,9 +563,8 @@ class QueryEngine:
 
     def _stored_score(self, example_id: int, prepared: np.ndarray) -> float | None:
         """The index's score of the example for the prepared query (as its search re-scores), or None."""
-        ids = self.index.ids
-        row = int(np.searchsorted(ids, example_id))
-        if row >= len(ids) or ids[row] != example_id:
+        row = self.index.row_of(example_id)
+        if row is None:
             return None
         vector = self.index.exact_vectors(np.array([row]))[0].astype(np.float64)
         return float(vector @ prepared.ravel())

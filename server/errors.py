@@ -30,6 +30,7 @@ from gradstore.store import (
     IndexMismatchError,
     IndexNotFoundError,
     QueryShapeError,
+    RemoteStoreError,
     StaleIndexError,
     StoreFormatError,
     StoreNotFoundError,
@@ -98,6 +99,7 @@ HTTP_STATUS: Mapping[type[BaseException], int] = {
     CheckpointMismatchError: 503,
     ConfigError: 503,
     HFTaskError: 503,  # the run's model / checkpoint folder or data set
+    RemoteStoreError: 503,  # a store or index URL it cannot reach or read
 }
 
 

@@ -24,6 +24,8 @@ from gradstore.store import (
     file_sha256,
     index_lock,
 )
+from gradstore.store.index import default_index_path
+from gradstore.store.remote import as_path
 
 from .config import CheckpointConfig, RunConfig
 from .engine import QueryEngine, run_info
@@ -76,8 +78,12 @@ def _index_lock(config: RunConfig, rank: int, world: int, wait_s: float) -> Iter
         yield
 
 
-def index_run(config: RunConfig, progress: bool = True, wait_s: float = 0.0) -> GradientIndex | None:
-    """Log every training example at every checkpoint (resumable), then build the index (rank 0 only).
+def index_run(
+    config: RunConfig, progress: bool = True, wait_s: float = 0.0, rebuild: bool = False
+) -> GradientIndex | None:
+    """Log every training example at every checkpoint (resumable; only the ids a checkpoint lacks), then update the
+    index (:meth:`GradientIndex.update`: new rows appended, unchanged parts reused), or build it when there is none
+    or ``rebuild`` (rank 0 only). The returned index's ``changes`` says what was logged and done.
 
     Under ``torchrun`` each rank logs the chunks it owns. When the index uses a curvature
     preconditioner and the Task has ``eval_examples``, those are logged into the eval store for ``R_eval``.
@@ -87,10 +93,12 @@ def index_run(config: RunConfig, progress: bool = True, wait_s: float = 0.0) -> 
     """
     rank, world, device = _init_distributed()
     with _index_lock(config, rank, world, wait_s):
-        return _index_run(config, progress, rank, world, device)
+        return _index_run(config, progress, rank, world, device, rebuild)
 
 
-def _index_run(config: RunConfig, progress: bool, rank: int, world: int, device: torch.device) -> GradientIndex | None:
+def _index_run(
+    config: RunConfig, progress: bool, rank: int, world: int, device: torch.device, rebuild: bool = False
+) -> GradientIndex | None:
     task = config.make_task()
     model = task.build_model().to(device)
     p = config.projection
@@ -119,6 +127,7 @@ def _index_run(config: RunConfig, progress: bool, rank: int, world: int, device:
             chunk_rows=config.store.chunk_rows,
             progress=progress,
         )
+    logged = 0
     try:
         store = logger.store
         assert store is not None  # the logger was given a store path
@@ -138,7 +147,7 @@ def _index_run(config: RunConfig, progress: bool, rank: int, world: int, device:
                 _check_captured(store, ckpt, record=rank == 0)
             else:
                 task.load_checkpoint(model, ckpt.path)
-                pass_args(logger, examples=task.train_examples())
+                logged += pass_args(logger, examples=task.train_examples())
             if eval_logger is not None:
                 task.load_checkpoint(eval_logger.model, ckpt.path)
                 pass_args(eval_logger, examples=eval_examples)
@@ -152,14 +161,19 @@ def _index_run(config: RunConfig, progress: bool, rank: int, world: int, device:
         return None
     store = GradientStore.open(config.store.path)
     eval_store = GradientStore.open(eval_store_path(config)) if eval_logger is not None else None
-    return GradientIndex.build(
-        store,
-        config.index,
-        path=config.index_path,
-        checkpoints=[c.name for c in config.checkpoints],
-        eval_store=eval_store,
-        progress=progress,
-    )
+    checkpoints = [c.name for c in config.checkpoints]
+    index_path = as_path(config.index_path) if config.index_path is not None else default_index_path(config.store.path)
+    if not rebuild and (index_path / "manifest.json").is_file():
+        index = GradientIndex.update(
+            index_path, store, eval_store, checkpoints=checkpoints, options=config.index, progress=progress
+        )
+    else:
+        index = GradientIndex.build(
+            store, config.index, path=index_path, checkpoints=checkpoints, eval_store=eval_store, progress=progress
+        )
+    if index.changes is not None:
+        index.changes = index.changes._replace(logged_rows=logged)
+    return index
 
 
 def _check_captured(store: GradientStore, ckpt: CheckpointConfig, record: bool) -> None:

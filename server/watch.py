@@ -59,8 +59,9 @@ def _tree(root: Path, out: list[tuple]) -> None:
 def run_fingerprint(config: RunConfig) -> tuple:
     """A value that changes when the run's index, store, eval store or checkpoint files change (stat only)."""
     out: list[tuple] = [_stat(config.path)]
-    _tree(Path(config.index_path or default_index_path(config.store.path)), out)
-    _tree(Path(config.store.path), out)
+    for tree in (config.index_path or default_index_path(config.store.path), config.store.path):
+        if isinstance(tree, Path):  # a remote store or index (s3://...) is not watched: restart to reload it
+            _tree(tree, out)
     _tree(eval_store_path(config), out)
     for checkpoint in config.checkpoints:
         out.append(_stat(checkpoint.path))

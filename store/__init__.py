@@ -9,6 +9,7 @@ from .errors import (
     IndexNotFoundError,
     IndexOptionsError,
     QueryShapeError,
+    RemoteStoreError,
     StaleIndexError,
     StoreArgumentError,
     StoreCorruptError,
@@ -23,6 +24,7 @@ from .gradient_store import CheckpointInfo, GradientStore, Segment, StoreDtype, 
 from .index import GradientIndex, SearchResult, default_index_path
 from .index_options import KINDS, IndexKind, IndexOptions
 from .lock import index_lock, lock_path
+from .remote import RemotePath, as_path
 from .writer import AppendWriter, BackgroundWriter, ChunkBuffer
 
 __all__ = [
@@ -43,6 +45,8 @@ __all__ = [
     "IndexOptions",
     "IndexOptionsError",
     "QueryShapeError",
+    "RemotePath",
+    "RemoteStoreError",
     "SearchResult",
     "Segment",
     "StaleIndexError",
@@ -55,6 +59,7 @@ __all__ = [
     "StoreNotFoundError",
     "StoreReadOnlyError",
     "UnknownExampleError",
+    "as_path",
     "default_index_path",
     "file_sha256",
     "index_lock",

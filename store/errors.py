@@ -71,3 +71,8 @@ class StoreCorruptError(StoreFormatError):
 
 class StoreLockedError(GradstoreError, TimeoutError):
     """Another ``gradstore index`` holds the store's index lock; the message says who (pid, host, since when)."""
+
+
+class RemoteStoreError(GradstoreError, OSError):
+    """A store or index URL that cannot be used: no fsspec driver, bad storage options, or an index that kept
+    changing while it was downloaded."""

@@ -13,9 +13,10 @@ Layout::
 
 A segment is written one whole chunk at a time, each chunk by exactly one writer, and a chunk's commit
 count is written only after its data and ids have been written (zarr's LocalStore replaces files
-atomically). Readers serve committed rows only, so a killed writer never exposes a half-written row,
-and a resumed writer skips committed chunks. Parts: ``pass`` (offline pass; row = position in the
-example list; ranks own chunk-aligned ranges) and ``capture-*`` (append-only, one per writer).
+atomically, as an object store's PUT is: store/remote.py). Readers serve committed rows only, so a killed
+writer never exposes a half-written row, and a resumed writer skips committed chunks. Parts: ``pass`` (offline
+pass; row = position in the example list; ranks own chunk-aligned ranges) and ``capture-*`` (append-only, one
+per writer).
 """
 
 from __future__ import annotations
@@ -50,6 +51,17 @@ from .errors import (
     StoreNotFoundError,
     StoreReadOnlyError,
     UnknownExampleError,
+)
+from .remote import (
+    RemotePath,
+    StorePath,
+    as_path,
+    child_nodes,
+    node_path,
+    put_if_absent,
+    read_many,
+    zarr_metadata,
+    zarr_store,
 )
 
 FORMAT_VERSION = 1
@@ -97,11 +109,11 @@ def file_sha256(path: str | Path) -> str:
 _RELOG = "re-log it: `gradstore index` (or log_checkpoint) rewrites damaged chunks; capture runs must re-capture"
 
 
-def _store_advice(path: Path) -> str:
+def _store_advice(path: StorePath) -> str:
     return f"the store cannot be read: restore the file, or {_delete_and_relog(path, 'the run')}"
 
 
-def _delete_and_relog(directory: Path, what: str) -> str:
+def _delete_and_relog(directory: StorePath, what: str) -> str:
     return (
         f"delete {directory} and log {what} again (`gradstore index` re-logs an offline pass; the rows of a capture "
         "run must be captured again)"
@@ -115,21 +127,22 @@ def rows_checksum(ids: np.ndarray, grads: np.ndarray) -> int:
     return int.from_bytes(digest.digest(), "little") >> 1 | 1
 
 
-def _disk(node: zarr.Group | zarr.Array) -> Path:
-    """Where a node of a local store lives on disk."""
+def _disk(node: zarr.Group | zarr.Array) -> StorePath:
+    """Where a node of a store lives: its local directory, or its URL in an object store."""
     store_path = node.store_path
+    remote = node_path(store_path.store, store_path.path)
+    if remote is not None:
+        return remote
     root = getattr(store_path.store, "root", None)
     return Path(str(root)) / store_path.path if root is not None else Path(str(store_path))
 
 
-def _child_dirs(directory: Path) -> list[str]:
+def _child_dirs(directory: StorePath) -> list[str]:
     """Names of the Zarr nodes (subdirectories holding a ``zarr.json``) in ``directory``, sorted."""
-    if not directory.is_dir():
-        return []
-    return sorted(p.name for p in directory.iterdir() if (p / "zarr.json").is_file())
+    return child_nodes(directory)
 
 
-def _metadata_error(meta: Path, exc: Exception, advice: str) -> StoreCorruptError:
+def _metadata_error(meta: StorePath, exc: Exception, advice: str) -> StoreCorruptError:
     return StoreCorruptError(f"{meta} cannot be read ({type(exc).__name__}: {exc}); {advice}")
 
 
@@ -214,10 +227,9 @@ def _read_scalars(array: zarr.Array, chunks: Sequence[int]) -> tuple[np.ndarray,
             return out, bad
         return values[list(chunks)], bad
     directory, fill = _disk(array), array.metadata.fill_value
-    for i, chunk in enumerate(chunks):
-        try:
-            data = (directory / array.metadata.encode_chunk_key((chunk,))).read_bytes()
-        except FileNotFoundError:
+    files = read_many([directory / array.metadata.encode_chunk_key((chunk,)) for chunk in chunks])
+    for i, (chunk, data) in enumerate(zip(chunks, files)):
+        if data is None:
             out[i] = fill
             continue
         if len(data) != dtype.itemsize:
@@ -437,7 +449,7 @@ class GradientStore:
     :meth:`open` with ``mode="a"``.
     """
 
-    def __init__(self, root: zarr.Group, path: Path, read_only: bool):
+    def __init__(self, root: zarr.Group, path: StorePath, read_only: bool):
         self.root = root
         self.path = path
         self.read_only = read_only
@@ -449,15 +461,15 @@ class GradientStore:
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, mode: Literal["r", "a"] = "r") -> GradientStore:
-        """Open an existing store, read-only by default."""
-        path = Path(path)
+    def open(cls, path: str | Path | RemotePath, mode: Literal["r", "a"] = "r") -> GradientStore:
+        """Open an existing store (a folder, or a URL such as ``s3://bucket/run.zarr``), read-only by default."""
+        path = as_path(path)
         if not (path / "zarr.json").exists():
             raise StoreNotFoundError(f"no gradient store at {path} (run `gradstore index` or GradientLogger first)")
         if mode not in ("r", "a"):
             raise StoreArgumentError(f"mode must be 'r' or 'a', got {mode!r}")
         try:
-            root = zarr.open_group(str(path), mode=mode)
+            root = zarr.open_group(zarr_store(path, read_only=mode == "r"), mode=mode)
         except Exception as exc:  # a truncated or garbled root zarr.json
             raise _metadata_error(path / "zarr.json", exc, _store_advice(path)) from exc
         if (
@@ -468,10 +480,10 @@ class GradientStore:
 
     @classmethod
     def create(
-        cls, path: str | Path, spec: ProjectionSpec, dtype: str = "float16", chunk_rows: int = 1024
+        cls, path: str | Path | RemotePath, spec: ProjectionSpec, dtype: str = "float16", chunk_rows: int = 1024
     ) -> GradientStore:
-        """Create a new, empty store; fails if one exists."""
-        path = Path(path)
+        """Create a new, empty store (a folder, or a URL); fails if one exists."""
+        path = as_path(path)
         if dtype not in DTYPES:
             raise StoreArgumentError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if not isinstance(chunk_rows, int) or chunk_rows < 1:
@@ -480,7 +492,7 @@ class GradientStore:
             raise ProjectionSpecError("store the spec with its matrix checksum (ProjectionSpec.with_checksum)")
         if (path / "zarr.json").exists():
             raise StoreExistsError(f"a store already exists at {path}; open it, or choose another path")
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if isinstance(path, Path) and path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StoreExistsError(f"{path} exists and is not a gradient store; remove it or choose another path")
         meta: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
@@ -489,6 +501,8 @@ class GradientStore:
             "dtype": dtype,
             "chunk_rows": chunk_rows,
         }
+        if isinstance(path, RemotePath):
+            return cls._create_remote(path, meta)
         path.parent.mkdir(parents=True, exist_ok=True)
         scratch = scratch_dir(path, "creating")  # built aside and renamed: a crash never leaves half a store
         zarr.open_group(str(scratch), mode="w-", attributes={"gradstore": meta}).create_group("checkpoints")
@@ -497,11 +511,27 @@ class GradientStore:
         return cls(zarr.open_group(str(path), mode="r+"), path, read_only=False)
 
     @classmethod
+    def _create_remote(cls, path: RemotePath, meta: dict[str, Any]) -> GradientStore:
+        """No rename on object stores: ``checkpoints/zarr.json`` first, then the root ``zarr.json`` by a conditional
+        create-if-absent PUT, which is the commit (a store exists iff its root ``zarr.json`` does)."""
+        leftovers = set(path.files()) - {"checkpoints/zarr.json"}  # what a create killed before its commit leaves
+        if leftovers:
+            raise StoreExistsError(
+                f"{path} holds objects ({sorted(leftovers)[:5]}) but no gradient store; remove them or choose "
+                "another path"
+            )
+        objects = zarr_metadata({"gradstore": meta}, ["checkpoints"])
+        (path / "checkpoints" / "zarr.json").write_bytes(objects["checkpoints/zarr.json"])
+        if not put_if_absent(path / "zarr.json", objects["zarr.json"]):
+            raise StoreExistsError(f"a store was created at {path} by another process meanwhile; open it")
+        return cls(zarr.open_group(zarr_store(path, read_only=False), mode="r+"), path, read_only=False)
+
+    @classmethod
     def open_or_create(
-        cls, path: str | Path, spec: ProjectionSpec, dtype: str = "float16", chunk_rows: int = 1024
+        cls, path: str | Path | RemotePath, spec: ProjectionSpec, dtype: str = "float16", chunk_rows: int = 1024
     ) -> GradientStore:
         """Open a store for writing, creating it if absent; refuses a store written with another projection."""
-        path = Path(path)
+        path = as_path(path)
         if not (path / "zarr.json").exists():
             try:
                 return cls.create(path, spec, dtype=dtype, chunk_rows=chunk_rows)
@@ -819,7 +849,7 @@ class GradientStore:
         return f"GradientStore({str(self.path)!r}, D={self.dim}, dtype={self.dtype}, checkpoints={self.checkpoints})"
 
 
-def _read_meta(root: zarr.Group, path: Path) -> dict:
+def _read_meta(root: zarr.Group, path: StorePath) -> dict:
     meta = root.attrs.get("gradstore")
     if not isinstance(meta, dict):
         raise StoreFormatError(f"{path} is a Zarr group but not a gradstore store (no 'gradstore' attribute)")

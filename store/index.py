@@ -10,37 +10,58 @@ The index kind picks a search backend (``store/search.py``): ``flat`` scans ever
 mean/max |score|; ``ivf``, ``hnsw`` and ``ivfpq`` are FAISS indexes whose candidates (``k * rerank`` of them)
 are re-scored exactly here, from the exact vectors the backend holds or from the candidates' rows in the store.
 
-On disk (a directory, by default ``<store stem>.index`` beside the store)::
+On disk (a directory, by default ``<store stem>.index`` beside the store; format 3)::
 
-    manifest.json      options, checkpoints, dims, store fingerprint (written last; store/manifest.py)
-    ids.npy            [N] example ids of the rows
-    sqnorms.npy        [N, C] squared norms of the transformed vectors (self-influence)
-    preconditioner.npz per-checkpoint per-layer transforms
-    vectors.npy        flat: [N, C*D] float32
-    faiss.index        ivf / hnsw / ivfpq
+    manifest.json                     options, checkpoints, dims, store fingerprint, row parts and parts (written last)
+    ids.npy                           [N] example ids of the rows (row parts in order; each part's ids sorted)
+    sqnorms.npy                       [N, C] self-influence terms, taken before normalisation
+    preconditioners/<checkpoint>.npz  each checkpoint's per-layer transforms
+    vectors/<checkpoint>/part-<r>.npy flat: [rows of row part r, D] in the store's dtype (float16 or float32)
+    faiss.index                       ivf / hnsw / ivfpq
 
-A build writes a temporary directory and swaps it in, so a crash never leaves a half-built index.
+Rows come in *row parts*: a build writes one, each :meth:`GradientIndex.update` that finds new example ids appends
+one. An update reuses every part whose inputs did not change (hard links of the same bytes) and writes the rest:
+
+* ``identity``: exactly incremental; new rows are transformed alone, a new checkpoint gets its own parts.
+* ``kfac`` / ``block`` / ``ekfac``: statistics are per checkpoint, so a new checkpoint is fitted alone and the
+  others reused; a checkpoint whose rows changed (new examples logged there) is refitted on all its rows and all its
+  parts re-transformed, so the result equals a fresh build (a kept transform would silently drift from it).
+* ``source``: every checkpoint's transform chains the later ones, so any change rebuilds everything.
+* FAISS kinds: new rows of unchanged checkpoints are added to the FAISS index (``add``: the trained quantiser is
+  kept, recall as a fresh build's up to the quantiser's sample); any other change (a new checkpoint changes the
+  concatenated dimension, a refitted one every vector) rebuilds the FAISS structure.
+
+A build or update writes a temporary directory and swaps it in, so a crash never leaves a half-built index, and
+:meth:`GradientIndex.open` reads one directory (through a descriptor), so a reader sees the old or the new index.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+import shutil
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import faiss
 import numpy as np
 import torch
 
 from gradstore.projection import Preconditioner, PreconditionerKind, kind_traits, normalize_rows
 
-from .errors import QueryShapeError, StoreFormatError
+from .errors import IndexMismatchError, IndexNotFoundError, QueryShapeError, StoreFormatError
 from .gradient_store import GradientStore
 from .index_options import BUILD_FIELDS, KINDS, IndexKind, IndexOptions
 from .manifest import IndexManifest, building
+from .parts import part_name
+from .remote import RemotePath, StorePath, as_path, fetch_index, local_index_dir, publish_index
 from .rows import CheckpointRows
-from .search import BACKENDS, SearchBackend
+from .search import BACKENDS, FlatBackend, SearchBackend
 from .vectors import VectorSource, fit_preconditioners, indexed_ids
 
 __all__ = [
@@ -50,10 +71,9 @@ __all__ = [
     "IndexKind",
     "IndexOptions",
     "SearchResult",
+    "UpdateSummary",
     "default_index_path",
 ]
-
-PRECONDITIONER_FILE = "preconditioner.npz"
 
 
 @dataclass
@@ -88,38 +108,188 @@ class _Fetched(NamedTuple):
         return self.vectors[np.searchsorted(self.rows, rows)]
 
 
-def default_index_path(store_path: str | Path) -> Path:
-    """``<store stem>.index`` beside the store."""
-    store_path = Path(store_path)
+def default_index_path(store_path: str | Path | RemotePath) -> StorePath:
+    """``<store stem>.index`` beside the store (a URL beside a remote store)."""
+    store_path = as_path(store_path)
     return store_path.with_suffix(".index") if store_path.suffix else store_path.with_name(store_path.name + ".index")
 
 
-def _save_preconditioners(directory: Path, preconditioners: dict[str, Preconditioner]) -> None:
-    arrays = {key: array for name, p in preconditioners.items() for key, array in p.to_arrays(name).items()}
-    np.savez(directory / PRECONDITIONER_FILE, **arrays)  # type: ignore[arg-type]  # the stub confuses allow_pickle
+def _save_preconditioner(path: Path, name: str, preconditioner: Preconditioner) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, Any] = preconditioner.to_arrays(name)
+    np.savez(path, **arrays)
 
 
-def _load_preconditioners(
-    directory: Path, kind: PreconditionerKind, store: GradientStore, checkpoints: Sequence[str]
-) -> dict[str, Preconditioner]:
-    arrays = dict(np.load(directory / PRECONDITIONER_FILE))
-    return {name: Preconditioner.from_arrays(kind, store.spec.layers, arrays, name) for name in checkpoints}
+def _load_preconditioner(path: Path, kind: PreconditionerKind, store: GradientStore, name: str) -> Preconditioner:
+    with np.load(path) as arrays:
+        return Preconditioner.from_arrays(kind, store.spec.layers, dict(arrays), name)
+
+
+def _checkpoint_fingerprint(store: GradientStore, name: str) -> str:
+    """Hash of a checkpoint's metadata and commit state in ``store`` (its rows change -> the hash changes)."""
+    digest = hashlib.sha256(json.dumps(asdict(store.checkpoint_info(name)), sort_keys=True, default=str).encode())
+    for segment in store.segments(name):
+        digest.update(segment.name.encode())
+        digest.update(segment.committed_counts().tobytes())
+        digest.update(segment.skipped_ids.tobytes())
+    return digest.hexdigest()
+
+
+def _ids_digest(ids: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(ids, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
+
+
+def _link(source: Path, target: Path) -> None:
+    """``target`` the same bytes as ``source`` (a hard link; a copy where links are not possible)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+@contextlib.contextmanager
+def _snapshot(path: Path) -> Iterator[Path]:
+    """A path that reaches the index directory ``path`` names now, also after an update swaps another one in."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        yield path  # IndexManifest.read says there is no index
+        return
+    try:
+        proc = Path(f"/proc/self/fd/{fd}")
+        yield proc if proc.is_dir() else path
+    finally:
+        os.close(fd)
+
+
+def _swapped(path: Path, snapshot: Path) -> bool:
+    """Whether ``path`` now names another directory than ``snapshot`` (an update swapped in meanwhile)."""
+    try:
+        return snapshot != path and os.stat(snapshot).st_ino != os.stat(path).st_ino
+    except OSError:
+        return True
+
+
+def _previous_part(previous: IndexManifest | None, name: str, row_part: int) -> dict[str, Any] | None:
+    if previous is None or name not in previous.checkpoints or row_part >= len(previous.row_parts):
+        return None
+    return previous.part(name, row_part)
+
+
+def _faiss_parts(
+    previous: IndexManifest | None,
+    path: Path,
+    directory: Path,
+    plan: dict[tuple[str, int], dict[str, Any]],
+    checkpoints: list[str],
+    row_parts: list[list[int]],
+    source: VectorSource,
+    ids: np.ndarray,
+    options: IndexOptions,
+    sqnorms: np.ndarray,
+    progress: bool,
+) -> tuple[str, int]:
+    """The FAISS structure of an update: new rows added to the previous one when every earlier part holds, else
+    built again. Fills ``sqnorms``; returns what was done and how many (row, checkpoint) vectors were computed."""
+    backend = BACKENDS[options.kind]
+    file = getattr(backend, "FILE", "faiss.index")
+    old_parts = len(previous.row_parts) if previous is not None else 0
+    if previous is None:
+        why = "a full build"
+    elif previous.checkpoints != checkpoints:
+        why = "the checkpoints changed the concatenated dimension"
+    elif not all(plan[(name, r)]["reused"] for name in checkpoints for r in range(old_parts)):
+        why = "a checkpoint's transform or rows changed"
+    elif not (path / file).is_file():
+        why = f"{file} is missing"
+    elif getattr(options, "on_disk", False) and not hasattr(backend, "append"):
+        why = "on-disk inverted lists name their directory"  # faiss add would write into the old one
+    else:
+        start = previous.row_parts[-1][1] if previous.row_parts else 0
+        new_ids = ids[start:]
+        if not len(new_ids):
+            _link(path / file, directory / file)
+            return "unchanged", 0
+        append = getattr(backend, "append", None)
+        if append is not None:  # a backend whose files need more than faiss read/add/write
+            sqnorms[start:] = append(path, source, new_ids, options, directory, progress)
+        else:
+            index = faiss.read_index(str(path / file))
+            for block in source.blocks(new_ids, options.block_rows, f"adding ({options.kind})", progress):
+                index.add(block.vectors)
+                sqnorms[start + block.start : start + block.start + len(block.vectors)] = block.sqnorms
+            faiss.write_index(index, str(directory / file))
+        return f"added {len(new_ids)} rows", len(new_ids) * len(checkpoints)
+    for part in plan.values():
+        part["reused"] = False
+    sqnorms[:] = backend.build(source, ids, options, directory, progress)
+    return f"rebuilt ({why})", len(ids) * len(checkpoints)
+
+
+class UpdateSummary(NamedTuple):
+    """What :meth:`GradientIndex.update` (or a build) did."""
+
+    appended_rows: int  # examples added as a new row part
+    checkpoints_added: list[str]  # checkpoints the previous index did not cover
+    refitted: list[str]  # checkpoints whose preconditioner was fitted now (new, or their rows changed)
+    parts_reused: int  # (checkpoint, row part) parts kept byte for byte
+    parts_written: int
+    vectors_computed: int  # (row, checkpoint) vectors transformed
+    faiss: str | None  # FAISS kinds: "added N rows" or "rebuilt (why)"
+    rebuilt: str | None  # why everything was built afresh (None: incremental)
+    logged_rows: int = 0  # set by `gradstore index`: rows its logging pass computed
+
+    def describe(self) -> str:
+        """One line: ``appended 40 rows at 3 checkpoints; reused 3 parts`` and the like."""
+        if self.rebuilt is not None:
+            out = [f"built all {self.parts_written} parts ({self.rebuilt})"]
+        else:
+            out = [f"appended {self.appended_rows} rows"]
+            if self.checkpoints_added:
+                out.append(f"added checkpoints {self.checkpoints_added}")
+            if self.refitted:
+                out.append(f"refitted {self.refitted} (their rows changed)")
+            out.append(f"reused {self.parts_reused} parts, wrote {self.parts_written}")
+        if self.faiss:
+            out.append(f"faiss: {self.faiss}")
+        return "; ".join(out)
 
 
 class GradientIndex:
-    """A built index, loaded and checked against its store. Create with :meth:`build`, load with :meth:`open`."""
+    """A built index, loaded and checked against its store. Create with :meth:`build`, extend with :meth:`update`,
+    load with :meth:`open`."""
 
-    def __init__(self, path: Path, store: GradientStore, manifest: IndexManifest, device: str | None = None):
+    changes: UpdateSummary | None = None  # set on the index a build or update returns
+
+    def __init__(
+        self,
+        path: Path,
+        store: GradientStore,
+        manifest: IndexManifest,
+        device: str | None = None,
+        files_at: Path | None = None,
+    ):
+        files_at = files_at if files_at is not None else path
         self.path, self.store, self.manifest = path, store, manifest
         self.options = manifest.options
         self.checkpoints: list[str] = list(manifest.checkpoints)
         self.lrs: dict[str, float] = dict(zip(self.checkpoints, manifest.lrs, strict=True))
         self.dim = store.dim
-        self.ids = np.load(path / "ids.npy")
-        self.sqnorms = np.load(path / "sqnorms.npy")
-        self.preconditioners = _load_preconditioners(path, self.options.preconditioner, store, self.checkpoints)
+        self.ids = np.load(files_at / "ids.npy")
+        self._id_order = np.argsort(self.ids, kind="stable")  # rows by id: parts are sorted within, not across
+        self.sqnorms = np.load(files_at / "sqnorms.npy")
+        self.preconditioners = {
+            name: _load_preconditioner(
+                files_at / manifest.checkpoint_state[name]["preconditioner_file"],
+                self.options.preconditioner,
+                store,
+                name,
+            )
+            for name in self.checkpoints
+        }
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.backend: SearchBackend = BACKENDS[self.options.kind].load(path, self.options, self.device)
+        self.backend: SearchBackend = BACKENDS[self.options.kind].load(files_at, self.options, self.device)
         self._store_vectors: VectorSource | None = None  # reads exact vectors a backend does not hold
 
     # -- building ------------------------------------------------------------------------------
@@ -128,14 +298,90 @@ class GradientIndex:
         cls,
         store: GradientStore,
         options: IndexOptions | None = None,
-        path: str | Path | None = None,
+        path: str | StorePath | None = None,
         checkpoints: Sequence[str] | None = None,
         eval_store: GradientStore | None = None,
         progress: bool = True,
     ) -> GradientIndex:
         """Build (or replace) the index of ``store`` (default options: :class:`IndexOptions`) and return it loaded."""
         options = options if options is not None else IndexOptions()
-        path = Path(path) if path is not None else default_index_path(store.path)
+        target = as_path(path) if path is not None else default_index_path(store.path)
+        local = local_index_dir(target)
+        index = cls._write(store, options, local, checkpoints, eval_store, progress, None, "a full build")
+        publish_index(index.path, target)  # remote: built in the local cache, then uploaded (manifest last)
+        return index
+
+    @classmethod
+    def rebuild(
+        cls, path: str | StorePath, store: GradientStore, eval_store: GradientStore | None = None, progress: bool = True
+    ) -> GradientIndex:
+        """Build again with the options and checkpoints of the index at ``path`` (any format version)."""
+        options, checkpoints = IndexManifest.read_request(fetch_index(as_path(path)))
+        return cls.build(store, options, path, checkpoints, eval_store=eval_store, progress=progress)
+
+    @classmethod
+    def update(
+        cls,
+        path: str | StorePath,
+        store: GradientStore,
+        eval_store: GradientStore | None = None,
+        checkpoints: Sequence[str] | None = None,
+        options: IndexOptions | None = None,
+        progress: bool = True,
+    ) -> GradientIndex:
+        """Bring the index at ``path`` up to date with ``store``, reusing what did not change; returns it loaded,
+        with :attr:`changes` saying what was done.
+
+        New example ids (in every checkpoint's union) are transformed and appended as a new row part; a checkpoint
+        in ``checkpoints`` (default: the index's) that the index lacks gets its own parts; the rest is reused as the
+        module docstring's rule says (``identity`` exact; ``kfac`` / ``block`` / ``ekfac`` refit a checkpoint whose
+        rows changed; ``source`` rebuilds). Other ``options`` (build-time ones), an index of another format version
+        or ``source`` fall back to a full build. The result equals :meth:`build` on the same store (the row order
+        aside: appended rows follow the earlier ones). Built aside and swapped in, as builds are."""
+        target = as_path(path)
+        path = fetch_index(target)  # remote: the current index, downloaded into the local cache
+        try:
+            previous: IndexManifest | None = IndexManifest.read(path)
+            reason = None
+        except IndexMismatchError as exc:  # another format version or unreadable: build with what it records
+            try:
+                built, built_checkpoints = IndexManifest.read_request(path)
+            except IndexMismatchError:
+                if options is None or checkpoints is None:
+                    raise  # nothing says what to build
+                built, built_checkpoints = options, list(checkpoints)
+            previous, reason = None, f"the index could not be extended: {exc}"
+            options = options if options is not None else built
+            checkpoints = checkpoints if checkpoints is not None else built_checkpoints
+        if previous is not None:
+            options = previous.options if options is None else options
+            checkpoints = previous.checkpoints if checkpoints is None else checkpoints
+            try:
+                previous.check_files(path)  # a damaged part is built again, never reused
+            except IndexMismatchError as exc:
+                previous, reason = None, f"the index is damaged: {exc}"
+        assert options is not None
+        if previous is not None and options.build_key() != previous.options.build_key():
+            previous, reason = None, "the build options changed"
+        if previous is not None and options.preconditioner == "source":
+            previous, reason = None, "source chains every checkpoint's transform"
+        index = cls._write(store, options, path, checkpoints, eval_store, progress, previous, reason)
+        publish_index(index.path, target)
+        return index
+
+    @classmethod
+    def _write(
+        cls,
+        store: GradientStore,
+        options: IndexOptions,
+        path: Path,
+        checkpoints: Sequence[str] | None,
+        eval_store: GradientStore | None,
+        progress: bool,
+        previous: IndexManifest | None,
+        reason: str | None,
+    ) -> GradientIndex:
+        """Build the index at ``path``, reusing the parts of ``previous`` (the manifest there now) that still hold."""
         checkpoints = list(checkpoints) if checkpoints is not None else store.checkpoints
         if not checkpoints:
             raise StoreFormatError(f"store {store.path} has no checkpoints to index; log some first")
@@ -145,67 +391,201 @@ class GradientIndex:
             eval_store = None  # R_eval only enters curvature preconditioners (not identity, not source's dynamics)
         if eval_store is not None:
             eval_store.check_compatible(store.spec)
+        if previous is not None and (
+            previous.dim != store.dim or previous.projection_fingerprint != store.spec.fingerprint()
+        ):
+            previous, reason = None, "the store's projection changed"
+        if previous is not None and (previous.eval_store is None) != (eval_store is None):
+            previous, reason = None, "an eval store was added or removed"
         # fingerprints first: rows committed while the index is built then make it stale instead of incomplete
         store_fingerprint = store.fingerprint()
         eval_fingerprint = eval_store.fingerprint() if eval_store is not None else None
+        states = {
+            name: _checkpoint_fingerprint(store, name)
+            + (":" + _checkpoint_fingerprint(eval_store, name) if eval_store is not None else "")
+            for name in checkpoints
+        }
         rows = {name: CheckpointRows(store, name) for name in checkpoints}
-        ids, missing = indexed_ids(rows)
+        union, missing = indexed_ids(rows)
         absent = {name: m["absent"] for name, m in missing.items() if m["absent"]}
         if absent:
             warnings.warn(
                 f"{sum(absent.values())} example rows are absent (not logged) at some checkpoints, which then count "
                 "them "
                 f"as zero (per checkpoint: {absent}). Finish logging (it resumes) and rebuild to include them.",
-                stacklevel=2,
+                stacklevel=3,
             )
-        manifest = IndexManifest(
-            options=options,
-            checkpoints=checkpoints,
-            lrs=[store.checkpoint_info(name).lr for name in checkpoints],
-            dim=store.dim,
-            num_rows=len(ids),
-            store_fingerprint=store_fingerprint,
-            projection_fingerprint=store.spec.fingerprint(),
-            eval_store=str(eval_store.path) if eval_store is not None else None,
-            eval_fingerprint=eval_fingerprint,
-            missing_rows=missing,
-        )
-        preconditioners = fit_preconditioners(store, eval_store, checkpoints, options, progress)
-        source = VectorSource(rows, preconditioners, options.normalize, store.dim)
+        old_ids = np.load(path / "ids.npy") if previous is not None else None
+        if old_ids is not None and not np.isin(old_ids, union).all():
+            previous, old_ids, reason = None, None, "rows the index holds are gone from the store"
+        if previous is None or old_ids is None:
+            ids, row_parts = union, [[0, len(union)]]
+        else:
+            new_ids = np.setdiff1d(union, old_ids, assume_unique=True)
+            ids = np.concatenate([old_ids, new_ids])
+            row_parts = [list(r) for r in previous.row_parts] + ([[len(old_ids), len(ids)]] if len(new_ids) else [])
+        prev_state = previous.checkpoint_state if previous is not None else {}
+        refit = [
+            name
+            for name in checkpoints
+            if name not in prev_state
+            or (options.preconditioner != "identity" and prev_state[name]["fingerprint"] != states[name])
+        ]
+        fitted = fit_preconditioners(store, eval_store, refit, options, progress) if refit else {}
+        preconditioners = {
+            name: fitted[name]
+            if name in fitted
+            else _load_preconditioner(
+                path / prev_state[name]["preconditioner_file"], options.preconditioner, store, name
+            )
+            for name in checkpoints
+        }
+        # which (checkpoint, row part) parts still hold: same rows, same transform, same rows present there
+        plan: dict[tuple[str, int], dict[str, Any]] = {}
+        for r, (start, stop) in enumerate(row_parts):
+            part_ids = ids[start:stop]
+            digest = _ids_digest(part_ids)
+            for name in checkpoints:
+                present = int(np.isin(part_ids, rows[name].sorted_ids, assume_unique=True).sum())
+                entry = {
+                    "checkpoint": name,
+                    "row_part": r,
+                    "rows": [start, stop],
+                    "ids_blake2b": digest,
+                    "present": present,
+                    "file": part_name(name, r) if options.kind == "flat" else None,
+                    "dtype": str(np.dtype(store.dtype)) if options.kind == "flat" else None,
+                    "fitted_rows": rows[name].sorted_ids.size
+                    if name in fitted
+                    else prev_state.get(name, {}).get("fitted_rows"),
+                }
+                old = _previous_part(previous, name, r)
+                reuse = (
+                    name not in fitted
+                    and old is not None
+                    and old["ids_blake2b"] == digest
+                    and old["present"] == present
+                )
+                plan[(name, r)] = {**(old if reuse and old is not None else entry), "reused": reuse}
+        n, c = len(ids), len(checkpoints)
+        sqnorms = np.zeros((n, c))
+        computed = 0
+        faiss_note = None
         with building(path) as directory:
-            sqnorms = BACKENDS[options.kind].build(source, ids, options, directory, progress)
+            if previous is not None:
+                old_sq = np.load(path / "sqnorms.npy")
+                for (name, _), part in plan.items():
+                    if part["reused"]:
+                        start, stop = part["rows"]
+                        sqnorms[start:stop, checkpoints.index(name)] = old_sq[
+                            start:stop, previous.checkpoints.index(name)
+                        ]
+                        if part["file"] is not None:
+                            _link(path / part["file"], directory / part["file"])
+            if options.kind == "flat":
+                for r, (start, stop) in enumerate(row_parts):
+                    todo = [name for name in checkpoints if not plan[(name, r)]["reused"]]
+                    if not todo:
+                        continue
+                    source = VectorSource(
+                        {m: rows[m] for m in todo}, {m: preconditioners[m] for m in todo}, options.normalize, store.dim
+                    )
+                    part_sq, dtypes = FlatBackend.write_parts(
+                        source, ids[start:stop], r, directory, np.dtype(store.dtype), options.block_rows, progress
+                    )
+                    for j, name in enumerate(todo):
+                        sqnorms[start:stop, checkpoints.index(name)] = part_sq[:, j]
+                        plan[(name, r)]["dtype"] = str(dtypes[name])
+                    computed += (stop - start) * len(todo)
+            else:
+                source = VectorSource(rows, preconditioners, options.normalize, store.dim)
+                faiss_note, computed = _faiss_parts(
+                    previous, path, directory, plan, checkpoints, row_parts, source, ids, options, sqnorms, progress
+                )
+            for name in checkpoints:
+                target = f"preconditioners/{name}.npz"
+                if name in fitted:
+                    _save_preconditioner(directory / target, name, fitted[name])
+                else:
+                    _link(path / prev_state[name]["preconditioner_file"], directory / target)
             np.save(directory / "ids.npy", ids)
             np.save(directory / "sqnorms.npy", sqnorms)
-            _save_preconditioners(directory, preconditioners)
+            manifest = IndexManifest(
+                options=options,
+                checkpoints=checkpoints,
+                lrs=[store.checkpoint_info(name).lr for name in checkpoints],
+                dim=store.dim,
+                num_rows=n,
+                store_fingerprint=store_fingerprint,
+                projection_fingerprint=store.spec.fingerprint(),
+                eval_store=str(eval_store.path) if eval_store is not None else None,
+                eval_fingerprint=eval_fingerprint,
+                missing_rows=missing,
+                row_parts=row_parts,
+                parts=[{k: v for k, v in part.items() if k != "reused"} for part in plan.values()],
+                checkpoint_state={
+                    name: {
+                        "fingerprint": states[name],
+                        "rows": int(rows[name].sorted_ids.size),
+                        "fitted_rows": int(rows[name].sorted_ids.size)
+                        if name in fitted
+                        else prev_state[name]["fitted_rows"],
+                        "preconditioner_file": f"preconditioners/{name}.npz",
+                    }
+                    for name in checkpoints
+                },
+            )
             manifest.with_files(directory).write(directory)  # last: a directory with a manifest is a finished index
-        return cls.open(path, store, options=options, eval_store=eval_store)
-
-    @classmethod
-    def rebuild(
-        cls, path: str | Path, store: GradientStore, eval_store: GradientStore | None = None, progress: bool = True
-    ) -> GradientIndex:
-        """Build again with the options and checkpoints of the index at ``path`` (e.g. after the store grew)."""
-        manifest = IndexManifest.read(Path(path))
-        return cls.build(store, manifest.options, path, manifest.checkpoints, eval_store=eval_store, progress=progress)
+        index = cls.open(path, store, options=options, eval_store=eval_store)
+        reused = sum(part["reused"] for part in plan.values())
+        index.changes = UpdateSummary(
+            appended_rows=0 if previous is None or old_ids is None else n - len(old_ids),
+            checkpoints_added=[m for m in checkpoints if previous is not None and m not in previous.checkpoints],
+            refitted=[m for m in fitted if previous is not None and m in previous.checkpoints],
+            parts_reused=reused,
+            parts_written=len(plan) - reused,
+            vectors_computed=computed,
+            faiss=faiss_note,
+            rebuilt=reason if previous is None else None,
+        )
+        return index
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
     def open(
         cls,
-        path: str | Path | None,
+        path: str | StorePath | None,
         store: GradientStore,
         options: IndexOptions | None = None,
         eval_store: GradientStore | None = None,
         device: str | None = None,
     ) -> GradientIndex:
-        """Load an index, refusing one whose store changed or whose build options differ from ``options``."""
-        path = Path(path) if path is not None else default_index_path(store.path)
-        manifest = IndexManifest.read(path)
-        if not kind_traits(manifest.options.preconditioner).eval_mix:
+        """Load an index, refusing one whose store changed or whose build options differ from ``options``.
+
+        Every file is read from the one directory ``path`` named when the call began (an update that swaps a new
+        one in meanwhile is seen on the next call)."""
+        path = fetch_index(as_path(path) if path is not None else default_index_path(store.path))
+        if not kind_traits(IndexManifest.read(path).options.preconditioner).eval_mix:
             eval_store = None  # built without one (source): an eval store beside the run does not change it
-        manifest.check_store(path, store, eval_store)
-        manifest.check_files(path)
-        return cls(path, store, manifest.with_search_options(path, options), device=device)
+        for attempt in range(8):
+            with _snapshot(path) as files_at:
+                try:
+                    manifest = IndexManifest.read(files_at, label=path)
+                    manifest.check_store(path, store, eval_store)
+                    manifest.check_files(files_at, label=path)
+                    return cls(path, store, manifest.with_search_options(path, options), device, files_at=files_at)
+                except (IndexMismatchError, IndexNotFoundError, OSError):
+                    if attempt == 7 or not _swapped(path, files_at):
+                        raise
+                    # an update replaced (and removed) this directory while it was read: read the new one
+        raise AssertionError("unreachable")
+
+    def row_of(self, example_id: int) -> int | None:
+        """The index row of an example id, or None when the index does not hold it."""
+        pos = int(np.searchsorted(self.ids, example_id, sorter=self._id_order))
+        if pos >= len(self.ids) or self.ids[self._id_order[pos]] != example_id:
+            return None
+        return int(self._id_order[pos])
 
     # -- searching -----------------------------------------------------------------------------
     @property

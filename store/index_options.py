@@ -9,10 +9,22 @@ from gradstore.projection import PRECONDITIONERS, PreconditionerKind
 
 from .errors import IndexOptionsError
 
-IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq"]
+IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq", "ivfsq"]
 KINDS: tuple[IndexKind, ...] = get_args(IndexKind)
+ON_DISK_KINDS: tuple[IndexKind, ...] = ("ivf", "ivfsq", "ivfpq")
 # Options that change the built vectors or FAISS structure; the others are search-time knobs.
-BUILD_FIELDS = ("kind", "preconditioner", "normalize", "damping", "mix", "nlist", "hnsw_m", "ef_construction", "pq_m")
+BUILD_FIELDS = (
+    "kind",
+    "preconditioner",
+    "normalize",
+    "damping",
+    "mix",
+    "nlist",
+    "hnsw_m",
+    "ef_construction",
+    "pq_m",
+    "on_disk",
+)
 
 
 @dataclass(frozen=True)
@@ -23,7 +35,11 @@ class IndexOptions:
     """
 
     kind: IndexKind = field(
-        default="flat", metadata={"help": "flat: exact scan; ivf / hnsw / ivfpq: FAISS candidates re-scored exactly"}
+        default="flat",
+        metadata={
+            "help": "flat: exact scan; ivf / hnsw / ivfpq / ivfsq (8-bit scalar quantizer): FAISS candidates "
+            "re-scored exactly"
+        },
     )
     preconditioner: PreconditionerKind = field(
         default="identity",
@@ -43,16 +59,27 @@ class IndexOptions:
             "help": "TrackStar's lambda: R = mix * R_eval + (1 - mix) * R_train (eval store given; not for source)"
         },
     )
-    nlist: int | None = field(default=None, metadata={"help": "ivf/ivfpq inverted lists (default about 4 sqrt(N))"})
-    nprobe: int | None = field(default=None, metadata={"help": "ivf/ivfpq lists visited per query (default nlist / 4)"})
+    nlist: int | None = field(
+        default=None, metadata={"help": "ivf/ivfsq/ivfpq inverted lists (default about 4 sqrt(N))"}
+    )
+    nprobe: int | None = field(
+        default=None, metadata={"help": "ivf/ivfsq/ivfpq lists visited per query (default nlist / 4)"}
+    )
     hnsw_m: int = field(default=32, metadata={"help": "hnsw graph degree"})
     ef_construction: int = field(default=200, metadata={"help": "hnsw candidate list size while building"})
     ef_search: int = field(default=256, metadata={"help": "hnsw candidate list size while searching"})
     pq_m: int | None = field(
         default=None, metadata={"help": "ivfpq sub-quantizers (default: dim / 8, rounded to a divisor of dim)"}
     )
+    on_disk: bool = field(
+        default=False,
+        metadata={
+            "help": "ivf/ivfsq/ivfpq: inverted lists in a memory-mapped file (FAISS OnDiskInvertedLists), built in "
+            "bounded memory; candidates re-read from the store"
+        },
+    )
     rerank: int = field(default=10, metadata={"help": "approximate kinds re-score k * rerank candidates exactly"})
-    train_rows: int = field(default=65536, metadata={"help": "ivf/ivfpq training sample"})
+    train_rows: int = field(default=65536, metadata={"help": "ivf/ivfsq/ivfpq training sample (read block by block)"})
     block_rows: int = field(default=16384, metadata={"help": "rows streamed per step while building"})
 
     def __post_init__(self) -> None:
@@ -64,6 +91,8 @@ class IndexOptions:
             raise IndexOptionsError(f"mix (lambda) must be in [0, 1], got {self.mix}")
         if self.damping <= 0:
             raise IndexOptionsError(f"damping must be positive (e.g. 0.1), got {self.damping}")
+        if self.on_disk and self.kind not in ON_DISK_KINDS:
+            raise IndexOptionsError(f"on_disk needs an inverted-list kind {ON_DISK_KINDS}, got kind={self.kind!r}")
         for name in ("nlist", "nprobe", "pq_m"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -3,6 +3,9 @@
 The lock is ``fcntl.flock`` on ``.<store name>.index.lock`` in the store's directory, which records the holder's
 pid, host and start time. The kernel releases a flock when its process dies, so a lock left by a killed job on this
 host is taken over at once; the file's contents are only there to say who holds a live one.
+
+A store at a URL has no flock: its lock is an object created by a conditional create-if-absent PUT and deleted on
+release (store/remote.py); one left by a dead process on this host is taken over, one from another host is not.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import StoreLockedError
+from .remote import RemotePath, StorePath, as_path, remote_lock
 
 POLL_S = 0.1
 
 
-def lock_path(store_path: str | Path) -> Path:
+def lock_path(store_path: str | Path | RemotePath) -> StorePath:
     """Where the index lock of the store at ``store_path`` lives (beside it: it exists before the store does)."""
-    store_path = Path(store_path)
+    store_path = as_path(store_path)
     return store_path.parent / f".{store_path.name}.index.lock"
 
 
@@ -38,10 +42,14 @@ def _holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def index_lock(store_path: str | Path, wait_s: float = 0.0) -> Iterator[Path]:
+def index_lock(store_path: str | Path | RemotePath, wait_s: float = 0.0) -> Iterator[StorePath]:
     """Hold the index lock of a store for the block; wait up to ``wait_s`` seconds for another holder to finish,
     then raise :class:`StoreLockedError` naming it (pid, host, since when)."""
     path = lock_path(store_path)
+    if isinstance(path, RemotePath):
+        with remote_lock(path, str(store_path), wait_s) as held:
+            yield held
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

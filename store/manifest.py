@@ -18,7 +18,10 @@ from .errors import IndexMismatchError, IndexNotFoundError, StaleIndexError
 from .gradient_store import GradientStore
 from .index_options import IndexOptions
 
-INDEX_FORMAT_VERSION = 2  # 2: union of ids (missing_rows), self-influence norms taken before normalisation
+# 2: union of ids (missing_rows), self-influence norms taken before normalisation
+# 3: rows in row parts (appended by updates), flat vectors one file per checkpoint and row part in the store's dtype,
+#    one preconditioner file per checkpoint with the store state it was fitted on
+INDEX_FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 _JSON_NAMES = {dict: "object", list: "array", str: "string"}
 REBUILD_HINT = "rebuild it: `gradstore index --config ...` or GradientIndex.rebuild(path, store)"
@@ -39,41 +42,61 @@ class IndexManifest:
     eval_fingerprint: str | None = None
     missing_rows: dict[str, dict[str, int]] = field(default_factory=dict)  # per checkpoint: {"skipped", "absent"}
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # {file: {"bytes", "blake2b"}}, checked on open
+    # [[start, stop]] of each row part: the rows of a build, then those each update appended
+    row_parts: list[list[int]] = field(default_factory=list)
+    # one per checkpoint and row part: {"checkpoint", "row_part", "rows": [start, stop], "ids_blake2b", "present"
+    # (rows with a stored vector there), "file" (flat) or None, "dtype", "fitted_rows"}
+    parts: list[dict[str, Any]] = field(default_factory=list)
+    # per checkpoint: {"fingerprint" (its rows in the store), "rows", "fitted_rows", "preconditioner_file"}
+    checkpoint_state: dict[str, dict[str, Any]] = field(default_factory=dict)
     format_version: int = INDEX_FORMAT_VERSION
+
+    def part(self, checkpoint: str, row_part: int) -> dict[str, Any]:
+        """The manifest entry of ``checkpoint``'s part of row part ``row_part``."""
+        for entry in self.parts:
+            if entry["checkpoint"] == checkpoint and entry["row_part"] == row_part:
+                return entry
+        raise IndexMismatchError(f"index manifest lists no part of checkpoint {checkpoint!r} rows {row_part}")
 
     def with_files(self, directory: Path) -> IndexManifest:
         """This manifest recording the size and hash of every file built into ``directory`` (but itself)."""
-        return replace(self, files={p.name: _digest(p) for p in sorted(directory.iterdir()) if p.name != MANIFEST})
+        files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+        return replace(self, files={p.relative_to(directory).as_posix(): _digest(p) for p in files})
 
-    def check_files(self, directory: Path) -> None:
-        """Refuse an index whose files are missing, truncated or changed since it was built."""
+    def check_files(self, directory: Path, label: Path | None = None) -> None:
+        """Refuse an index whose files are missing, truncated or changed since it was built (``label``: the path
+        messages name, when ``directory`` is another way to reach it)."""
+        shown = label if label is not None else directory
         if not self.files:
-            raise IndexMismatchError(f"index {directory} records no file checksums; {REBUILD_HINT}")
+            raise IndexMismatchError(f"index {shown} records no file checksums; {REBUILD_HINT}")
         for name, recorded in self.files.items():
-            path = directory / name
+            path, named = directory / name, shown / name
             if not path.is_file():
-                raise IndexMismatchError(f"index file {path} is missing; {REBUILD_HINT}")
+                raise IndexMismatchError(f"index file {named} is missing; {REBUILD_HINT}")
             if path.stat().st_size != recorded.get("bytes"):
                 raise IndexMismatchError(
-                    f"index file {path} has {path.stat().st_size} bytes, {recorded.get('bytes')} were written "
+                    f"index file {named} has {path.stat().st_size} bytes, {recorded.get('bytes')} were written "
                     f"(truncated or replaced); {REBUILD_HINT}"
                 )
             if _digest(path)["blake2b"] != recorded.get("blake2b"):
-                raise IndexMismatchError(f"index file {path} changed since it was built (checksum); {REBUILD_HINT}")
+                raise IndexMismatchError(f"index file {named} changed since it was built (checksum); {REBUILD_HINT}")
 
     def write(self, directory: Path) -> None:
         (directory / MANIFEST).write_text(json.dumps(asdict(self), indent=2))
 
     @classmethod
-    def read(cls, directory: Path) -> IndexManifest:
-        """The manifest of the index at ``directory``; a missing, corrupt or other-version one is refused."""
-        path = directory / MANIFEST
-        if not path.exists():
+    def read(cls, directory: Path, label: Path | None = None) -> IndexManifest:
+        """The manifest of the index at ``directory``; a missing, corrupt or other-version one is refused
+        (``label``: the path messages name, when ``directory`` is another way to reach it)."""
+        source = directory / MANIFEST
+        path = label / MANIFEST if label is not None else source
+        directory = label if label is not None else directory
+        if not source.exists():
             raise IndexNotFoundError(
                 f"no index at {directory}; build it with `gradstore index --config ...` or GradientIndex.build(store)"
             )
         try:
-            data = json.loads(path.read_bytes())
+            data = json.loads(source.read_bytes())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # truncated or garbled
             raise IndexMismatchError(f"index manifest {path} is not valid JSON ({exc}); {REBUILD_HINT}") from exc
         if not isinstance(data, dict):
@@ -81,6 +104,11 @@ class IndexManifest:
                 f"index manifest {path} holds a JSON {type(data).__name__}, not an object; {REBUILD_HINT}"
             )
         version = data.get("format_version")
+        if version == 2:
+            raise IndexMismatchError(
+                f"index {directory} has format version 2 (one float32 vectors file), which this gradstore does not "
+                f"read: format {INDEX_FORMAT_VERSION} keeps per-checkpoint parts that updates extend; {REBUILD_HINT}"
+            )
         if version != INDEX_FORMAT_VERSION:
             raise IndexMismatchError(
                 f"index manifest {path} has format version {version!r}, expected {INDEX_FORMAT_VERSION}; {REBUILD_HINT}"
@@ -107,9 +135,29 @@ class IndexManifest:
                     str(name): {"skipped": int(m["skipped"]), "absent": int(m["absent"])}
                     for name, m in data.get("missing_rows", {}).items()
                 },
+                row_parts=[[int(start), int(stop)] for start, stop in data["row_parts"]],
+                parts=[dict(entry) for entry in data["parts"]],
+                checkpoint_state={str(name): dict(state) for name, state in data["checkpoint_state"].items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IndexMismatchError(f"index manifest {path} is malformed ({exc!r}); {REBUILD_HINT}") from exc
+
+    @staticmethod
+    def read_request(directory: Path) -> tuple[IndexOptions, list[str]]:
+        """The options and checkpoints an index at ``directory`` was built with, from a manifest of any format
+        version (what a rebuild needs); refused like :meth:`read` when there is none or it is unreadable."""
+        try:
+            manifest = IndexManifest.read(directory)
+            return manifest.options, manifest.checkpoints
+        except IndexMismatchError:
+            try:
+                data = json.loads((directory / MANIFEST).read_bytes())
+                known = {f.name for f in fields(IndexOptions)}
+                options = IndexOptions(**{k: v for k, v in data["options"].items() if k in known})
+                return options, [str(name) for name in data["checkpoints"]]
+            except Exception:  # anything unreadable: the first error says what is wrong
+                pass
+            raise
 
     def check_store(self, directory: Path, store: GradientStore, eval_store: GradientStore | None) -> None:
         """Refuse to serve ``store`` (and ``eval_store``) from an index built for another or an older one."""

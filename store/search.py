@@ -4,16 +4,26 @@ A backend writes its files from streamed index vectors, loads them back, and pro
 query's largest and smallest scores; :class:`~gradstore.store.index.GradientIndex` re-scores every candidate
 exactly, so a backend only decides which rows are looked at.
 
-* ``flat``: ``vectors.npy``, scanned exactly (torch matmul on the GPU, NumPy BLAS on the CPU), so its candidates
-  are the exact top / bottom ``k``, and it also yields mean / max ``|score|`` over every row.
-* ``ivf``, ``hnsw``, ``ivfpq``: ``faiss.index``; ``k * rerank`` approximate candidates per query. ``hnsw`` and (on
-  CPU) ``ivf`` hold the exact float32 vectors and hand them to the re-scoring; ``ivfpq`` (and a GPU ``ivf``) does
-  not, and the index re-reads the candidates' rows from the store.
+* ``flat``: one file per checkpoint and row part in the store's dtype, scanned exactly in bounded blocks read from
+  disk (torch matmul on the GPU, NumPy BLAS on the CPU), so its candidates are the exact top / bottom ``k``, and it
+  also yields mean / max ``|score|`` over every row.
+* ``ivf``, ``hnsw``, ``ivfpq``, ``ivfsq``: ``faiss.index``; ``k * rerank`` approximate candidates per query.
+  ``hnsw`` and (on CPU) ``ivf`` hold the exact float32 vectors and hand them to the re-scoring; ``ivfpq``,
+  ``ivfsq`` (and a GPU ``ivf``) do not, and the index re-reads the candidates' rows from the store.
+* ``on_disk`` (ivf / ivfsq / ivfpq): the inverted lists live in ``faiss.ivfdata`` (FAISS ``OnDiskInvertedLists``,
+  memory-mapped read-only at load, so resident memory is the pages searches touch). The build trains on a sample
+  read block by block, encodes each block into its own shard index and merges the shards into the lists file (the
+  ``faiss.contrib.ondisk`` pattern), so no step holds more than the sample or one block.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar, NamedTuple, Protocol, cast
 
@@ -21,8 +31,10 @@ import faiss
 import numpy as np
 import torch
 
-from .errors import IndexOptionsError
+from .errors import IndexMismatchError, IndexOptionsError
 from .index_options import IndexKind, IndexOptions
+from .manifest import IndexManifest
+from .parts import PartFile, PartWriter, part_name
 from .vectors import VectorSource
 
 
@@ -82,67 +94,155 @@ class _TopK:
         return torch.gather(rows, 0, best).T.cpu().numpy()
 
 
+_CONVERT_ROWS = 512  # float16 rows converted at a time: the float32 copy stays in cache until it is scored
+
+
+def _cpu_scores(block: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """``[n, B]`` float32 scores of a block of stored rows against ``[D, B]`` queries (numpy's BLAS streams a
+    block at about memory bandwidth; torch's CPU matmul measured 1.5x slower for one query, benchmarks/search.py).
+    Float16 rows are converted in cache-sized pieces, never as a whole float32 block, by torch (its F16C conversion
+    measured 3x faster than numpy's: 20 vs 60 ms per 65k x 1024 rows, one query; 2x the float32 scan's time)."""
+    if block.dtype == np.float32:
+        return block @ queries
+    rows, q = torch.from_numpy(block), torch.from_numpy(queries)
+    out = torch.empty((len(block), queries.shape[1]), dtype=torch.float32)
+    buffer = torch.empty((min(_CONVERT_ROWS, len(block)), block.shape[1]), dtype=torch.float32)
+    for lo in range(0, len(block), _CONVERT_ROWS):
+        piece = rows[lo : lo + _CONVERT_ROWS]
+        buffer[: len(piece)].copy_(piece)
+        torch.matmul(buffer[: len(piece)], q, out=out[lo : lo + len(piece)])
+    return out.numpy()
+
+
 class FlatBackend:
-    """``flat``: every row's vector in memory (on the GPU when present), scanned exactly."""
+    """``flat``: per checkpoint and row part, a file of the vectors in the store's dtype (``vectors/<checkpoint>/
+    part-<r>.npy``), scanned exactly in bounded blocks read from disk; resident memory is one block, the top-k
+    heaps and the queries, whatever N. On the GPU the blocks stream to the device."""
 
-    FILE: ClassVar[str] = "vectors.npy"
-    SCAN_ROWS: ClassVar[int] = 1 << 18  # rows scored per step of the scan
+    SCAN_BYTES: ClassVar[int] = 1 << 26  # float32 bytes of one checkpoint's block of rows scored per step
 
-    def __init__(self, vectors: torch.Tensor):
-        self.vectors = vectors  # [N, C*D] float32
+    def __init__(self, starts: list[int], files: list[list[PartFile]], dim: int, device: torch.device):
+        self.starts = starts  # first row of each row part
+        self.files = files  # [row part][checkpoint]
+        self.dim, self.device = dim, device
+        self.num_rows = sum(f[0].rows for f in files) if files else 0
+
+    @classmethod
+    def write_parts(
+        cls,
+        source: VectorSource,
+        ids: np.ndarray,
+        row_part: int,
+        directory: Path,
+        dtype: np.dtype,
+        block_rows: int,
+        progress: bool,
+    ) -> tuple[np.ndarray, dict[str, np.dtype]]:
+        """Write the part files of ``ids`` (row part ``row_part``) for every checkpoint of ``source``; returns
+        their ``[n, C]`` sqnorms and the dtype each part was written in."""
+        names = list(source.rows)
+        writers = [PartWriter(directory / part_name(name, row_part), len(ids), source.dim, dtype) for name in names]
+        sqnorms = np.zeros((len(ids), len(names)))
+        d = source.dim
+        for block in source.blocks(ids, block_rows, f"indexing (flat, part {row_part})", progress):
+            for j, writer in enumerate(writers):
+                writer.add(block.vectors[:, j * d : (j + 1) * d])
+            sqnorms[block.start : block.start + len(block.vectors)] = block.sqnorms
+        return sqnorms, {name: writer.close() for name, writer in zip(names, writers, strict=True)}
 
     @classmethod
     def build(
         cls, source: VectorSource, ids: np.ndarray, options: IndexOptions, directory: Path, progress: bool
     ) -> np.ndarray:
-        n = len(ids)
-        sqnorms = np.zeros((n, source.num_checkpoints))
-        out = np.lib.format.open_memmap(directory / cls.FILE, mode="w+", dtype=np.float32, shape=(n, source.width))
-        for block in source.blocks(ids, options.block_rows, "indexing (flat)", progress):
-            out[block.start : block.start + len(block.vectors)] = block.vectors
-            sqnorms[block.start : block.start + len(block.vectors)] = block.sqnorms
-        out.flush()
-        del out
-        return sqnorms
+        """One row part of every checkpoint, in the stores' dtype (the index records the parts in its manifest)."""
+        dtype = np.dtype(next(iter(source.rows.values())).store.dtype)
+        return cls.write_parts(source, ids, 0, directory, dtype, options.block_rows, progress)[0]
 
     @classmethod
     def load(cls, directory: Path, options: IndexOptions, device: torch.device) -> FlatBackend:
-        return cls(torch.from_numpy(np.load(directory / cls.FILE)).to(device))
+        manifest = IndexManifest.read(directory)
+        files: list[list[PartFile]] = []
+        for r, (start, stop) in enumerate(manifest.row_parts):
+            row = [PartFile.open(directory / manifest.part(name, r)["file"]) for name in manifest.checkpoints]
+            if any(f.rows != stop - start or f.dim != manifest.dim for f in row):
+                raise IndexMismatchError(f"index {directory}: a part file of rows {start}..{stop} has another shape")
+            files.append(row)
+        return cls([start for start, _ in manifest.row_parts], files, manifest.dim, device)
 
     def candidates(self, queries: np.ndarray, k: int) -> Candidates:
         """The exact top and bottom ``k`` rows of each query, and mean / max ``|score|`` over every row."""
-        vectors = self.vectors
-        q = torch.from_numpy(queries).to(vectors.device)
+        b, d = len(queries), self.dim
+        per_checkpoint = queries.reshape(b, -1, d)
+        active = [c for c in range(per_checkpoint.shape[1]) if per_checkpoint[:, c].any()]  # zero weight: skipped
+        on_cpu = self.device.type == "cpu"
+        q_host = [np.ascontiguousarray(per_checkpoint[:, c].T) for c in range(per_checkpoint.shape[1])]  # [D, B]
+        q_dev = None if on_cpu else [torch.from_numpy(q).to(self.device) for q in q_host]
         top, bottom = _TopK(largest=True), _TopK(largest=False)
-        abs_sum = torch.zeros(len(q), dtype=torch.float64, device=vectors.device)
-        abs_max = torch.zeros(len(q), dtype=torch.float32, device=vectors.device)
-        on_cpu = vectors.device.type == "cpu"
-        for start in range(0, len(vectors), self.SCAN_ROWS):
-            block = vectors[start : start + self.SCAN_ROWS]
-            # On CPU numpy's BLAS streams the block at about memory bandwidth; torch's CPU matmul measured
-            # 1.5x slower for one query (1.2x for 64) on the benchmark machine (benchmarks/search.py).
-            scores = torch.from_numpy(block.numpy() @ queries.T) if on_cpu else block @ q.T  # [n, B]
-            top.add(scores, start, k)
-            bottom.add(scores, start, k)
-            abs_scores = scores.abs()
-            abs_sum += abs_scores.sum(0, dtype=torch.float64)
-            abs_max = torch.maximum(abs_max, abs_scores.max(0).values)
+        abs_sum = torch.zeros(b, dtype=torch.float64, device=self.device)
+        abs_max = torch.zeros(b, dtype=torch.float32, device=self.device)
+        block_rows = max(1, self.SCAN_BYTES // (4 * d))
+        buffer = bytearray()  # one block's bytes, reused (per call: concurrent searches do not share it)
+        for start, files in zip(self.starts, self.files, strict=True):
+            for lo in range(0, files[0].rows, block_rows):
+                hi = min(lo + block_rows, files[0].rows)
+                scores = torch.zeros((hi - lo, b), dtype=torch.float32, device=self.device)
+                for c in active:
+                    if len(buffer) < (hi - lo) * files[c].row_bytes:
+                        buffer = bytearray((hi - lo) * files[c].row_bytes)
+                    block = files[c].read(lo, hi, buffer)  # stored dtype; converted per block
+                    if on_cpu:
+                        scores += torch.from_numpy(_cpu_scores(block, q_host[c]))
+                    else:
+                        assert q_dev is not None
+                        scores += torch.from_numpy(block).to(self.device, non_blocking=True).float() @ q_dev[c]
+                top.add(scores, start + lo, k)
+                bottom.add(scores, start + lo, k)
+                abs_scores = scores.abs()
+                abs_sum += abs_scores.sum(0, dtype=torch.float64)
+                abs_max = torch.maximum(abs_max, abs_scores.max(0).values)
         return Candidates(
             proponent_rows=top.rows_of_best(k),
             opponent_rows=bottom.rows_of_best(k),
-            mean_abs_score=(abs_sum / len(vectors)).cpu().numpy(),
+            mean_abs_score=(abs_sum / max(self.num_rows, 1)).cpu().numpy(),
             max_abs_score=abs_max.double().cpu().numpy(),
         )
 
     def exact_vectors(self, rows: np.ndarray) -> np.ndarray:
-        # index_select: tensor[index] costs ~20 ms per call on CPU here (torch 2.x), whatever the sizes
-        return self.vectors.index_select(0, torch.from_numpy(rows).to(self.vectors.device)).cpu().numpy()
+        """The ``[n, C*D]`` float32 vectors of ``rows`` (read from the part files)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        d = self.dim
+        out = np.empty((len(rows), len(self.files[0]) * d if self.files else 0), dtype=np.float32)
+        for start, files in zip(self.starts, self.files, strict=True):
+            inside = (rows >= start) & (rows < start + files[0].rows)
+            if not inside.any():
+                continue
+            local = rows[inside] - start
+            for c, f in enumerate(files):
+                out[inside, c * d : (c + 1) * d] = f.read_rows(local)
+        return out
+
+    def close(self) -> None:
+        for files in self.files:
+            for f in files:
+                f.close()
 
 
 # -- FAISS -----------------------------------------------------------------------------------------
 def gpu_available() -> bool:
     """True when the installed FAISS has GPU support and sees a GPU."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def index_to_gpus(index: faiss.Index) -> faiss.Index:
+    """``index`` on the GPUs FAISS sees: one GPU holds a copy; several hold a shard of its rows each (FAISS's own
+    ``index_cpu_to_all_gpus`` with ``shard=True``, searched as one ``IndexShards``), so an index that fits in the
+    GPUs' memory together, not in one's, still searches on the devices."""
+    gpus = faiss.get_num_gpus()
+    if gpus == 1:
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = True
+    return faiss.index_cpu_to_all_gpus(index, co=options, ngpu=gpus)
 
 
 def ivf_nlist(options: IndexOptions, n: int) -> int:
@@ -165,6 +265,83 @@ def pq_subquantizers(dim: int, requested: int | None) -> int:
             f"choose a divisor such as {sorted(nearest)}, or leave pq_m unset to pick one"
         )
     return max(m for m in range(1, target + 1) if dim % m == 0)
+
+
+def training_sample(source: VectorSource, ids: np.ndarray, options: IndexOptions, progress: bool) -> np.ndarray:
+    """``[min(N, train_rows), C*D]`` float32 vectors of a random sample of ``ids``, read block by block into one
+    preallocated array (never the whole matrix, nor the sample twice)."""
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(ids, size=min(len(ids), options.train_rows), replace=False))
+    out = np.empty((len(sample), source.width), dtype=np.float32)
+    for block in source.blocks(sample, options.block_rows, f"training ({options.kind})", progress):
+        out[block.start : block.start + len(block.vectors)] = block.vectors
+    return out
+
+
+_STDOUT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """Silence file descriptor 1 around FAISS calls that ``printf`` progress (on-disk list resizing, the
+    ``IO_FLAG_ONDISK_SAME_DIR`` path rewrite), which would otherwise corrupt a CLI's JSON on stdout."""
+    with _STDOUT_LOCK:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 1)
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+            os.close(devnull)
+
+
+ON_DISK_FILE = "faiss.ivfdata"
+# Reading an index with on-disk lists: find the lists file beside the index (the build wrote it in a temporary
+# directory that was then renamed) and map it read-only. Not IO_FLAG_MMAP: that includes IO_FLAG_SKIP_IVF_DATA,
+# which leaves on-disk lists unopened (searching them then crashes).
+ON_DISK_READ_FLAGS = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+
+
+def add_on_disk(
+    index: faiss.Index,
+    source: VectorSource,
+    ids: np.ndarray,
+    options: IndexOptions,
+    directory: Path,
+    progress: bool,
+    sqnorms: np.ndarray,
+) -> None:
+    """Add every row of ``ids`` to the trained, empty IVF ``index`` as on-disk lists in ``directory``: each block
+    is encoded into a shard (a copy of the trained index) written to disk, then FAISS merges the shards' lists
+    (memory-mapped) into ``faiss.ivfdata`` and the shards are deleted. Fills ``sqnorms``."""
+    trained = faiss.serialize_index(index)
+    shard_files = []
+    for i, block in enumerate(source.blocks(ids, options.block_rows, f"indexing ({options.kind})", progress)):
+        shard = faiss.deserialize_index(trained)
+        rows = np.arange(block.start, block.start + len(block.vectors), dtype=np.int64)
+        shard.add_with_ids(block.vectors, rows)
+        shard_files.append(directory / f"shard-{i:06d}.index")
+        faiss.write_index(shard, str(shard_files[-1]))
+        del shard
+        sqnorms[block.start : block.start + len(block.vectors)] = block.sqnorms
+    # faiss.contrib.ondisk.merge_ondisk, keeping the shards owned so their mappings are released after the merge
+    shards = [faiss.read_index(str(f), faiss.IO_FLAG_MMAP) for f in shard_files]
+    ivf = faiss.extract_index_ivf(index)
+    lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str((directory / ON_DISK_FILE).resolve()))
+    parts = faiss.InvertedListsPtrVector()  # type: ignore[attr-defined]  # SWIG vector, not in the stubs
+    for shard in shards:
+        parts.push_back(faiss.extract_index_ivf(shard).invlists)
+    with _quiet_stdout():
+        ntotal = lists.merge_from_multiple(parts.data(), parts.size(), False)
+    index.ntotal = ivf.ntotal = ntotal
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # type: ignore[attr-defined]  # the index owns the lists now (SWIG ownership)
+    del parts, shards
+    for f in shard_files:
+        f.unlink()
 
 
 class FaissBackend:
@@ -204,29 +381,34 @@ class FaissBackend:
         sqnorms = np.zeros((n, source.num_checkpoints))
         index = cls.new_index(options, source.width, n)
         if not index.is_trained:
-            rng = np.random.default_rng(0)
-            sample = np.sort(rng.choice(ids, size=min(n, options.train_rows), replace=False))
-            blocks = source.blocks(sample, options.block_rows, f"training ({options.kind})", progress)
-            train = np.concatenate([block.vectors for block in blocks])
+            train = training_sample(source, ids, options, progress)
             index.train(train)
             del train
-        for block in source.blocks(ids, options.block_rows, f"indexing ({options.kind})", progress):
-            index.add(block.vectors)
-            sqnorms[block.start : block.start + len(block.vectors)] = block.sqnorms
+        if options.on_disk:
+            add_on_disk(index, source, ids, options, directory, progress, sqnorms)
+        else:
+            for block in source.blocks(ids, options.block_rows, f"indexing ({options.kind})", progress):
+                index.add(block.vectors)
+                sqnorms[block.start : block.start + len(block.vectors)] = block.sqnorms
         faiss.write_index(index, str(directory / cls.FILE))
         return sqnorms
 
     @classmethod
     def load(cls, directory: Path, options: IndexOptions, device: torch.device) -> FaissBackend:
-        index = faiss.read_index(str(directory / cls.FILE))
+        if options.on_disk:
+            with _quiet_stdout():
+                index = faiss.read_index(str(directory / cls.FILE), ON_DISK_READ_FLAGS)
+        else:
+            index = faiss.read_index(str(directory / cls.FILE))
         cls.configure(index, options)
         searcher = index
-        if cls.USES_GPU and gpu_available():
+        # on-disk lists stay on the CPU: a GPU copy would load every list into device memory
+        if cls.USES_GPU and not options.on_disk and gpu_available():
             try:
-                searcher = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+                searcher = index_to_gpus(index)
             except RuntimeError as exc:  # e.g. a PQ code size the GPU kernels do not support
                 warnings.warn(f"FAISS GPU unavailable for this index ({exc}); searching on CPU", stacklevel=3)
-        exact = cls.exact_storage(index) if searcher is index else None
+        exact = cls.exact_storage(index) if searcher is index and not options.on_disk else None
         return cls(index, searcher, exact, options.rerank)
 
     def candidates(self, queries: np.ndarray, k: int) -> Candidates:
@@ -297,10 +479,27 @@ class IvfPqBackend(IvfBackend):
         return None
 
 
+class IvfSqBackend(IvfBackend):
+    """``ivfsq``: inverted lists of 8-bit scalar-quantised codes (a quarter of float32, half the float16 store);
+    the exact vectors are re-read from the store."""
+
+    @staticmethod
+    def new_index(options: IndexOptions, dim: int, n: int) -> faiss.Index:
+        quantizer = faiss.IndexFlatIP(dim)
+        return faiss.IndexIVFScalarQuantizer(
+            quantizer, dim, ivf_nlist(options, n), faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+        )
+
+    @staticmethod
+    def exact_storage(index: faiss.Index) -> faiss.Index | None:
+        return None
+
+
 # The one place an index kind is mapped to its implementation.
 BACKENDS: dict[IndexKind, type[SearchBackend]] = {
     "flat": FlatBackend,
     "ivf": IvfBackend,
     "hnsw": HnswBackend,
     "ivfpq": IvfPqBackend,
+    "ivfsq": IvfSqBackend,
 }

@@ -415,7 +415,7 @@ CONFIG_ERRORS = {
     "bad index kind": (
         'kind = "flat"',
         'kind = "annoy"',
-        "error: index.kind: Input should be 'flat', 'ivf', 'hnsw' or 'ivfpq', got 'annoy'\n",
+        "error: index.kind: Input should be 'flat', 'ivf', 'hnsw', 'ivfpq' or 'ivfsq', got 'annoy'\n",
     ),
     "index check of IndexOptions": (
         'kind = "flat"',
@@ -511,7 +511,7 @@ def test_server_settings_from_the_environment(tmp_path, monkeypatch, capsys):
     assert fails(capsys, "info", "--config", unknown) == (
         "error: server.cors: unknown key; this table takes host, port, api_key, cors_origins, max_top_k, max_queries, "
         "max_body_bytes, max_header_bytes, header_timeout_s, body_timeout_s, keep_alive_s, max_connections, drain_s, "
-        "watch_s\n"
+        "watch_s, batch_window_ms, batch_merge\n"
     )
 
 

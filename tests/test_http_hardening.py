@@ -403,14 +403,14 @@ def _stale_manifest(run: Path) -> None:
 
 
 def _truncate_vectors(run: Path) -> None:
-    vectors = run.parent / "demo.index" / "vectors.npy"
+    vectors = next((run.parent / "demo.index" / "vectors").rglob("part-00000.npy"))
     vectors.write_bytes(vectors.read_bytes()[:1000])
 
 
 DAMAGE = {
     "missing index": (lambda run: shutil.rmtree(run.parent / "demo.index"), "gradstore index"),
     "stale index": (_stale_manifest, "changed after index"),
-    "truncated index vectors": (_truncate_vectors, "vectors.npy"),
+    "truncated index vectors": (_truncate_vectors, "part-00000.npy"),
     "damaged store": (_damage_store_root, "zarr.json"),
 }
 
@@ -550,6 +550,6 @@ def test_fingerprint_sees_index_store_and_weights_changes(demo_config, tmp_path)
     assert changed_by(lambda: (grads.parent / "new-segment").mkdir())  # a new segment
     assert changed_by(lambda: (store / "checkpoints" / "epoch-9").mkdir())  # a new checkpoint
     assert changed_by(lambda: config.checkpoints[1].path.write_bytes(config.checkpoints[1].path.read_bytes()))
-    assert changed_by(lambda: (_index_dir(config) / "vectors.npy").unlink())  # index file removed
+    assert changed_by(lambda: next((_index_dir(config) / "vectors").rglob("*.npy")).unlink())  # index file removed
     assert changed_by(lambda: run.write_text(run.read_text() + "\n"))  # the run config edited
     assert not changed_by(lambda: None)

@@ -57,6 +57,7 @@ from gradstore.store.search import (
     HnswBackend,
     IvfBackend,
     IvfPqBackend,
+    IvfSqBackend,
     gpu_available,
     pq_subquantizers,
 )
@@ -191,8 +192,9 @@ def _faiss_single_thread():
 def _check_approximate(index: GradientIndex, flat: GradientIndex, raw: np.ndarray, weights) -> tuple[float, float]:
     exact = flat.search(raw, weights, K)
     found = index.search(raw, weights, K)
-    # every returned score is the exact (float64) score of the returned row, per checkpoint and in total
-    vectors = flat.exact_vectors(np.arange(flat.num_rows)).astype(np.float64)
+    # every returned score is the exact (float64) score of the returned row, per checkpoint and in total (the
+    # index's own float32 vectors: the flat index holds them rounded to the store's float16)
+    vectors = index.exact_vectors(np.arange(index.num_rows)).astype(np.float64)
     queries = flat.prepare_queries(raw, np.asarray(weights, dtype=np.float64)).astype(np.float64)
     for rows, scores, contributions in (
         (found.proponent_rows, found.proponent_scores, found.proponent_contributions),
@@ -448,7 +450,7 @@ def test_unknown_checkpoint_in_build(tmp_path):
 
 
 def test_each_enumeration_is_one_literal():
-    assert KINDS == typing.get_args(IndexKind) == ("flat", "ivf", "hnsw", "ivfpq")
+    assert KINDS == typing.get_args(IndexKind) == ("flat", "ivf", "hnsw", "ivfpq", "ivfsq")
     assert PRECONDITIONERS == typing.get_args(PreconditionerKind) == ("identity", "kfac", "block", "ekfac", "source")
     assert INITS == typing.get_args(Init) == ("gaussian", "rademacher", "orthonormal", "pca")
     assert typing.get_args(LayerKind) == LAYER_KINDS and "linear" in LAYER_KINDS
@@ -464,7 +466,7 @@ def test_each_enumeration_is_one_literal():
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(kind="annoy"), r"index kind must be one of \('flat', 'ivf', 'hnsw', 'ivfpq'\), got 'annoy'"),
+        (dict(kind="annoy"), r"index kind must be one of \('flat', 'ivf', 'hnsw', 'ivfpq', 'ivfsq'\), got 'annoy'"),
         (
             dict(preconditioner="shampoo"),
             r"preconditioner must be one of \('identity', 'kfac', 'block', 'ekfac', 'source'\), got 'shampoo'",
@@ -586,7 +588,13 @@ def test_rows_missing_at_some_checkpoint_count_as_zero_with_a_warning(tmp_path):
     np.testing.assert_allclose(found.proponent_scores, np.take_along_axis(expected, top, 1), rtol=1e-4)
 
 
-EXPECTED_BACKENDS = {"flat": FlatBackend, "ivf": IvfBackend, "hnsw": HnswBackend, "ivfpq": IvfPqBackend}
+EXPECTED_BACKENDS = {
+    "flat": FlatBackend,
+    "ivf": IvfBackend,
+    "hnsw": HnswBackend,
+    "ivfpq": IvfPqBackend,
+    "ivfsq": IvfSqBackend,
+}
 
 
 def test_each_kind_selects_its_backend(tmp_path):
@@ -600,11 +608,12 @@ def test_each_kind_selects_its_backend(tmp_path):
             options = IndexOptions(kind=kind, nlist=4, nprobe=4, pq_m=4)
             index = GradientIndex.build(store, options, path=tmp_path / f"{kind}.index", progress=False)
             assert type(index.backend) is backend
-            files = {p.name for p in index.path.iterdir()}
-            assert files == {"manifest.json", "ids.npy", "sqnorms.npy", "preconditioner.npz", backend.FILE}
-            # the exact vectors: held by flat, hnsw and a CPU ivf; re-read from the store for ivfpq
+            files = {p.relative_to(index.path).as_posix() for p in index.path.rglob("*") if p.is_file()}
+            vectors = "vectors/c0/part-00000.npy" if kind == "flat" else backend.FILE  # type: ignore[attr-defined]
+            assert files == {"manifest.json", "ids.npy", "sqnorms.npy", "preconditioners/c0.npz", vectors}
+            # the exact vectors: held by flat, hnsw and a CPU ivf; re-read from the store for ivfpq / ivfsq
             held = index.backend.exact_vectors(np.arange(10))
-            assert (held is None) == (kind == "ivfpq" or (kind == "ivf" and gpu_available()))
+            assert (held is None) == (kind in ("ivfpq", "ivfsq") or (kind == "ivf" and gpu_available()))
             np.testing.assert_array_equal(index.exact_vectors(np.array([7, 0, 499])), rows[[7, 0, 499]])
             queries = index.prepare_queries(raw, [0.1])
             found = index.backend.candidates(queries, 5)
@@ -664,3 +673,36 @@ def test_a_layer_without_training_gradient_is_dropped_not_blown_up(kind):
     alone = CurvatureStats(kind, synthetic_spec([("live", 4, 3)]).layers)
     alone.update(train[:, live])
     np.testing.assert_allclose(out[:, live], Preconditioner.fit(alone, damping=0.1).apply(query[:, live]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4])
+def test_faiss_indexes_shard_across_the_gpus_faiss_sees(monkeypatch, gpus):
+    """The GPU wiring, without GPUs (CI has none): one GPU gets a copy, several a shard each through FAISS's own
+    ``index_cpu_to_all_gpus(shard=True)``; the fakes hand back the CPU index, so the search itself is real."""
+    import faiss
+
+    from gradstore.store.search import index_to_gpus
+
+    calls: list[tuple] = []
+
+    class ClonerOptions:
+        shard = False
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: gpus, raising=False)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: "resources", raising=False)
+    monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", ClonerOptions, raising=False)
+    monkeypatch.setattr(
+        faiss, "index_cpu_to_gpu", lambda res, dev, index: calls.append(("one", dev)) or index, raising=False
+    )
+
+    def to_all(index, co, ngpu):
+        calls.append(("all", co.shard, ngpu))
+        return index
+
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_all, raising=False)
+    index = faiss.IndexFlatIP(8)
+    index.add(np.eye(8, dtype=np.float32))
+    searcher = index_to_gpus(index)
+    assert calls == ([("one", 0)] if gpus == 1 else [("all", True, gpus)])
+    _, rows = searcher.search(np.eye(8, dtype=np.float32)[[3]], 1)
+    assert rows.tolist() == [[3]]

@@ -46,6 +46,7 @@ path = "{index}"
 """
 QUERY = '{"test_index": 0}'
 SEGMENT = "run.zarr/checkpoints/c0/pass"
+VECTORS = "run.index/vectors/c0/part-00000.npy"  # the flat index's vectors of checkpoint c0, row part 0
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -171,12 +172,12 @@ CASES = {
         SEGMENT,
     ),
     # index files (refused; `gradstore index` rebuilds)
-    "truncated vectors": Case("run.index/vectors.npy", _truncate, "run.index/vectors.npy has", INDEX_CASE),
-    "deleted vectors": Case("run.index/vectors.npy", Path.unlink, "run.index/vectors.npy is missing", INDEX_CASE),
-    "garbled vectors": Case("run.index/vectors.npy", _garble, "vectors.npy changed since it was built", INDEX_CASE),
+    "truncated vectors": Case(VECTORS, _truncate, f"{VECTORS} has", INDEX_CASE),
+    "deleted vectors": Case(VECTORS, Path.unlink, f"{VECTORS} is missing", INDEX_CASE),
+    "garbled vectors": Case(VECTORS, _garble, "part-00000.npy changed since it was built", INDEX_CASE),
     "truncated ids": Case("run.index/ids.npy", _truncate, "run.index/ids.npy has", INDEX_CASE),
     "truncated preconditioner": Case(
-        "run.index/preconditioner.npz", _truncate, "run.index/preconditioner.npz has", INDEX_CASE
+        "run.index/preconditioners/c0.npz", _truncate, "run.index/preconditioners/c0.npz has", INDEX_CASE
     ),
     "garbled faiss index": Case(
         "hnsw.index/faiss.index", _garble, "faiss.index changed since it was built", INDEX_CASE, config="hnsw"

@@ -1,0 +1,112 @@
+"""A flat index's part files: one ``.npy`` of ``[rows, D]`` vectors (one checkpoint, one row range) in the store's
+dtype, written block by block and read back by byte offset through a descriptor opened once.
+
+Reads never map the file: a scan holds one bounded block in memory whatever the file's size (an ``mmap`` would
+count against ``RLIMIT_AS``), and a descriptor opened at load keeps reading the files of the snapshot it was
+opened on after an update swaps a new index directory in.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import IndexMismatchError
+
+REBUILD_HINT = "rebuild it: `gradstore index --config ...` or GradientIndex.rebuild(path, store)"
+
+
+def part_name(checkpoint: str, row_part: int) -> str:
+    """The file of ``checkpoint``'s vectors of row part ``row_part``, relative to the index directory."""
+    return f"vectors/{checkpoint}/part-{row_part:05d}.npy"
+
+
+class PartWriter:
+    """Writes ``rows`` vectors, given as float32 blocks in row order, into ``path`` as ``dtype``.
+
+    A float16 part whose values overflow float16 (a preconditioner that scales up, without normalisation) goes on in
+    float32: what was written is converted (exactly) and the rest written as float32, so no vector is infinite."""
+
+    def __init__(self, path: Path, rows: int, dim: int, dtype: np.dtype):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.rows, self.dim, self.at = path, rows, dim, 0
+        self.out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows, dim))
+
+    def add(self, block: np.ndarray) -> None:
+        with np.errstate(over="ignore"):
+            converted = block.astype(self.out.dtype)
+        if not np.isfinite(converted).all():
+            self._widen()
+            converted = block.astype(np.float32)
+        self.out[self.at : self.at + len(block)] = converted
+        self.at += len(block)
+
+    def _widen(self) -> None:
+        written = np.array(self.out[: self.at], dtype=np.float32)
+        del self.out
+        self.out = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(self.rows, self.dim))
+        self.out[: self.at] = written
+
+    def close(self) -> np.dtype:
+        """Finish the file; returns the dtype written."""
+        if self.at != self.rows:
+            raise AssertionError(f"part {self.path} got {self.at} rows, {self.rows} expected")
+        dtype = self.out.dtype
+        self.out.flush()
+        del self.out
+        return np.dtype(dtype)
+
+
+class PartFile:
+    """One part file opened for reading: ``rows`` vectors of ``dim`` values of ``dtype`` from byte ``offset``."""
+
+    def __init__(self, path: Path, fd: int, rows: int, dim: int, dtype: np.dtype, offset: int):
+        self.path, self.fd, self.rows, self.dim, self.dtype, self.offset = path, fd, rows, dim, dtype, offset
+        self.row_bytes = dim * dtype.itemsize
+
+    @classmethod
+    def open(cls, path: Path) -> PartFile:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with os.fdopen(os.dup(fd), "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
+                shape, fortran, dtype = read_header(f)
+                offset = f.tell()
+        except BaseException:
+            os.close(fd)
+            raise
+        if fortran or len(shape) != 2:
+            os.close(fd)
+            raise ValueError(f"{path}: expected a C-order [rows, D] array, got shape {shape}")
+        return cls(path, fd, int(shape[0]), int(shape[1]), np.dtype(dtype), offset)
+
+    def read(self, lo: int, hi: int, buffer: bytearray | None = None) -> np.ndarray:
+        """Rows ``lo .. hi`` in the stored dtype (one read), into ``buffer`` (reused by a scan) when given."""
+        size = (hi - lo) * self.row_bytes
+        if buffer is None or len(buffer) < size:
+            buffer = bytearray(size)
+        view = memoryview(buffer)[:size]
+        got = os.preadv(self.fd, [view], self.offset + lo * self.row_bytes)
+        if got != size:
+            raise IndexMismatchError(f"index part file {self.path} was truncated after it was opened; {REBUILD_HINT}")
+        return np.frombuffer(view, dtype=self.dtype).reshape(hi - lo, self.dim)
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The given rows (any order) in the stored dtype, one read per row."""
+        out = np.empty((len(rows), self.dim), dtype=self.dtype)
+        for i, row in enumerate(rows.tolist()):
+            out[i] = self.read(row, row + 1)[0]
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
