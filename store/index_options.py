@@ -81,6 +81,13 @@ class IndexOptions:
     rerank: int = field(default=10, metadata={"help": "approximate kinds re-score k * rerank candidates exactly"})
     train_rows: int = field(default=65536, metadata={"help": "ivf/ivfsq/ivfpq training sample (read block by block)"})
     block_rows: int = field(default=16384, metadata={"help": "rows streamed per step while building"})
+    resident_mb: int = field(
+        default=1024,
+        metadata={
+            "help": "flat: vectors taking at most this many MiB as float32 stay in memory (on the GPU when searching "
+            "there), the fastest scan; larger indexes stream blocks from disk in bounded memory; 0: always stream"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -97,6 +104,8 @@ class IndexOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise IndexOptionsError(f"{name} must be a positive integer (or unset for the default), got {value}")
+        if self.resident_mb < 0:
+            raise IndexOptionsError(f"resident_mb must be 0 (always stream) or a positive size, got {self.resident_mb}")
         for name in ("hnsw_m", "ef_construction", "ef_search", "rerank", "train_rows", "block_rows"):
             if getattr(self, name) < 1:
                 raise IndexOptionsError(f"{name} must be a positive integer, got {getattr(self, name)}")

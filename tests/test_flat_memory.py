@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from gradstore.store import GradientIndex, IndexOptions
 from tests.helpers.search import synthetic_spec, write_store
@@ -21,7 +22,7 @@ BUDGET = 24 << 20  # bytes the child may allocate beyond what it holds once impo
 CHILD = """
 import json, resource, sys
 import numpy as np
-from gradstore.store import GradientIndex, GradientStore
+from gradstore.store import GradientIndex, GradientStore, IndexOptions
 from gradstore.store.search import FlatBackend
 
 def data_bytes():
@@ -44,7 +45,8 @@ try:  # the limit bites: the float32 copy of every vector does not fit
     sys.exit("the float32 copy fit under the limit: the test proves nothing")
 except MemoryError:
     pass
-index = GradientIndex.open(index_path, store, device="cpu")
+streamed = IndexOptions(kind="flat", normalize=True, resident_mb=0)  # the default keeps small indexes in RAM
+index = GradientIndex.open(index_path, store, options=streamed, device="cpu")
 found = index.search(queries, [1.0], int(sys.argv[6]))
 print(json.dumps({
     "pro": index.ids[found.proponent_rows].tolist(), "pro_scores": found.proponent_scores.tolist(),
@@ -92,3 +94,27 @@ def test_flat_search_under_a_memory_limit_smaller_than_the_vectors(tmp_path):
         assert got["pro"][j] == top.tolist() and got["opp"][j] == bottom.tolist()
         np.testing.assert_allclose(got["pro_scores"][j], scores[j, top], rtol=1e-6)
         np.testing.assert_allclose(got["opp_scores"][j], scores[j, bottom], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_resident_and_streamed_flat_scans_give_the_same_answers(tmp_path, dtype):
+    """``resident_mb`` only moves where the vectors live: in memory as float32 or streamed from disk by blocks."""
+    from gradstore.store.search import FlatBackend
+
+    rng = np.random.default_rng(5)
+    spec = synthetic_spec([("w", 16, 8)])
+    rows = rng.standard_normal((3000, spec.dim)).astype(dtype)
+    store = write_store(tmp_path / "s.zarr", spec, {"c0": (0.1, rows), "c1": (0.05, rows[::-1].copy())}, dtype=dtype)
+    GradientIndex.build(store, IndexOptions(kind="flat"), tmp_path / "s.index", progress=False)
+    queries = rng.standard_normal((3, 2, spec.dim)).astype(np.float32)
+    answers = []
+    for resident_mb in (0, 16):  # 3000 x 2 x 128 float32 = 3 MiB
+        index = GradientIndex.open(tmp_path / "s.index", store, options=IndexOptions(resident_mb=resident_mb))
+        backend = index.backend
+        assert isinstance(backend, FlatBackend) and (backend.resident is not None) == (resident_mb > 0)
+        answers.append(index.search(queries, [0.1, 0.05], 7))
+    streamed, resident = answers
+    np.testing.assert_array_equal(resident.proponent_rows, streamed.proponent_rows)
+    np.testing.assert_array_equal(resident.opponent_rows, streamed.opponent_rows)
+    np.testing.assert_allclose(resident.proponent_scores, streamed.proponent_scores, rtol=1e-6)
+    np.testing.assert_allclose(resident.mean_abs_score, streamed.mean_abs_score, rtol=1e-6)
