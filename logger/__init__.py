@@ -3,6 +3,7 @@
 from .errors import (
     BatchLayoutError,
     CaptureError,
+    ExactnessError,
     NonFiniteGradientError,
     TaskError,
     UnknownLayerError,
@@ -16,6 +17,7 @@ from .task import Task, move_to_device
 __all__ = [
     "BatchLayoutError",
     "CaptureError",
+    "ExactnessError",
     "GradientLogger",
     "GradientProjector",
     "NonFiniteGradientError",

@@ -13,6 +13,17 @@ class UnsupportedLayerError(GradstoreError, ValueError):
     """A selected module has a configuration the Kronecker path cannot handle exactly."""
 
 
+class ExactnessError(UnsupportedLayerError):
+    """The first-batch check found a logged block whose rows differ from the exact per-example gradient.
+
+    ``layer``: the block's name; ``relative_error``: the worst relative error found; ``tolerance``: the bound.
+    """
+
+    def __init__(self, message: str, layer: str, relative_error: float, tolerance: float):
+        super().__init__(message)
+        self.layer, self.relative_error, self.tolerance = layer, relative_error, tolerance
+
+
 class NonFiniteGradientError(GradstoreError, FloatingPointError):
     """Some examples produced NaN/Inf projected gradients; ``ids`` lists them."""
 
