@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# One-time setup on a CPU machine: pins the CPU build of torch, then installs gradstore (editable) with its test tools.
-# GPU machines: install your CUDA build of torch first (see README), then `pip install -e ".[dev,gpu]"`.
+# One-time setup, CPU or GPU, Python >= 3.10 (constraints.txt was resolved on 3.11):
+#   bash scripts/setup.sh && . .venv/bin/activate
+# Installs into the active virtualenv, or creates ./.venv (python3 -m venv .venv) when none is active. Then, with
+# a line per phase: upgrades pip (the pip a new venv ships backtracks for half an hour over this dependency set),
+# installs torch==2.13.0 (the CPU build) unless the environment already has a torch (GPU users install their CUDA
+# build first, see README), then gradstore (editable) with its test tools, pinned by constraints.txt.
+# Set PYTHON to choose the interpreter for a new .venv (default: python3).
 # The dashboard's browser test (tests/test_browser.py) drives the system Chromium through Playwright (no browser download):
 # on Debian this installs the `chromium` package when it is missing (as root, or with passwordless sudo); where that is not
 # possible it says so and the test is skipped (CI sets GRADSTORE_REQUIRE_BROWSER=1, which turns that skip into a failure).
@@ -30,6 +35,48 @@ install_chromium() {
     rm -f "$log"
 }
 
+started=$SECONDS
+phase() { printf '\nsetup [%3ds] %s\n' "$((SECONDS - started))" "$*"; }
+
+venv_here=""
+if [ -n "${VIRTUAL_ENV:-}" ]; then
+    phase "using the active virtualenv $VIRTUAL_ENV"
+else
+    venv_here=1
+    if [ ! -x .venv/bin/python ]; then
+        phase "creating the virtualenv .venv (${PYTHON:-python3} -m venv .venv)"
+        "${PYTHON:-python3}" -m venv .venv
+    else
+        phase "using the virtualenv .venv"
+    fi
+    # shellcheck disable=SC1091
+    . .venv/bin/activate
+fi
+python -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "setup: gradstore needs Python >= 3.10 (set PYTHON=python3.11)" >&2; exit 1; }
+pins=(-c constraints.txt)
+if ! python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+    echo "setup: constraints.txt was resolved on Python 3.11; installing without it (pip may take longer to resolve)" >&2
+    pins=()
+fi
+
+phase "chromium for the browser test"
 install_chromium
-python -m pip install -q --disable-pip-version-check "torch==2.13.0"
-python -m pip install -q --disable-pip-version-check -e ".[dev]"
+
+pip=(python -m pip install --disable-pip-version-check "${pins[@]}")
+phase "upgrading pip (a current resolver: the pip a new venv ships backtracks for minutes over this set)"
+"${pip[@]}" --upgrade pip
+
+if python -c 'import importlib.metadata as m; m.version("torch")' 2>/dev/null; then
+    phase "keeping the installed torch $(python -c 'import importlib.metadata as m; print(m.version("torch"))')"
+else
+    phase "installing torch==2.13.0 (the CPU build; GPU: install your CUDA build first, see README)"
+    "${pip[@]}" "torch==2.13.0"
+fi
+
+phase "installing gradstore (editable) with its test tools: pip install ${pins[*]} -e '.[dev]'"
+"${pip[@]}" -e ".[dev]"
+
+phase "done: gradstore $(python -c 'import importlib.metadata as m; print(m.version("gradstore"))') in $(python -c 'import sys; print(sys.prefix)')"
+if [ -n "$venv_here" ]; then
+    echo "activate it in your shell with:  . .venv/bin/activate"
+fi
