@@ -28,7 +28,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -58,6 +58,7 @@ from .remote import (
     as_path,
     child_nodes,
     node_path,
+    orphan_nodes,
     put_if_absent,
     read_many,
     zarr_metadata,
@@ -69,6 +70,8 @@ StoreDtype = Literal["float16", "float32"]
 DTYPES: tuple[str, ...] = get_args(StoreDtype)
 CAPTURE_SEGMENT_CHUNKS = 256
 PASS_SEGMENT = "pass"
+_GROUP_METADATA = b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'
+SEGMENT_ARRAYS = ("grads", "ids", "checksums", "fingerprints", "committed")  # in the order they are created
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -258,6 +261,7 @@ class Segment:
             **{name: ((self.n_chunks,), (1,), None) for name in ("checksums", "fingerprints", "committed")},
         }
         self._arrays: dict[str, zarr.Array] = {}
+        self._structure: str | None = None  # structure_problem(), once known ("" when whole)
 
     @property
     def n_chunks(self) -> int:
@@ -301,30 +305,138 @@ class Segment:
         """``[capacity, D]`` projected gradients."""
         return self._require("grads")
 
+    def _file(self, array: str, chunk: int | None = None) -> StorePath:
+        """The metadata file of ``array`` (``chunk`` None) or the file of one of its one-value chunks."""
+        if chunk is None:
+            return self.directory / array / "zarr.json"
+        return self.directory / array / self._require(array).metadata.encode_chunk_key((chunk,))
+
+    def structure_problem(self) -> str | None:
+        """Why the segment's arrays do not form a whole (an array's ``zarr.json`` gone while rows are recorded),
+        or None: intact, or a creation cut short before any row was written (readers treat it as empty)."""
+        if self._structure is not None:
+            return self._structure or None
+        present = [(self.directory / name / "zarr.json").is_file() for name in SEGMENT_ARRAYS]
+        problem = ""
+        if not all(present):
+            # arrays are created in SEGMENT_ARRAYS order and written only once all exist: a cut-short creation
+            # lacks a suffix of them and holds no chunk
+            first_missing = present.index(False)
+            holds_rows = any((self.directory / name / "c").exists() for name in SEGMENT_ARRAYS)
+            if holds_rows or any(present[first_missing:]):
+                missing = self.directory / SEGMENT_ARRAYS[first_missing] / "zarr.json"
+                problem = (
+                    f"{missing} is missing while segment {self.name!r} records rows (deleted metadata: its rows "
+                    f"cannot be read); restore it, or {self._advice()}"
+                )
+        self._structure = problem
+        return problem or None
+
     def commit_records(self) -> tuple[np.ndarray, list[int]]:
-        """``(rows committed per chunk, chunks whose commit record is unreadable or impossible)``; a damaged record
-        counts 0 rows. A segment whose creation was cut short has none committed."""
+        """``(rows committed per chunk, chunks whose records are damaged)``; a damaged chunk counts 0 rows. Damaged:
+        an unreadable or impossible commit record, a committed chunk without its checksum record, or a committed pass
+        chunk without the example fingerprint its neighbours have. A segment whose creation was cut short has none
+        committed; one whose array metadata is gone is a :class:`StoreCorruptError` (:meth:`structure_problem`)."""
+        counts, problems = self._chunk_records()
+        return counts, sorted(problems)
+
+    def _chunk_records(self) -> tuple[np.ndarray, dict[int, str]]:
+        """Commit counts (damaged ones zeroed) and, per damaged chunk, why (naming the record's file)."""
+        problem = self.structure_problem()
+        if problem is not None:
+            raise StoreCorruptError(problem)
         committed = self._array("committed")
-        if committed is None or self._array("grads") is None or self._array("ids") is None:
-            return np.zeros(self.n_chunks, dtype=np.int64), []
+        if committed is None:
+            return np.zeros(self.n_chunks, dtype=np.int64), {}
+        for name in SEGMENT_ARRAYS:
+            self._array(name)  # damaged metadata (garbled, edited shape) is a StoreCorruptError naming it
         values, bad = _read_scalars(committed, range(self.n_chunks))
         counts = values.astype(np.int64)
         capacities = np.minimum(self.chunk_rows, self.capacity - np.arange(self.n_chunks) * self.chunk_rows)
-        damaged = sorted(set(bad) | {int(k) for k in np.flatnonzero((counts < 0) | (counts > capacities))})
-        counts[damaged] = 0
-        return counts, damaged
+        problems = {
+            int(k): f"the commit record {self._file('committed', int(k))} of chunk {int(k)} is unreadable or impossible"
+            for k in sorted(set(bad) | {int(k) for k in np.flatnonzero((counts < 0) | (counts > capacities))})
+        }
+        counts[list(problems)] = 0
+        sums = self.checksum_records()
+        for k in np.flatnonzero((counts > 0) & (sums == 0)).tolist():
+            problems[k] = (
+                f"the checksum record {self._file('checksums', k)} of committed chunk {k} is missing (deleted: its "
+                "rows cannot be verified)"
+            )
+        if self.kind == "pass":
+            prints = self.fingerprint_records()
+            if (prints[counts > 0] != 0).any():  # fingerprinted pass: each committed chunk has one
+                for k in np.flatnonzero((counts > 0) & (prints == 0)).tolist():
+                    problems[k] = (
+                        f"the example fingerprint record {self._file('fingerprints', k)} of committed chunk {k} is "
+                        "missing (deleted: a resumed pass could not check its examples)"
+                    )
+        counts[list(problems)] = 0
+        return counts, problems
+
+    def checksum_records(self) -> np.ndarray:
+        """``[n_chunks]`` recorded chunk checksums (0: none recorded; an unreadable one reads 0)."""
+        return _read_scalars(self._require("checksums"), range(self.n_chunks))[0].astype(np.uint64)
+
+    def fingerprint_records(self) -> np.ndarray:
+        """``[n_chunks]`` recorded example fingerprints (0: none recorded)."""
+        return _read_scalars(self._require("fingerprints"), range(self.n_chunks))[0].astype(np.uint64)
 
     def committed_counts(self) -> np.ndarray:
-        """Rows committed in each chunk (0 = not committed); a damaged commit record is a :class:`StoreCorruptError`."""
-        counts, damaged = self.commit_records()
-        if damaged:
-            committed = self._require("committed")
-            first = self.directory / "committed" / committed.metadata.encode_chunk_key((damaged[0],))
-            raise StoreCorruptError(
-                f"{self.directory / 'committed'}: the commit records of chunks {damaged[:10]} are unreadable or "
-                f"impossible (first: {first}); {_RELOG}"
-            )
+        """Rows committed in each chunk (0 = not committed); a damaged record is a :class:`StoreCorruptError`."""
+        counts, problems = self._chunk_records()
+        if problems:
+            first = min(problems)
+            more = f" (and chunks {sorted(problems)[1:10]})" if len(problems) > 1 else ""
+            raise StoreCorruptError(f"{self.directory}: {problems[first]}{more}; {self._repair_advice()}")
         return counts
+
+    def _repair_advice(self) -> str:
+        """What repairs a chunk of this segment: a pass re-logs it; a capture segment's rows must be captured again."""
+        if self.kind == "capture":
+            return f"restore the file, or {self._advice()}"
+        return _RELOG
+
+    def chain_problems(self) -> list[str]:
+        """Every broken link between this segment's records, one line each (empty: a whole chain): damaged records
+        (:meth:`commit_records`), rows with a checksum but no commit record (a deleted record, or a writer killed
+        between the two), holes in an append-only capture segment, and chunks past or short of the count a capture
+        writer sealed. A capture segment's last written chunk without a commit is a write cut short (not damage)
+        unless its writer had recorded it as committed (:meth:`record_flushed`)."""
+        try:
+            counts, problems = self._chunk_records()
+        except StoreCorruptError as exc:
+            return [str(exc)]
+        lines = [f"{self.directory}: {why}; {self._repair_advice()}" for _, why in sorted(problems.items())]
+        committed = self._array("committed")
+        if committed is None:
+            return lines
+        sums = self.checksum_records()
+        damaged = np.isin(np.arange(self.n_chunks), list(problems))
+        recorded = (counts > 0) | (sums != 0) | damaged
+        tail = int(np.flatnonzero(recorded)[-1]) if recorded.any() else -1
+        sealed = self.sealed_chunks or 0
+        for k in np.flatnonzero((counts == 0) & ~damaged).tolist():
+            if self.kind == "capture" and (k < tail or k < sealed):  # one writer commits its chunks in order
+                why = "is not committed, but later rows of this append-only segment are (a deleted commit record)"
+            elif sums[k] != 0 and (self.kind != "capture" or k != tail):  # a capture's tail: a write cut short
+                why = "has rows and a checksum but no commit record (deleted, or its writer was killed mid-commit)"
+            else:
+                continue
+            lines.append(f"{self.directory}: chunk {k} ({self._file('committed', k)}) {why}; {self._repair_advice()}")
+        return lines
+
+    @property
+    def sealed_chunks(self) -> int | None:
+        """Chunks a capture writer recorded as committed when it last flushed (None: never recorded)."""
+        value = self.group.attrs.get("sealed_chunks")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    def record_flushed(self, sealed_chunks: int, skipped: set[int]) -> None:
+        """One attribute write (a single writer per segment): the chunks committed so far and the skipped ids."""
+        merged = sorted(set(self.skipped_ids.tolist()) | {int(i) for i in skipped})
+        self.group.attrs.update({"sealed_chunks": int(sealed_chunks), "skipped_ids": merged})
 
     def _unreadable(self, start: int, stop: int, error: Exception) -> StoreCorruptError:
         for chunk in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
@@ -375,8 +487,13 @@ class Segment:
                 raise StoreCorruptError(
                     f"{self.directory}/checksums: the checksum of chunk {chunk} cannot be read; {_RELOG}"
                 )
-            if not expected or lo < start or lo + n > stop:
-                continue  # no checksum recorded (an older store), or only part of the chunk was read
+            if lo < start or lo + n > stop or n == 0:
+                continue  # only part of the chunk was read, or it holds no committed row
+            if not expected:
+                raise StoreCorruptError(
+                    f"{self.directory}: the checksum record {self._file('checksums', chunk)} of committed chunk "
+                    f"{chunk} is missing (deleted: its rows cannot be verified); {self._repair_advice()}"
+                )
             if rows_checksum(ids[lo - start : lo - start + n], grads[lo - start : lo - start + n]) != expected:
                 raise StoreCorruptError(
                     f"{self.directory}: chunk {chunk} (rows {lo}..{lo + n - 1}) fails its checksum; {_RELOG}"
@@ -465,6 +582,11 @@ class GradientStore:
         """Open an existing store (a folder, or a URL such as ``s3://bucket/run.zarr``), read-only by default."""
         path = as_path(path)
         if not (path / "zarr.json").exists():
+            if (path / "checkpoints").exists():
+                raise StoreCorruptError(
+                    f"{path / 'zarr.json'} is missing while {path} holds checkpoints (deleted metadata: the projection "
+                    f"is unknown); {_store_advice(path)}"
+                )
             raise StoreNotFoundError(f"no gradient store at {path} (run `gradstore index` or GradientLogger first)")
         if mode not in ("r", "a"):
             raise StoreArgumentError(f"mode must be 'r' or 'a', got {mode!r}")
@@ -473,7 +595,7 @@ class GradientStore:
         except Exception as exc:  # a truncated or garbled root zarr.json
             raise _metadata_error(path / "zarr.json", exc, _store_advice(path)) from exc
         if (
-            mode == "a" and not (path / "checkpoints" / "zarr.json").is_file()
+            mode == "a" and not (path / "checkpoints" / "zarr.json").is_file() and not orphan_nodes(path)
         ):  # an older gradstore killed mid-creation: finish creating it
             root.create_group("checkpoints")
         return cls(root, path, read_only=mode == "r")
@@ -563,10 +685,33 @@ class GradientStore:
     @property
     def checkpoints(self) -> list[str]:
         """Checkpoint names, in the order they were started."""
-        if not (self.path / "checkpoints" / "zarr.json").is_file():  # an older gradstore killed mid-creation
-            return []
+        if not (self.path / "checkpoints" / "zarr.json").is_file():
+            self._refuse_missing_checkpoints_group()
+            return []  # an older gradstore killed mid-creation
+        self._refuse_orphans(self.path / "checkpoints", "checkpoint")
         groups = _groups(self._checkpoints_group(), self._checkpoint_advice)
         return sorted(groups, key=lambda name: (groups[name].attrs.get("created_at", 0.0), name))
+
+    def _refuse_missing_checkpoints_group(self) -> None:
+        """A :class:`StoreCorruptError` when ``checkpoints/zarr.json`` is gone but checkpoints are there (it holds no
+        attributes, so writing it again is the whole repair)."""
+        if "checkpoints" in orphan_nodes(self.path):
+            meta = self.path / "checkpoints" / "zarr.json"
+            raise StoreCorruptError(
+                f"{meta} is missing while the store holds checkpoints (deleted metadata: their rows are invisible); "
+                f"restore it: it holds no data, only {_GROUP_METADATA.decode()}"
+            )
+
+    def _refuse_orphans(self, directory: StorePath, what: str) -> None:
+        """A :class:`StoreCorruptError` for a folder of ``directory`` holding data but no ``zarr.json``: Zarr would
+        not see it, so its rows would be dropped (and a writer would log a duplicate beside them)."""
+        for name in orphan_nodes(directory):
+            label = what if what.startswith("the ") else f"{what} {name!r}"
+            advice = _delete_and_relog(directory / name, label)
+            raise StoreCorruptError(
+                f"{directory / name / 'zarr.json'} is missing while {directory / name} holds data (deleted metadata of "
+                f"{label}: its rows would be dropped); restore it, or {advice}"
+            )
 
     def _checkpoint_advice(self, name: str) -> str:
         if not name:
@@ -574,6 +719,8 @@ class GradientStore:
         return _delete_and_relog(self.path / "checkpoints" / name, f"checkpoint {name!r}")
 
     def _checkpoints_group(self) -> zarr.Group:
+        if not (self.path / "checkpoints" / "zarr.json").is_file():
+            self._refuse_missing_checkpoints_group()
         return _child_group(self.root, "checkpoints", _store_advice(self.path))
 
     def _checkpoint_group(self, name: str) -> zarr.Group:
@@ -586,9 +733,9 @@ class GradientStore:
 
     def checkpoint_info(self, name: str) -> CheckpointInfo:
         attrs: dict[str, Any] = dict(self._checkpoint_group(name).attrs)
-        attrs.pop("created_at", None)
+        known = {f.name for f in fields(CheckpointInfo)}  # other keys (created_at, records added later) are kept aside
         try:
-            return CheckpointInfo(**attrs)
+            return CheckpointInfo(**{key: value for key, value in attrs.items() if key in known})
         except (TypeError, ValueError) as exc:
             raise StoreFormatError(f"{self.path}/checkpoints/{name}: malformed checkpoint metadata ({exc})") from exc
 
@@ -598,6 +745,7 @@ class GradientStore:
         if info.adam != (adam_factors is not None):
             raise StoreArgumentError("CheckpointInfo.adam must say whether Adam factors are given")
         checkpoints = self._checkpoints_group()
+        self._refuse_orphans(self.path / "checkpoints", "checkpoint")
         if (self.path / "checkpoints" / info.name / "zarr.json").is_file():
             existing = self.checkpoint_info(info.name)
             diffs = {k: (v, getattr(info, k)) for k, v in asdict(existing).items() if getattr(info, k) != v}
@@ -668,6 +816,7 @@ class GradientStore:
     def segments(self, checkpoint: str) -> list[Segment]:
         group = self._checkpoint_group(checkpoint)
         directory = self.path / "checkpoints" / checkpoint
+        self._refuse_orphans(directory, "segment")
         groups = _groups(
             group,
             lambda name: (
@@ -786,7 +935,11 @@ class GradientStore:
         return wanted, grads[rows]
 
     def verify(self) -> list[str]:
-        """Walk every checkpoint, segment and committed chunk; return one line per damaged part (empty: intact)."""
+        """Walk every checkpoint, segment and committed chunk; return one line per damaged part (empty: intact).
+
+        Besides every committed chunk against its checksum, the records must form one chain: metadata for every
+        folder holding data, a checksum for every commit, a commit for every checksum (:meth:`Segment.chain_problems`).
+        """
         problems: dict[str, None] = {}  # ordered, without repeats
         try:
             names = self.checkpoints
@@ -794,27 +947,48 @@ class GradientStore:
             problems[str(exc)] = None
             names = _child_dirs(self.path / "checkpoints")
         for name in names:
-            try:
-                self.checkpoint_info(name)
-                self.adam_factors(name)
-                segments = self._each_segment(name)
-            except StoreFormatError as exc:
-                problems[str(exc)] = None
-                continue
-            for segment in segments:
-                try:
-                    if isinstance(segment, StoreFormatError):
-                        raise segment
-                    counts = segment.committed_counts()
-                    for chunk in np.flatnonzero(counts):
-                        lo = int(chunk) * segment.chunk_rows
-                        try:
-                            segment.read_rows(lo, lo + int(counts[chunk]), counts=counts)
-                        except StoreFormatError as exc:
-                            problems[str(exc)] = None
-                except StoreFormatError as exc:
-                    problems[str(exc)] = None
+            for line in self._verify_checkpoint(name):
+                problems[line] = None
         return list(problems)
+
+    def _verify_checkpoint(self, name: str) -> list[str]:
+        """:meth:`verify`'s lines for one checkpoint."""
+        try:
+            self.checkpoint_info(name)
+            self.adam_factors(name)
+            segments = self._each_segment(name)
+        except StoreFormatError as exc:
+            return [str(exc)]
+        lines: list[str] = []
+        try:
+            self._refuse_orphans(_disk(self._checkpoint_group(name)), "segment")
+        except StoreFormatError as exc:
+            lines.append(str(exc))
+        for segment in segments:
+            if isinstance(segment, StoreFormatError):
+                lines.append(str(segment))
+                continue
+            lines += segment.chain_problems()
+            try:
+                counts = segment._chunk_records()[0]
+            except StoreFormatError:
+                continue  # in chain_problems
+            for chunk in np.flatnonzero(counts):
+                lo = int(chunk) * segment.chunk_rows
+                try:
+                    segment.read_rows(lo, lo + int(counts[chunk]), counts=counts)
+                except StoreFormatError as exc:
+                    lines.append(str(exc))
+        return lines
+
+    def chain_problems(self) -> list[str]:
+        """The broken links of every checkpoint's records (no chunk data is read): what :meth:`verify` reports
+        without the checksum pass, cheap enough to run before every index build."""
+        lines: list[str] = []
+        for name in self.checkpoints:
+            for segment in self.segments(name):
+                lines += segment.chain_problems()
+        return lines
 
     def _each_segment(self, checkpoint: str) -> list[Segment | StoreFormatError]:
         """Each segment of a checkpoint, or the error that keeps it from being read (so one does not hide others)."""
@@ -842,8 +1016,32 @@ class GradientStore:
             for segment in self.segments(name):
                 digest.update(segment.name.encode())
                 digest.update(segment.committed_counts().tobytes())
+                digest.update(segment.checksum_records().tobytes())  # rewritten rows change it, not only new ones
                 digest.update(segment.skipped_ids.tobytes())
         return digest.hexdigest()
+
+    # -- how the rows were checked -----------------------------------------------------------------
+    def record_checks(
+        self,
+        coverage: dict[str, Any] | None = None,
+        verification: dict[str, Any] | None = None,
+        checkpoint: str | None = None,
+    ) -> None:
+        """Record the logger's parameter coverage and a checkpoint's first-batch exactness check (root attribute
+        ``checks``: ``{"coverage": {...}, "verification": {checkpoint: {...}}}``), shown by ``gradstore info``."""
+        self._require_writable()
+        checks = dict(self.checks())
+        if coverage is not None:
+            checks["coverage"] = coverage
+        if verification is not None and checkpoint is not None:
+            checks["verification"] = {**checks.get("verification", {}), checkpoint: verification}
+        if checks != self.checks():
+            self.root.attrs["checks"] = checks
+
+    def checks(self) -> dict[str, Any]:
+        """What :meth:`record_checks` recorded (``{}`` for a store logged before checks were recorded)."""
+        checks = self.root.attrs.get("checks", {})
+        return checks if isinstance(checks, dict) else {}
 
     def __repr__(self) -> str:
         return f"GradientStore({str(self.path)!r}, D={self.dim}, dtype={self.dtype}, checkpoints={self.checkpoints})"

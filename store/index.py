@@ -57,7 +57,7 @@ from gradstore.projection import Preconditioner, PreconditionerKind, kind_traits
 from .errors import IndexMismatchError, IndexNotFoundError, QueryShapeError, StoreFormatError
 from .gradient_store import GradientStore
 from .index_options import BUILD_FIELDS, KINDS, IndexKind, IndexOptions
-from .manifest import IndexManifest, building
+from .manifest import REBUILD_HINT, IndexManifest, building, refuse_broken_chain
 from .parts import part_name
 from .remote import RemotePath, StorePath, as_path, fetch_index, local_index_dir, publish_index
 from .rows import CheckpointRows
@@ -131,6 +131,7 @@ def _checkpoint_fingerprint(store: GradientStore, name: str) -> str:
     for segment in store.segments(name):
         digest.update(segment.name.encode())
         digest.update(segment.committed_counts().tobytes())
+        digest.update(segment.checksum_records().tobytes())  # the rows' content, not only how many
         digest.update(segment.skipped_ids.tobytes())
     return digest.hexdigest()
 
@@ -397,6 +398,9 @@ class GradientIndex:
             previous, reason = None, "the store's projection changed"
         if previous is not None and (previous.eval_store is None) != (eval_store is None):
             previous, reason = None, "an eval store was added or removed"
+        refuse_broken_chain(store)  # a missing record would drop rows from the index without a word
+        if eval_store is not None:
+            refuse_broken_chain(eval_store)
         # fingerprints first: rows committed while the index is built then make it stale instead of incomplete
         store_fingerprint = store.fingerprint()
         eval_fingerprint = eval_store.fingerprint() if eval_store is not None else None
@@ -452,6 +456,7 @@ class GradientIndex:
                     "row_part": r,
                     "rows": [start, stop],
                     "ids_blake2b": digest,
+                    "content_blake2b": rows[name].content_digest(part_ids),
                     "present": present,
                     "file": part_name(name, r) if options.kind == "flat" else None,
                     "dtype": str(np.dtype(store.dtype)) if options.kind == "flat" else None,
@@ -460,10 +465,11 @@ class GradientIndex:
                     else prev_state.get(name, {}).get("fitted_rows"),
                 }
                 old = _previous_part(previous, name, r)
-                reuse = (
+                reuse = (  # keyed by the rows' content (chunk checksums), never by their ids alone
                     name not in fitted
                     and old is not None
                     and old["ids_blake2b"] == digest
+                    and old.get("content_blake2b") == entry["content_blake2b"]
                     and old["present"] == present
                 )
                 plan[(name, r)] = {**(old if reuse and old is not None else entry), "reused": reuse}
@@ -579,6 +585,25 @@ class GradientIndex:
                         raise
                     # an update replaced (and removed) this directory while it was read: read the new one
         raise AssertionError("unreachable")
+
+    def content_problems(self) -> list[str]:
+        """One line per part whose recorded content (the checksums of the rows it was built from) differs from the
+        store's rows now: an index that would answer with vectors of rows the store no longer holds."""
+        lines = []
+        rows: dict[str, CheckpointRows] = {}
+        for part in self.manifest.parts:
+            name, recorded = part["checkpoint"], part.get("content_blake2b")
+            if recorded is None or name not in self.checkpoints:
+                continue
+            if name not in rows:
+                rows[name] = CheckpointRows(self.store, name)
+            start, stop = part["rows"]
+            if rows[name].content_digest(self.ids[start:stop]) != recorded:
+                lines.append(
+                    f"index {self.path}: part {part['row_part']} of checkpoint {name!r} (rows {start}..{stop - 1}) was "
+                    f"built from other rows than the store holds now; {REBUILD_HINT}"
+                )
+        return lines
 
     def row_of(self, example_id: int) -> int | None:
         """The index row of an example id, or None when the index does not hold it."""

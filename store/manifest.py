@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .durable import fsync_dir, fsync_tree, remove_stale, scratch_dir
-from .errors import IndexMismatchError, IndexNotFoundError, StaleIndexError
+from .errors import IndexMismatchError, IndexNotFoundError, StaleIndexError, StoreCorruptError
 from .gradient_store import GradientStore
 from .index_options import IndexOptions
 
@@ -170,6 +170,7 @@ class IndexManifest:
                 f"{stored_lrs}; {REBUILD_HINT}"
             )
         if self.store_fingerprint != store.fingerprint():
+            refuse_broken_chain(store)  # a deleted record changes the fingerprint too: name it, not "changed"
             raise StaleIndexError(
                 f"store {store.path} changed after index {directory} was built (it indexed {self.num_rows} rows of "
                 f"checkpoints {self.checkpoints}); {REBUILD_HINT}"
@@ -197,6 +198,15 @@ class IndexManifest:
                 f"index {directory} was built with other options {diffs} (built, requested); {REBUILD_HINT}"
             )
         return replace(self, options=options)
+
+
+def refuse_broken_chain(store: GradientStore) -> None:
+    """A :class:`StoreCorruptError` naming the first broken link of ``store``'s records (and how many there are):
+    nothing is built from, or blamed on, a store whose rows a missing record hides."""
+    problems = store.chain_problems()
+    if problems:
+        more = f" ({len(problems) - 1} more: `gradstore verify` lists them)" if len(problems) > 1 else ""
+        raise StoreCorruptError(problems[0] + more)
 
 
 @contextlib.contextmanager

@@ -224,6 +224,26 @@ def child_nodes(directory: StorePath) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if (p / "zarr.json").is_file())
 
 
+def orphan_nodes(directory: StorePath) -> list[str]:
+    """Names of the subfolders of ``directory`` that hold files but no ``zarr.json`` (a node whose metadata was
+    deleted: its data is there, invisible to Zarr), sorted."""
+    if isinstance(directory, RemotePath):
+        try:
+            listed = directory.fs.ls(directory.key, detail=False)
+        except FileNotFoundError:
+            return []
+        children = {key.rstrip("/").split("/")[-1] for key in listed}
+        children.discard(directory.key.rstrip("/").split("/")[-1])
+        return sorted(children - set(child_nodes(directory)) - {"zarr.json"})
+    if not directory.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in directory.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and not (p / "zarr.json").is_file() and any(p.iterdir())
+    )
+
+
 def read_many(paths: Sequence[StorePath]) -> list[bytes | None]:
     """The bytes of each path (None: absent); remote ones are fetched in one concurrent batch."""
     remote = [p for p in paths if isinstance(p, RemotePath)]

@@ -7,6 +7,7 @@ bytes, so those rows are fetched as byte ranges through the Zarr store (a row is
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Sequence
 
@@ -61,14 +62,17 @@ class CheckpointRows:
     def __init__(self, store: GradientStore, checkpoint: str):
         self.store, self.checkpoint = store, checkpoint
         self.segments = store.segments(checkpoint)
-        ids, segment_of, row_of = [], [], []
+        ids, segment_of, row_of, sums = [], [], [], []
         self._counts = [segment.committed_counts() for segment in self.segments]
         for s, segment in enumerate(self.segments):
+            checksums = segment.checksum_records()
             for start, stop in segment.row_ranges(self._counts[s]):
                 ids.append(np.asarray(segment.ids_array[start:stop]))
                 segment_of.append(np.full(stop - start, s, dtype=np.int32))
                 row_of.append(np.arange(start, stop, dtype=np.int64))
+                sums.append(checksums[np.arange(start, stop) // store.chunk_rows])
         self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        row_sums = np.concatenate(sums) if sums else np.zeros(0, np.uint64)
         segment_of_all = np.concatenate(segment_of) if segment_of else np.zeros(0, np.int32)
         row_of_all = np.concatenate(row_of) if row_of else np.zeros(0, np.int64)
         order = np.argsort(self.ids, kind="stable")
@@ -78,10 +82,23 @@ class CheckpointRows:
             raise DuplicateIdError(f"checkpoint {checkpoint!r} holds example ids more than once: {dup[:10].tolist()}")
         self._segment = segment_of_all[order]
         self._row = row_of_all[order]
+        self._checksum = row_sums[order]  # of the chunk each row was committed in: its content's fingerprint
         self._grads: dict[int, zarr.Array] = {}  # opened once per segment: the re-rank reads a few rows per query
 
     def __len__(self) -> int:
         return len(self.sorted_ids)
+
+    def content_digest(self, ids: np.ndarray) -> str:
+        """A hash of what this checkpoint holds for ``ids``: which of them have a row, and the checksum of the chunk
+        each row was committed in (ids and gradients). Equal digests, equal rows: a part built from them still
+        holds; a re-logged, re-captured or rewritten row changes it, whatever its id."""
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.sorted_ids, ids), max(len(self.sorted_ids) - 1, 0))
+        present = self.sorted_ids[pos] == ids if len(self.sorted_ids) else np.zeros(len(ids), bool)
+        digest = hashlib.blake2b(ids.tobytes(), digest_size=16)
+        digest.update(present.tobytes())
+        digest.update(np.ascontiguousarray(self._checksum[pos[present]]).tobytes())
+        return digest.hexdigest()
 
     def _locate(self, ids: np.ndarray) -> np.ndarray:
         pos = np.searchsorted(self.sorted_ids, ids)

@@ -97,6 +97,8 @@ class AppendWriter:
 
     def _new_buffer(self) -> ChunkBuffer:
         if self._segment is None or self._next_chunk == self._segment.n_chunks:
+            if self._segment is not None:  # full: every chunk of it is committed once the queued writes are
+                self._record_flushed()
             self._segment, self._next_chunk = self.store.new_capture_segment(self.checkpoint, self.writer_tag), 0
         buffer = ChunkBuffer(
             self._segment, self._next_chunk, self.store.chunk_rows, self.store.dim, self.store.dtype, self.background
@@ -116,11 +118,18 @@ class AppendWriter:
         self._skipped.update(int(i) for i in ids)
 
     def flush(self) -> None:
-        """Commit a partly filled chunk (later rows go to the next chunk) and the skipped ids recorded so far."""
+        """Commit a partly filled chunk (later rows go to the next chunk) and the skipped ids recorded so far, and
+        record how many chunks of the segment are committed (a later missing commit record is then damage)."""
         if self._buffer is not None:
             self._buffer.flush()
-        if self._skipped:
-            if self._segment is None:
-                self._segment, self._next_chunk = self.store.new_capture_segment(self.checkpoint, self.writer_tag), 0
-            self._segment.record_skipped(self._skipped)
-            self._skipped = set()
+        if self._skipped and self._segment is None:
+            self._segment, self._next_chunk = self.store.new_capture_segment(self.checkpoint, self.writer_tag), 0
+        if self._segment is not None:
+            self._record_flushed()
+
+    def _record_flushed(self) -> None:
+        """Queue, after the chunk writes already queued, the segment's committed chunk count and skipped ids."""
+        segment, chunks, skipped = self._segment, self._next_chunk, self._skipped
+        assert segment is not None
+        self._skipped = set()
+        self.background.submit(lambda: segment.record_flushed(chunks, skipped))
