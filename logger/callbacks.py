@@ -48,7 +48,7 @@ from gradstore.store.gradient_store import StoreDtype
 
 from .adam_fold import adam_fold
 from .errors import CaptureError
-from .gradient_logger import GradientLogger
+from .gradient_logger import CaptureReference, GradientLogger
 from .projector import Rank
 
 IDS_KEY = "gradstore_example_ids"
@@ -374,7 +374,14 @@ class CaptureSession:
         self.interval = None
 
     # capture windows
-    def begin(self, ids: np.ndarray, loss_scale: float, reduction: str = "sum", scaler: Any | None = None) -> None:
+    def begin(
+        self,
+        ids: np.ndarray,
+        loss_scale: float,
+        reduction: str = "sum",
+        scaler: Any | None = None,
+        losses: torch.Tensor | CaptureReference | None = None,
+    ) -> None:
         """Arm the per-example buffer for the backward that follows (see :meth:`GradientLogger.capture`)."""
         if self.interval is None:
             raise CaptureError("a training backward ran outside any gradstore interval; this is a gradstore bug")
@@ -389,6 +396,7 @@ class CaptureSession:
             reduction=reduction,  # type: ignore[arg-type]
             scaler=scaler,
             loss_scale=loss_scale,
+            losses=losses,
         )
         window.__enter__()
         self._window = window
@@ -400,18 +408,29 @@ class CaptureSession:
             window.__exit__(None, None, None)
             self.windows += 1
 
-    def watch(self, loss: torch.Tensor, ids: np.ndarray, normalizer: float, scaler: Any | None) -> None:
+    def watch(
+        self,
+        loss: torch.Tensor,
+        ids: np.ndarray,
+        normalizer: float,
+        scaler: Any | None,
+        losses: torch.Tensor | None = None,
+    ) -> None:
         """Capture ``ids`` during the backward of ``loss = sum_i loss_i / normalizer``, however it is scaled later.
 
         The gradient arriving at ``loss`` is the product of every factor applied after it (gradient accumulation,
         a GradScaler's scale, a world-size factor), so dividing by it and ``normalizer`` gives each example's
-        gradient of its own summed loss. The window closes when that backward finishes.
+        gradient of its own summed loss. The window closes when that backward finishes. ``losses``: the per-example
+        ``loss_i`` when known, for the first window's exactness check (taken now, before the backward runs).
         """
+        reference = None
+        if losses is not None and self.logger.capture_check_pending:
+            reference = self.logger.capture_reference(losses)
 
         def started(grad: torch.Tensor) -> None:
             factor = float(grad.detach().float().sum())
             scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-            self.begin(ids, factor / (normalizer * scale), "sum", scaler)
+            self.begin(ids, factor / (normalizer * scale), "sum", scaler, reference)
             torch.autograd.Variable._execution_engine.queue_callback(self.end)  # runs when this backward ends
 
         loss.register_hook(started)

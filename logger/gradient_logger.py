@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -36,8 +37,34 @@ from .errors import CaptureError, NonFiniteGradientError, TaskError
 from .fingerprint import examples_fingerprint
 from .projector import GradientProjector, Rank
 from .task import Task
+from .verify import (
+    ExactRows,
+    Verification,
+    block_errors,
+    checked_positions,
+    refuse_batch_coupling,
+    require_exact,
+)
 
 T = TypeVar("T")
+
+
+@dataclass
+class CaptureReference:
+    """What the first capture's rows are checked against: exact rows of some examples (``per-example``), or the
+    parameters' ``.grad`` before the backward (``batch-sum``: the rows' sum must equal the change)."""
+
+    mode: Literal["per-example", "batch-sum"]
+    positions: list[int]
+    exact: ExactRows
+    rows: torch.Tensor | None = None
+    before: list[torch.Tensor | None] | None = None
+
+
+def _delta(after: torch.Tensor | None, before: torch.Tensor | None) -> torch.Tensor | None:
+    if after is None:
+        return None
+    return after.detach() - before if before is not None else after.detach()
 
 
 class GradientLogger(GradientProjector):
@@ -50,6 +77,8 @@ class GradientLogger(GradientProjector):
         chunk_rows: rows per Zarr chunk (the unit of writing, committing and resuming).
         process_rank, world_size: this writer's share of a distributed pass (default: from torch.distributed).
         progress: show progress bars.
+        verify: check the first batch of every path (offline pass, ``capture()``) against the exact per-example
+            gradient and refuse a block that differs (see :class:`GradientProjector`); recorded in the store.
     """
 
     def __init__(
@@ -68,11 +97,20 @@ class GradientLogger(GradientProjector):
         world_size: int | None = None,
         progress: bool = True,
         spec: ProjectionSpec | None = None,
+        verify: bool = True,
     ):
         if spec is None and init == "pca" and store is not None and (as_path(store) / "zarr.json").exists():
             spec = GradientStore.open(store).spec  # PCA bases are data: reuse the ones the store was written with
         super().__init__(
-            model, task, rank=rank, init=init, layers=layers, seed=seed, pca_examples=pca_examples, spec=spec
+            model,
+            task,
+            rank=rank,
+            init=init,
+            layers=layers,
+            seed=seed,
+            pca_examples=pca_examples,
+            spec=spec,
+            verify=verify,
         )
         self.progress = progress
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -86,12 +124,17 @@ class GradientLogger(GradientProjector):
         self.store: GradientStore | None = None
         if store is not None:
             self.store = self._open_store(as_path(store), dtype, chunk_rows)
+            if self.process_rank == 0:
+                self.store.record_checks(coverage=self.coverage.to_json())
         self._writer = BackgroundWriter()
         self._sinks: dict[str, AppendWriter] = {}
         self._capture_seen: dict[str, set[int]] = {}
         self._capture_done: dict[str, set[int]] = {}
         self._capture_lr: dict[str, float] = {}
         self.skipped_ids: dict[str, set[int]] = {}  # per checkpoint: ids whose step a GradScaler skipped
+        self.capture_verification: Verification | None = None  # the first capture's check (training mode)
+        if not verify and self.store is not None and self.process_rank == 0:
+            self.store.record_checks(verification=Verification("off", "verify=False").to_json(), checkpoint="*")
 
     # -- setup -----------------------------------------------------------------------------------
     def _rank0_first(self, first: Callable[[], T], others: Callable[[], T]) -> T:
@@ -187,8 +230,15 @@ class GradientLogger(GradientProjector):
                 computed = self._log_chunks(segment, todo, examples, ids, batch_size, desc=f"logging {name}")
         finally:
             self._writer.flush()
+        self._record_verification(name)
         self._barrier()
         return computed
+
+    def _record_verification(self, checkpoint: str) -> None:
+        """Record how this checkpoint's rows were checked (the check itself runs once per logger)."""
+        if self.store is not None and self.process_rank == 0 and (self.verification is not None or not self.verify):
+            check = self.verification or Verification("off", "verify=False")
+            self.store.record_checks(verification=check.to_json(), checkpoint=checkpoint)
 
     def _example_ids(self, examples: Sequence, checkpoint: str) -> np.ndarray:
         task = self._require_task()
@@ -327,6 +377,7 @@ class GradientLogger(GradientProjector):
         scaler: Any | None = None,
         loss_scale: float = 1.0,
         weights_path: str | Path | None = None,
+        losses: torch.Tensor | CaptureReference | None = None,
     ) -> Iterator[None]:
         """Log the examples of one training step, at the weights of that step, as a by-product of its backward.
 
@@ -339,11 +390,17 @@ class GradientLogger(GradientProjector):
         ``weights_path``: the weights file this checkpoint's queries use (saved before its first step); read by the
         first capture of the checkpoint in this session, which records the file's sha256 with it, so that changed
         weights are refused when the run is indexed or served.
+
+        ``losses``: the batch's per-example losses ``[B]`` (before the reduction), used by the first capture's
+        exactness check: a few rows are compared with ``autograd.grad`` of those examples' losses. Without them
+        the first capture compares the sum of its rows with the change of the parameters' ``.grad`` (which cannot
+        see a batch dimension that is not dim 0, so pass ``losses`` when you have them).
         """
         if reduction not in ("mean", "sum"):
             raise CaptureError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         batch_ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64).reshape(-1)
         sink = self._capture_sink(checkpoint, lr, step, weights_path=weights_path)
+        check = self._capture_reference(losses, len(batch_ids)) if self.capture_check_pending else None
         with self._state.armed(len(batch_ids), self.device):
             yield
         if self._state.backward_calls == 0:
@@ -364,6 +421,8 @@ class GradientLogger(GradientProjector):
                 self.skipped_ids.setdefault(checkpoint, set()).update(fresh)
                 return
         grads = grads / factor
+        if check is not None:
+            self._check_capture(check, grads, factor, checkpoint)
         keep = np.array([int(i) not in self._capture_done[checkpoint] for i in batch_ids], dtype=bool)
         seen = self._capture_seen[checkpoint]
         repeated = [int(i) for i in batch_ids[keep] if int(i) in seen]
@@ -376,6 +435,60 @@ class GradientLogger(GradientProjector):
         rows = self._to_storage(grads[torch.from_numpy(keep).to(grads.device)], batch_ids[keep])
         seen.update(batch_ids[keep].tolist())
         sink.append(batch_ids[keep], rows)
+
+    @property
+    def capture_check_pending(self) -> bool:
+        """Whether the next :meth:`capture` runs the first-batch exactness check."""
+        return self.verify and self.capture_verification is None
+
+    def capture_reference(self, losses: torch.Tensor) -> CaptureReference:
+        """The exact rows the first capture's rows are checked against, from the per-example ``losses`` of a forward
+        whose backward has not run yet (the callbacks take it right after the forward; ``.grad`` is untouched)."""
+        if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
+            raise CaptureError(f"losses must be the batch's per-example losses, a 1-D tensor; got {losses!r:.80}")
+        positions = checked_positions(len(losses))
+        exact = self.exact_rows()
+        return CaptureReference("per-example", positions, exact, exact.of_losses(losses, positions))
+
+    def _capture_reference(self, losses: torch.Tensor | CaptureReference | None, batch_size: int) -> CaptureReference:
+        if isinstance(losses, CaptureReference):
+            return losses
+        if losses is not None:
+            if losses.shape != (batch_size,):
+                raise CaptureError(
+                    f"losses has shape {tuple(losses.shape)}; expected one per example id ({batch_size},)"
+                )
+            return self.capture_reference(losses)
+        # no per-example losses: the batch's summed rows against the change of .grad over this backward
+        refuse_batch_coupling(self.model, "capture()")
+        exact = self.exact_rows()
+        before = [p.grad.detach().clone() if p.grad is not None else None for p in exact.parameters]
+        return CaptureReference("batch-sum", [], exact, None, before)
+
+    def _check_capture(self, check: CaptureReference, rows: torch.Tensor, factor: float, checkpoint: str) -> None:
+        """Compare the first capture's rows with the exact ones; record the result in the store, or refuse."""
+        exact = check.exact
+        if check.mode == "per-example":
+            assert check.rows is not None
+            compared, reference = rows[check.positions], check.rows
+        else:
+            if self._distributed:  # DDP averages .grad over ranks: the local sum is not comparable
+                return
+            after = [p.grad for p in exact.parameters]
+            deltas = [_delta(a, b) for a, b in zip(after, check.before or [])]
+            compared, reference = rows.sum(dim=0, keepdim=True), (exact.row(deltas) / factor).unsqueeze(0)
+        errors = block_errors(compared, reference, self._state.specs)
+        self.capture_verification = require_exact(
+            errors,
+            self._tolerance(exact),
+            self.layers,
+            check.mode,
+            "capture()",
+            max(len(check.positions), rows.shape[0]),
+        )
+        self._release_precision_watch()
+        if self.store is not None and self.process_rank == 0:
+            self.store.record_checks(verification=self.capture_verification.to_json(), checkpoint=checkpoint)
 
     def begin_capture(self, info: CheckpointInfo, adam_factors: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Create (or, resuming, validate) capture checkpoint ``info.name`` with its full metadata before its first

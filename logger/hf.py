@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -96,6 +97,7 @@ class GradstoreCallback(TrainerCallback):
         self._tagged: TaggedLoader | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._pending: tuple[np.ndarray, float] | None = None
+        self._labels: torch.Tensor | None = None  # the pending forward's labels (for the first exactness check)
         self._forwards = 0
         self._warned: set[str] = set()
 
@@ -190,6 +192,7 @@ class GradstoreCallback(TrainerCallback):
         ids = np.asarray(kwargs.pop(IDS_KEY).cpu(), dtype=np.int64).reshape(-1)
         if module.training and torch.is_grad_enabled():
             self._pending = (ids, self._normalizer(kwargs))
+            self._labels = kwargs.get("labels")
         return args, kwargs
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -204,7 +207,10 @@ class GradstoreCallback(TrainerCallback):
                 "back-propagated; this forward returned none (label smoothing or a compute_loss_func pop the labels)"
             )
         assert self.session is not None
-        self.session.watch(loss, ids, normalizer, self._scaler)
+        losses = None
+        if self.session.logger.capture_check_pending:  # the first window is checked per example when we can tell
+            losses = example_losses(output, self._labels, self._causal, normalizer)
+        self.session.watch(loss, ids, normalizer, self._scaler, losses)
         self._forwards += 1
 
     def _normalizer(self, kwargs: Mapping[str, Any]) -> float:
@@ -290,6 +296,25 @@ class GradstoreCallback(TrainerCallback):
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(f"GradstoreCallback: {message}", stacklevel=3)
+
+
+def example_losses(output: Any, labels: Any, causal: bool, normalizer: float) -> torch.Tensor | None:
+    """Each example's cross-entropy summed over its label tokens, from a model's logits, when they reproduce the
+    model's own loss (``sum / normalizer``); None when they do not (another loss, label smoothing, no logits)."""
+    logits = output.get("logits") if isinstance(output, Mapping) else None
+    loss = output.get("loss") if isinstance(output, Mapping) else None
+    if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor) or loss is None:
+        return None
+    if causal and labels.dim() == 2:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    if logits.shape[:-1] != labels.shape or labels.is_floating_point():
+        return None
+    flat = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), reduction="none", ignore_index=-100)
+    losses = flat.view(labels.shape[0], -1).sum(dim=1)
+    tolerance = 1e-3 if logits.dtype == torch.float32 and not torch.is_autocast_enabled(logits.device.type) else 2e-2
+    if not torch.allclose(losses.sum().detach() / normalizer, loss.detach().float(), rtol=tolerance, atol=1e-6):
+        return None
+    return losses
 
 
 def _shifts_labels(model: nn.Module) -> bool:

@@ -25,11 +25,21 @@ from gradstore.projection.spec import Init
 
 from .adam_fold import split_factors
 from .audit import audit_parameter_uses
-from .errors import TaskError
+from .coverage import Coverage, coverage_of, warn_partial_coverage
+from .errors import TaskError, UnsupportedLayerError
 from .hooks import CaptureState, InstalledHooks, PositionBuffers, frozen_parameters
 from .pca import BlockStatistics
 from .selection import SelectedLayer, select_layers
 from .task import Task, move_to_device
+from .verify import (
+    ExactRows,
+    PrecisionWatch,
+    Verification,
+    block_errors,
+    checked_positions,
+    require_exact,
+    warn_unverified,
+)
 
 Rank = int | tuple[int, int]
 
@@ -63,6 +73,13 @@ class GradientProjector:
         pca_examples: examples for the ``init="pca"`` statistics pass (default: the first 1024 training examples).
         spec: reuse an existing projection (e.g. ``store.spec``, to project queries exactly as a store was
             logged); ``rank``, ``init``, ``layers`` and ``seed`` are then ignored.
+        verify: check the first batch's rows against the exact per-example gradient (``autograd.grad`` of each
+            checked example's loss, projected with the same matrices) and refuse a block that differs
+            (:class:`~gradstore.logger.ExactnessError`); ``False`` skips the check with a warning.
+
+    Attributes:
+        coverage: which trainable parameters the blocks cover (:class:`~gradstore.logger.coverage.Coverage`).
+        verification: what the first-batch check found, once it ran (None before).
     """
 
     def __init__(
@@ -75,12 +92,22 @@ class GradientProjector:
         seed: int = 0,
         pca_examples: Sequence | None = None,
         spec: ProjectionSpec | None = None,
+        verify: bool = True,
     ):
         self.model, self.task = model, task
         self.device = next(model.parameters()).device
+        _refuse_second_projector(model)
         if spec is not None:
             layers = [layer.name for layer in spec.layers]
         self.layers: list[SelectedLayer] = select_layers(model, list(layers))
+        self.coverage: Coverage = coverage_of(model, self.layers)
+        if spec is None and "*" in layers:
+            warn_partial_coverage(self.coverage)
+        self.verify = verify
+        self.verification: Verification | None = None
+        self._precision: PrecisionWatch | None = PrecisionWatch(self.layers) if verify else None
+        if not verify:
+            warn_unverified(type(self).__name__)
         if spec is not None:
             _check_layers_match(self.layers, spec)
         self._state = CaptureState()
@@ -176,28 +203,86 @@ class GradientProjector:
         return task.measurement
 
     def _gradient_pass(self, examples: list, fn: Callable[[nn.Module, Any], torch.Tensor]) -> torch.Tensor:
-        """Forward and backward one batch in eval mode with frozen parameters; returns the filled buffer."""
+        """Forward and backward one batch in eval mode with frozen parameters; returns the filled buffer.
+
+        The first batch's rows are checked against the exact per-example gradient (see :mod:`.verify`).
+        """
         task = self._require_task()
         batch = move_to_device(task.collate(examples), self.device)
         was_training = self.model.training
         self.model.eval()
         try:
-            with frozen_parameters(self.model, self._state):
-                for attempt in range(2):
-                    with self._state.armed(len(examples), self.device):
-                        with self._audit():
-                            values = fn(self.model, batch)
-                        check_losses(values, len(examples))
-                        if self._state.undecided and attempt == 0:
-                            self._resolve_layouts(examples, fn)  # then run the batch again, expanded where needed
-                            self._state.disarm()
-                            continue
-                        if values.requires_grad:
-                            values.sum().backward()
-                        return self._state.disarm()
-                raise AssertionError("unreachable")
+            rows = self._frozen_pass(examples, batch, fn)
+            if self.check_pending and self._state.statistics is None:
+                self._check_rows(rows, batch, fn)
+            return rows
         finally:
             self.model.train(was_training)
+
+    def _frozen_pass(self, examples: list, batch: Any, fn: Callable[[nn.Module, Any], torch.Tensor]) -> torch.Tensor:
+        with frozen_parameters(self.model, self._state):
+            for attempt in range(2):
+                with self._state.armed(len(examples), self.device):
+                    with self._audit():
+                        values = fn(self.model, batch)
+                    check_losses(values, len(examples))
+                    if self._state.undecided and attempt == 0:
+                        self._resolve_layouts(examples, fn)  # then run the batch again, expanded where needed
+                        self._state.disarm()
+                        continue
+                    if values.requires_grad:
+                        values.sum().backward()
+                    return self._state.disarm()
+            raise AssertionError("unreachable")
+
+    @property
+    def check_pending(self) -> bool:
+        """Whether the next batch's rows are checked (``verify`` is on and no batch has been checked yet)."""
+        return self.verify and self.verification is None
+
+    def exact_rows(self) -> ExactRows:
+        """Exact projected rows from parameter gradients, with the matrices in use now (Adam fold included)."""
+        return ExactRows(self.layers, self._state.specs, self._state.matrices)
+
+    def _check_rows(self, rows: torch.Tensor, batch: Any, fn: Callable[[nn.Module, Any], torch.Tensor]) -> None:
+        """Compare some rows of this batch with ``autograd.grad`` of those examples' losses in one unhooked forward
+        (same batch, same mode), and refuse a block that differs."""
+        exact = self.exact_rows()
+        positions = checked_positions(rows.shape[0])
+        flags = [(p, p.requires_grad) for p in exact.parameters]
+        self._state.paused = True
+        try:
+            for p, _ in flags:
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                values = fn(self.model, batch)
+                if values.requires_grad:
+                    reference = exact.of_losses(values, positions)
+                else:  # the objective does not depend on the logged parameters: their exact rows are zero
+                    reference = torch.zeros(len(positions), exact.dim, dtype=torch.float64, device=self.device)
+        finally:
+            self._state.paused = False
+            for p, flag in flags:
+                p.requires_grad_(flag)
+        errors = block_errors(rows[positions], reference, self._state.specs)
+        self.verification = require_exact(
+            errors, self._tolerance(exact), self.layers, "per-example", "project", len(positions)
+        )
+        self._release_precision_watch()
+
+    @property
+    def capture_check_pending(self) -> bool:
+        """Whether a training-time capture still has its first-batch check to run (none for a projector)."""
+        return False
+
+    def _tolerance(self, exact: ExactRows) -> float:
+        assert self._precision is not None
+        return self._precision.tolerance(exact.parameters, self.device)
+
+    def _release_precision_watch(self) -> None:
+        """Take the precision hooks off once no check is pending."""
+        if self._precision is not None and not self.check_pending and not self.capture_check_pending:
+            self._precision.remove()
 
     def _audit(self) -> contextlib.AbstractContextManager:
         """The first forward pass checks that no logged parameter is used outside its hooked modules."""
@@ -246,6 +331,8 @@ class GradientProjector:
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:
+        if getattr(self, "_precision", None) is not None:
+            self._precision.remove()  # type: ignore[union-attr]
         if self._installed is not None:
             self._installed.remove()
             self._installed = None
@@ -255,6 +342,18 @@ class GradientProjector:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _refuse_second_projector(model: nn.Module) -> None:
+    """Two projectors on one model would both patch its forward (positions expanded twice, outputs changed)."""
+    for hook in model._forward_pre_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, InstalledHooks):
+            raise UnsupportedLayerError(
+                f"{type(model).__name__} already has a gradstore GradientProjector/GradientLogger attached; two on one "
+                "model would change its outputs. close() the first one (or use it as a context manager) before "
+                "attaching another"
+            )
 
 
 def check_losses(values: torch.Tensor, batch_size: int) -> None:

@@ -107,8 +107,10 @@ def test_autocast_matches_fp32_reference(amp_dtype):
     task = LMTask(n=16)
     torch.manual_seed(0)
     model = task.build_model()
-    reference = GradientLogger(model, task, rank=8, progress=False).project(task.train_examples())
-    amp = GradientLogger(model, _AmpTask(amp_dtype, n=16), rank=8, progress=False).project(task.train_examples())
+    with GradientLogger(model, task, rank=8, progress=False) as logger:
+        reference = logger.project(task.train_examples())
+    with GradientLogger(model, _AmpTask(amp_dtype, n=16), rank=8, progress=False) as logger:
+        amp = logger.project(task.train_examples())
     assert amp.dtype == torch.float32
     pearson = float(np.corrcoef(amp.flatten().numpy(), reference.flatten().numpy())[0, 1])
     assert pearson > 0.999

@@ -89,15 +89,12 @@ def test_hooked_path_equals_dense_reference_at_low_rank(tmp_path):
 def test_spec_rebuilds_identical_matrices():
     task = MLPTask()
     model = task.build_model()
-    spec = GradientLogger(model, task, rank=6, seed=3, progress=False).spec
+    with GradientLogger(model, task, rank=6, seed=3, progress=False) as logger:
+        spec, dims = logger.spec, [layer.dims() for layer in logger.layers]
     again = ProjectionSpec.from_json(spec.to_json())
     a, b = build_matrices(spec), build_matrices(again)
     assert all(torch.equal(a[n].p_in, b[n].p_in) and torch.equal(a[n].p_out, b[n].p_out) for n in a)
-    other_seed = build_matrices(
-        ProjectionSpec.build(
-            [l.dims() for l in GradientLogger(model, task, rank=6, seed=4, progress=False).layers], 6, seed=4
-        )
-    )
+    other_seed = build_matrices(ProjectionSpec.build(dims, 6, seed=4))
     assert not torch.equal(a["0"].p_in, other_seed["0"].p_in)
 
 

@@ -134,6 +134,7 @@ def test_pca_init_full_rank_is_exact_and_reused_from_store(tmp_path):
     full = torch.cat([canonical[n].flatten(1) for n in names], 1)
     gram = torch.from_numpy(rows).double() @ torch.from_numpy(rows).double().T
     assert relative_error(gram, full @ full.T) < 1e-4
+    logger.close()
     # a second logger on the same store reuses the stored bases even after the weights moved
     sgd_steps(model, task, steps=3, lr=0.2, seed=5)
     again = GradientLogger(model, task, store=store, rank=10**6, init="pca", dtype="float32", progress=False)
