@@ -39,7 +39,7 @@ from gradstore.projection import (
 )
 
 from .errors import BatchLayoutError, UnsupportedLayerError
-from .layers import LayerAdapter, NormAdapter, RMSNormLikeAdapter
+from .layers import ConvAdapter, EmbeddingBagAdapter, LayerAdapter, NormAdapter, RMSNormLikeAdapter
 from .selection import SelectedLayer
 
 if TYPE_CHECKING:
@@ -160,8 +160,10 @@ class _Part:
     def __init__(self, block: str, adapter: LayerAdapter):
         self.block, self.adapter = block, adapter
 
-    def forward(self, module: nn.Module, x: torch.Tensor, m: LayerMatrices | None) -> Any:
-        """What the backward needs, kept until the output's gradient arrives (``m`` is None in the PCA pass)."""
+    def forward(self, module: nn.Module, x: torch.Tensor, m: LayerMatrices | None, extra: Any = None) -> Any:
+        """What the backward needs, kept until the output's gradient arrives (``m`` is None in the PCA pass).
+
+        ``extra``: the call's other inputs, when the adapter needs them (``LayerAdapter.call_input``)."""
         return None
 
     def backward(self, module: nn.Module, feats: Any, grad: torch.Tensor, m: LayerMatrices) -> torch.Tensor:
@@ -195,7 +197,7 @@ class WeightPart(_Part):
         super().__init__(block, adapter)
         self.with_one, self.drop_bias_column, self.rows = with_one, block_bias and not with_one, rows
 
-    def forward(self, module, x, m):
+    def forward(self, module, x, m, extra=None):
         if m is None:
             return self.adapter.input_rows(module, x)
         p_in = m.p_in[:, :-1] if self.drop_bias_column else m.p_in
@@ -226,7 +228,7 @@ class TransposedPart(_Part):
         super().__init__(block, adapter)
         self.block_bias = block_bias
 
-    def forward(self, module, x, m):
+    def forward(self, module, x, m, extra=None):
         return self._inputs(module, x, None if m is None else m.p_out, False)
 
     def backward(self, module, feats, grad, m):
@@ -271,7 +273,7 @@ class NormPart(_Part):
         super().__init__(block, adapter)
         self.norm, self.bias = adapter, bias
 
-    def forward(self, module, x, m):
+    def forward(self, module, x, m, extra=None):
         return x.detach(), x._version
 
     def _input(self, feats: tuple[torch.Tensor, int]) -> torch.Tensor:
@@ -307,6 +309,83 @@ class NormPart(_Part):
         stats.add_matrices(self._matrix(module, feats, grad))
 
 
+class ConvPart(_Part):
+    """A convolution's or transposed convolution's own block, block-diagonal over groups.
+
+    Per position ``t`` (pixel) and group ``j`` the adapter gives a row-side vector (group ``j``'s slice of the
+    block's rows) and a column-side vector; rows are projected with the matching columns of ``P_out``, columns
+    with ``P_in``, and the (t, j) pairs are summed like positions. Which side comes from the forward input and which
+    from the output gradient is the adapter's ``rows_from_input``.
+    """
+
+    def __init__(self, block: str, adapter: ConvAdapter, bias: bool):
+        super().__init__(block, adapter)
+        self.conv, self.bias = adapter, bias
+
+    def forward(self, module, x, m, extra=None):
+        side = self.conv.forward_side(module, x)
+        if m is not None:
+            side = self._project(side, m, self.conv.rows_from_input)
+        return side, tuple(x.shape[2:])
+
+    def _project(self, side: torch.Tensor, m: LayerMatrices, rows: bool) -> torch.Tensor:
+        if rows:
+            p_out = m.p_out.view(m.p_out.shape[0], side.shape[2], -1)
+            return torch.einsum("btgc,kgc->btgk", side.float(), p_out)
+        return project_inputs(side, m.p_in, self.bias)
+
+    def _sides(self, module, feats, grad, m) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, columns)``, each ``[B, T, G, k]`` (raw, unprojected, when ``m`` is None)."""
+        forward, size = feats
+        backward = self.conv.backward_side(module, grad, size)
+        if m is not None:
+            backward = self._project(backward, m, not self.conv.rows_from_input)
+        return (forward, backward) if self.conv.rows_from_input else (backward, forward)
+
+    def backward(self, module, feats, grad, m):
+        rows, cols = self._sides(module, feats, grad, m)
+        return per_example_gradient(rows.flatten(1, 2), cols.flatten(1, 2))
+
+    def positions(self, module, feats, grad, m):
+        rows, cols = self._sides(module, feats, grad, m)
+        return (rows.unsqueeze(-1) * cols.unsqueeze(-2)).sum(dim=2).flatten(2)
+
+    def statistics(self, module, feats, grad, stats):
+        rows, cols = self._sides(module, feats, grad, None)
+        stats.add_inputs(cols, with_one=self.bias)
+        width = rows.shape[-1]
+        for j in range(rows.shape[2]):
+            stats.add_grads(rows[:, :, j], slice(j * width, (j + 1) * width))
+
+
+class EmbeddingBagPart(_Part):
+    """``nn.EmbeddingBag``: one position per bag, its input the bag's weighted multi-hot ``x_b`` (see the adapter)."""
+
+    def __init__(self, block: str, adapter: EmbeddingBagAdapter):
+        super().__init__(block, adapter)
+        self.bag = adapter
+
+    def forward(self, module, x, m, extra=None):
+        indices, weights = self.bag.bags(module, x, *(extra or (None, None)))
+        if m is None:
+            return indices, weights
+        return torch.einsum("bl,blk->bk", weights.float(), m.p_in.T[indices]).unsqueeze(1)  # [B, 1, k_in]
+
+    def _projected_grad(self, module, grad, m):
+        return project_outputs(self.adapter.output_grad(module, grad), m.p_out)
+
+    def backward(self, module, feats, grad, m):
+        return per_example_gradient(self._projected_grad(module, grad, m), feats)
+
+    def positions(self, module, feats, grad, m):
+        return outer_rows(self._projected_grad(module, grad, m), feats)
+
+    def statistics(self, module, feats, grad, stats):
+        indices, weights = feats
+        stats.add_grads(self.adapter.output_grad(module, grad))
+        stats.inputs.index_add_(0, indices.flatten(), weights.flatten().to(stats.inputs.dtype))
+
+
 def parts_of(layer: SelectedLayer) -> list[tuple[nn.Module, LayerAdapter, _Part]]:
     """Every (module, that module's adapter, part) through which a block receives its gradient."""
     has_bias = layer.adapter.dims(layer.module)[2]
@@ -315,6 +394,12 @@ def parts_of(layer: SelectedLayer) -> list[tuple[nn.Module, LayerAdapter, _Part]
     if layer.kind == "bias":
         inner = layer.adapter.inner  # type: ignore[attr-defined]
         return [(layer.module, inner, BiasPart(layer.name, inner))]
+    if layer.kind == "parameter":
+        return []  # hooked on its uses (functional.ParameterHook)
+    if isinstance(layer.adapter, ConvAdapter):
+        return [(layer.module, layer.adapter, ConvPart(layer.name, layer.adapter, has_bias))]
+    if isinstance(layer.adapter, EmbeddingBagAdapter):
+        return [(layer.module, layer.adapter, EmbeddingBagPart(layer.name, layer.adapter))]
     out: list[tuple[nn.Module, LayerAdapter, _Part]] = []
     if layer.kind != "mha":  # the attention hook feeds the in-projection itself
         out.append((layer.module, layer.adapter, WeightPart(layer.name, layer.adapter, has_bias, has_bias)))
@@ -355,11 +440,15 @@ class ModuleHook:
             self._handle.remove()
 
     def _forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor | None:
-        x = args[0] if args else next(iter(kwargs.values()), None)
-        return self.observe(module, x, output)
+        x, extra = self.adapter.call_input(module, args, kwargs)
+        return self.observe(module, x, output, extra=extra)
 
-    def observe(self, module: nn.Module, x: Any, output: Any, parts: list[_Part] | None = None) -> torch.Tensor | None:
-        """Start this call's contribution; returns a replacement for ``output`` when one is needed."""
+    def observe(
+        self, module: nn.Module, x: Any, output: Any, parts: list[_Part] | None = None, extra: Any = None
+    ) -> torch.Tensor | None:
+        """Start this call's contribution; returns a replacement for ``output`` when one is needed.
+
+        ``x``: the input of the hooked computation; ``extra``: its other inputs (``LayerAdapter.call_input``)."""
         state = self.state
         if state.paused or not (torch.is_grad_enabled() or state.probing is not None):
             return None
@@ -398,7 +487,7 @@ class ModuleHook:
         stats = state.statistics is not None
         matrices = [None if stats else state.matrices[part.block] for part in parts]
         with torch.autocast(output.device.type, enabled=False):
-            feats = [part.forward(module, x.detach(), m) for part, m in zip(parts, matrices)]
+            feats = [part.forward(module, x.detach(), m, extra) for part, m in zip(parts, matrices)]
         if layout == "shared":
             feats = [f.expand(output.shape[0], *f.shape[1:]) for f in feats]
         output.register_hook(functools.partial(self._backward, parts, feats, matrices, layout, problem))
@@ -415,8 +504,8 @@ class ModuleHook:
 
     def _layout(self, x: torch.Tensor) -> str:
         """``batch`` (one row per example), ``shared`` (indices shared by the batch), or ``undecided``."""
-        if not self.adapter.onehot:
-            return "batch"
+        if not self.adapter.onehot or isinstance(self.adapter, EmbeddingBagAdapter):
+            return "batch"  # an EmbeddingBag's 1-D input with offsets is one bag per example
         b = self.state.batch_size()
         if x.dim() >= 2:
             return "shared" if b is not None and b > 1 and x.shape[0] == 1 else "batch"
@@ -478,7 +567,8 @@ class InstalledHooks:
     """Every hook, patched forward and flag one projector put on a model; ``remove()`` undoes all of it."""
 
     def __init__(self, model: nn.Module, layers: Sequence[SelectedLayer], state: CaptureState):
-        from .attention import AttentionHook  # not at the top: attention.py imports ModuleHook from here
+        from .attention import AttentionHook  # not at the top: these import ModuleHook from here
+        from .functional import OpIntercept, bare_parameter_hooks
 
         self.state = state
         per_module: dict[int, tuple[str, nn.Module, LayerAdapter, list[_Part]]] = {}
@@ -489,9 +579,11 @@ class InstalledHooks:
                 entry[3].append(part)
         seq_first = _sequence_first_modules(model)
         self.modules = [
-            ModuleHook(n, m, a, parts, state, batch_dim=int(id(m) in seq_first))
+            ModuleHook(n, m, a, parts, state, register=not a.overrides_forward(m), batch_dim=int(id(m) in seq_first))
             for n, m, a, parts in per_module.values()
         ]
+        self.scoped = [OpIntercept(hook, state) for hook in self.modules if hook.adapter.overrides_forward(hook.module)]
+        self.scoped += bare_parameter_hooks(model, layers, state)
         in_proj = {id(layer.module): layer for layer in layers if layer.kind == "mha"}
         self.attention = [
             AttentionHook(name, module, in_proj[id(module)].adapter if id(module) in in_proj else None, state)
@@ -524,13 +616,15 @@ class InstalledHooks:
     def remove(self) -> None:
         for hook in self.modules:
             hook.remove()
+        for scoped in self.scoped:
+            scoped.remove()
         for attention in self.attention:
             attention.remove()
         for encoder, flag in self._nested:
             encoder.use_nested_tensor = flag
         for handle in self._root:
             handle.remove()
-        self.modules, self.attention, self._nested, self._root = [], [], [], []
+        self.modules, self.scoped, self.attention, self._nested, self._root = [], [], [], [], []
 
 
 def _sequence_first_modules(model: nn.Module) -> set[int]:

@@ -1,6 +1,8 @@
 """Which parameters gradstore logs: the blocks of a model that layer patterns select.
 
-Every trainable supported module (see :mod:`.layers`) is a candidate block. A weight shared by several
+Every trainable supported module (see :mod:`.layers`) is a candidate block, and so is every trainable parameter
+no module block covers (a ``parameter`` block, named like the parameter). Recurrent modules are candidates that
+glob patterns leave out and an exact name refuses. A weight shared by several
 modules (tied embeddings and LM head) is one block: its first user in ``named_modules`` order owns it, the
 others are :class:`TiedUse` contributions that add into the same slice (transposed when their canonical
 layout is the transpose of the owner's); a tied user's own bias becomes a separate ``bias`` block.
@@ -17,7 +19,14 @@ import torch
 from torch import nn
 
 from .errors import UnknownLayerError, UnsupportedLayerError
-from .layers import BiasAdapter, LayerAdapter, MultiheadAttentionAdapter, adapter_for
+from .layers import (
+    BiasAdapter,
+    LayerAdapter,
+    MultiheadAttentionAdapter,
+    ParameterAdapter,
+    RecurrentAdapter,
+    adapter_for,
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,7 @@ class SelectedLayer:
     adapter: LayerAdapter
     tied: tuple[TiedUse, ...] = ()
     module_names: tuple[str, ...] = field(default=(), compare=False)  # modules contributing (for layer patterns)
+    owner: str | None = field(default=None, compare=False)  # the holding module's name when not module_names[0]
 
     @property
     def kind(self) -> str:
@@ -59,8 +69,9 @@ class SelectedLayer:
 
     def parameter_names(self) -> dict[str, str]:
         """Their names in ``model.named_parameters()`` (a tied weight under its owner's, i.e. its first, name)."""
-        owner = self.module_names[0] if self.module_names else self.name
-        return {role: f"{owner}.{self.adapter.attributes[role]}" for role in self.parameters()}
+        owner = self.owner if self.owner is not None else self.module_names[0] if self.module_names else self.name
+        prefix = f"{owner}." if owner else ""
+        return {role: f"{prefix}{self.adapter.attributes[role]}" for role in self.parameters()}
 
     def canonical(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Tensors keyed like :meth:`parameters` (optional leading batch dims) -> ``[..., d_out, in_dim]``."""
@@ -71,6 +82,7 @@ class SelectedLayer:
 class _Candidate:
     layer: SelectedLayer
     problem: str | None
+    skippable: bool = False  # an unsupported module type: left out by glob patterns, refused when named exactly
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
@@ -97,9 +109,16 @@ def _candidates(model: nn.Module) -> list[_Candidate]:
         if adapter is None or not name:
             continue
         weight = adapter.weight(module)
-        if weight is None or not weight.requires_grad or id(weight) in claimed:
-            continue  # frozen, without affine parameters, or a tied use of an earlier block
+        if weight is not None and not weight.requires_grad and id(weight) not in claimed:
+            out.extend(_bias_only(name, module, adapter, claimed))
+            continue
+        if weight is None or id(weight) in claimed:
+            continue  # without affine parameters, or a tied use of an earlier block
         claimed.add(id(weight))
+        if isinstance(adapter, RecurrentAdapter):
+            claimed.update(id(p) for p in module.parameters())
+            out.append(_Candidate(SelectedLayer(name, module, adapter, (), (name,)), adapter.problem(module), True))
+            continue
         problem = adapter.problem(module) or attention.get(id(module))
         if problem is None and not isinstance(weight, nn.Parameter):
             problem = "its weight is not a Parameter (computed by a parametrization or weight norm)"
@@ -122,7 +141,36 @@ def _candidates(model: nn.Module) -> list[_Candidate]:
                 problem = f"its bias is also used by {sorted(users)}, which gradstore cannot log as part of this block"
         names = (name, *(use.name for use in tied))
         out.append(_Candidate(SelectedLayer(name, module, adapter, tuple(tied), names), problem))
+        if adapter.separate_bias and bias is not None and bias.requires_grad:
+            claimed.add(id(bias))
+            layer = SelectedLayer(f"{name}.bias", module, BiasAdapter(adapter), (), (name,))
+            out.append(_Candidate(layer, problem))
         out.extend(extra)
+    claimed.update(id(p) for c in out for p in c.layer.parameters().values())
+    return out + _bare_parameters(model, claimed, owners)
+
+
+def _bias_only(name: str, module: nn.Module, adapter: LayerAdapter, claimed: set[int]) -> list[_Candidate]:
+    """A frozen weight with a trainable bias (BitFit): the bias alone, as a ``bias`` block."""
+    bias = adapter.bias(module)
+    claimed.update(id(p) for p in adapter.parameters(module).values())
+    if bias is None or not bias.requires_grad:
+        return []
+    layer = SelectedLayer(f"{name}.bias", module, BiasAdapter(adapter), (), (name,))
+    problem = "a trainable in_proj_bias with a frozen in_proj_weight" if adapter.kind == "mha" else None
+    return [_Candidate(layer, problem or adapter.problem(module))]
+
+
+def _bare_parameters(model: nn.Module, claimed: set[int], owners: dict) -> list[_Candidate]:
+    """A ``parameter`` block for every trainable parameter no module block covers (cls tokens, position tables)."""
+    out: list[_Candidate] = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad or id(param) in claimed:
+            continue
+        claimed.add(id(param))
+        module_name, module, attr = owners[id(param)][0]
+        layer = SelectedLayer(name, module, ParameterAdapter(attr, param.shape), (), (name,), module_name)
+        out.append(_Candidate(layer, None))
     return out
 
 
@@ -175,10 +223,13 @@ def select_layers(model: nn.Module, patterns: Sequence[str]) -> list[SelectedLay
     if unmatched:
         available = ", ".join(c.layer.name for c in candidates[:40]) or "none"
         raise UnknownLayerError(
-            f"layer patterns {unmatched} match no supported trainable module (Linear, Embedding, Conv2d, HF Conv1D, "
-            f"MultiheadAttention, LayerNorm/RMSNorm/GroupNorm/BatchNorm); available: {available}"
+            f"layer patterns {unmatched} match no trainable block (supported modules: Linear, Embedding, EmbeddingBag, "
+            "Conv1d/2d/3d, ConvTranspose1d/2d/3d, HF Conv1D, MultiheadAttention, LayerNorm/RMSNorm/GroupNorm/"
+            f"BatchNorm/InstanceNorm; or a bare parameter's name); available: {available}"
         )
     selected = [c for c in candidates if _matches(c.layer, include) and not _matches(c.layer, exclude)]
+    named = {p for p in include if not any(ch in p for ch in "*?[")}
+    selected = [c for c in selected if not c.skippable or set(c.layer.module_names) & named]
     for c in selected:
         if c.problem is not None:
             module = type(c.layer.module).__name__

@@ -15,7 +15,19 @@ from .errors import LayerNotFoundError, ProjectionSpecError
 
 Init = Literal["gaussian", "rademacher", "orthonormal", "pca"]
 INITS: tuple[Init, ...] = get_args(Init)
-LayerKind = Literal["linear", "embedding", "conv2d", "conv1d", "norm", "mha", "bias"]
+LayerKind = Literal[
+    "linear",
+    "embedding",
+    "conv2d",
+    "conv1d",
+    "norm",
+    "mha",
+    "bias",
+    "conv",
+    "conv_transpose",
+    "embedding_bag",
+    "parameter",
+]
 LAYER_KINDS: tuple[LayerKind, ...] = get_args(LayerKind)
 
 
