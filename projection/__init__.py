@@ -1,8 +1,14 @@
 """Pure math on tensors: Kronecker projections, the Adam correction, PCA bases, preconditioners (kfac, block,
-EK-FAC, SOURCE). No I/O, no nn.Module."""
+EK-FAC, SOURCE). No I/O, no nn.Module.
 
-from .adam import fold_denominator, rank1_denominator
-from .ekfac import EigenvalueStats, EkfacCurvature, LayerEigenbasis, eigenbasis_apply, kronecker_eigenbases
+Importing the package is cheap (``GradstoreError`` and the other errors, for code that only needs those, such as the
+HTTP client): everything else is imported on first use (PEP 562), torch with it."""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     GradstoreError,
     LayerNotFoundError,
@@ -10,21 +16,76 @@ from .errors import (
     ProjectionMismatchError,
     ProjectionSpecError,
 )
-from .kronecker import per_example_gradient, project_inputs, project_onehot_inputs, project_outputs
-from .matrices import LayerMatrices, build_matrices, matrices_checksum, random_matrix
-from .preconditioner import (
-    KIND_TRAITS,
-    PRECONDITIONERS,
-    CurvatureStats,
-    KindTraits,
-    Preconditioner,
-    PreconditionerKind,
-    kind_traits,
-    mixed_means,
-    normalize_rows,
-)
-from .source import Segment, segment_factors, segments, source_chains
-from .spec import INITS, LAYER_KINDS, Init, LayerKind, LayerSpec, ProjectionSpec
+
+if TYPE_CHECKING:
+    from .adam import fold_denominator, rank1_denominator
+    from .ekfac import EigenvalueStats, EkfacCurvature, LayerEigenbasis, eigenbasis_apply, kronecker_eigenbases
+    from .kronecker import per_example_gradient, project_inputs, project_onehot_inputs, project_outputs
+    from .matrices import LayerMatrices, build_matrices, matrices_checksum, random_matrix
+    from .preconditioner import (
+        KIND_TRAITS,
+        PRECONDITIONERS,
+        CurvatureStats,
+        KindTraits,
+        Preconditioner,
+        PreconditionerKind,
+        kind_traits,
+        mixed_means,
+        normalize_rows,
+    )
+    from .source import Segment, segment_factors, segments, source_chains
+    from .spec import INITS, LAYER_KINDS, Init, LayerKind, LayerSpec, ProjectionSpec
+
+_MODULE_OF = {
+    "fold_denominator": "adam",
+    "rank1_denominator": "adam",
+    "EigenvalueStats": "ekfac",
+    "EkfacCurvature": "ekfac",
+    "LayerEigenbasis": "ekfac",
+    "eigenbasis_apply": "ekfac",
+    "kronecker_eigenbases": "ekfac",
+    "per_example_gradient": "kronecker",
+    "project_inputs": "kronecker",
+    "project_onehot_inputs": "kronecker",
+    "project_outputs": "kronecker",
+    "LayerMatrices": "matrices",
+    "build_matrices": "matrices",
+    "matrices_checksum": "matrices",
+    "random_matrix": "matrices",
+    "KIND_TRAITS": "preconditioner",
+    "PRECONDITIONERS": "preconditioner",
+    "CurvatureStats": "preconditioner",
+    "KindTraits": "preconditioner",
+    "Preconditioner": "preconditioner",
+    "PreconditionerKind": "preconditioner",
+    "kind_traits": "preconditioner",
+    "mixed_means": "preconditioner",
+    "normalize_rows": "preconditioner",
+    "Segment": "source",
+    "segment_factors": "source",
+    "segments": "source",
+    "source_chains": "source",
+    "INITS": "spec",
+    "LAYER_KINDS": "spec",
+    "Init": "spec",
+    "LayerKind": "spec",
+    "LayerSpec": "spec",
+    "ProjectionSpec": "spec",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MODULE_OF})
+
 
 __all__ = [
     "INITS",

@@ -42,6 +42,7 @@ from gradstore.store import StoreCorruptError
 from . import __version__
 from .batching import InfluenceBatcher
 from .config import RunConfig, ServerConfig
+from .docs import install_docs
 from .engine import QueryEngine
 from .errors import ConfigError, QueryError, http_status
 from .middleware import BodyLimit, Drain, Lifecycle, Metrics, RequestMetrics
@@ -349,6 +350,7 @@ def create_app(
         version=__version__,
         lifespan=lifespan,
     )
+    install_docs(app)  # /docs and /redoc from the package's files, not a CDN (works offline)
     app.state.engine = engine
     app.state.unavailable = None  # an Unavailable when the run's files changed into something not servable
     app.state.watcher = None

@@ -1,4 +1,9 @@
-"""The ``gradstore`` command line: index, query, self-influence, info (and serve, demo)."""
+"""The ``gradstore`` command line: index, query, self-influence, info (and serve, demo).
+
+Start-up: ``gradstore --help`` / ``--version`` must answer in well under a second, so this module imports only
+argparse, pydantic and the request schemas at the top; torch, FAISS, Zarr, FastAPI and transformers (through
+config, engine, runs, evaluation, app, demos) are imported inside the commands that use them.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +12,24 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
-
-from pydantic import BaseModel
-
-from gradstore.projection import GradstoreError
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 from . import __version__
-from .config import RunConfig
-from .engine import build_request
-from .evaluation.commands import add_evaluate_parser
-from .runs import describe_run, index_run, open_engine, verify_run
 from .schemas import ExplainRequest, InfluenceOptions, InfluenceRequest, SelfInfluenceRequest
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from .config import RunConfig
+
+# `gradstore --help` lists `evaluate` without importing the evaluation package (torch); its own options are
+# added (gradstore.server.evaluation.commands) when the command line names it
+EVALUATE_HELP = "validate attribution: LDS, brittleness, tail-patch, fact-tracing recall"
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
+    from .config import RunConfig
+
     return RunConfig.load(args.config, hf_output=args.hf_output)
 
 
@@ -70,6 +78,8 @@ def _short(example: dict, width: int = 70) -> str:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
+    from .runs import index_run
+
     index = index_run(_config(args), progress=not args.quiet, wait_s=args.wait, rebuild=args.rebuild)
     if index is not None:
         changes = index.changes
@@ -79,6 +89,9 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> None:
+    from .engine import build_request
+    from .runs import open_engine
+
     request = build_request(
         InfluenceRequest,
         {
@@ -103,6 +116,9 @@ def cmd_query(args: argparse.Namespace) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
+    from .engine import build_request
+    from .runs import open_engine
+
     try:
         query = json.loads(args.query)
     except json.JSONDecodeError as exc:
@@ -134,6 +150,9 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
 
 def cmd_self_influence(args: argparse.Namespace) -> None:
+    from .engine import build_request
+    from .runs import open_engine
+
     request = build_request(
         SelfInfluenceRequest,
         {
@@ -152,6 +171,8 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    from .runs import describe_run
+
     config = _config(args)
     info = describe_run(config)
     if args.json:
@@ -175,6 +196,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
+    from .runs import verify_run
+
     problems = verify_run(_config(args))
     for line in problems:
         print(f"damaged: {line}")
@@ -187,7 +210,7 @@ def _serve(config: RunConfig, host: str, port: int) -> None:
     """Load the run's engine first (a run it refuses is a GradstoreError: ``error: ...``, exit 2, before any
     socket is opened), then serve it with the bounds of ``serving.py`` until SIGTERM/SIGINT."""
     from .app import create_app
-    from .runs import serving_threads
+    from .runs import open_engine, serving_threads
     from .serving import serve
     from .watch import run_fingerprint
 
@@ -205,6 +228,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    from .config import RunConfig
+    from .demo import demo_port
+
+    port = None if args.no_serve else demo_port(args.host, args.port)  # before training: a taken port fails fast
     if args.task == "lm":
         from .demo_lm import prepare_lm_demo, try_query
 
@@ -223,11 +250,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
         print(f"demo run ready: {config.path} (try: {try_it})", flush=True)
     if args.no_serve:
         return
-    print(f"gradstore demo: dashboard at http://{args.host}:{args.port}/  (API docs at /docs)", flush=True)
-    _serve(config, args.host, args.port)
+    assert port is not None
+    print(f"gradstore demo: dashboard at http://{args.host}:{port}/  (API docs at /docs)", flush=True)
+    _serve(config, args.host, port)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``gradstore`` parser; ``argv`` (default ``sys.argv[1:]``) only decides whether ``evaluate``'s own
+    options are loaded (they import the evaluation package, torch included)."""
     parser = argparse.ArgumentParser(
         prog="gradstore", description="Training-data attribution: which training examples made my model say this?"
     )
@@ -301,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workdir", help="where the demo run is written, reused if complete (default: runs/demo, runs/demo-lm)"
     )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, help="port to serve on (default: 8000, or the next free one when it is taken)")
     p.add_argument("--no-serve", action="store_true", help="prepare the run and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
@@ -309,7 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("verify", help="check every stored chunk and index file; list what is damaged"))
     p.set_defaults(func=cmd_verify)
 
-    add_evaluate_parser(sub, with_config, cmd_evaluate)
+    if "evaluate" in (sys.argv[1:] if argv is None else argv):
+        from .evaluation.commands import add_evaluate_parser
+
+        add_evaluate_parser(sub, with_config, cmd_evaluate)
+    else:
+        sub.add_parser("evaluate", help=EVALUATE_HELP)
 
     p = with_config(sub.add_parser("info", help="store, checkpoints and index status (works with an unusable index)"))
     p.add_argument("--json", action="store_true", help="print JSON (the schema of GET /v1/run)")
@@ -318,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
+    from gradstore.projection import GradstoreError  # torch: only once a command runs
+
     try:
         args.func(args)
     except GradstoreError as exc:

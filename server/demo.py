@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gradstore.logger import GradientLogger, Task
+from gradstore.projection import GradstoreError
 from gradstore.store import GradientIndex, GradientStore
 
 from .config import RunConfig
 from .runs import open_index
 
+DEMO_PORT = 8000  # the demos' first choice; the next free one when it is taken (PORT_TRIES of them)
+PORT_TRIES = 20
 N_TRAIN = 1500
 FLIP_FRACTION = 0.03
 EPOCH_LRS = (0.2, 0.1, 0.05, 0.025)
@@ -162,6 +166,43 @@ normalize = false
 host = "127.0.0.1"
 port = 8000
 """
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen on ``host:port`` now (bound as uvicorn binds: with SO_REUSEADDR)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def demo_port(host: str, port: int | None) -> int:
+    """The port a demo will serve on, chosen before it trains (minutes) so that it never ends on uvicorn's
+    ``address already in use``: ``port`` when given (refused at once, saying how to choose another, when taken),
+    else :data:`DEMO_PORT` or the next free port after it (said when it is not :data:`DEMO_PORT`)."""
+    if port is not None:
+        if not port_is_free(host, port):
+            raise GradstoreError(
+                f"port {port} on {host} is in use (another gradstore demo or server?): stop it, or choose another "
+                f"port with --port, e.g. `gradstore demo --port {port + 1}`"
+            )
+        return port
+    for candidate in range(DEMO_PORT, DEMO_PORT + PORT_TRIES):
+        if port_is_free(host, candidate):
+            if candidate != DEMO_PORT:
+                print(
+                    f"gradstore demo: port {DEMO_PORT} on {host} is in use (another demo or server?); "
+                    f"serving on {candidate} instead (choose one with --port)",
+                    flush=True,
+                )
+            return candidate
+    raise GradstoreError(
+        f"ports {DEMO_PORT}-{DEMO_PORT + PORT_TRIES - 1} on {host} are all in use: choose a free one with --port"
+    )
 
 
 def prepare_demo(workdir: str | Path, rank: int = 16, batch_size: int = 32, progress: bool = True) -> Path:

@@ -16,26 +16,13 @@ other error is a 500 carrying its message.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
-from gradstore.logger import NonFiniteGradientError
-from gradstore.logger.errors import HFTaskError
-from gradstore.projection import GradstoreError
-from gradstore.store import (
-    CheckpointMismatchError,
-    CheckpointNotFoundError,
-    IndexMismatchError,
-    IndexNotFoundError,
-    QueryShapeError,
-    RemoteStoreError,
-    StaleIndexError,
-    StoreFormatError,
-    StoreNotFoundError,
-    UnknownExampleError,
-)
+from gradstore.projection import GradstoreError  # the errors alone: no torch (the HTTP client imports this module)
 
 __all__ = [
     "HTTP_STATUS",
@@ -83,24 +70,57 @@ class InvalidRequestError(GradstoreAPIError, ValueError):
         self.errors = error.errors(include_url=False)
 
 
-HTTP_STATUS: Mapping[type[BaseException], int] = {
-    # the request's mistake
-    QueryError: 422,
-    QueryShapeError: 422,  # precomputed vectors that do not fit the index
-    CheckpointNotFoundError: 422,  # a checkpoint the index does not have
-    NonFiniteGradientError: 422,  # a query example whose gradient is NaN/Inf
-    UnknownExampleError: 404,
-    # the server's run: unusable until someone rebuilds or fixes it (the message says how)
-    StaleIndexError: 503,
-    IndexMismatchError: 503,
-    IndexNotFoundError: 503,
-    StoreNotFoundError: 503,
-    StoreFormatError: 503,
-    CheckpointMismatchError: 503,
-    ConfigError: 503,
-    HFTaskError: 503,  # the run's model / checkpoint folder or data set
-    RemoteStoreError: 503,  # a store or index URL it cannot reach or read
-}
+class _StatusTable(Mapping[type[BaseException], int]):
+    """:data:`HTTP_STATUS`, filled on first use: most of its classes live in ``gradstore.store`` and
+    ``gradstore.logger`` (torch, Zarr, FAISS), which the HTTP client, importing this module, must not load."""
+
+    @functools.cached_property
+    def _table(self) -> dict[type[BaseException], int]:
+        from gradstore.logger import NonFiniteGradientError
+        from gradstore.logger.errors import HFTaskError
+        from gradstore.store import (
+            CheckpointMismatchError,
+            CheckpointNotFoundError,
+            IndexMismatchError,
+            IndexNotFoundError,
+            QueryShapeError,
+            RemoteStoreError,
+            StaleIndexError,
+            StoreFormatError,
+            StoreNotFoundError,
+            UnknownExampleError,
+        )
+
+        return {
+            # the request's mistake
+            QueryError: 422,
+            QueryShapeError: 422,  # precomputed vectors that do not fit the index
+            CheckpointNotFoundError: 422,  # a checkpoint the index does not have
+            NonFiniteGradientError: 422,  # a query example whose gradient is NaN/Inf
+            UnknownExampleError: 404,
+            # the server's run: unusable until someone rebuilds or fixes it (the message says how)
+            StaleIndexError: 503,
+            IndexMismatchError: 503,
+            IndexNotFoundError: 503,
+            StoreNotFoundError: 503,
+            StoreFormatError: 503,
+            CheckpointMismatchError: 503,
+            ConfigError: 503,
+            HFTaskError: 503,  # the run's model / checkpoint folder or data set
+            RemoteStoreError: 503,  # a store or index URL it cannot reach or read
+        }
+
+    def __getitem__(self, key: type[BaseException]) -> int:
+        return self._table[key]
+
+    def __iter__(self) -> Iterator[type[BaseException]]:
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
+HTTP_STATUS: Mapping[type[BaseException], int] = _StatusTable()
 
 
 def http_status(error: BaseException) -> int:
