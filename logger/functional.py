@@ -120,11 +120,13 @@ class _InterceptMode(TorchFunctionMode):
                 replaced = owner.hook.observe(module, x, out)
                 return out if replaced is None else replaced
         name = getattr(func, "__name__", repr(func))
-        if name not in _METADATA:
-            params = [p for p in owner.hook.adapter.parameters(module).values()]
-            if any(leaf is p for leaf in tree_leaves((args, kwargs)) for p in params):
-                self.other.append(name)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if name in _METADATA or (name == "__get__" and not isinstance(out, torch.Tensor)):  # .dtype, .device
+            return out
+        params = owner.hook.adapter.parameters(module).values()
+        if any(leaf is p for leaf in tree_leaves((args, kwargs)) for p in params):
+            self.other.append(name)
+        return out
 
 
 class OpIntercept(_ScopedMode):

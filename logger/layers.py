@@ -581,7 +581,7 @@ class ParameterAdapter(LayerAdapter):
 
 
 class RecurrentAdapter(LayerAdapter):
-    """``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``: not logged (weights reused across time steps inside one fused op).
+    """``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` and their cells: not logged (weights reused across time steps).
 
     Under ``"*"`` they are left out (and not covered); naming one in ``layers`` is refused.
     """
@@ -643,7 +643,7 @@ def adapter_for(module: nn.Module) -> LayerAdapter | None:
         return BatchNormAdapter()
     if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.affine:
         return InstanceNormAdapter()
-    if isinstance(module, nn.RNNBase):
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
         return RecurrentAdapter()
     if _is_rmsnorm_like(module):
         return RMSNormLikeAdapter()
