@@ -242,7 +242,7 @@ class GradientProjector:
 
     def exact_rows(self) -> ExactRows:
         """Exact projected rows from parameter gradients, with the matrices in use now (Adam fold included)."""
-        return ExactRows(self.layers, self._state.specs, self._state.matrices)
+        return ExactRows(self.layers, self._state.specs, self._state.matrices, self.model)
 
     def _check_rows(self, rows: torch.Tensor, batch: Any, fn: Callable[[nn.Module, Any], torch.Tensor]) -> None:
         """Compare some rows of this batch with ``autograd.grad`` of those examples' losses in one unhooked forward

@@ -119,8 +119,9 @@ class ExactRows:
         layers: Sequence[SelectedLayer],
         specs: Mapping[str, LayerSpec],
         matrices: Mapping[str, LayerMatrices],
+        model: nn.Module,
     ):
-        self.layers, self.specs, self.matrices = list(layers), specs, matrices
+        self.layers, self.specs, self.matrices, self.model = list(layers), specs, matrices, model
         self.parameters = covered_parameters(self.layers)
         self.dim = sum(spec.dim for spec in specs.values())
 
@@ -143,20 +144,25 @@ class ExactRows:
             except RuntimeError as exc:
                 if "use_reentrant" not in str(exc):
                     raise
-                grads = self._by_backward(losses[i])  # reentrant checkpointing refuses autograd.grad
+                grads = None  # reentrant checkpointing refuses autograd.grad
+            if grads is None or any(g is None for g in grads):
+                # A parameter autograd.grad calls unused may sit behind a reentrant checkpoint, whose inner graph only
+                # a real backward() reaches: ask that, with every .grad of the model put back afterwards.
+                grads = self._by_backward(losses[i])
             rows.append(self.row(grads))
         return torch.stack(rows)
 
     def _by_backward(self, loss: torch.Tensor) -> list[torch.Tensor | None]:
         """``loss``'s parameter gradients through ``backward()``, with every ``.grad`` restored afterwards."""
-        saved = [p.grad for p in self.parameters]
+        everything = [p for p in self.model.parameters() if p.requires_grad]
+        saved = [p.grad for p in everything]
         try:
-            for p in self.parameters:
+            for p in everything:
                 p.grad = None
             loss.backward(retain_graph=True)
             return [p.grad for p in self.parameters]
         finally:
-            for p, grad in zip(self.parameters, saved):
+            for p, grad in zip(everything, saved):
                 p.grad = grad
 
 
