@@ -6,7 +6,14 @@ state cannot be served, the API and ``/readyz`` answer 503 with the reason until
 (port, limits, key) stay those the server started with.
 
 The store's bulk data (``grads`` and ``ids`` chunk files) is not stat'ed file by file: a chunk is only ever
-written together with its commit record and checksum, which are.
+written together with its commit record and checksum, which are (and whole chunks are verified when read).
+
+A ``stat`` misses bytes that change in place with their timestamps kept (bit rot, a restore that keeps mtimes), so
+each check also re-hashes some of the served engine's files (:class:`ContentCheck`: its index files against the
+manifest, its checkpoints' weights against their sha256), round-robin, at most :data:`RECHECK_BYTES_PER_S` on
+average: a changed file makes the API answer 503 naming it until it is restored (then the engine is reloaded).
+Resident data (a flat index within ``resident_mb``, FAISS indexes, ids, preconditioners) is answered from memory
+checked once at load; the re-check covers what is read from disk per query.
 """
 
 from __future__ import annotations
@@ -14,17 +21,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gradstore.projection import GradstoreError
 from gradstore.store.index import default_index_path
+from gradstore.store.manifest import IndexManifest
 
 from .config import RunConfig
 from .errors import http_status
 from .runs import eval_store_path, open_engine
 
-__all__ = ["Unavailable", "Watcher", "run_fingerprint"]
+__all__ = ["RECHECK_BYTES_PER_S", "ContentCheck", "Unavailable", "Watcher", "run_fingerprint"]
 
 logger = logging.getLogger("uvicorn.error")
 
@@ -70,6 +80,75 @@ def run_fingerprint(config: RunConfig) -> tuple:
     return tuple(out)
 
 
+RECHECK_BYTES_PER_S = 64 << 20  # content re-check budget: ~6% of a core hashing blake2b / sha256
+
+
+class ContentCheck:
+    """Re-hashes the served engine's files a few at a time: each :meth:`step` hashes files while its byte credit
+    (``rate`` per second since the last step) lasts, at least one, so every file is checked once per
+    ``total bytes / rate`` seconds."""
+
+    def __init__(self, rate: float = RECHECK_BYTES_PER_S):
+        self.rate, self.credit, self.last = rate, 0.0, time.monotonic()
+        self.engine: Any = None
+        self.cursor = 0
+        self.passed = 0  # files that passed in a row (a whole round after a failure: it was repaired)
+
+    def clean_round(self, engine: Any) -> bool:
+        """Whether every file of ``engine`` passed since the last failure."""
+        return self.passed >= max(1, len(self._items(engine)))
+
+    def step(self, engine: Any) -> None:
+        """Hash the next files; a changed one raises the engine's typed error (naming it)."""
+        if engine is not self.engine:
+            self.engine, self.cursor, self.passed = engine, 0, 0
+        now = time.monotonic()
+        self.credit = min(self.credit + (now - self.last) * self.rate, self.rate * 10)
+        self.last = now
+        items = self._items(engine)
+        spent = False
+        while items and (self.credit > 0 or not spent):
+            size, check = items[self.cursor % len(items)]
+            self.cursor = (self.cursor + 1) % len(items)
+            self.credit -= size
+            spent = True
+            try:
+                check()
+            except Exception:
+                self.passed = 0
+                raise
+            self.passed += 1
+
+    @staticmethod
+    def _items(engine: Any) -> list[tuple[int, Callable[[], None]]]:
+        """``(bytes, check)`` of each served file: the index's files (while the manifest on disk is the one the
+        engine loaded: after a swap the stat watch reloads) and the weights files."""
+        items: list[tuple[int, Callable[[], None]]] = []
+        index = getattr(engine, "index", None)
+        manifest = getattr(index, "manifest", None)
+        if index is not None and isinstance(manifest, IndexManifest) and isinstance(index.path, Path):
+            try:
+                current = IndexManifest.read(index.path).files
+            except GradstoreError:
+                current = None  # the stat watch sees the manifest change
+            if current == manifest.files:
+                for name, recorded in sorted(manifest.files.items()):
+                    items.append(
+                        (int(recorded.get("bytes", 0)), lambda name=name: manifest.check_file(index.path, name))
+                    )
+        for weights in getattr(engine, "weights", {}).values():
+            if hasattr(weights, "recheck"):
+                items.append((_size(weights.path), weights.recheck))
+        return items
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
 class Unavailable:
     """Why the run cannot be served now: the status and message every API request and ``/readyz`` answer."""
 
@@ -94,6 +173,8 @@ class Watcher:
         self.app, self.config, self.interval_s = app, config, interval_s
         self.fingerprint = fingerprint if fingerprint is not None else run_fingerprint(config)
         self.reloads = 0
+        self.content = ContentCheck()
+        self.content_damage: str | None = None  # why the served files fail their re-check, until repaired
 
     async def run(self) -> None:
         """Check every ``interval_s``; reload on a change. Runs until cancelled."""
@@ -108,10 +189,28 @@ class Watcher:
         """Reload if the run's files changed since the last check; returns whether they had."""
         now = await asyncio.to_thread(run_fingerprint, self.config)
         if now == self.fingerprint:
+            await self.recheck_content()
             return False
         self.fingerprint = now
         await self.reload()
         return True
+
+    async def recheck_content(self) -> None:
+        """Re-hash the next few served files (:class:`ContentCheck`); a changed one makes the run unavailable
+        (503 naming it); once every file passes again, reload."""
+        engine = getattr(self.app.state, "engine", None)
+        if engine is None:
+            return
+        try:
+            await asyncio.to_thread(self.content.step, engine)
+        except Exception as exc:
+            self.app.state.unavailable = Unavailable(exc)
+            self.content_damage = self.app.state.unavailable.message
+            logger.warning("watch: a served file changed in place: %s", self.content_damage)
+            return
+        if self.content_damage is not None and self.content.clean_round(engine):
+            self.content_damage = None
+            await self.reload()
 
     def _load(self) -> tuple[RunConfig, Any]:
         config = _reread(self.config)
@@ -128,6 +227,7 @@ class Watcher:
             )
             return
         self.config = config
+        self.content_damage = None
         self.app.state.engine, self.app.state.unavailable = engine, None
         self.reloads += 1
         logger.info("watch: the run's files changed; reloaded the query engine")

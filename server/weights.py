@@ -28,8 +28,9 @@ class WeightsFile:
     """The weights file of checkpoint ``checkpoint``; ``sha256``: the one it was logged with (None: none was
     recorded, so the file as it is when this object is made is the reference). Refuses a file that differs."""
 
-    def __init__(self, checkpoint: str, path: str | Path, sha256: str | None):
+    def __init__(self, checkpoint: str, path: str | Path, sha256: str | None, rows: str | Path | None = None):
         self.checkpoint, self.path = checkpoint, Path(path)
+        self.rows = rows  # the checkpoint's folder in the store (what to delete to log it again with new weights)
         self.recorded = sha256 is not None
         digest, key = self._hash()
         self.sha256 = sha256 if sha256 is not None else digest
@@ -49,10 +50,15 @@ class WeightsFile:
     def _check(self, digest: str, key: tuple[int, ...]) -> None:
         if digest != self.sha256:
             reference = "the one it was logged with" if self.recorded else "the one loaded when the engine started"
+            relog = (
+                f"delete {self.rows} and run `gradstore index --config ...` to log it again with the new weights"
+                if self.rows is not None
+                else "log the checkpoint again with the new weights and rebuild the index (`gradstore index --config "
+                "...`)"
+            )
             raise CheckpointMismatchError(
                 f"weights file {self.path} of checkpoint {self.checkpoint!r} differs from {reference} (sha256 "
-                "mismatch); query gradients must come from those weights: restore the file, or log the checkpoint "
-                "again with the new weights and rebuild the index (`gradstore index --config ...`)"
+                f"mismatch); query gradients must come from those weights: restore the file, or {relog}"
             )
         self._verified = key
 
@@ -66,6 +72,11 @@ class WeightsFile:
         self._verified = None
         self._check(*self._hash())
         return self.path
+
+    def recheck(self) -> None:
+        """Hash the file again whatever its ``stat`` says (a content change that kept its timestamps)."""
+        self._verified = None
+        self._check(*self._hash())
 
     def load_into(self, task: Task, model: torch.nn.Module) -> None:
         """``task.load_checkpoint(model, path)`` of the verified file; a file the Task cannot read (truncated,

@@ -763,7 +763,8 @@ class GradientStore:
             if diffs:
                 raise CheckpointMismatchError(
                     f"checkpoint {info.name!r} already exists with different metadata {diffs} (stored, given); "
-                    "resume with the same arguments or log under a new checkpoint name"
+                    "resume with the same arguments, log under a new checkpoint name, or "
+                    f"{_delete_and_relog(self.path / 'checkpoints' / info.name, 'it with these arguments')}"
                 )
             group = self._checkpoint_group(info.name)
             if weights_given and not weights_known and not diffs:
@@ -1016,8 +1017,19 @@ class GradientStore:
             for segment in self.segments(name):
                 digest.update(segment.name.encode())
                 digest.update(segment.committed_counts().tobytes())
-                digest.update(segment.checksum_records().tobytes())  # rewritten rows change it, not only new ones
                 digest.update(segment.skipped_ids.tobytes())
+        return digest.hexdigest()
+
+    def content_fingerprint(self) -> str:
+        """Hash of every committed chunk's checksum record: changes when rows are rewritten with other values under
+        the same ids, segment names and counts (which :meth:`fingerprint`, kept stable for older indexes, misses)."""
+        digest = hashlib.sha256()
+        for name in self.checkpoints:
+            digest.update(name.encode())
+            for segment in self.segments(name):
+                digest.update(segment.name.encode())
+                counts = segment.committed_counts()
+                digest.update(np.where(counts > 0, segment.checksum_records(), 0).astype(np.uint64).tobytes())
         return digest.hexdigest()
 
     # -- how the rows were checked -----------------------------------------------------------------

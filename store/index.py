@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -120,9 +121,17 @@ def _save_preconditioner(path: Path, name: str, preconditioner: Preconditioner) 
     np.savez(path, **arrays)
 
 
-def _load_preconditioner(path: Path, kind: PreconditionerKind, store: GradientStore, name: str) -> Preconditioner:
-    with np.load(path) as arrays:
+def _load_preconditioner(
+    path: Path | bytes, kind: PreconditionerKind, store: GradientStore, name: str
+) -> Preconditioner:
+    """A checkpoint's preconditioner from its ``.npz`` (a path, or its already verified bytes)."""
+    with np.load(io.BytesIO(path) if isinstance(path, bytes) else path) as arrays:
         return Preconditioner.from_arrays(kind, store.spec.layers, dict(arrays), name)
+
+
+def _loaded_whole(manifest: IndexManifest) -> set[str]:
+    """The files :class:`GradientIndex` reads whole at load (ids, sqnorms, preconditioners)."""
+    return {"ids.npy", "sqnorms.npy", *(state["preconditioner_file"] for state in manifest.checkpoint_state.values())}
 
 
 def _checkpoint_fingerprint(store: GradientStore, name: str) -> str:
@@ -277,12 +286,16 @@ class GradientIndex:
         self.checkpoints: list[str] = list(manifest.checkpoints)
         self.lrs: dict[str, float] = dict(zip(self.checkpoints, manifest.lrs, strict=True))
         self.dim = store.dim
-        self.ids = np.load(files_at / "ids.npy")
+
+        def verified(name: str) -> bytes:  # what is held in memory is what was checked against the manifest
+            return manifest.verified_bytes(files_at, name, label=path)
+
+        self.ids = np.load(io.BytesIO(verified("ids.npy")))
         self._id_order = np.argsort(self.ids, kind="stable")  # rows by id: parts are sorted within, not across
-        self.sqnorms = np.load(files_at / "sqnorms.npy")
+        self.sqnorms = np.load(io.BytesIO(verified("sqnorms.npy")))
         self.preconditioners = {
             name: _load_preconditioner(
-                files_at / manifest.checkpoint_state[name]["preconditioner_file"],
+                verified(manifest.checkpoint_state[name]["preconditioner_file"]),
                 self.options.preconditioner,
                 store,
                 name,
@@ -290,7 +303,9 @@ class GradientIndex:
             for name in self.checkpoints
         }
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.backend: SearchBackend = BACKENDS[self.options.kind].load(files_at, self.options, self.device)
+        self.backend: SearchBackend = BACKENDS[self.options.kind].load(
+            files_at, self.options, self.device, manifest=manifest, label=path
+        )
         self._store_vectors: VectorSource | None = None  # reads exact vectors a backend does not hold
 
     # -- building ------------------------------------------------------------------------------
@@ -402,7 +417,7 @@ class GradientIndex:
         if eval_store is not None:
             refuse_broken_chain(eval_store)
         # fingerprints first: rows committed while the index is built then make it stale instead of incomplete
-        store_fingerprint = store.fingerprint()
+        store_fingerprint, store_content = store.fingerprint(), store.content_fingerprint()
         eval_fingerprint = eval_store.fingerprint() if eval_store is not None else None
         states = {
             name: _checkpoint_fingerprint(store, name)
@@ -523,6 +538,7 @@ class GradientIndex:
                 dim=store.dim,
                 num_rows=n,
                 store_fingerprint=store_fingerprint,
+                store_content=store_content,
                 projection_fingerprint=store.spec.fingerprint(),
                 eval_store=str(eval_store.path) if eval_store is not None else None,
                 eval_fingerprint=eval_fingerprint,
@@ -578,8 +594,11 @@ class GradientIndex:
                 try:
                     manifest = IndexManifest.read(files_at, label=path)
                     manifest.check_store(path, store, eval_store)
-                    manifest.check_files(files_at, label=path)
-                    return cls(path, store, manifest.with_search_options(path, options), device, files_at=files_at)
+                    searched = manifest.with_search_options(path, options)
+                    # files the loaders read whole are checked on the very bytes they load, not hashed here too
+                    skip = BACKENDS[searched.options.kind].verified_on_load(searched) | _loaded_whole(manifest)
+                    manifest.check_files(files_at, label=path, skip=skip)
+                    return cls(path, store, searched, device, files_at=files_at)
                 except (IndexMismatchError, IndexNotFoundError, OSError):
                     if attempt == 7 or not _swapped(path, files_at):
                         raise
@@ -661,6 +680,12 @@ class GradientIndex:
         rows = np.unique(np.concatenate([found.proponent_rows.ravel(), found.opponent_rows.ravel()]))
         rows = rows[rows >= 0]
         fetched = _Fetched(rows, self.exact_vectors(rows))
+        bad = ~np.isfinite(fetched.vectors).all(axis=1)
+        if bad.any():  # bytes changed since load were read: the run's fault (503), not the query's
+            raise IndexMismatchError(
+                f"index {self.path} holds non-finite vectors (rows {rows[bad][:5].tolist()}): its files changed since "
+                f"they were checked; `gradstore verify` names them; {REBUILD_HINT}"
+            )
         pro = self._rescore(queries, found.proponent_rows, k, descending=True, fetched=fetched)
         opp = self._rescore(queries, found.opponent_rows, k, descending=False, fetched=fetched)
         return SearchResult(

@@ -49,6 +49,7 @@ class IndexManifest:
     parts: list[dict[str, Any]] = field(default_factory=list)
     # per checkpoint: {"fingerprint" (its rows in the store), "rows", "fitted_rows", "preconditioner_file"}
     checkpoint_state: dict[str, dict[str, Any]] = field(default_factory=dict)
+    store_content: str | None = None  # GradientStore.content_fingerprint() (None: built before it was recorded)
     format_version: int = INDEX_FORMAT_VERSION
 
     def part(self, checkpoint: str, row_part: int) -> dict[str, Any]:
@@ -63,14 +64,19 @@ class IndexManifest:
         files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
         return replace(self, files={p.relative_to(directory).as_posix(): _digest(p) for p in files})
 
-    def check_files(self, directory: Path, label: Path | None = None) -> None:
+    def check_files(
+        self, directory: Path, label: Path | None = None, skip: frozenset[str] | set[str] = frozenset()
+    ) -> None:
         """Refuse an index whose files are missing, truncated or changed since it was built (``label``: the path
-        messages name, when ``directory`` is another way to reach it)."""
+        messages name, when ``directory`` is another way to reach it; ``skip``: files whose loader checks the very
+        bytes it reads, :meth:`verified_bytes`, so they are not hashed twice)."""
         shown = label if label is not None else directory
         if not self.files:
             raise IndexMismatchError(f"index {shown} records no file checksums; {REBUILD_HINT}")
         for name, recorded in self.files.items():
             path, named = directory / name, shown / name
+            if name in skip and path.is_file() and path.stat().st_size == recorded.get("bytes"):
+                continue
             if not path.is_file():
                 raise IndexMismatchError(f"index file {named} is missing; {REBUILD_HINT}")
             if path.stat().st_size != recorded.get("bytes"):
@@ -80,6 +86,37 @@ class IndexManifest:
                 )
             if _digest(path)["blake2b"] != recorded.get("blake2b"):
                 raise IndexMismatchError(f"index file {named} changed since it was built (checksum); {REBUILD_HINT}")
+
+    def check_bytes(self, name: str, data: bytes | bytearray, shown: Path) -> None:
+        """Refuse ``data`` as the bytes of index file ``name`` unless they are the ones it was built with."""
+        recorded = self.files.get(name)
+        if recorded is None:
+            raise IndexMismatchError(f"index file {shown / name} is not recorded in its manifest; {REBUILD_HINT}")
+        if len(data) != recorded.get("bytes"):
+            raise IndexMismatchError(
+                f"index file {shown / name} has {len(data)} bytes, {recorded.get('bytes')} were written (truncated or "
+                f"replaced); {REBUILD_HINT}"
+            )
+        if hashlib.blake2b(data, digest_size=16).hexdigest() != recorded.get("blake2b"):
+            raise IndexMismatchError(f"index file {shown / name} changed since it was built (checksum); {REBUILD_HINT}")
+
+    def verified_bytes(self, directory: Path, name: str, label: Path | None = None) -> bytes:
+        """The bytes of index file ``name``, read once and checked against the manifest: what is loaded is what was
+        verified (no window between a check and a second read)."""
+        data = (directory / name).read_bytes()
+        self.check_bytes(name, data, label if label is not None else directory)
+        return data
+
+    def check_file(self, directory: Path, name: str, label: Path | None = None) -> None:
+        """Refuse index file ``name`` unless its bytes on disk now are those it was built with (a re-check)."""
+        path = directory / name
+        if not path.is_file():
+            raise IndexMismatchError(f"index file {(label or directory) / name} is missing; {REBUILD_HINT}")
+        recorded = self.files.get(name, {})
+        found = _digest(path)
+        if found != {"bytes": recorded.get("bytes"), "blake2b": recorded.get("blake2b")}:
+            shown = (label or directory) / name
+            raise IndexMismatchError(f"index file {shown} changed since it was built (checksum); {REBUILD_HINT}")
 
     def write(self, directory: Path) -> None:
         (directory / MANIFEST).write_text(json.dumps(asdict(self), indent=2))
@@ -138,6 +175,7 @@ class IndexManifest:
                 row_parts=[[int(start), int(stop)] for start, stop in data["row_parts"]],
                 parts=[dict(entry) for entry in data["parts"]],
                 checkpoint_state={str(name): dict(state) for name, state in data["checkpoint_state"].items()},
+                store_content=str(data["store_content"]) if data.get("store_content") is not None else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IndexMismatchError(f"index manifest {path} is malformed ({exc!r}); {REBUILD_HINT}") from exc
@@ -169,7 +207,9 @@ class IndexManifest:
                 f"index {directory} records lrs {self.lrs} for checkpoints {self.checkpoints}, the store has "
                 f"{stored_lrs}; {REBUILD_HINT}"
             )
-        if self.store_fingerprint != store.fingerprint():
+        if self.store_fingerprint != store.fingerprint() or (
+            self.store_content is not None and self.store_content != store.content_fingerprint()
+        ):
             refuse_broken_chain(store)  # a deleted record changes the fingerprint too: name it, not "changed"
             raise StaleIndexError(
                 f"store {store.path} changed after index {directory} was built (it indexed {self.num_rows} rows of "

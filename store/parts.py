@@ -96,6 +96,15 @@ class PartFile:
             raise IndexMismatchError(f"index part file {self.path} was truncated after it was opened; {REBUILD_HINT}")
         return np.frombuffer(view, dtype=self.dtype).reshape(hi - lo, self.dim)
 
+    def read_file(self) -> bytearray:
+        """The whole file (header and rows) in one read, as it is now (what a resident load checks and keeps)."""
+        size = os.fstat(self.fd).st_size
+        data = bytearray(size)
+        got = os.preadv(self.fd, [memoryview(data)], 0)
+        if got != size:
+            raise IndexMismatchError(f"index part file {self.path} changed while it was read; {REBUILD_HINT}")
+        return data
+
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         """The given rows (any order) in the stored dtype, one read per row."""
         out = np.empty((len(rows), self.dim), dtype=self.dtype)

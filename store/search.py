@@ -23,7 +23,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ClassVar, NamedTuple, Protocol, cast
 
@@ -59,8 +59,22 @@ class SearchBackend(Protocol):
         ...
 
     @classmethod
-    def load(cls, directory: Path, options: IndexOptions, device: torch.device) -> SearchBackend:
-        """The backend of the files in ``directory``, with ``options``' search-time knobs."""
+    def load(
+        cls,
+        directory: Path,
+        options: IndexOptions,
+        device: torch.device,
+        manifest: IndexManifest | None = None,
+        label: Path | None = None,
+    ) -> SearchBackend:
+        """The backend of the files in ``directory``, with ``options``' search-time knobs; what it holds in memory
+        is checked against ``manifest`` (default: the one in ``directory``) on the bytes it reads (``label``: the
+        path messages name)."""
+        ...
+
+    @classmethod
+    def verified_on_load(cls, manifest: IndexManifest) -> set[str]:
+        """Files :meth:`load` reads whole and checks itself (the index's open need not hash them first)."""
         ...
 
     def candidates(self, queries: np.ndarray, k: int) -> Candidates:
@@ -123,20 +137,35 @@ class FlatBackend:
     SCAN_BYTES: ClassVar[int] = 1 << 26  # float32 bytes of one checkpoint's block of rows scored per step
 
     def __init__(
-        self, starts: list[int], files: list[list[PartFile]], dim: int, device: torch.device, resident_bytes: int = 0
+        self,
+        starts: list[int],
+        files: list[list[PartFile]],
+        dim: int,
+        device: torch.device,
+        resident_bytes: int = 0,
+        check: Callable[[PartFile, bytearray], None] | None = None,
     ):
         self.starts = starts  # first row of each row part
         self.files = files  # [row part][checkpoint]
         self.dim, self.device = dim, device
         self.num_rows = sum(f[0].rows for f in files) if files else 0
-        # an index that fits the budget is read once, as float32, on the search device (the old, fastest scan)
+        # an index that fits the budget is read once, as float32, on the search device (the old, fastest scan);
+        # ``check`` refuses bytes other than those the index was built with, so what is held was verified
         self.resident: list[list[torch.Tensor]] | None = None
-        if self.num_rows * len(files[0] if files else []) * dim * 4 <= resident_bytes:
-            self.resident = [[self._whole(f) for f in row] for row in files]
+        if self.fits(self.num_rows, len(files[0]) if files else 0, dim, resident_bytes):
+            self.resident = [[self._whole(f, check) for f in row] for row in files]
 
-    def _whole(self, part: PartFile) -> torch.Tensor:
-        values = torch.from_numpy(np.asarray(part.read(0, part.rows)))
-        return values.to(self.device, dtype=torch.float32)
+    @staticmethod
+    def fits(rows: int, checkpoints: int, dim: int, resident_bytes: int) -> bool:
+        """Whether ``rows`` x ``checkpoints`` vectors of ``dim`` float32 fit the resident budget."""
+        return rows * checkpoints * dim * 4 <= resident_bytes
+
+    def _whole(self, part: PartFile, check: Callable[[PartFile, bytearray], None] | None) -> torch.Tensor:
+        data = part.read_file()
+        if check is not None:
+            check(part, data)
+        values = np.frombuffer(data, dtype=part.dtype, count=part.rows * part.dim, offset=part.offset)
+        return torch.from_numpy(values.reshape(part.rows, part.dim)).to(self.device, dtype=torch.float32)
 
     @classmethod
     def write_parts(
@@ -170,16 +199,40 @@ class FlatBackend:
         return cls.write_parts(source, ids, 0, directory, dtype, options.block_rows, progress)[0]
 
     @classmethod
-    def load(cls, directory: Path, options: IndexOptions, device: torch.device) -> FlatBackend:
-        manifest = IndexManifest.read(directory)
+    def load(
+        cls,
+        directory: Path,
+        options: IndexOptions,
+        device: torch.device,
+        manifest: IndexManifest | None = None,
+        label: Path | None = None,
+    ) -> FlatBackend:
+        manifest = manifest if manifest is not None else IndexManifest.read(directory)
+        shown = label if label is not None else directory
         files: list[list[PartFile]] = []
+        names: dict[str, str] = {}  # part file path -> its name in the manifest
         for r, (start, stop) in enumerate(manifest.row_parts):
-            row = [PartFile.open(directory / manifest.part(name, r)["file"]) for name in manifest.checkpoints]
+            row = []
+            for name in manifest.checkpoints:
+                file = manifest.part(name, r)["file"]
+                row.append(PartFile.open(directory / file))
+                names[str(row[-1].path)] = file
             if any(f.rows != stop - start or f.dim != manifest.dim for f in row):
-                raise IndexMismatchError(f"index {directory}: a part file of rows {start}..{stop} has another shape")
+                raise IndexMismatchError(f"index {shown}: a part file of rows {start}..{stop} has another shape")
             files.append(row)
         starts = [start for start, _ in manifest.row_parts]
-        return cls(starts, files, manifest.dim, device, resident_bytes=options.resident_mb << 20)
+
+        def check(part: PartFile, data: bytearray) -> None:
+            manifest.check_bytes(names[str(part.path)], data, shown)
+
+        return cls(starts, files, manifest.dim, device, resident_bytes=options.resident_mb << 20, check=check)
+
+    @classmethod
+    def verified_on_load(cls, manifest: IndexManifest) -> set[str]:
+        width = len(manifest.checkpoints)
+        if not cls.fits(manifest.num_rows, width, manifest.dim, manifest.options.resident_mb << 20):
+            return set()
+        return {part["file"] for part in manifest.parts if part.get("file")}
 
     def candidates(self, queries: np.ndarray, k: int) -> Candidates:
         """The exact top and bottom ``k`` rows of each query, and mean / max ``|score|`` over every row."""
@@ -228,17 +281,22 @@ class FlatBackend:
         )
 
     def exact_vectors(self, rows: np.ndarray) -> np.ndarray:
-        """The ``[n, C*D]`` float32 vectors of ``rows`` (read from the part files)."""
+        """The ``[n, C*D]`` float32 vectors of ``rows``: from the verified resident copy when there is one (the
+        scores come from the bytes the scan used), else read from the part files."""
         rows = np.asarray(rows, dtype=np.int64)
         d = self.dim
         out = np.empty((len(rows), len(self.files[0]) * d if self.files else 0), dtype=np.float32)
-        for start, files in zip(self.starts, self.files, strict=True):
+        for r, (start, files) in enumerate(zip(self.starts, self.files, strict=True)):
             inside = (rows >= start) & (rows < start + files[0].rows)
             if not inside.any():
                 continue
             local = rows[inside] - start
             for c, f in enumerate(files):
-                out[inside, c * d : (c + 1) * d] = f.read_rows(local)
+                if self.resident is not None:
+                    picked = self.resident[r][c][torch.from_numpy(local).to(self.resident[r][c].device)]
+                    out[inside, c * d : (c + 1) * d] = picked.cpu().numpy()
+                else:
+                    out[inside, c * d : (c + 1) * d] = f.read_rows(local)
         return out
 
     def close(self) -> None:
@@ -414,12 +472,21 @@ class FaissBackend:
         return sqnorms
 
     @classmethod
-    def load(cls, directory: Path, options: IndexOptions, device: torch.device) -> FaissBackend:
-        if options.on_disk:
+    def load(
+        cls,
+        directory: Path,
+        options: IndexOptions,
+        device: torch.device,
+        manifest: IndexManifest | None = None,
+        label: Path | None = None,
+    ) -> FaissBackend:
+        if options.on_disk:  # the lists file is mapped, not read: the index's open checked it, the watch re-checks
             with _quiet_stdout():
                 index = faiss.read_index(str(directory / cls.FILE), ON_DISK_READ_FLAGS)
-        else:
-            index = faiss.read_index(str(directory / cls.FILE))
+        else:  # read once, checked, then deserialised: the index in memory is the one that was verified
+            manifest = manifest if manifest is not None else IndexManifest.read(directory)
+            data = manifest.verified_bytes(directory, cls.FILE, label)
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         cls.configure(index, options)
         searcher = index
         # on-disk lists stay on the CPU: a GPU copy would load every list into device memory
@@ -430,6 +497,10 @@ class FaissBackend:
                 warnings.warn(f"FAISS GPU unavailable for this index ({exc}); searching on CPU", stacklevel=3)
         exact = cls.exact_storage(index) if searcher is index and not options.on_disk else None
         return cls(index, searcher, exact, options.rerank)
+
+    @classmethod
+    def verified_on_load(cls, manifest: IndexManifest) -> set[str]:
+        return set() if manifest.options.on_disk else {cls.FILE}
 
     def candidates(self, queries: np.ndarray, k: int) -> Candidates:
         m = min(self.index.ntotal, k * self.rerank)
