@@ -525,6 +525,8 @@ class GradientLogger(GradientProjector):
         self._rank0_first(
             lambda: store.begin_checkpoint(info, adam_factors), lambda: store.begin_checkpoint(info, adam_factors)
         )
+        if self.capture_verification is not None and self.process_rank == 0:  # checked once, holds for every checkpoint
+            store.record_checks(verification=self.capture_verification.to_json(), checkpoint=checkpoint)
         self._capture_lr[checkpoint] = info.lr
         self._capture_done[checkpoint] = set(store.committed_ids(checkpoint).tolist())
         self._capture_seen[checkpoint] = set()

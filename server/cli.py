@@ -184,9 +184,24 @@ def cmd_info(args: argparse.Namespace) -> None:
             print("checkpoints:")
             for c in value:
                 step = c.get("step", "-")
-                print(f"  {c['name']:<20} lr={c['lr']:<10g} step={step!s:<8} rows={c['rows']:<9} adam={c['adam']}")
+                line = f"  {c['name']:<20} lr={c['lr']:<10g} step={step!s:<8} rows={c['rows']:<9} adam={c['adam']}"
+                print(f"{line}  {_verification_text(c.get('verification'))}")
+        elif key == "coverage":
+            skipped = value["skipped"]
+            listed = f"; skipped: {', '.join(skipped[:12])}{' ...' if len(skipped) > 12 else ''}" if skipped else ""
+            print(f"coverage: {100 * value['fraction']:.1f}% of {value['total_elements']:,} trainable elements{listed}")
         else:
             print(f"{key}: {value}")
+
+
+def _verification_text(check: dict | None) -> str:
+    """``exact (per-example, max error 3e-07 <= 0.001)``, ``UNVERIFIED (verify=False)`` or ``unchecked``."""
+    if check is None:
+        return "check: none recorded"
+    if not check["passed"]:
+        return "check: UNVERIFIED (logged with verify=False)"
+    bound = f"max error {check['max_error']:.2g} <= {check['tolerance']:g}"
+    return f"check: exact ({check['mode']} in {check['path']}, {bound})"
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -244,7 +244,9 @@ def prepare_demo(workdir: str | Path, rank: int = 16, batch_size: int = 32, prog
             losses = F.cross_entropy(model(x), y, reduction="none")
             optimizer.zero_grad()
             weights = workdir / f"{name}.pt"
-            with logger.capture(checkpoint=name, lr=lr, ids=batch_ids, step=end_step, weights_path=weights):
+            with logger.capture(
+                checkpoint=name, lr=lr, ids=batch_ids, step=end_step, weights_path=weights, losses=losses
+            ):
                 losses.mean().backward()
             optimizer.step()
         entries.append(f'[[checkpoints]]\nname = "{name}"\npath = "{name}.pt"\nlr = {lr}\nstep = {end_step}\n')

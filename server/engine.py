@@ -41,10 +41,12 @@ from .schemas import (
     QueryResult,
     Residency,
     RunCheckpoint,
+    RunCoverage,
     RunIndex,
     RunInfo,
     RunLayer,
     RunProjection,
+    RunVerification,
     SelfInfluenceRequest,
     SelfInfluenceResponse,
     TokenShare,
@@ -647,11 +649,23 @@ def run_info(
         )
     else:
         index_info = RunIndex(status="unusable", reason=str(index_error) if index_error is not None else None)
+    checks = store.checks()
+    verifications = checks.get("verification", {})
     checkpoints = []
     for name in store.checkpoints:
         info = store.checkpoint_info(name)
         rows = store.num_rows(name)
-        checkpoints.append(RunCheckpoint(name=name, lr=info.lr, step=info.step, rows=rows, adam=info.adam))
+        check = verifications.get(name, verifications.get("*"))
+        checkpoints.append(
+            RunCheckpoint(
+                name=name,
+                lr=info.lr,
+                step=info.step,
+                rows=rows,
+                adam=info.adam,
+                verification=RunVerification.model_validate(check, strict=False) if check else None,
+            )
+        )
     return RunInfo(
         store=str(store.path),
         dtype=store.dtype,
@@ -663,6 +677,7 @@ def run_info(
             layers=[RunLayer(name=la.name, kind=la.kind, k_in=la.k_in, k_out=la.k_out) for la in spec.layers],
         ),
         checkpoints=checkpoints,
+        coverage=RunCoverage.model_validate(checks["coverage"]) if "coverage" in checks else None,
         index=index_info,
         residency=residency,
         device=device,

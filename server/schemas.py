@@ -293,12 +293,35 @@ class RunProjection(BaseModel):
     layers: list[RunLayer]
 
 
+class RunVerification(BaseModel):
+    """How a checkpoint's rows were checked against the exact per-example gradient on their first batch."""
+
+    passed: bool = Field(description="whether the check ran and passed (false: logged with verify=False)")
+    mode: str = Field(description="per-example (autograd.grad of each checked example), batch-sum, or off")
+    path: str = Field(description="which path logged the rows: project (offline pass) or capture()")
+    tolerance: float = Field(description="relative error allowed per block")
+    max_error: float = Field(description="the worst relative error found over the logged blocks")
+    examples: int = Field(description="examples (or, for batch-sum, batch rows) compared")
+
+
+class RunCoverage(BaseModel):
+    """Which of the model's trainable parameters the logged blocks cover."""
+
+    fraction: float = Field(description="fraction of trainable parameter elements logged (a tied one once)")
+    logged_elements: int
+    total_elements: int
+    skipped: list[str] = Field(default_factory=list, description="trainable parameters no block logs")
+
+
 class RunCheckpoint(BaseModel):
     name: str
     lr: float = Field(description="the checkpoint's learning rate (its TracIn weight under `schedule`)")
     step: int | None = Field(default=None, description="training step, when recorded")
     rows: int = Field(description="examples logged at this checkpoint")
     adam: bool = Field(description="whether gradients were divided by Adam's second moment (TrackStar)")
+    verification: RunVerification | None = Field(
+        default=None, description="the first-batch exactness check of its rows (absent: logged before checks)"
+    )
 
 
 class RunIndex(BaseModel):
@@ -322,6 +345,7 @@ class RunInfo(BaseModel):
     dim: int | None = Field(default=None, description="D, the projected dimension per checkpoint")
     projection: RunProjection | None = None
     checkpoints: list[RunCheckpoint] = Field(default_factory=list, description="every checkpoint in the store")
+    coverage: RunCoverage | None = Field(default=None, description="the parameters the logged blocks cover")
     index: RunIndex | None = None
     residency: Residency | None = Field(
         default=None, description="all: a model per checkpoint in memory; one: loaded in turn"

@@ -708,6 +708,11 @@ def test_info_json_and_v1_run_serve_the_same_run_info(demo_config, capsys, monke
     layers = [(la.name, la.kind, la.k_in, la.k_out) for la in run.projection.layers]
     assert layers == [("0", "linear", 16, 16), ("2", "linear", 16, 10)]
     assert (run.residency, run.dtype, run.projection.init, run.projection.seed) == ("all", "float16", "gaussian", 0)
+    # the demo captures during training with per-example losses: its first batch was checked against autograd
+    (check,) = {c.verification.model_dump_json() for c in run.checkpoints}  # once per logger, recorded for each
+    verification = run.checkpoints[0].verification
+    assert verification.passed and (verification.mode, verification.path) == ("per-example", "capture()")
+    assert verification.max_error < 1e-5 and run.coverage.fraction == 1.0 and run.coverage.skipped == []
 
 
 def test_openapi_names_the_response_models_and_the_version(secured_client):
