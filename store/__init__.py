@@ -3,6 +3,7 @@
 from .errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
+    DiskFullError,
     DuplicateIdError,
     GradientShapeError,
     IndexMismatchError,
@@ -35,6 +36,7 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "ChunkBuffer",
+    "DiskFullError",
     "DuplicateIdError",
     "GradientIndex",
     "GradientShapeError",

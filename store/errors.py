@@ -76,3 +76,8 @@ class StoreLockedError(GradstoreError, TimeoutError):
 class RemoteStoreError(GradstoreError, OSError):
     """A store or index URL that cannot be used: no fsspec driver, bad storage options, or an index that kept
     changing while it was downloaded."""
+
+
+class DiskFullError(GradstoreError, OSError):
+    """The device filled up (or a quota was reached) while writing a store or index file; nothing half-written is
+    served: free space and run the command again (builds are swapped in whole, logging resumes)."""

@@ -52,6 +52,7 @@ from .errors import (
     StoreReadOnlyError,
     UnknownExampleError,
 )
+from .parts import disk_full_is_typed
 from .remote import (
     RemotePath,
     StorePath,
@@ -545,14 +546,15 @@ class Segment:
         padded_grads[:n] = grads
         padded_ids = np.full(rows, -1, dtype=np.int64)
         padded_ids[:n] = ids
-        grads_array[start : start + rows] = padded_grads
-        ids_array[start : start + rows] = padded_ids
-        checksums = self._array("checksums")
-        if checksums is not None:
-            checksums[chunk] = np.uint64(rows_checksum(padded_ids[:n], padded_grads[:n]))
-        if fingerprint:
-            self._require("fingerprints")[chunk] = np.uint64(fingerprint)
-        self.commit_chunk(chunk, n)
+        with disk_full_is_typed(self.directory):  # a full disk: nothing committed, the chunk is written on resume
+            grads_array[start : start + rows] = padded_grads
+            ids_array[start : start + rows] = padded_ids
+            checksums = self._array("checksums")
+            if checksums is not None:
+                checksums[chunk] = np.uint64(rows_checksum(padded_ids[:n], padded_grads[:n]))
+            if fingerprint:
+                self._require("fingerprints")[chunk] = np.uint64(fingerprint)
+            self.commit_chunk(chunk, n)
 
     def commit_chunk(self, chunk: int, rows: int) -> None:
         """Record ``rows`` committed rows in ``chunk``: only now do readers see them (call after writing the data)."""

@@ -8,12 +8,16 @@ opened on after an update swaps a new index directory in.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
-from .errors import IndexMismatchError
+from .errors import DiskFullError, IndexMismatchError
 
 REBUILD_HINT = "rebuild it: `gradstore index --config ...` or GradientIndex.rebuild(path, store)"
 
@@ -26,37 +30,75 @@ def part_name(checkpoint: str, row_part: int) -> str:
 class PartWriter:
     """Writes ``rows`` vectors, given as float32 blocks in row order, into ``path`` as ``dtype``.
 
-    A float16 part whose values overflow float16 (a preconditioner that scales up, without normalisation) goes on in
-    float32: what was written is converted (exactly) and the rest written as float32, so no vector is infinite."""
+    Plain buffered writes, never a writable map: a full disk is an ``OSError`` here (:class:`DiskFullError`), not a
+    SIGBUS when a mapped page cannot be stored. A float16 part whose values overflow float16 (a preconditioner that
+    scales up, without normalisation) goes on in float32: what was written is read back, converted (exactly) and
+    written again as float32, so no vector is infinite."""
 
     def __init__(self, path: Path, rows: int, dim: int, dtype: np.dtype):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path, self.rows, self.dim, self.at = path, rows, dim, 0
-        self.out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows, dim))
+        self.dtype = np.dtype(dtype)
+        self.file = self._start(self.dtype)
+
+    def _start(self, dtype: np.dtype) -> BinaryIO:
+        with disk_full_is_typed(self.path):
+            file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+            header = {
+                "descr": np.lib.format.dtype_to_descr(dtype),
+                "fortran_order": False,
+                "shape": (self.rows, self.dim),
+            }
+            np.lib.format.write_array_header_1_0(file, header)
+        return file
 
     def add(self, block: np.ndarray) -> None:
         with np.errstate(over="ignore"):
-            converted = block.astype(self.out.dtype)
+            converted = block.astype(self.dtype)
         if not np.isfinite(converted).all():
             self._widen()
             converted = block.astype(np.float32)
-        self.out[self.at : self.at + len(block)] = converted
+        with disk_full_is_typed(self.path):
+            self.file.write(np.ascontiguousarray(converted).tobytes())
         self.at += len(block)
 
     def _widen(self) -> None:
-        written = np.array(self.out[: self.at], dtype=np.float32)
-        del self.out
-        self.out = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(self.rows, self.dim))
-        self.out[: self.at] = written
+        self.file.close()
+        written = self._read_written()  # the float16 rows so far, read back before the file is started again
+        self.dtype = np.dtype(np.float32)
+        self.file = self._start(self.dtype)
+        with disk_full_is_typed(self.path):
+            self.file.write(written.tobytes())
+
+    def _read_written(self) -> np.ndarray:
+        """The rows written so far, as float32."""
+        with open(self.path, "rb") as f:
+            np.lib.format.read_magic(f)
+            np.lib.format.read_array_header_1_0(f)
+            data = f.read(self.at * self.dim * self.dtype.itemsize)
+        return np.frombuffer(data, dtype=self.dtype).reshape(self.at, self.dim).astype(np.float32)
 
     def close(self) -> np.dtype:
         """Finish the file; returns the dtype written."""
         if self.at != self.rows:
             raise AssertionError(f"part {self.path} got {self.at} rows, {self.rows} expected")
-        dtype = self.out.dtype
-        self.out.flush()
-        del self.out
-        return np.dtype(dtype)
+        with disk_full_is_typed(self.path):
+            self.file.close()
+        return self.dtype
+
+
+@contextlib.contextmanager
+def disk_full_is_typed(path: Path) -> Iterator[None]:
+    """A full disk (or quota) while writing ``path`` is a :class:`DiskFullError` saying what to do."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFullError(
+            f"no space left on the device writing {path} ({exc.strerror}); free space and run the command again: "
+            "an index is built aside and swapped in (the previous one is kept), logging resumes from committed chunks"
+        ) from exc
 
 
 class PartFile:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 import shutil
 from pathlib import Path
@@ -20,10 +21,12 @@ from gradstore.store import (
     AppendWriter,
     BackgroundWriter,
     CheckpointInfo,
+    DiskFullError,
     GradientIndex,
     GradientStore,
     IndexOptions,
     StoreCorruptError,
+    parts,
 )
 from tests.helpers.search import synthetic_spec, write_store
 
@@ -268,3 +271,58 @@ def test_checkpoint_info_keeps_other_attributes_aside(tmp_path):
     store = GradientStore.open(tmp_path / "s.zarr", mode="a")
     store._checkpoint_group("c0").attrs.update({"verification": {"max_rel_error": 1e-6}, "coverage": [1, 2]})
     assert GradientStore.open(tmp_path / "s.zarr").checkpoint_info("c0").lr == 0.1
+
+
+# -- a full disk: one typed error, a resumable state -----------------------------------------------------------------
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_during_an_index_build_is_one_typed_error_and_keeps_the_old_index(tmp_path, monkeypatch):
+    store = _pass_store(tmp_path / "s.zarr")
+    options = IndexOptions(kind="flat")
+    old = GradientIndex.build(store, options, tmp_path / "i.index", progress=False)
+    before = _answers(old)
+    with monkeypatch.context() as patch:
+        patch.setattr(parts.PartWriter, "add", lambda self, block: _raise_in(parts.disk_full_is_typed(self.path)))
+        with pytest.raises(DiskFullError, match=r"no space left on the device writing .*part-00000\.npy.*run the"):
+            GradientIndex.build(store, options, tmp_path / "i.index", progress=False)
+    reopened = GradientIndex.open(tmp_path / "i.index", store)  # the previous index, intact
+    _assert_answers_equal(reopened, old)
+    np.testing.assert_array_equal(_answers(reopened)[0], before[0])
+    assert not list(tmp_path.glob(".i.index.building-*"))  # nothing half-built left behind
+
+
+def _raise_in(context) -> None:
+    with context:
+        _enospc()
+
+
+def test_a_full_disk_during_a_chunk_write_commits_nothing_and_resumes(tmp_path, monkeypatch):
+    store = GradientStore.create(tmp_path / "s.zarr", _spec(), dtype="float32", chunk_rows=CHUNK)
+    store.begin_checkpoint(CheckpointInfo(name="c0", lr=0.1))
+    segment = store.pass_segment("c0", N)
+    rows = np.random.default_rng(0).standard_normal((N, store.dim)).astype(np.float32)
+    segment.write_chunk(0, np.arange(CHUNK), rows[:CHUNK])
+    with monkeypatch.context() as patch:
+        patch.setattr(type(segment), "commit_chunk", lambda self, chunk, n: _enospc())
+        with pytest.raises(DiskFullError, match="free space and run the command again"):
+            segment.write_chunk(1, np.arange(CHUNK, 2 * CHUNK), rows[CHUNK : 2 * CHUNK])
+    assert GradientStore.open(tmp_path / "s.zarr").num_rows("c0") == CHUNK  # chunk 1 not committed
+    segment.write_chunk(1, np.arange(CHUNK, 2 * CHUNK), rows[CHUNK : 2 * CHUNK])  # the resume writes it
+    assert GradientStore.open(tmp_path / "s.zarr").num_rows("c0") == 2 * CHUNK
+
+
+def test_part_writer_widens_to_float32_on_overflow_without_a_map(tmp_path):
+    """Plain writes (no writable map): a float16 part that meets a value past float16's range is rewritten as
+    float32, every row exact."""
+    blocks = [np.full((3, 4), 1.5, np.float32), np.full((2, 4), 1e6, np.float32), np.full((1, 4), -2.0, np.float32)]
+    writer = parts.PartWriter(tmp_path / "p.npy", 6, 4, np.dtype(np.float16))
+    for block in blocks:
+        writer.add(block)
+    assert writer.close() == np.float32
+    part = parts.PartFile.open(tmp_path / "p.npy")
+    np.testing.assert_array_equal(part.read(0, 6), np.concatenate(blocks))
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), np.concatenate(blocks))
