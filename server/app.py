@@ -7,8 +7,11 @@ influence requests share a call: ``batching.py``). Every answer that is not a 20
 ``{"detail": ...}`` saying what is wrong: a client's mistake is a 4xx, a run the server cannot serve (stale or
 missing index, ...) a 503; the status of each gradstore error comes from ``errors.HTTP_STATUS``.
 
-JSON bodies are parsed strictly: ``NaN``, ``Infinity`` and numbers beyond the float range (``1e400``) are a 422
-naming the token, and a 422 never echoes a value JSON cannot carry. Scores that come out NaN, Inf or beyond
+Requests are refused from their headers alone where they can be (``middleware.RequestGate``: header size, framing,
+API key, route, Content-Length), so an unauthenticated client's body is never read. JSON bodies are parsed and
+validated strictly, in a worker thread when large: ``NaN``, ``Infinity`` and numbers beyond the float range
+(``1e400``) are a 422 naming the token, request models take no coercion (``"5"`` or ``true`` is no ``top_k``), and a
+422 never echoes a value JSON cannot carry. Scores that come out NaN, Inf or beyond
 float32 are refused, not served as ``null``. With a run config, the run's files are watched (``watch.py``): a
 rebuilt index or changed store reloads the engine, and a run that cannot be served answers 503 saying why.
 """
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import math
 import re
@@ -34,6 +36,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from gradstore.projection import GradstoreError
@@ -45,7 +48,7 @@ from .config import RunConfig, ServerConfig
 from .docs import install_docs
 from .engine import QueryEngine
 from .errors import ConfigError, QueryError, http_status
-from .middleware import BodyLimit, Drain, Lifecycle, Metrics, RequestMetrics
+from .middleware import BodyLimit, Drain, Lifecycle, Metrics, RequestGate, RequestMetrics, key_refusal
 from .runs import open_engine, serving_threads
 from .schemas import (
     ErrorResponse,
@@ -85,19 +88,22 @@ async def _settings(request: Request) -> ServerConfig:
 async def _check_api_key(
     request: Request, key: Annotated[str | None, Security(APIKeyHeader(name="X-API-Key", auto_error=False))]
 ) -> None:
+    """The API key, checked again (``middleware.RequestGate`` refuses before the body is read; this dependency
+    also puts the key in the OpenAPI schema)."""
     expected = request.app.state.api_key
     if expected is None:
         return
-    if key is None:
-        auth = request.headers.get("authorization", "")
-        key = auth[7:] if auth.lower().startswith("bearer ") else None
-    if key is None or not hmac.compare_digest(key.encode(), expected.encode()):
-        raise HTTPException(401, "missing or wrong API key (send it as X-API-Key or Authorization: Bearer)")
+    refused = key_refusal(request.headers.raw, expected)
+    if refused is not None:
+        raise HTTPException(*refused)
 
 
 # -- strict JSON bodies -------------------------------------------------------------------------------------
 
-_BIG_NUMBER = re.compile(rb"[eE][+]?0*[1-9][0-9]{2,}|[0-9]{300}")  # a literal that may not fit a float64
+# A literal that may not fit a float64: an exponent of 3+ digits, or 300+ digits in a row (the look-behind keeps the
+# search linear: a run of digits is tried once, at its start).
+_BIG_NUMBER = re.compile(rb"[eE][+]?0*[1-9][0-9]{2,}|(?<![0-9])[0-9]{300}")
+INLINE_BODY_BYTES = 4096  # bodies up to this size are parsed and validated on the event loop (well under 1 ms)
 
 
 class _NotANumber(ValueError):
@@ -125,7 +131,8 @@ def _bounded_int(text: str) -> int:
 
 def strict_json(body: bytes) -> Any:
     """``json.loads`` refusing NaN, Infinity and numbers beyond float64 (a 422 naming the token). Literals that
-    might overflow are rare, so only bodies that hold one are parsed with the slower per-number checks."""
+    might overflow are rare, so only bodies that hold one are parsed with the slower per-number checks. Linear in
+    the body's size (at most ``max_body_bytes``)."""
     try:
         if _BIG_NUMBER.search(body):
             return json.loads(body, parse_constant=_refuse, parse_float=_finite_float, parse_int=_bounded_int)
@@ -136,23 +143,67 @@ def strict_json(body: bytes) -> Any:
             f"body: {exc.token} is not a JSON number this API takes: JSON has no NaN or Infinity, and numbers must "
             "be finite (within about ±1.8e308); send finite numbers",
         ) from None
+    except RecursionError:
+        raise HTTPException(422, "body: JSON nested too deeply") from None
+
+
+class InvalidBody(HTTPException):
+    """A body that fails its request model, found off the event loop: answered as FastAPI's 422 (``errors``)."""
+
+    def __init__(self, errors: list[dict[str, Any]]):
+        super().__init__(422)
+        self.errors = errors
+
+
+def _parse_and_validate(body: bytes, model: type[BaseModel] | None) -> Any:
+    """The body parsed by :func:`strict_json` and, given the route's request model, validated into it strictly
+    (no coercion: ``"5"``, ``5.0`` or ``true`` are no ``top_k``); FastAPI then takes the instance as it is."""
+    data = strict_json(body)
+    if model is None:
+        return data
+    try:
+        return model.model_validate(data, strict=True)
+    except ValidationError as exc:
+        raise InvalidBody([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from None
 
 
 class _StrictJSONRequest(Request):
+    """A request whose ``json()`` is :func:`_parse_and_validate`, in a worker thread for a body over
+    ``INLINE_BODY_BYTES`` so that parsing and validating a large body never holds up the event loop."""
+
+    model: type[BaseModel] | None = None
+
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            self._json = strict_json(await self.body())
+            body = await self.body()
+            if len(body) <= INLINE_BODY_BYTES:
+                self._json = _parse_and_validate(body, self.model)
+            else:
+                self._json = await run_in_threadpool(_parse_and_validate, body, self.model)
         return self._json
 
 
+def _body_model(route: APIRoute) -> type[BaseModel] | None:
+    """The request model of a route whose body is that one model (not embedded), else None."""
+    params = route.dependant.body_params
+    if len(params) != 1 or getattr(route, "_embed_body_fields", False):
+        return None
+    model = params[0].field_info.annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
 class StrictJSONRoute(APIRoute):
-    """A route whose JSON body is parsed by :func:`strict_json`."""
+    """A route whose JSON body is parsed by :func:`strict_json` and validated strictly, off the event loop when
+    large."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        model = _body_model(self)
 
         async def strict(request: Request) -> Response:
-            return await handler(_StrictJSONRequest(request.scope, request.receive, request._send))
+            strict_request = _StrictJSONRequest(request.scope, request.receive, request._send)
+            strict_request.model = model
+            return await handler(strict_request)
 
         return strict
 
@@ -199,10 +250,11 @@ api = APIRouter(
     dependencies=[Depends(_check_api_key)],
     responses=_errors(
         {
-            400: "the body could not be read (e.g. not UTF-8), or its framing is ambiguous",
+            400: "the body could not be read (e.g. not UTF-8), its framing is ambiguous, or the API key was sent twice",
             408: "the body was not complete in time",
             401: "missing or wrong API key (when the server has one)",
             413: "request body larger than the server's limit",
+            431: "request line and headers larger than the server's limit",
             422: "invalid request: the message names the field or says what is wrong",
             503: "the query engine is still loading, or the run cannot be served (the message says what to run)",
         }
@@ -295,9 +347,17 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> JSONResponse:
     unavailable: Unavailable | None = request.app.state.unavailable
     if unavailable is not None:
-        return JSONResponse({"status": "unavailable", "reason": unavailable.message}, status_code=503)
+        return JSONResponse({"status": "unavailable", "reason": _reason(request, unavailable)}, status_code=503)
     ready = request.app.state.engine is not None
     return JSONResponse({"status": "ready" if ready else "loading"}, status_code=200 if ready else 503)
+
+
+def _reason(request: Request, unavailable: Unavailable) -> str:
+    """Why the run cannot be served: in full (it names files) only for a client with the API key, if there is one."""
+    expected = request.app.state.api_key
+    if expected is None or key_refusal(request.headers.raw, expected) is None:
+        return unavailable.message
+    return "the run cannot be served; send the API key to see why (or read the server's log)"
 
 
 @ops.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
@@ -359,10 +419,14 @@ def create_app(
     window = settings.batch_window_ms / 1e3
     batcher = InfluenceBatcher(window, settings.max_queries, settings.batch_merge) if window > 0 else None
     app.state.batcher = batcher  # None: each influence request alone
-    app.state.api_key = settings.api_key or None
+    app.state.api_key = settings.api_key  # None or a non-empty key (ServerConfig refuses an empty one)
     app.state.metrics = Metrics()
-    # inside CORS: a 413 still carries its headers; before routing, so before the API key is looked at
+    # inside CORS: refusals still carry its headers. The gate decides from headers alone (key, route, length);
+    # only a request it lets through has its body read (BodyLimit), then parsed off the event loop.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(
+        RequestGate, max_header_bytes=settings.max_header_bytes, max_bytes=settings.max_body_bytes, protected="/v1/"
+    )
     app.add_middleware(Drain, lifecycle=app.state.lifecycle)
     if settings.cors_origins:
         app.add_middleware(
@@ -383,6 +447,11 @@ def create_app(
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         """FastAPI's 422 with the echoed input made JSON-safe (a NaN or Inf input would make it a 500)."""
         return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+
+    @app.exception_handler(InvalidBody)
+    async def invalid_body(request: Request, exc: InvalidBody) -> JSONResponse:
+        """A body refused by its model off the event loop: the same 422 as FastAPI's own."""
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors))}, status_code=422)
 
     app.include_router(api)
     app.include_router(ops)

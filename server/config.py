@@ -219,7 +219,9 @@ class ServerConfig(BaseSettings):
     host: str = Field(default="127.0.0.1", description="interface `gradstore serve` binds to")
     port: int = Field(default=8000, ge=0, le=65535, description="port `gradstore serve` listens on")
     api_key: str | None = Field(
-        default=None, description="required as X-API-Key or Authorization: Bearer on /v1/* when set"
+        default=None,
+        description="required as X-API-Key or Authorization: Bearer on /v1/* when set (an empty key is refused: "
+        "leave it out for no key)",
     )
     cors_origins: tuple[str, ...] = Field(default=(), description="origins allowed to call the API from a browser")
     max_top_k: int = Field(default=100, ge=1, description="largest top_k a request may ask for")
@@ -240,6 +242,12 @@ class ServerConfig(BaseSettings):
         ge=1,
         description="most open client connections (also kept below the file-descriptor limit); more are refused "
         "with 503 at once",
+    )
+    max_connections_per_client: int = Field(
+        default=256,
+        ge=1,
+        description="most open connections from one client IP address (behind a proxy, all clients share its "
+        "address: raise it); more are refused with 503 at once",
     )
     drain_s: float = Field(
         default=10.0,
@@ -266,6 +274,16 @@ class ServerConfig(BaseSettings):
         "then differ from the unbatched ones by float32 rounding, ids and order do not); false: each request of a "
         "batch answered in turn, bitwise as alone",
     )
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, key: str | None) -> str | None:
+        if key is not None and not key.strip():
+            raise ValueError(
+                "the API key is empty, which would be no key at all: set a key, or leave api_key out (and unset "
+                "GRADSTORE_API_KEY) to serve without one"
+            )
+        return key
 
 
 def _index_table() -> type[BaseModel]:

@@ -4,13 +4,17 @@ keep-alive, open connections, header size; and a bounded drain on SIGTERM.
 uvicorn bounds idle keep-alive (``timeout_keep_alive``) and header size (h11's incomplete-event limit) itself;
 it has no header timeout, and its ``limit_concurrency`` answers 503 only once the request is read (the connection
 and its file descriptor stay held). :class:`GuardedH11Protocol` adds both: a connection whose request line and
-headers are not complete within ``header_timeout_s`` is closed, and one over ``max_connections`` is answered 503
-and closed as soon as it is accepted. The body read time is bounded in the app (``middleware.BodyLimit``). Every
-refused client is one log line, never a traceback.
+headers are not complete within ``header_timeout_s`` is closed, and one over ``max_connections`` (or over
+``max_connections_per_client`` from one IP address, so clients that reconnect in a storm cannot take every slot)
+is answered 503 and closed as soon as it is accepted. The body read time is bounded in the app
+(``middleware.BodyLimit``). Every refused client is one log line, never a traceback, and lines are rate limited
+(:class:`LogRateLimit`) so a storm of refusals cannot grow the log by megabytes a minute.
 
 Drain (:class:`GradstoreServer`): on SIGTERM (or Ctrl-C) the server keeps accepting for a while but answers every
 new request 503 with ``Connection: close`` (``middleware.Drain``), lets requests in flight finish, and then shuts
-down: once none is in flight, or ``drain_s`` after the signal, whichever comes first. A second signal exits at once.
+down: once none is in flight, or ``drain_s`` after the signal, whichever comes first. Requests still in flight when
+``drain_s`` is over are answered 503 + Retry-After (``Lifecycle.expire``), never a 500, and the process exits
+within a fraction of a second. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import asyncio
 import logging
 import os
 import resource
+import threading
 import time
+from collections import Counter
 from types import FrameType
 from typing import Any
 
@@ -30,13 +36,15 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from .config import ServerConfig
 from .middleware import Lifecycle
 
-__all__ = ["GradstoreServer", "GuardedH11Protocol", "connection_limits", "serve", "uvicorn_config"]
+__all__ = ["GradstoreServer", "GuardedH11Protocol", "LogRateLimit", "connection_limits", "serve", "uvicorn_config"]
 
 logger = logging.getLogger("uvicorn.error")
 
 FD_RESERVE = 32  # file descriptors kept for the process's own later use (store and index files, logs)
 ACCEPT_BURSTS = 4
 LINGER_S = 0.5  # after the last in-flight answer, how long clients still get a 503 rather than a refused connect
+EXIT_GRACE_S = 0.5  # after the drain: what uvicorn waits for the 503s of requests cut short to be written
+LOG_BURST, LOG_PERIOD_S = 10, 10.0  # log lines of one kind let through per period; the rest are counted
 
 
 def _open_fds() -> int:
@@ -78,24 +86,39 @@ class GuardedH11Protocol(H11Protocol):
 
     header_timeout_s: float = 10.0
     max_connections: int = 1000
+    max_per_client: int = 256
+    per_client: Counter[str]  # open connections per client IP address (one Counter per server's class)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.header_timer: asyncio.TimerHandle | None = None
+        self.client_ip: str | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.client_ip = self.client[0] if self.client else None
+        self.per_client[self.client_ip or ""] += 1
         if len(self.connections) > self.max_connections:
             logger.warning(
                 "refused %s: %d connections open (server.max_connections)", _peer(self), self.max_connections
             )
-            transport.write(
-                b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                b'content-length: 48\r\n\r\n{"detail": "too many connections; retry later"}\n'
+            return self._refuse(transport)
+        if self.client_ip is not None and self.per_client[self.client_ip] > self.max_per_client:
+            logger.warning(
+                "refused %s: %d connections open from that address (server.max_connections_per_client)",
+                _peer(self),
+                self.max_per_client,
             )
-            transport.close()
-            return
+            return self._refuse(transport)
         self._arm_header_timer()
+
+    @staticmethod
+    def _refuse(transport: asyncio.Transport) -> None:
+        transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b'retry-after: 1\r\ncontent-length: 48\r\n\r\n{"detail": "too many connections; retry later"}\n'
+        )
+        transport.close()
 
     def _arm_header_timer(self) -> None:
         if self.header_timer is None:
@@ -129,6 +152,10 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
+        key = self.client_ip or ""
+        self.per_client[key] -= 1
+        if self.per_client[key] <= 0:
+            del self.per_client[key]
         super().connection_lost(exc)
 
     # -- drain --------------------------------------------------------------------------------------------------
@@ -144,24 +171,74 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.close()
 
 
+class LogRateLimit(logging.Filter):
+    """Lets through at most ``burst`` records of one kind (the message template; for the access log, the status)
+    per ``period_s``, and counts the rest; the next record let through says how many were left out. Access-log
+    lines of answers under 400 always pass."""
+
+    def __init__(self, burst: int = LOG_BURST, period_s: float = LOG_PERIOD_S) -> None:
+        super().__init__()
+        self.burst, self.period_s = burst, period_s
+        self.windows: dict[object, tuple[float, int, int]] = {}  # kind -> (window start, let through, left out)
+        self.lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = self._kind(record)
+        if kind is None:
+            return True
+        now = time.monotonic()
+        with self.lock:
+            start, passed, dropped = self.windows.get(kind, (now, 0, 0))
+            if now - start >= self.period_s:
+                start, passed = now, 0
+            if passed >= self.burst:
+                self.windows[kind] = (start, passed, dropped + 1)
+                return False
+            self.windows[kind] = (start, passed + 1, 0)
+        if dropped and isinstance(record.msg, str):
+            record.msg += f" ({dropped} more like this left out of the log: rate limited)"
+        return True
+
+    @staticmethod
+    def _kind(record: logging.LogRecord) -> object | None:
+        if record.name == "uvicorn.access":
+            status = record.args[-1] if isinstance(record.args, tuple) and record.args else None
+            return None if isinstance(status, int) and status < 400 else ("access", status)
+        return (record.name, record.levelno, str(record.msg))
+
+
 class GradstoreServer(uvicorn.Server):
-    """uvicorn's server with a bounded drain (see the module docstring) and one-line accept errors."""
+    """uvicorn's server with a bounded drain (see the module docstring), one-line accept errors and rate-limited
+    logs (while it runs)."""
+
+    LOGGERS = ("uvicorn.error", "uvicorn.access")
 
     def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, drain_s: float) -> None:
         super().__init__(config)
         self.lifecycle, self.drain_s = lifecycle, drain_s
         self.drain_deadline: float | None = None
         self.idle_since: float | None = None
+        self.log_limit = LogRateLimit()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.drain_deadline is not None:  # a second signal: stop waiting
             self.force_exit = self.should_exit = True
             return
         if self.drain_s == 0:
+            self.lifecycle.draining = True  # what is still in flight at shutdown is answered 503
             return super().handle_exit(sig, frame)
         self.drain_deadline = time.monotonic() + self.drain_s
         self.lifecycle.draining = True
         self._captured_signals.append(sig)  # uvicorn re-raises it once shut down, as it does without a drain
+
+    async def serve(self, sockets: Any = None) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self.log_limit)
+        try:
+            await super().serve(sockets=sockets)
+        finally:
+            for name in self.LOGGERS:
+                logging.getLogger(name).removeFilter(self.log_limit)
 
     async def startup(self, sockets: Any = None) -> None:
         asyncio.get_running_loop().set_exception_handler(_one_line_errors)
@@ -175,18 +252,16 @@ class GradstoreServer(uvicorn.Server):
             busy = any(getattr(c, "in_flight", False) for c in self.server_state.connections)
             self.idle_since = None if busy else (self.idle_since or now)
             if now >= self.drain_deadline or (self.idle_since is not None and now - self.idle_since >= LINGER_S):
-                self._end_drain(now)
+                self._end_drain()
         return await super().on_tick(counter)
 
-    def _end_drain(self, now: float) -> None:
-        left = sum(1 for c in self.server_state.connections if getattr(c, "in_flight", False))
-        logger.info("drain over: %d request(s) still in flight; shutting down", left)
+    def _end_drain(self) -> None:
+        cut = self.lifecycle.expire()  # each answered 503 + Retry-After
+        logger.info("drain over: %d request(s) still in flight answered 503; shutting down", cut)
         for connection in list(self.server_state.connections):
             if isinstance(connection, GuardedH11Protocol):
                 connection.drop_unfinished()
-        # what is left of drain_s, for uvicorn's own wait on connections and tasks
-        left_s = max(0.5, (self.drain_deadline or now) - now)
-        self.config.timeout_graceful_shutdown = left_s  # type: ignore[assignment]  # uvicorn takes a float as well
+        self.config.timeout_graceful_shutdown = EXIT_GRACE_S  # type: ignore[assignment]  # a float works as well
         self.should_exit = True
 
 
@@ -202,7 +277,12 @@ def uvicorn_config(app: Any, host: str, port: int, settings: ServerConfig, log_l
     protocol = type(
         "GuardedH11Protocol",
         (GuardedH11Protocol,),
-        {"header_timeout_s": settings.header_timeout_s, "max_connections": max_connections},
+        {
+            "header_timeout_s": settings.header_timeout_s,
+            "max_connections": max_connections,
+            "max_per_client": settings.max_connections_per_client,
+            "per_client": Counter(),
+        },
     )
     return uvicorn.Config(
         app,

@@ -84,28 +84,32 @@ def _status(answer: bytes) -> int:
 # -- 1. framing and body limits ----------------------------------------------------------------------------------
 
 
-def test_framing_bypass_is_refused_before_auth_with_flat_rss(demo_config, tmp_path):
-    """CL + chunked, duplicate or bad Content-Length: 400 at once; a 200 MiB body, chunked or by its length: 413
-    once the limit is read (or at once), all before the API key is looked at; RSS stays flat."""
+def test_framing_bypass_is_refused_from_headers_with_flat_rss(demo_config, tmp_path):
+    """CL + chunked, duplicate or bad Content-Length: 400 at once; without the key, a 200 MiB body (chunked or by
+    its length) is a 401 before its body is read; with it, 413 once the limit is read (or at once by its length).
+    RSS stays flat."""
     env = {"GRADSTORE_API_KEY": API_KEY, "GRADSTORE_WATCH_S": "0"}
     with ServeProcess(demo_config, tmp_path / "serve.log", env=env) as server:
         head = f"POST /v1/influence HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: application/json\r\n"
+        keyed = head + f"X-API-Key: {API_KEY}\r\n"
         rss_before = rss_kib(server.proc.pid)
         block = b"x" * MiB
         chunked = [b"%x\r\n%s\r\n" % (len(block), block)] * 200  # 200 MiB claimed and offered
-        cases = {
-            "CL and chunked": (head + "Content-Length: 10\r\nTransfer-Encoding: chunked\r\n\r\n", chunked, 400),
-            "chunked and CL": (head + "Transfer-Encoding: chunked\r\nContent-Length: 10\r\n\r\n", chunked, 400),
-            "two lengths": (head + "Content-Length: 10\r\nContent-Length: 12\r\n\r\n", [b"y" * 12], 400),
-            "negative length": (head + "Content-Length: -1\r\n\r\n", [], 400),
-            "chunked 200 MiB": (head + "Transfer-Encoding: chunked\r\n\r\n", chunked, 413),
-            "length 200 MiB": (head + f"Content-Length: {200 * MiB}\r\n\r\n", [block] * 200, 413),
+        cases = {  # name: (request head, body chunks, status, most body bytes the client could send)
+            "CL and chunked": (head + "Content-Length: 10\r\nTransfer-Encoding: chunked\r\n\r\n", chunked, 400, 40),
+            "chunked and CL": (head + "Transfer-Encoding: chunked\r\nContent-Length: 10\r\n\r\n", chunked, 400, 40),
+            "two lengths": (head + "Content-Length: 10\r\nContent-Length: 12\r\n\r\n", [b"y" * 12], 400, 40),
+            "negative length": (head + "Content-Length: -1\r\n\r\n", [], 400, 40),
+            "keyless chunked 200 MiB": (head + "Transfer-Encoding: chunked\r\n\r\n", chunked, 401, 40),
+            "keyless length 200 MiB": (head + f"Content-Length: {200 * MiB}\r\n\r\n", [block] * 200, 401, 40),
+            "chunked 200 MiB": (keyed + "Transfer-Encoding: chunked\r\n\r\n", chunked, 413, 40),
+            "length 200 MiB": (keyed + f"Content-Length: {200 * MiB}\r\n\r\n", [block] * 200, 413, 40),
         }
-        for name, (request, chunks, status) in cases.items():
+        for name, (request, chunks, status, most_mib) in cases.items():
             answer, seconds, sent = _raw(server.port, request.encode(), chunks)
             assert _status(answer) == status, f"{name}: {answer[:300]!r}"
             assert seconds < 5, f"{name}: answered after {seconds:.1f} s"
-            assert sent <= 40 * MiB, f"{name}: {sent} body bytes were taken before the answer"
+            assert sent <= most_mib * MiB, f"{name}: {sent} body bytes were taken before the answer"
             assert b"connection: close" in answer.lower(), name
         rss_after = rss_kib(server.proc.pid)
         print(f"\nframing attack: server RSS {rss_before / 1024:.0f} MiB -> {rss_after / 1024:.0f} MiB")
@@ -128,7 +132,7 @@ def _small_fd_limit() -> None:
 def test_slow_clients_are_bounded_under_a_small_fd_limit(demo_config, tmp_path):
     """240 half-open clients (no bytes, slow headers, slow body) against a server with 256 file descriptors:
     the over-cap ones are refused at once, the others dropped after their timeouts; normal queries answer
-    within seconds; the log has one line per refused client and no traceback."""
+    within seconds; the log has one line per refused client (rate limited) and no traceback."""
     env = {
         "GRADSTORE_HEADER_TIMEOUT_S": "1.5",
         "GRADSTORE_BODY_TIMEOUT_S": "2",
@@ -184,7 +188,8 @@ def test_slow_clients_are_bounded_under_a_small_fd_limit(demo_config, tmp_path):
         assert "Traceback" not in log and "out of system resource" not in log, log[-3000:]
         refused = log.count("refused 127.0.0.1:") + log.count("dropped 127.0.0.1:")
         print(f"\nslow clients: first answer after {answered:.2f} s; {refused} one-line refusals in the log")
-        assert refused >= 70  # the no-bytes and slow-header clients (the slow-body ones get a 408 answer)
+        # one line per refused client, rate limited (LOG_BURST per kind per period): a storm cannot flood the log
+    assert 1 <= refused <= 3 * serving.LOG_BURST
 
 
 # -- 3 and 8. NaN, Infinity, huge numbers, odd framing and methods: 4xx, never 5xx -----------------------------------
@@ -383,7 +388,7 @@ def test_sigterm_drains_in_flight_requests_within_drain_s(demo_config, tmp_path)
     assert before.count("200") >= len(before) - len(threads), before  # at most one 503 per client, at the signal
     assert after and set(after) <= {"200", "503", "refused"}, after
     assert "503" in after
-    assert exited < drain_s + 2.5
+    assert exited < drain_s + 1.0  # no overshoot: the process is gone as the drain ends
     assert "Traceback" not in server.log()
 
 
