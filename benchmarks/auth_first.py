@@ -9,8 +9,9 @@ free loopback port (a subprocess: its own interpreter and GIL, as in production)
             and the status of a keyless junk body (401, not 422).
   idle      a legitimate influence query's latency (keep-alive httpx client, with the key), no other load.
   load      the same while ``--senders`` processes each send keyless 4 MiB bodies back to back (a new connection
-            per body, as a reconnecting attacker would), from before the first query to after the last: the
-            legitimate query's latency, its ratio to idle, and how many keyless bodies were refused per second.
+            per body in one blocking write, as a plain client or a reconnecting attacker would), from before the
+            first query to after the last: the legitimate query's latency, its ratio to idle, how many keyless
+            bodies were refused per second, and the server's CPU use meanwhile (cores).
 
     python benchmarks/auth_first.py [--workdir DIR] [--senders 4] [--queries 40] [--json out.json]
 
@@ -103,16 +104,33 @@ def send_once(port: int, body: bytes, key: str | None = None, chunk: int = 256 *
     return status, seconds
 
 
+def send_blocking(port: int, body: bytes) -> int:
+    """One request as a plain client sends it: the whole body in one blocking write, then the answer (0: none)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        with contextlib.suppress(OSError):
+            sock.sendall(_head(port, len(body)) + body)
+        answer = b""
+        with contextlib.suppress(OSError):
+            answer = sock.recv(4096)
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+
+
 def _sender(port: int, stop: Any, counts: dict) -> None:
     body = long_numbers_body()
     statuses: dict[int, int] = {}
     while not stop.is_set():
         try:
-            status, _ = send_once(port, body)
+            status = send_blocking(port, body)
         except OSError:
             status = 0
         statuses[status] = statuses.get(status, 0) + 1
     counts[os.getpid()] = statuses
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _query_latencies(url: str, n: int) -> list[float]:
@@ -159,13 +177,13 @@ def measure(config: Path, senders: int, queries: int, log: Path, warmup_s: float
         manager = multiprocessing.Manager()
         counts, stop = manager.dict(), multiprocessing.Event()
         procs = [multiprocessing.Process(target=_sender, args=(port, stop, counts)) for _ in range(senders)]
-        start = time.monotonic()
+        start, cpu_before = time.monotonic(), _cpu_s(proc.pid)
         for p in procs:
             p.start()
         time.sleep(warmup_s)  # the senders are at it
         loaded = _query_latencies(url, queries)  # while they go on
         stop.set()
-        load_s = time.monotonic() - start
+        load_s, server_cpu_s = time.monotonic() - start, _cpu_s(proc.pid) - cpu_before
         for p in procs:
             p.join(timeout=60)
         statuses: dict[int, int] = {}
@@ -195,6 +213,8 @@ def measure(config: Path, senders: int, queries: int, log: Path, warmup_s: float
         "keyless_bodies": statuses,
         "load_s": round(load_s, 2),
         "keyless_per_s": round(sum(statuses.values()) / load_s, 1),
+        "server_cpu_share_under_load": round(server_cpu_s / load_s, 2),
+        "cpus": os.cpu_count(),
         "server_log_bytes": log_bytes,
     }
     result["ok"] = (
@@ -229,7 +249,8 @@ def main() -> None:
         f"legitimate query p50: idle {result['idle_p50_ms']} ms, under {result['senders']} keyless senders "
         f"{result['load_p50_ms']} ms (p90 {result['load_p90_ms']} ms; ratio {result['ratio']}), after "
         f"{result['after_p50_ms']} ms; keyless bodies refused {result['keyless_per_s']}/s {result['keyless_bodies']}; "
-        f"server log {result['server_log_bytes']} bytes"
+        f"server log {result['server_log_bytes']} bytes; server CPU under load {result['server_cpu_share_under_load']} "
+        f"cores of {result['cpus']}"
     )
     print("OK" if result["ok"] else "MISSED a target")
     if args.json:
