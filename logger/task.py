@@ -30,7 +30,13 @@ class Task:
         raise NotImplementedError(f"{type(self).__name__}.build_model")
 
     def load_checkpoint(self, model: torch.nn.Module, path: str | Path) -> None:
-        """Load weights saved with ``torch.save(model.state_dict(), path)`` (or ``{"model": state_dict}``)."""
+        """Load weights saved with ``torch.save(model.state_dict(), path)`` (or ``{"model": state_dict}``), or a
+        ``.safetensors`` file (what ``save_pretrained`` and the Trainer callback write; tied weights saved once)."""
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            load_tied_state(model, load_file(str(path)), path)
+            return
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
             state = state["model"]
@@ -109,3 +115,19 @@ def move_to_device(batch: Any, device: torch.device | str) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to_device(v, device) for v in batch)
     return batch
+
+
+def load_tied_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """``load_state_dict`` where a parameter may be missing when it is tied to one that is present (safetensors
+    files store a shared tensor once); anything else missing or unexpected is an error naming it."""
+    from .errors import TaskError
+
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in state if k in params}
+    absent = [k for k in missing if k not in params or id(params[k]) not in loaded]
+    if absent or unexpected:
+        raise TaskError(
+            f"{path} does not fit {type(model).__name__}: missing {absent[:8]}, unexpected {list(unexpected)[:8]}; "
+            "override Task.load_checkpoint for this format"
+        )

@@ -286,6 +286,39 @@ class ServerConfig(BaseSettings):
         return key
 
 
+def _step_order(entry: dict[str, Any]) -> tuple[int, int]:
+    step = entry.get("step")
+    if step is None and "name" not in entry:  # a folder entry: its step is in its name (checkpoint-<step>)
+        step = int(Path(entry["path"]).name.rpartition("-")[2] or 0)
+    return (0, int(step)) if step is not None else (1, 0)
+
+
+def _stored_checkpoints(path: StorePath) -> dict[str, dict[str, Any]]:
+    """``[[checkpoints]]`` entries for the checkpoints an existing store captured during training, by name: a run
+    over a store written by ``capture()`` or the callbacks needs no entries of its own. Empty without a store."""
+    from gradstore.projection.errors import GradstoreError
+    from gradstore.store import GradientStore
+
+    if not (as_path(path) / "zarr.json").exists():
+        return {}
+    try:
+        store = GradientStore.open(path)
+        infos = {name: store.checkpoint_info(name) for name in store.checkpoints if store.logged_by_capture(name)}
+    except GradstoreError:
+        return {}  # a damaged store is reported by the command that opens it, with its own advice
+    entries = {}
+    for name, ckpt in infos.items():
+        if ckpt.weights_path is None:
+            raise ValueError(
+                f"checkpoint {name!r} of store {path} records no weights file; add a [[checkpoints]] entry for it "
+                "with name, path (the weights its interval started from) and lr"
+            )
+        optimizer = ckpt.optimizer_path if ckpt.adam and ckpt.optimizer_path else False
+        entries[name] = {"name": name, "path": ckpt.weights_path, "lr": ckpt.lr, "step": ckpt.step}
+        entries[name]["optimizer"] = optimizer
+    return entries
+
+
 def _index_table() -> type[BaseModel]:
     """``[index]`` as a model built from :class:`IndexOptions`' fields (types, defaults, help), plus ``path``."""
     hints = typing.get_type_hints(IndexOptions)
@@ -368,11 +401,17 @@ class RunConfig(_Table):
 
     @field_validator("checkpoints", mode="before")
     @classmethod
-    def _from_hf_output(cls, checkpoints: Any, info: ValidationInfo) -> Any:
-        """``[hf] output``: its checkpoint folders, as ``[[checkpoints]]`` entries (``hf`` is validated first)."""
+    def _from_hf_output_or_store(cls, checkpoints: Any, info: ValidationInfo) -> Any:
+        """``[hf] output``: its checkpoint folders, as ``[[checkpoints]]`` entries (``hf`` is validated first); none
+        given: those of the store. A checkpoint captured during training is described by the store in both cases
+        (the callbacks record the weights its interval started from, its mean lr and its step)."""
         hf = info.data.get("hf")
-        if hf is None:
+        store = info.data.get("store")
+        if checkpoints and hf is None:
             return checkpoints
+        captured = _stored_checkpoints(store.path) if store is not None else {}
+        if hf is None:
+            return list(captured.values())
         if checkpoints:
             raise ValueError("give either [[checkpoints]] or [hf] output (--hf-output), not both")
         try:
@@ -382,7 +421,9 @@ class RunConfig(_Table):
         entries: list[dict[str, Any]] = [{"path": str(c.folder)} for c in found]
         if not hf.optimizer:
             entries = [{**e, "optimizer": False} for e in entries]
-        return entries
+        merged = {c.folder.name: captured.get(c.folder.name, entry) for c, entry in zip(found, entries)}
+        merged.update(captured)  # an interval ending at an epoch end has no folder: its rows are in the store
+        return sorted(merged.values(), key=_step_order)
 
     @field_validator("checkpoints")
     @classmethod
@@ -392,7 +433,9 @@ class RunConfig(_Table):
         if not checkpoints and "hf" not in info.data:
             return checkpoints  # [hf] was refused: its error says why there are none
         if not checkpoints:
-            raise ValueError("needs at least one [[checkpoints]] entry with name, path and lr")
+            store = info.data.get("store")
+            where = f" (no store with checkpoints at {store.path} to take them from)" if store is not None else ""
+            raise ValueError(f"needs at least one [[checkpoints]] entry with name, path and lr{where}")
         names = [c.name for c in checkpoints]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:

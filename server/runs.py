@@ -9,6 +9,7 @@ import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -102,6 +103,8 @@ def _index_run(
     task = config.make_task()
     model = task.build_model().to(device)
     p = config.projection
+    layout = stored_layout(config)
+    store_dtype = layout["dtype"]
     logger = GradientLogger(
         model,
         task,
@@ -110,9 +113,8 @@ def _index_run(
         init=p.init,
         layers=p.layers,
         seed=p.seed,
-        dtype=config.store.dtype,
-        chunk_rows=config.store.chunk_rows,
         progress=progress,
+        **layout,
     )
     eval_examples = task.eval_examples() if config.index.preconditioner != "identity" else None
     eval_logger = None
@@ -123,7 +125,7 @@ def _index_run(
             task,
             store=eval_store_path(config),
             spec=logger.spec,
-            dtype=config.store.dtype,
+            dtype=store_dtype,
             chunk_rows=config.store.chunk_rows,
             progress=progress,
         )
@@ -174,6 +176,24 @@ def _index_run(
     if index.changes is not None:
         index.changes = index.changes._replace(logged_rows=logged)
     return index
+
+
+def stored_layout(config: RunConfig) -> dict[str, Any]:
+    """``spec``, ``dtype`` and ``chunk_rows`` for the run's logger: those of its existing store where ``run.toml`` does
+    not give them (a run over a store written by ``capture()``, the callbacks or an earlier ``index`` needs no
+    repetition of them); what the config gives is checked against the store by the logger, as before."""
+    layout: dict[str, Any] = {"dtype": config.store.dtype, "chunk_rows": config.store.chunk_rows}
+    if not (as_path(config.store.path) / "zarr.json").exists():
+        return layout
+    store = GradientStore.open(config.store.path)
+    given = config.store.model_fields_set
+    if "projection" not in config.model_fields_set:
+        layout["spec"] = store.spec
+    if "dtype" not in given:
+        layout["dtype"] = store.dtype
+    if "chunk_rows" not in given:
+        layout["chunk_rows"] = store.chunk_rows
+    return layout
 
 
 def _check_captured(store: GradientStore, ckpt: CheckpointConfig, record: bool) -> None:

@@ -225,10 +225,18 @@ def test_info_json(indexed, engine, capsys):
         "dim": store.dim,
         "layers": [{"name": name, "kind": "linear", "k_in": 8, "k_out": 8} for name in ("0", "2")],
     }
+    checks = [c.pop("verification") for c in info["checkpoints"]]
     assert info["checkpoints"] == [
         {"name": "epoch-0", "lr": 0.2, "step": 0, "rows": N_TRAIN, "adam": False},
         {"name": "epoch-1", "lr": 0.05, "step": 1, "rows": N_TRAIN, "adam": False},
     ]
+    # the offline pass checked its first batch against autograd: recorded per checkpoint
+    for check in checks:
+        assert check["passed"] and (check["mode"], check["path"], check["examples"]) == ("per-example", "project", 3)
+        assert check["max_error"] < 1e-5 and check["tolerance"] == 1e-3
+    coverage = info["coverage"]
+    assert coverage["fraction"] == 1.0 and coverage["skipped"] == []
+    assert coverage["logged_elements"] == coverage["total_elements"] == 64 * 16 + 16 + 16 * 10 + 10
     assert info["index"] == {
         "path": str(engine.index.path),
         "status": "ready",
@@ -239,7 +247,9 @@ def test_info_json(indexed, engine, capsys):
         "checkpoints": ["epoch-0", "epoch-1"],
     }
     assert (info["residency"], info["device"]) == ("all", str(engine.device))
-    assert "index: {" in run_cli(capsys, "info", "--config", config)
+    text = run_cli(capsys, "info", "--config", config)
+    assert "index: {" in text and "check: exact (per-example in project, max error" in text
+    assert "coverage: 100.0% of 1,210 trainable elements" in text
 
 
 def test_trackstar_style_index_over_the_same_store(indexed, engine, capsys):
@@ -454,7 +464,8 @@ def test_config_without_checkpoints_or_task(capsys, tmp_path):
     no_checkpoints = tmp_path / "none.toml"
     no_checkpoints.write_text(text.split("[[checkpoints]]")[0] + "[index]\n")
     assert fails(capsys, "info", "--config", no_checkpoints) == (
-        "error: checkpoints: needs at least one [[checkpoints]] entry with name, path and lr\n"
+        "error: checkpoints: needs at least one [[checkpoints]] entry with name, path and lr (no store with "
+        f"checkpoints at {tmp_path / 'run.zarr'} to take them from)\n"
     )
     no_task = tmp_path / "notask.toml"
     no_task.write_text(text.replace('[task]\nobject = "gradstore.server.demo:DigitsTask"\n', ""))
