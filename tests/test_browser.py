@@ -61,6 +61,8 @@ TEST_INDEX = 7
 TOP_K = 6
 SELF_K = 12
 TIMEOUT_MS = 30_000
+MANY = 32  # checkpoints of the many-checkpoint run
+CARD_MAX_PX = 400  # a result card stays below this height whatever the number of checkpoints
 
 
 def _chromium() -> str | None:
@@ -162,6 +164,23 @@ def text_live(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def many_live(tmp_path_factory):
+    """A text run with 32 checkpoints under a cosine lr schedule (tests/helpers/many_checkpoints.py), whose Task
+    has no ``describe_positions``, served in a thread."""
+    from gradstore.server.app import create_app
+    from gradstore.server.config import ServerConfig
+
+    from .helpers.many_checkpoints import build_many_checkpoint_run
+
+    run, engine = build_many_checkpoint_run(tmp_path_factory.mktemp("many-checkpoints"), n=MANY)
+    port = _free_port()
+    app = create_app(engine=engine, settings=ServerConfig(host="127.0.0.1", port=port))
+    app.state.api_key = None
+    with _serve(app, port) as url:
+        yield SimpleNamespace(url=url, app=app, run=run)
+
+
+@pytest.fixture(scope="module")
 def screenshots(tmp_path_factory) -> Path:
     """Where the tests save screenshots: ``$GRADSTORE_SCREENSHOTS`` if set (to look at them), else a tmp folder."""
     explicit = os.environ.get("GRADSTORE_SCREENSHOTS")
@@ -220,7 +239,27 @@ def text_page(browser, text_live, page_problems):
         yield page
 
 
+@pytest.fixture()
+def many_page(browser, many_live, page_problems):
+    """The dashboard on the 32-checkpoint run."""
+    with _dashboard(browser, many_live.url, page_problems) as page:
+        yield page
+
+
 # -- helpers -----------------------------------------------------------------------------------------
+
+
+def _fmt(x: float) -> str:
+    """How the dashboard writes a number (its ``fmt``): 4 significant digits without trailing zeros, scientific
+    notation outside 1e-3 <= |x| < 1e4 (``0.03193``, ``160.8``, ``1.235e-7``, ``-2.5e+5``)."""
+    if x == 0:
+        return "0"
+    rounded = float(f"{x:.4g}")  # the digits of JavaScript's toPrecision(4)
+    if 1e-3 <= abs(rounded) < 1e4:
+        shown = repr(rounded)
+        return shown.removesuffix(".0")
+    mantissa, exponent = f"{x:.3e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent):+d}"
 
 
 def _api(url: str, path: str, body: dict) -> dict:
@@ -272,9 +311,8 @@ def _check_cards(page, grid: str, expected: list[dict], checkpoints: list[str]) 
     """The cards of ``#<grid>`` are ``expected`` (the API's influences), in order, as the page should draw them."""
     cards = _rendered_cards(page, grid)
     assert [c["id"] for c in cards] == [e["id"] for e in expected], f"{grid}: card ids differ from the API's"
-    formatted = page.evaluate("(xs) => xs.map((x) => x.toPrecision(4))", [e["score"] for e in expected])
-    for card, item, score_text in zip(cards, expected, formatted):
-        ex = item["example"]
+    for card, item in zip(cards, expected):
+        ex, score_text = item["example"], _fmt(item["score"])
         where = f"{grid} card #{item['id']}"
         assert card["visible"], f"{where} is not visible"
         assert card["label"] == str(ex["label"]), f"{where}: label {card['label']!r}, API {ex['label']}"
@@ -390,13 +428,20 @@ def test_self_influence_tab_lists_the_apis_examples(page, server_url):
 
 
 def test_api_error_is_shown_not_thrown(page, page_problems):
-    """A client mistake (a test index past the end) shows the server's 4xx message on the page."""
+    """A client mistake (a test index past the end) shows the server's 4xx message on the page, and the previous
+    query's results are gone (nothing on screen may look like the answer to the failed query)."""
+    page.fill("#test-index", "3")
+    page.fill("#top-k", "3")
+    page.click("#run-query")
+    sync_api.expect(page.locator("#proponents .card")).to_have_count(3)
     page.fill("#test-index", "100000")
     page.click("#run-query")
     sync_api.expect(page.locator("#query-error")).to_contain_text("422")
     sync_api.expect(page.locator("#query-error")).to_contain_text("test_index")
     assert page.is_enabled("#run-query")
-    assert not page.is_visible("#proponents-panel")
+    for panel in ("#query-panel", "#proponents-panel", "#opponents-panel"):
+        assert not page.is_visible(panel), f"{panel} still shows the previous query's results"
+    assert page.locator("#proponents .card, #opponents .card, #query-card > *").count() == 0
     # Chromium logs the failed fetch itself; that one is expected, anything else is not
     expected = [p for p in page_problems if "status of 422" in p and "/v1/influence" in p]
     assert len(expected) == 1, page_problems
@@ -491,9 +536,8 @@ def _check_text_cards(page, grid: str, expected: list[dict], unfolded: bool = Fa
     ``unfolded``), key-values, and the sign mark exactly on the items whose score has the other sign."""
     cards = _text_cards(page, grid)
     assert [c["id"] for c in cards] == [e["id"] for e in expected], f"{grid}: card ids differ from the API's"
-    formatted = page.evaluate("(xs) => xs.map((x) => x.toPrecision(4))", [e["score"] for e in expected])
-    for card, item, score_text in zip(cards, expected, formatted):
-        ex, where = item["example"], f"{grid} card #{item['id']}"
+    for card, item in zip(cards, expected):
+        ex, where, score_text = item["example"], f"{grid} card #{item['id']}", _fmt(item["score"])
         assert card["visible"] and card["score"] == score_text, where
         assert list(card["texts"]) == ["text"], f"{where}: text fields {list(card['texts'])}"
         shown, full = card["texts"]["text"], ex["text"]
@@ -581,17 +625,20 @@ def test_prompt_completion_and_json_modes(text_page, text_live, page_problems):
     page.fill("#query-prompt", "the capital of italy is")
     page.fill("#query-completion", "rome")
     page.fill("#top-k", "3")
+    assert page.text_content("#prompt-preview") == "sent as: the capital of italy is rome"
     with page.expect_request("**/v1/influence") as sent:
         page.click("#run-query")
-    query = {"prompt": "the capital of italy is", "completion": "rome"}
+    query = {"prompt": "the capital of italy is", "completion": " rome"}  # the space the model must see
     assert sent.value.post_data_json == {"queries": [query], "top_k": 3}
     sync_api.expect(page.locator("#proponents .card")).to_have_count(3)
     result = _api(url, "/v1/influence", sent.value.post_data_json)["results"][0]
     _check_text_cards(page, "proponents", result["proponents"])
     _check_text_cards(page, "opponents", result["opponents"])
-    assert page.text_content("#query-card .field[data-key=prompt] .text") == query["prompt"]
-    assert page.text_content("#query-card .field[data-key=completion] .text") == query["completion"]
-    assert page.text_content("#query-card .field[data-key=completion] .key") == "completion"
+    echo = "#query-card .field[data-key=prompt-completion]"
+    assert page.text_content(f"{echo} .text") == "the capital of italy is rome"
+    assert page.text_content(f"{echo} .prompt") == query["prompt"]
+    assert page.text_content(f"{echo} .completion") == query["completion"]
+    assert page.evaluate(f"getComputedStyle(document.querySelector('{echo} .completion')).fontWeight") == "600"
 
     page.select_option("#mode", "json")
     assert json.loads(page.input_value("#query-json")) == {"text": ""}
@@ -774,9 +821,9 @@ def test_token_highlighting_shows_the_apis_shares(text_page, text_live, screensh
         pytest.skip("this server has no POST /v1/explain route yet")
     page, url = text_page, text_live.url
     page.select_option("#mode", "prompt")
-    query = {"prompt": "the capital of france is", "completion": "paris"}
+    query = {"prompt": "the capital of france is", "completion": " paris"}
     page.fill("#query-prompt", query["prompt"])
-    page.fill("#query-completion", query["completion"])
+    page.fill("#query-completion", "paris")  # sent with the space between
     page.fill("#top-k", "3")
     page.select_option("#weighting", "uniform")
     page.click("#run-query")
@@ -802,10 +849,8 @@ def test_token_highlighting_shows_the_apis_shares(text_page, text_live, screensh
         alpha_value = alpha[0] if alpha else 1.0
         assert (r, g, b) == ((26, 127, 55) if share >= 0 else (207, 34, 46)), f"{text!r}: {colour}"
         assert alpha_value == pytest.approx(0.85 * abs(share) / scale, abs=0.006), f"{text!r}: {colour}"
-    rest = page.evaluate("(x) => x.toPrecision(4)", answer["rest"])
-    assert first.locator(".explain-rest").text_content() == rest
-    score = page.evaluate("(x) => x.toPrecision(4)", answer["score"])
-    assert f"score {score}" in first.locator(".explain-summary").text_content()
+    assert first.locator(".explain-rest").text_content() == _fmt(answer["rest"])
+    assert f"score {_fmt(answer['score'])}" in first.locator(".explain-summary").text_content()
     assert sum(t["share"] for t in tokens) + answer["rest"] == pytest.approx(answer["score"], rel=1e-5)
     assert answer["score"] == pytest.approx(top["score"], rel=1e-4)
     shot = screenshots / "token-highlighting.png"
@@ -813,3 +858,296 @@ def test_token_highlighting_shows_the_apis_shares(text_page, text_live, screensh
     print(f"screenshot: {shot}")
     first.locator(".explain-button").click()  # a second click hides it
     assert not first.locator(".explain-box").is_visible()
+
+
+# -- real runs: many checkpoints, number formats, errors (issue 18, part 5) -------------------------------------
+
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[+-]\d+)?")
+
+
+def _significant_digits(number: str) -> int:
+    mantissa = number.lstrip("-").split("e")[0].replace(".", "").lstrip("0")
+    return len(mantissa)
+
+
+def _charts(page, grid: str) -> list[dict]:
+    """Each card's contribution chart(s): bars (checkpoint, value, drawn height), sizes, resting readout."""
+    return page.evaluate(
+        """(grid) => [...document.querySelectorAll(`#${grid} .card`)].map((card) => {
+            const charts = [...card.querySelectorAll(".contrib svg")];
+            const svg = charts[0], box = svg?.getBoundingClientRect(), cardBox = card.getBoundingClientRect();
+            return {
+              id: Number(card.dataset.id),
+              charts: charts.length,
+              height: cardBox.height,
+              inside: !!box && box.left >= cardBox.left && box.right <= cardBox.right + 0.5,
+              chart: box ? [box.width, box.height] : null,
+              bars: [...card.querySelectorAll(".contrib rect.bar")].map((r) => ({
+                name: r.dataset.checkpoint, value: Number(r.dataset.value), drawn: r.getBBox().height,
+                title: r.querySelector("title")?.textContent })),
+              readout: card.querySelector(".contrib .readout")?.textContent,
+              axis: [...card.querySelectorAll(".contrib .axis span")].map((s) => s.textContent),
+            };
+          })""",
+        grid,
+    )
+
+
+def test_fmt_writes_readable_numbers(many_page):
+    """The page's number format: 4 significant digits, no float noise, scientific notation for tiny and huge."""
+    cases = [0.031927770900082954, 160.84201, -0.002072222909, 1.23456e-7, -123456.7, 5e-4, 0.0, 1.0, 12.5, 1e-12]
+    shown = many_page.evaluate("(xs) => xs.map(fmt)", cases)
+    assert shown == ["0.03193", "160.8", "-0.002072", "1.235e-7", "-1.235e+5", "5e-4", "0", "1", "12.5", "1e-12"]
+    assert shown == [_fmt(x) for x in cases]
+
+
+def test_many_checkpoints_one_compact_chart_per_card(many_page, many_live, screenshots):
+    """32 checkpoints: every card has ONE chart with a bar per checkpoint (the API's contributions, in order,
+    heights in proportion) and stays under CARD_MAX_PX; hovering a bar names the checkpoint, its contribution
+    and its lr; scores and weights are written with 4 significant digits."""
+    page, url = many_page, many_live.url
+    run = httpx.get(f"{url}/v1/run", timeout=30).json()
+    lrs = {c["name"]: c["lr"] for c in run["checkpoints"]}
+    assert len(lrs) == MANY
+    sync_api.expect(page.locator("#run-info")).to_contain_text(f"{MANY} checkpoints")
+    sync_api.expect(page.locator("#run-info")).to_contain_text("rows checked exact")  # the header's checks stay
+    page.fill("#query-text", TEXT_QUERY)
+    page.fill("#top-k", "6")
+    page.select_option("#weighting", "schedule")
+    with page.expect_request("**/v1/influence") as sent:
+        page.click("#run-query")
+    sync_api.expect(page.locator("#opponents .card")).to_have_count(6)
+    answer = _api(url, "/v1/influence", sent.value.post_data_json)
+    result = answer["results"][0]
+
+    for grid in ("proponents", "opponents"):
+        _check_text_cards(page, grid, result[grid])  # scores as _fmt writes them
+        for chart, item in zip(_charts(page, grid), result[grid], strict=True):
+            where = f"{grid} card #{item['id']}"
+            assert chart["charts"] == 1, f"{where}: {chart['charts']} charts"
+            assert chart["height"] < CARD_MAX_PX, f"{where}: {chart['height']:.0f} px tall with {MANY} checkpoints"
+            assert chart["inside"] and chart["chart"][1] <= 40, f"{where}: chart {chart['chart']}"
+            assert [b["name"] for b in chart["bars"]] == list(item["contributions"]) == list(lrs), where
+            assert [b["value"] for b in chart["bars"]] == pytest.approx(list(item["contributions"].values()))
+            top = max(abs(v) for v in item["contributions"].values())
+            strongest = max(chart["bars"], key=lambda b: abs(b["value"]))
+            assert abs(strongest["value"]) == pytest.approx(top)
+            scale = strongest["drawn"] / top
+            for bar in chart["bars"]:  # heights in proportion to |contribution| (a tiny one is drawn 1.5 units)
+                assert bar["drawn"] == pytest.approx(max(abs(bar["value"]) * scale, 1.5), abs=1e-3), where
+                assert (
+                    bar["title"].startswith(f"{bar['name']} (step ") and f"lr {_fmt(lrs[bar['name']])}" in bar["title"]
+                )
+            assert chart["readout"] == f"largest: {strongest['name']} {_fmt(strongest['value'])}"
+            assert chart["axis"] == ["ckpt-0", f"ckpt-{MANY - 1}"]
+
+    # hover: the tooltip names the checkpoint, its step, contribution (share of the score) and lr
+    first, item = page.locator("#proponents .card").first, result["proponents"][0]
+    box = first.locator(".contrib svg").bounding_box()
+    for i in (4, MANY - 3):
+        page.mouse.move(box["x"] + (i + 0.5) / MANY * box["width"], box["y"] + box["height"] / 2)
+        name = f"ckpt-{i}"
+        value = item["contributions"][name]
+        tip = first.locator(".contrib .tip")
+        sync_api.expect(tip).to_be_visible()
+        step = next(c["step"] for c in run["checkpoints"] if c["name"] == name)
+        share = _fmt(100 * value / sum(item["contributions"].values()))
+        assert tip.text_content() == (
+            f"{name} (step {step}) · contribution {_fmt(value)} ({share}% of the score) · lr {_fmt(lrs[name])}"
+        )
+        assert first.locator(f".contrib rect.bar.hover[data-checkpoint='{name}']").count() == 1
+        cursor_x = first.locator(".contrib rect.cursor").evaluate("(r) => r.getBBox().x")
+        bar_x = first.locator(f".contrib rect.bar[data-checkpoint='{name}']").evaluate("(r) => r.getBBox().x")
+        assert cursor_x <= bar_x < cursor_x + 10
+        tip_box, card_box = tip.bounding_box(), first.bounding_box()
+        assert (
+            card_box["x"] <= tip_box["x"] and tip_box["x"] + tip_box["width"] <= card_box["x"] + card_box["width"] + 1
+        )
+    shot = screenshots / "many-checkpoints-card.png"
+    page.screenshot(
+        path=str(shot),
+        clip={
+            "x": card_box["x"] - 8,
+            "y": card_box["y"] - 8,
+            "width": card_box["width"] + 16,
+            "height": card_box["height"] + 16,
+        },
+    )
+    print(f"screenshot: {shot}")
+    page.mouse.move(0, 0)
+    sync_api.expect(first.locator(".contrib .tip")).to_be_hidden()
+
+    # weights: a range and a folded list of 4-significant-digit numbers, not a JSON dump of 16-digit floats
+    stats = page.text_content("#query-stats")
+    weights = answer["weights"]
+    assert f"weights {_fmt(min(weights.values()))}–{_fmt(max(weights.values()))} ({MANY} checkpoints)" in stats
+    assert not page.is_visible("#query-stats details.weights ul")
+    page.click("#query-stats details.weights summary")
+    items = page.locator("#query-stats details.weights li").all_text_contents()
+    assert items == [f"{name}: {_fmt(w)}" for name, w in weights.items()]
+    texts = page.evaluate(
+        """() => { const walk = document.createTreeWalker(document.getElementById("view-query"), NodeFilter.SHOW_TEXT);
+          const out = []; while (walk.nextNode()) out.push(walk.currentNode.textContent); return out; }"""
+    )  # each text node apart ("#3" and "60.52" are two)
+    numbers = [n for text in texts for n in NUMBER.findall(text)]
+    long = [n for n in numbers if _significant_digits(n) > 4]
+    assert numbers and not long, f"numbers with more than 4 significant digits on the page: {long}"
+    assert len(page.text_content("#query-stats")) < 80 + 20 * MANY
+    full = screenshots / "many-checkpoints-page.png"
+    page.screenshot(path=str(full), full_page=True)
+    print(f"screenshot: {full}")
+    height = page.evaluate("document.documentElement.scrollHeight")
+    assert height < 2500, f"the page is {height} px tall for 6 + 6 results"
+
+
+def test_many_checkpoints_in_the_grid_layout(many_page, many_live, screenshots):
+    """Image cards (the grid of 150-px cards) keep the chart inside the card and stay compact with 32 checkpoints;
+    the self-influence tab draws the same chart."""
+    page, url = many_page, many_live.url
+    answer = _api(url, "/v1/influence", {"queries": [{"text": TEXT_QUERY}], "top_k": 8})
+    digit = {"label": 3, "pixels": [(i * 7) % 17 for i in range(64)]}
+    for grid in ("proponents", "opponents"):
+        answer["results"][0][grid] = [{**p, "example": digit} for p in answer["results"][0][grid]]
+    page.route("**/v1/influence", lambda route: _fulfil_json(route, answer))
+    page.fill("#query-text", TEXT_QUERY)
+    page.click("#run-query")
+    sync_api.expect(page.locator("#proponents .card")).to_have_count(8)
+    assert not page.evaluate("document.getElementById('proponents').classList.contains('list')")
+    for chart in _charts(page, "proponents") + _charts(page, "opponents"):
+        assert chart["charts"] == 1 and len(chart["bars"]) == MANY
+        assert chart["inside"], f"card #{chart['id']}: the chart overflows the card"
+        assert chart["height"] < CARD_MAX_PX / 2, f"card #{chart['id']}: {chart['height']:.0f} px"
+    shot = screenshots / "many-checkpoints-grid.png"
+    page.locator("#proponents-panel").screenshot(path=str(shot))
+    print(f"screenshot: {shot}")
+
+    page.click("#tab-self")
+    page.fill("#self-k", "5")
+    page.click("#run-self")
+    sync_api.expect(page.locator("#self-list .card")).to_have_count(5)
+    self_answer = _api(url, "/v1/self-influence", {"top_k": 5})
+    for chart, item in zip(_charts(page, "self-list"), self_answer["results"], strict=True):
+        assert chart["charts"] == 1 and chart["height"] < CARD_MAX_PX
+        assert [b["value"] for b in chart["bars"]] == pytest.approx(list(item["contributions"].values()))
+
+
+def test_an_error_clears_the_previous_results(many_page, page_problems):
+    """After any error (the server's 4xx, a payload refused on the page, a 500 on the self-influence tab) the
+    previous answer is gone, not left on screen looking like the answer to the failed query."""
+    page = many_page
+
+    def query_ok() -> None:
+        page.select_option("#mode", "text")
+        page.fill("#query-text", TEXT_QUERY)
+        page.fill("#top-k", "3")
+        page.click("#run-query")
+        sync_api.expect(page.locator("#proponents .card")).to_have_count(3)
+        assert page.is_visible("#query-panel") and page.text_content("#query-error") == ""
+
+    def cleared(message: str) -> None:
+        sync_api.expect(page.locator("#query-error")).to_contain_text(message)
+        for panel in ("#query-panel", "#proponents-panel", "#opponents-panel"):
+            assert not page.is_visible(panel), f"{panel} still shows the previous results after: {message}"
+        assert page.locator("#proponents .card, #opponents .card, #query-card > *").count() == 0
+        assert page.text_content("#query-stats") == ""
+
+    query_ok()
+    page.select_option("#mode", "json")
+    page.fill("#query-json", '{"nope": 1}')  # the Task refuses it: 422
+    page.click("#run-query")
+    cleared("422")
+    query_ok()
+    page.select_option("#mode", "prompt")
+    page.fill("#query-prompt", "")
+    page.click("#run-query")  # refused on the page, no request
+    cleared("type a prompt")
+    query_ok()  # and the page works again
+
+    page.click("#tab-self")
+    page.fill("#self-k", "3")
+    page.click("#run-self")
+    sync_api.expect(page.locator("#self-list .card")).to_have_count(3)
+    page.route("**/v1/self-influence", lambda route: _fulfil_json(route, {"detail": "index reloading"}, status=503))
+    page.click("#run-self")
+    sync_api.expect(page.locator("#self-error")).to_contain_text("503: index reloading")
+    assert not page.is_visible("#self-panel") and page.locator("#self-list .card").count() == 0
+    for status, path in ((422, "/v1/influence"), (503, "/v1/self-influence")):
+        expected = [p for p in page_problems if f"status of {status}" in p and path in p]
+        assert len(expected) == 1, page_problems
+        page_problems.remove(expected[0])
+
+
+def _query(page) -> dict:
+    """Clicks "Find influences" and waits for the answer to be drawn; the request's body."""
+    with page.expect_request("**/v1/influence") as sent:
+        page.click("#run-query")
+    sync_api.expect(page.locator("#proponents-panel")).not_to_have_class(re.compile("stale|hidden"))
+    return sent.value.post_data_json
+
+
+def test_prompt_completion_echo_keeps_the_space(many_page, many_live):
+    """The prompt/completion echo is the text as the model reads it: prompt then completion, as concatenated. The
+    page puts one space between them (unless one is there, or the box is unticked), as a tokenizer must see it."""
+    page = many_page
+    page.select_option("#mode", "prompt")
+    page.fill("#query-prompt", "the capital of spain is")
+    page.fill("#query-completion", "madrid")
+    assert page.text_content("#prompt-preview") == "sent as: the capital of spain is madrid"
+    assert _query(page)["queries"] == [{"prompt": "the capital of spain is", "completion": " madrid"}]
+    echo = page.locator("#query-card .field[data-key=prompt-completion] .text")
+    sync_api.expect(echo).to_have_text("the capital of spain is madrid")
+    assert page.locator("#query-card .field").count() == 1
+
+    page.fill("#query-prompt", "the capital of spain is ")  # a space already there: nothing added
+    assert _query(page)["queries"][0]["completion"] == "madrid"
+    sync_api.expect(echo).to_have_text("the capital of spain is madrid")
+
+    page.uncheck("#join-space")  # sent as typed, and the echo shows what was sent
+    page.fill("#query-prompt", "the capital of spain is")
+    assert page.text_content("#prompt-preview") == "sent as: the capital of spain ismadrid"
+    assert _query(page)["queries"][0] == {"prompt": "the capital of spain is", "completion": "madrid"}
+    sync_api.expect(echo).to_have_text("the capital of spain ismadrid")
+    page.check("#join-space")
+
+    # an HF causal-LM Task describes {text, prompt, completion}: one line, the text not repeated; a Task whose
+    # text differs from the concatenation shows its text as well
+    answer = _api(many_live.url, "/v1/influence", {"queries": [{"text": TEXT_QUERY}], "top_k": 2})
+    hf = {"text": "the capital of vunaton is vunaton", "prompt": "the capital of vunaton is", "completion": " vunaton"}
+    for query, fields in (
+        (hf, ["prompt-completion"]),
+        ({**hf, "text": "<s> the capital"}, ["text", "prompt-completion"]),
+    ):
+        answer["results"][0]["query"] = query
+        page.unroute("**/v1/influence")
+        page.route("**/v1/influence", lambda route: _fulfil_json(route, answer))
+        page.fill("#query-completion", "vunaton")
+        _query(page)
+        sync_api.expect(echo).to_have_text("the capital of vunaton is vunaton")
+        keys = page.eval_on_selector_all("#query-card .field", "(fs) => fs.map((f) => f.dataset.key)")
+        assert keys == fields
+
+
+def test_explain_without_position_labels_numbers_the_positions(many_page, many_live):
+    """A Task without ``describe_positions``: the API's tokens have ``text: null``; the page shows "pos 3", never
+    "null", with the shares (formatted) in the hover titles."""
+    page, url = many_page, many_live.url
+    page.fill("#query-text", TEXT_QUERY)
+    page.fill("#top-k", "2")
+    page.click("#run-query")
+    sync_api.expect(page.locator("#proponents .card")).to_have_count(2)
+    first = page.locator("#proponents .card").first
+    with page.expect_request("**/v1/explain") as sent:
+        first.locator(".explain-button").click()
+    answer = _api(url, "/v1/explain", sent.value.post_data_json)
+    tokens = answer["tokens"]
+    assert tokens and all(t["text"] is None for t in tokens)
+    sync_api.expect(first.locator(".tok")).to_have_count(len(tokens))
+    assert first.locator(".tok").all_text_contents() == [f"pos {t['position']}" for t in tokens]
+    titles = first.locator(".tok").evaluate_all("(spans) => spans.map((s) => s.title)")
+    assert [t.split(" (")[0] for t in titles] == [
+        f"position {t['position']} · share {_fmt(t['share'])}" for t in tokens
+    ]
+    box = first.locator(".explain-box").text_content()
+    assert "null" not in box and "undefined" not in box and "NaN" not in box
+    assert "no position labels" in box
+    assert first.locator(".explain-rest").text_content() == _fmt(answer["rest"])
