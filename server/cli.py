@@ -256,7 +256,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
         payload = json.dumps({"prompt": prompt, "completion": completion})
         print(f"demo run ready: {config.path}", flush=True)
         print(f"  try: gradstore query --config {config.path} --query '{payload}'", flush=True)
-        print(f"  or in the dashboard: prompt -> completion, {prompt!r} -> {completion.strip()!r}", flush=True)
+        print(
+            f"  or in the dashboard: prompt -> completion, {prompt!r} -> {completion.strip()!r} "
+            "(the dashboard puts the space between them)",
+            flush=True,
+        )
     else:
         from .demo import prepare_demo
 
