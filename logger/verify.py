@@ -106,9 +106,14 @@ def checked_positions(batch_size: int) -> list[int]:
 
 
 def project_canonical(gradient: torch.Tensor, matrices: LayerMatrices) -> torch.Tensor:
-    """``vec_row(P_out G P_in^T)`` in float64 for one canonical gradient ``G`` ``[d_out, in_dim]``."""
-    p_out, p_in = matrices.p_out.double(), matrices.p_in.double()
-    return (p_out @ gradient.double().to(p_out.device) @ p_in.T).flatten()
+    """``vec_row(P_out G P_in^T)`` for one canonical gradient ``G`` ``[d_out, in_dim]``, in float32 (float64 for a
+    float64 model): its rounding (~1e-6) is far below the check's tolerance, and a large embedding's ``G`` is not
+    copied to float64."""
+    dtype = torch.float64 if gradient.dtype == torch.float64 else torch.float32
+    if gradient.is_sparse:  # nn.Embedding(sparse=True)
+        gradient = gradient.to_dense()
+    p_out, p_in = matrices.p_out.to(dtype), matrices.p_in.to(dtype)
+    return (p_out @ gradient.to(device=p_out.device, dtype=dtype) @ p_in.T).flatten().double()
 
 
 class ExactRows:
@@ -131,7 +136,7 @@ class ExactRows:
         out = torch.zeros(self.dim, dtype=torch.float64, device=self.parameters[0].device)
         for layer in self.layers:
             grads = {role: by_id[id(p)] for role, p in layer.parameters().items()}
-            canonical = layer.canonical({k: v.detach().double() for k, v in grads.items()})
+            canonical = layer.canonical({k: _dense(v.detach()) for k, v in grads.items()})
             out[self.specs[layer.name].slice] = project_canonical(canonical, self.matrices[layer.name]).to(out.device)
         return out
 
@@ -164,6 +169,10 @@ class ExactRows:
         finally:
             for p, grad in zip(everything, saved):
                 p.grad = grad
+
+
+def _dense(gradient: torch.Tensor) -> torch.Tensor:
+    return gradient.to_dense() if gradient.is_sparse else gradient
 
 
 def block_errors(rows: torch.Tensor, exact: torch.Tensor, specs: Mapping[str, LayerSpec]) -> dict[str, float]:
