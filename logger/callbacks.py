@@ -322,7 +322,7 @@ class CaptureSession:
         layers: Sequence[str],
         seed: int,
         dtype: StoreDtype,
-        chunk_rows: int,
+        chunk_rows: int | None,
     ):
         self.logger = GradientLogger(
             model,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,6 +32,7 @@ from gradstore.store import (
 )
 from gradstore.store.gradient_store import PASS_SEGMENT, StoreDtype
 from gradstore.store.remote import StorePath, as_path
+from gradstore.store.writer import chunk_rows_for
 
 from .adam_fold import adam_fold
 from .errors import CaptureError, NonFiniteGradientError, TaskError
@@ -61,6 +63,10 @@ class CaptureReference:
     before: list[torch.Tensor | None] | None = None
 
 
+def _scaled(rows: np.ndarray, scale: float) -> np.ndarray:
+    return rows / np.float32(scale) if scale != 1.0 else rows
+
+
 def _delta(after: torch.Tensor | None, before: torch.Tensor | None) -> torch.Tensor | None:
     if after is None:
         return None
@@ -74,7 +80,9 @@ class GradientLogger(GradientProjector):
         model, task, rank, init, layers, seed, pca_examples, spec: as for :class:`GradientProjector`.
         store: path of the Zarr store to write (created if absent), or None to only :meth:`project`.
         dtype: stored precision, ``float16`` (default) or ``float32``.
-        chunk_rows: rows per Zarr chunk (the unit of writing, committing and resuming).
+        chunk_rows: rows per Zarr chunk (the unit of writing, committing and resuming); default: about 4 MiB of
+            rows (:func:`~gradstore.store.writer.chunk_rows_for`), so a partly filled chunk pads little. An existing
+            store keeps its own.
         process_rank, world_size: this writer's share of a distributed pass (default: from torch.distributed).
         progress: show progress bars.
         verify: check the first batch of every path (offline pass, ``capture()``) against the exact per-example
@@ -91,7 +99,7 @@ class GradientLogger(GradientProjector):
         layers: Sequence[str] = ("*",),
         seed: int = 0,
         dtype: StoreDtype = "float16",
-        chunk_rows: int = 1024,
+        chunk_rows: int | None = None,
         pca_examples: Sequence | None = None,
         process_rank: int | None = None,
         world_size: int | None = None,
@@ -144,7 +152,10 @@ class GradientLogger(GradientProjector):
             torch.distributed.barrier()
         return result if self.process_rank == 0 else others()  # type: ignore[return-value]
 
-    def _open_store(self, path: StorePath, dtype: str, chunk_rows: int) -> GradientStore:
+    def _open_store(self, path: StorePath, dtype: str, chunk_rows: int | None) -> GradientStore:
+        if chunk_rows is None:
+            chunk_rows = chunk_rows_for(self.spec.dim, dtype)
+
         def reopen() -> GradientStore:
             store = GradientStore.open(path, mode="a")
             store.check_compatible(self.spec, dtype)
@@ -321,22 +332,30 @@ class GradientLogger(GradientProjector):
     def _log_chunks(
         self, segment: Segment, chunks: list[int], examples: Sequence, ids: np.ndarray, batch_size: int, desc: str
     ) -> int:
-        """Project and write whole chunks of the pass segment (row ``i`` = example ``i``); returns rows computed."""
+        """Project and write whole chunks of the pass segment (row ``i`` = example ``i``); returns rows computed.
+
+        The training thread only computes rows and hands them over: the finiteness checks, the host copy, the cast
+        to the store's dtype and the chunk writes run on the background writer (at most a few batches queued). A
+        batch that fails there (non-finite rows) stops the pass: no later chunk is committed, and the error is
+        raised here, on a later batch or at the end."""
         store, n, chunk_rows = self._require_store(), len(ids), segment.chunk_rows
         bounds = [(k * chunk_rows, min((k + 1) * chunk_rows, n)) for k in chunks]
         positions = np.concatenate([np.arange(lo, hi) for lo, hi in bounds]) if bounds else np.zeros(0, np.int64)
         pending = iter(zip(chunks, bounds))
         buffer: ChunkBuffer | None = None
+        free = 0  # rows of ``buffer`` not yet handed to the writer
+        failed: list[BaseException] = []  # set by the writer: later batches of this pass are dropped
         with tqdm(
             total=len(positions), desc=desc, unit="ex", disable=not self.progress or self.process_rank != 0
         ) as bar:
             for lo in range(0, len(positions), batch_size):
                 batch_positions = positions[lo : lo + batch_size]
                 batch_ids = ids[batch_positions]
-                grads = self._to_storage(self.project([examples[int(p)] for p in batch_positions]), batch_ids)
+                staged = self._stage(self.project([examples[int(p)] for p in batch_positions]))
+                plan: list[tuple[ChunkBuffer, int, int]] = []  # (chunk buffer, rows lo..hi of this batch)
                 taken = 0
                 while taken < len(batch_ids):
-                    if buffer is None or buffer.rows == 0:
+                    if buffer is None or free == 0:
                         chunk, (start, stop) = next(pending)
                         fingerprint = examples_fingerprint(
                             self._require_task(), [examples[i] for i in range(start, stop)]
@@ -344,18 +363,65 @@ class GradientLogger(GradientProjector):
                         buffer = ChunkBuffer(
                             segment, chunk, stop - start, store.dim, store.dtype, self._writer, fingerprint
                         )
-                    taken += buffer.add(batch_ids[taken:], grads[taken:])
+                        free = stop - start
+                    take = min(free, len(batch_ids) - taken)
+                    plan.append((buffer, taken, taken + take))
+                    free, taken = free - take, taken + take
+                self._writer.submit(functools.partial(self._write_pass_batch, staged, batch_ids, plan, failed))
                 bar.update(len(batch_ids))
         return len(positions)
 
-    def _to_storage(self, grads: torch.Tensor, ids: np.ndarray) -> np.ndarray:
-        """Check rows are finite (also after rounding to the store's dtype) and bring them to the host."""
-        bad = ~torch.isfinite(grads).all(dim=1)
+    def _write_pass_batch(
+        self,
+        staged: Callable[[], np.ndarray],
+        ids: np.ndarray,
+        plan: list[tuple[ChunkBuffer, int, int]],
+        failed: list[BaseException],
+    ) -> None:
+        """(Writer thread) one batch of an offline pass into its chunk buffers; full chunks are written."""
+        if failed:
+            return
+        try:
+            rows = self._to_storage(staged(), ids)
+        except BaseException as error:
+            failed.append(error)
+            raise
+        for buffer, lo, hi in plan:
+            buffer.add(ids[lo:hi], rows[lo:hi])
+
+    def _stage(self, grads: torch.Tensor, scale: float = 1.0) -> Callable[[], np.ndarray]:
+        """Hand rows to the writer without waiting for them: returns a function (called on the writer thread) that
+        gives the rows as float32 NumPy, divided by ``scale``.
+
+        On a GPU the rows are copied into pinned host memory on the current stream, and the writer waits for that
+        copy's event (the training stream is never synchronised); on the CPU the tensor itself is handed over (the
+        buffer is the capture's own, never reused)."""
+        grads = grads.detach()
+        if grads.device.type == "cuda":
+            host = torch.empty(grads.shape, dtype=grads.dtype, pin_memory=True)
+            host.copy_(grads, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+
+            def ready() -> np.ndarray:
+                event.synchronize()
+                return _scaled(host.numpy(), scale)
+
+            return ready
+        if grads.device.type != "cpu":
+            grads = grads.cpu()
+        return lambda: _scaled(grads.numpy(), scale)
+
+    def _to_storage(self, grads: np.ndarray | torch.Tensor, ids: np.ndarray) -> np.ndarray:
+        """Check rows are finite (also after rounding to the store's dtype) and convert them to the store's dtype."""
+        if isinstance(grads, torch.Tensor):
+            grads = grads.detach().cpu().numpy()
+        bad = ~np.isfinite(grads).all(axis=1)
         if bad.any():
-            bad_ids = ids[bad.cpu().numpy()].tolist()
+            bad_ids = ids[bad].tolist()
             raise NonFiniteGradientError(f"non-finite (NaN/Inf) gradients for example ids {bad_ids[:20]}", bad_ids)
         with np.errstate(over="ignore"):  # overflow is reported below with the example ids
-            host = grads.detach().cpu().numpy().astype(self._require_store().dtype)
+            host = grads.astype(self._require_store().dtype, copy=False)
         overflow = ~np.isfinite(host).all(axis=1)
         if overflow.any():
             bad_ids = ids[overflow].tolist()
@@ -364,6 +430,15 @@ class GradientLogger(GradientProjector):
                 bad_ids,
             )
         return host
+
+    def _write_captured(
+        self, sink: AppendWriter, staged: Callable[[], np.ndarray], ids: np.ndarray, keep: np.ndarray | None
+    ) -> None:
+        """(Writer thread) one capture's rows, ``keep`` of them, appended to the checkpoint's capture segment."""
+        rows = staged()
+        if keep is not None:
+            rows = rows[keep]
+        sink.append(ids, self._to_storage(rows, ids))
 
     # -- in-training capture ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -417,24 +492,28 @@ class GradientLogger(GradientProjector):
                 # The scaler skips this optimizer step, so these examples changed nothing at this checkpoint: the
                 # index gives them zero rows here (and their rows, if the loop retries them).
                 fresh = [int(i) for i in batch_ids if int(i) not in self._capture_done[checkpoint]]
-                sink.skip(np.asarray(fresh, dtype=np.int64))
+                self._writer.submit(functools.partial(sink.skip, np.asarray(fresh, dtype=np.int64)))
                 self.skipped_ids.setdefault(checkpoint, set()).update(fresh)
                 return
-        grads = grads / factor
-        if check is not None:
+        if check is not None:  # the first batch: checked here, synchronously (once per logger)
+            grads = grads / factor
             self._check_capture(check, grads, factor, checkpoint)
-        keep = np.array([int(i) not in self._capture_done[checkpoint] for i in batch_ids], dtype=bool)
+            factor = 1.0
+        done = self._capture_done[checkpoint]
+        keep = np.array([int(i) not in done for i in batch_ids], dtype=bool) if done else None
+        kept = batch_ids if keep is None else batch_ids[keep]
         seen = self._capture_seen[checkpoint]
-        repeated = [int(i) for i in batch_ids[keep] if int(i) in seen]
-        if repeated or len(set(batch_ids[keep].tolist())) != int(keep.sum()):
+        new_ids = set(kept.tolist())
+        if len(new_ids) != len(kept) or not new_ids.isdisjoint(seen):
+            repeated = [int(i) for i in kept if int(i) in seen]
             raise DuplicateIdError(
                 f"example ids logged twice for checkpoint {checkpoint!r}: {repeated[:10] or 'within one batch'}"
             )
-        if not keep.any():
+        if not len(kept):
             return
-        rows = self._to_storage(grads[torch.from_numpy(keep).to(grads.device)], batch_ids[keep])
-        seen.update(batch_ids[keep].tolist())
-        sink.append(batch_ids[keep], rows)
+        seen.update(new_ids)
+        # no host synchronisation here: scaling, checks, the host copy and the write happen on the writer thread
+        self._writer.submit(functools.partial(self._write_captured, sink, self._stage(grads, factor), kept, keep))
 
     @property
     def capture_check_pending(self) -> bool:
@@ -517,7 +596,8 @@ class GradientLogger(GradientProjector):
             return self._sinks[checkpoint]
         store = self._require_store()
         for other in self._sinks.values():
-            other.flush()  # a new checkpoint: commit the last one's partial chunk
+            self._writer.submit(other.flush)  # a new checkpoint: commit the last one's partial chunk
+        self._writer.flush()
         if info is None:
             sha256 = file_sha256(weights_path) if weights_path is not None else None
             path = str(Path(weights_path).resolve()) if weights_path is not None else None
@@ -537,7 +617,7 @@ class GradientLogger(GradientProjector):
     def flush(self) -> None:
         """Commit everything captured so far (including partly filled chunks) and wait for the writes."""
         for sink in self._sinks.values():
-            sink.flush()
+            self._writer.submit(sink.flush)  # after the rows queued before it, on the writer thread
         self._writer.flush()
 
     def close(self) -> None:

@@ -85,7 +85,7 @@ class GradstoreCallback(TrainerCallback):
         init: Init = "gaussian",
         seed: int = 0,
         dtype: StoreDtype = "float16",
-        chunk_rows: int = 1024,
+        chunk_rows: int | None = None,
         adam_correction: bool = False,
         loss_normalizer: LossNormalizer | None = None,
         weights_dir: str | Path | None = None,

@@ -145,6 +145,13 @@ class PositionBuffers:
             self.rest[block] += terms.sum(dim=0)
 
 
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off for the hook's own arithmetic (float32); no context to enter when it is off already."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def outer_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a_t b_t^T`` per position, flattened row-major: ``[B, T, k_out], [B, T, k_in] -> [B, T, k_out * k_in]``
     (summed over T it is :func:`per_example_gradient`)."""
@@ -169,6 +176,14 @@ class _Part:
     def backward(self, module: nn.Module, feats: Any, grad: torch.Tensor, m: LayerMatrices) -> torch.Tensor:
         """``[B, k_out * k_in]`` to add into the block's slice."""
         raise NotImplementedError
+
+    def accumulate(
+        self, module: nn.Module, feats: Any, grad: torch.Tensor, m: LayerMatrices, out: torch.Tensor
+    ) -> None:
+        """Add :meth:`backward` into ``out`` (the block's ``[B, k_out * k_in]`` slice of the buffer, a strided view).
+
+        Parts override it to write their last product straight into ``out`` (one kernel, no temporary)."""
+        out += self.backward(module, feats, grad, m)
 
     def positions(self, module: nn.Module, feats: Any, grad: torch.Tensor, m: LayerMatrices) -> torch.Tensor:
         """``[B, T, k_out * k_in]``: the terms of :meth:`backward` per position ``t`` (they sum to it over T)."""
@@ -205,6 +220,11 @@ class WeightPart(_Part):
 
     def backward(self, module, feats, grad, m):
         return per_example_gradient(self._projected_grad(module, grad, m), feats)
+
+    def accumulate(self, module, feats, grad, m, out):
+        # bmm into a fresh [B, k_out, k_in], then one add into the strided slice (baddbmm_ into the strided slice
+        # itself takes a slow path)
+        out.add_(torch.bmm(self._projected_grad(module, grad, m).transpose(1, 2), feats).view(out.shape))
 
     def positions(self, module, feats, grad, m):
         return outer_rows(self._projected_grad(module, grad, m), feats)
@@ -267,11 +287,18 @@ class BiasPart(_Part):
 
 
 class NormPart(_Part):
-    """Affine normalisation: ``P_out [sum_t g_t * x^_t, sum_t g_t] P_in^T`` from the input kept by reference."""
+    """Affine normalisation: ``P_out [sum_t g_t * x^_t, sum_t g_t] P_in^T`` from the input kept by reference.
+
+    The backward needs ``x^`` once (one fused normalisation of the kept input, no affine), one product with the
+    output gradient and two sums over positions; the projection of both columns is a single ``[d, k_out * k_in]``
+    matrix per column (``P_out^T`` times a column of ``P_in``, built once per set of matrices), added into the
+    block's slice of the buffer with ``addmm_``: a handful of kernels per call, whatever the width.
+    """
 
     def __init__(self, block: str, adapter: NormAdapter, bias: bool):
         super().__init__(block, adapter)
         self.norm, self.bias = adapter, bias
+        self._folded: tuple[LayerMatrices, list[torch.Tensor]] | None = None
 
     def forward(self, module, x, m, extra=None):
         return x.detach(), x._version
@@ -285,17 +312,39 @@ class NormPart(_Part):
             )
         return x
 
-    def _matrix(self, module: nn.Module, feats: tuple[torch.Tensor, int], grad: torch.Tensor) -> torch.Tensor:
+    def _columns(self, module: nn.Module, feats: tuple[torch.Tensor, int], grad: torch.Tensor) -> list[torch.Tensor]:
+        """``[sum_t g_t * x^_t, sum_t g_t]`` (the bias column only with a bias), each ``[B, d]`` float32."""
         x = self._input(feats)
         g = self.norm.output_grad(module, grad).float()
-        columns = [(g * self.norm.normalized(module, x)).sum(dim=1)]
+        normalized = self.norm.normalized(module, x)
+        if normalized.data_ptr() != x.data_ptr() and normalized.is_contiguous():
+            product = normalized.mul_(g)  # a fresh tensor: multiply in place
+        else:
+            product = normalized * g
+        columns = [product.sum(dim=1)]
         if self.bias:
             columns.append(g.sum(dim=1))
-        return torch.stack(columns, dim=-1)  # [B, d, 1 + bias]
+        return columns
+
+    def _matrix(self, module: nn.Module, feats: tuple[torch.Tensor, int], grad: torch.Tensor) -> torch.Tensor:
+        return torch.stack(self._columns(module, feats, grad), dim=-1)  # [B, d, 1 + bias]
+
+    def _fold(self, m: LayerMatrices) -> list[torch.Tensor]:
+        """Per column ``i``: ``W_i [d, k_out * k_in]``, ``W_i[d, (o, k)] = P_out[o, d] P_in[k, i]``."""
+        if self._folded is None or self._folded[0] is not m:
+            self._folded = (m, [(m.p_out.T[:, :, None] * m.p_in[:, i]).flatten(1) for i in range(m.p_in.shape[1])])
+        return self._folded[1]
 
     def backward(self, module, feats, grad, m):
-        matrix = self._matrix(module, feats, grad)
-        return torch.einsum("od,bdi,ki->bok", m.p_out, matrix, m.p_in).flatten(1)
+        columns, folded = self._columns(module, feats, grad), self._fold(m)
+        out = columns[0] @ folded[0]
+        for column, w in zip(columns[1:], folded[1:]):
+            out.addmm_(column, w)
+        return out
+
+    def accumulate(self, module, feats, grad, m, out):
+        for column, w in zip(self._columns(module, feats, grad), self._fold(m)):
+            out.addmm_(column, w)
 
     def positions(self, module, feats, grad, m):
         g = self.norm.output_grad(module, grad).float()
@@ -486,7 +535,7 @@ class ModuleHook:
         parts = self.parts if parts is None else parts
         stats = state.statistics is not None
         matrices = [None if stats else state.matrices[part.block] for part in parts]
-        with torch.autocast(output.device.type, enabled=False):
+        with _no_autocast(output.device.type):
             feats = [part.forward(module, x.detach(), m, extra) for part, m in zip(parts, matrices)]
         if layout == "shared":
             feats = [f.expand(output.shape[0], *f.shape[1:]) for f in feats]
@@ -545,7 +594,7 @@ class ModuleHook:
                 "or [T] position ids) are expanded when the batch size is known at forward time: run the forward "
                 "inside capture()/project(). Otherwise leave the layer out with '!name'"
             )
-        with torch.autocast(grad.device.type, enabled=False):
+        with _no_autocast(grad.device.type):
             for part, f, m in zip(parts, feats, matrices):
                 if state.statistics is not None:
                     part.statistics(self.module, f, grad, state.statistics[part.block])
@@ -556,7 +605,7 @@ class ModuleHook:
                     state.positions.add(block, terms[0])
                     buffer[:, block] += terms.sum(dim=1)
                 else:
-                    buffer[:, block] += part.backward(self.module, f, grad, m)
+                    part.accumulate(self.module, f, grad, m, buffer[:, block])
         state.backward_calls += 1
 
 
@@ -582,7 +631,9 @@ class InstalledHooks:
             ModuleHook(n, m, a, parts, state, register=not a.overrides_forward(m), batch_dim=int(id(m) in seq_first))
             for n, m, a, parts in per_module.values()
         ]
-        self.scoped = [OpIntercept(hook, state) for hook in self.modules if hook.adapter.overrides_forward(hook.module)]
+        self.scoped: list[Any] = [
+            OpIntercept(hook, state) for hook in self.modules if hook.adapter.overrides_forward(hook.module)
+        ]
         self.scoped += bare_parameter_hooks(model, layers, state)
         in_proj = {id(layer.module): layer for layer in layers if layer.kind == "mha"}
         self.attention = [

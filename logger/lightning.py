@@ -70,7 +70,7 @@ class GradstoreCallback(pl.Callback):
         init: Init = "gaussian",
         seed: int = 0,
         dtype: StoreDtype = "float16",
-        chunk_rows: int = 1024,
+        chunk_rows: int | None = None,
         reduction: Reduction | None = None,
         ids: str | Callable[[Any], Any] | None = None,
         module: str | None = None,

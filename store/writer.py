@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -10,20 +11,46 @@ import numpy as np
 
 from .gradient_store import Segment
 
+# Rows per chunk when the caller does not say: chunks of about this many bytes (a power of two of rows, at most
+# MAX_CHUNK_ROWS). A chunk is written whole, so a partly filled one (a short pass, the last rows of a capture) costs
+# at most this much padding on disk and in memory, whatever the dimension.
+CHUNK_BYTES = 4 << 20
+MIN_CHUNK_ROWS = 8
+MAX_CHUNK_ROWS = 1024
+
+
+def chunk_rows_for(dim: int, dtype: str, target_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk for rows of ``dim`` values of ``dtype``: the largest power of two whose chunk holds at most
+    ``target_bytes``, within ``[MIN_CHUNK_ROWS, MAX_CHUNK_ROWS]`` (each chunk also costs a few small files: its ids,
+    checksum, fingerprint and commit record, so very short chunks make writing slower)."""
+    row = max(1, int(dim) * np.dtype(dtype).itemsize)
+    rows = max(1, target_bytes // row)
+    return int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, 1 << (rows.bit_length() - 1))))
+
 
 class BackgroundWriter:
-    """Runs chunk writes on one worker thread, at most ``max_pending`` queued, re-raising failures.
+    """Runs chunk writes (and the conversion of rows before them) on one worker thread, at most ``max_pending``
+    queued, re-raising failures on a later :meth:`submit` or :meth:`flush` of the submitting thread.
 
-    One thread keeps writes ordered; the bound keeps memory flat when storage is slower than compute.
+    One thread keeps writes ordered; the bound keeps memory flat when storage is slower than compute. A task that
+    submits more work from the worker thread runs it there at once (in order, without queueing behind itself).
     """
 
     def __init__(self, max_pending: int = 4, synchronous: bool = False):
-        self._pool = None if synchronous else ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradstore-writer")
+        self._worker: int | None = None
+        self._pool = (
+            None
+            if synchronous
+            else ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradstore-writer", initializer=self._started)
+        )
         self._pending: deque[Future] = deque()
         self._max_pending = max_pending
 
+    def _started(self) -> None:
+        self._worker = threading.get_ident()
+
     def submit(self, fn: Callable[[], None]) -> None:
-        if self._pool is None:
+        if self._pool is None or threading.get_ident() == self._worker:
             fn()
             return
         while self._pending and (self._pending[0].done() or len(self._pending) >= self._max_pending):

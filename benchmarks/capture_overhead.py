@@ -1,0 +1,506 @@
+"""What logging costs a training step, side by side in one process, with the order of the modes rotating.
+
+One GPT-2 style model (transformers' ``GPT2LMHeadModel``: ``--layers`` blocks of width ``--width``, seq ``--seq``,
+batch ``--batch``, every trainable parameter logged: ``layers=["*"]``) is trained or passed over in these modes:
+
+  loop          a hand-written AdamW loop                                      (baseline of ``capture``)
+  capture       the same loop with ``GradientLogger.capture()`` around each backward
+  hf            ``transformers.Trainer``                                       (baseline of ``hf+gs``)
+  hf+gs         the same Trainer with ``gradstore.logger.hf.GradstoreCallback``
+  lightning     ``lightning.Trainer``                                          (baseline of ``lightning+gs``)
+  lightning+gs  the same Trainer with ``gradstore.logger.lightning.GradstoreCallback``
+  fwdbwd        forward + backward of the per-example loss, no optimizer       (baseline of ``pass``)
+  pass          ``GradientLogger.log_checkpoint`` over the same examples (the offline pass)
+  bergson       EleutherAI Bergson's ``GradientCollector`` around the loop's backward (only when importable)
+  bergson-pass  Bergson's collector over the examples, no weight gradients (only when importable)
+
+Every run builds its model afresh (same seed) and times each step after ``--warmup``; a round runs every mode once,
+each round in another (rotated) order, and a mode's figure is the median over all its timed steps (``min``: its
+fastest round's median, less sensitive to a loaded machine). Overheads are per step time against the mode's
+baseline; the passes are compared as examples/s. The default ``--quick`` grid (width 256, ranks 16 and 64, the
+loop, HF and Lightning modes and the passes) runs in a few minutes on 2 CPU cores; ``--full`` runs widths
+128-1024 and ranks 8-64. Stores are written to a temporary folder, so the writes are part of the cost.
+
+    python benchmarks/capture_overhead.py [--quick | --full] [--threads 2] [--device cpu] [--json out.json]
+    python benchmarks/capture_overhead.py --widths 1024 --ranks 16 --modes loop capture --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+BASELINES = {
+    "capture": "loop",
+    "hf+gs": "hf",
+    "lightning+gs": "lightning",
+    "pass": "fwdbwd",
+    "bergson": "loop",
+    "bergson-pass": "fwdbwd",
+}
+STEP_MODES = ("loop", "capture", "hf", "hf+gs", "lightning", "lightning+gs", "bergson")
+PASS_MODES = ("fwdbwd", "pass", "bergson-pass")
+
+
+def _bergson_available() -> bool:
+    try:
+        import bergson  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+# -- the model and the data -----------------------------------------------------------------------------------------
+
+
+def _model(cfg: argparse.Namespace):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=cfg.layers,
+        n_embd=cfg.width,
+        n_head=max(1, cfg.width // 64),
+        vocab_size=cfg.vocab,
+        n_positions=cfg.seq,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config).to(cfg.device)
+
+
+def _tokens(cfg: argparse.Namespace, n: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, cfg.vocab, (n, cfg.seq), generator=gen)
+
+
+def _batches(cfg: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
+    ids = _tokens(cfg, cfg.batch * (cfg.warmup + cfg.steps))
+    return [
+        {"input_ids": ids[i : i + cfg.batch], "labels": ids[i : i + cfg.batch]} for i in range(0, len(ids), cfg.batch)
+    ]
+
+
+def _collate(features: list) -> dict:
+    ids = torch.stack([torch.as_tensor(f["input_ids"]) for f in features])
+    return {"input_ids": ids, "labels": ids}
+
+
+def _example_losses(model, batch: torch.Tensor) -> torch.Tensor:
+    """Per-example summed next-token loss ``[B]``."""
+    logits = model(input_ids=batch).logits[:, :-1]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+    return nll.view(batch.shape[0], -1).sum(1)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class _Steps:
+    """Per-step wall times between consecutive ``tick`` calls, after ``warmup`` steps."""
+
+    def __init__(self, warmup: int, device: str):
+        self.warmup, self.device, self.count, self.last, self.times = warmup, device, 0, 0.0, []
+
+    def start(self) -> None:
+        _sync(self.device)
+        self.last = time.perf_counter()
+
+    def tick(self) -> None:
+        _sync(self.device)
+        now = time.perf_counter()
+        if self.count >= self.warmup:
+            self.times.append(now - self.last)
+        self.count, self.last = self.count + 1, now
+
+
+# -- the modes ------------------------------------------------------------------------------------------------------
+
+
+def run_loop(cfg: argparse.Namespace, mode: str, tmp: Path) -> list[float]:
+    from gradstore.logger import GradientLogger
+
+    model = _model(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batches = [{k: v.to(cfg.device) for k, v in b.items()} for b in _batches(cfg)]
+    logger = collector = None
+    if mode == "capture":
+        logger = GradientLogger(model, None, store=tmp / "run.zarr", rank=cfg.rank, progress=False)
+    elif mode == "bergson":
+        collector = _bergson_collector(cfg, model, tmp, len(batches) * cfg.batch)
+    clock = _Steps(cfg.warmup, cfg.device)
+    clock.start()
+    for step, batch in enumerate(batches):
+        ids = np.arange(step * cfg.batch, (step + 1) * cfg.batch)
+        if collector is not None:  # Bergson's hooks are registered while its context is open: forward inside
+            with collector.with_batch():
+                loss = model(**batch).loss
+                loss.backward()
+            collector.process_batch(ids.tolist(), losses=loss.detach().expand(len(ids)))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            clock.tick()
+            continue
+        loss = model(**batch).loss  # HF's token mean over the batch
+        if logger is not None:
+            tokens = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
+            with logger.capture("c", 1e-4, ids, reduction="sum", loss_scale=1 / tokens):
+                loss.backward()
+        else:
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock.tick()
+    if logger is not None:
+        logger.close()  # the last writes are part of the cost
+        clock.tick()
+        clock.times[-2] += clock.times.pop()
+    if collector is not None:
+        _bergson_flush(collector)
+    return clock.times
+
+
+def run_hf(cfg: argparse.Namespace, mode: str, tmp: Path) -> list[float]:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from gradstore.logger.hf import GradstoreCallback
+
+    clock = _Steps(cfg.warmup, cfg.device)
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            clock.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.tick()
+
+    callbacks: list = [Timer()]
+    if mode == "hf+gs":
+        callbacks.insert(0, GradstoreCallback(store=tmp / "run.zarr", rank=cfg.rank))
+    training = TrainingArguments(
+        output_dir=str(tmp / "out"),
+        per_device_train_batch_size=cfg.batch,
+        max_steps=cfg.warmup + cfg.steps,
+        learning_rate=1e-4,
+        save_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        use_cpu=cfg.device == "cpu",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    data = [{"input_ids": row} for row in _tokens(cfg, cfg.batch * (cfg.warmup + cfg.steps))]
+    trainer = Trainer(model=_model(cfg), args=training, train_dataset=data, data_collator=_collate, callbacks=callbacks)
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.train()
+    return clock.times
+
+
+def run_lightning(cfg: argparse.Namespace, mode: str, tmp: Path) -> list[float]:
+    import lightning.pytorch as pl
+
+    from gradstore.logger.lightning import GradstoreCallback
+
+    clock = _Steps(cfg.warmup, cfg.device)
+
+    class LitLM(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = _model(cfg)
+
+        def training_step(self, batch, batch_idx):
+            return self.model(**batch).loss
+
+        def on_train_start(self):
+            clock.start()
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            clock.tick()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+    callbacks: list = []
+    if mode == "lightning+gs":
+        tokens = lambda batch: batch["labels"][:, 1:].numel()  # noqa: E731 - HF's token mean (no padding here)
+        callbacks.append(GradstoreCallback(store=tmp / "run.zarr", rank=cfg.rank, module="model", reduction=tokens))
+    data: Any = [{"input_ids": row} for row in _tokens(cfg, cfg.batch * (cfg.warmup + cfg.steps))]
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch, collate_fn=_collate)
+    trainer = pl.Trainer(
+        accelerator="cuda" if cfg.device.startswith("cuda") else "cpu",
+        devices=1,
+        max_steps=cfg.warmup + cfg.steps,
+        enable_checkpointing=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp,
+        callbacks=callbacks,
+    )
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        trainer.fit(LitLM(), loader)
+    return clock.times
+
+
+class _TokenTask:
+    """gradstore Task over token rows: per-example summed next-token loss."""
+
+    def __init__(self, rows: torch.Tensor, device: str):
+        self.rows, self.device = rows, device
+
+    def train_examples(self):
+        return self.rows
+
+    def collate(self, examples):
+        return torch.stack(list(examples))
+
+    def example_id(self, example, index):
+        return index
+
+    def loss(self, model, batch):
+        return _example_losses(model, batch)
+
+
+def run_pass(cfg: argparse.Namespace, mode: str, tmp: Path) -> list[float]:
+    """Seconds per batch of an offline pass (or of forward+backward) over ``steps`` batches (after ``warmup``)."""
+    from gradstore.logger import GradientLogger, Task
+
+    model = _model(cfg).eval()
+    rows = _tokens(cfg, cfg.batch * (cfg.warmup + cfg.steps)).to(cfg.device)
+    warm, timed = rows[: cfg.batch * cfg.warmup], rows[cfg.batch * cfg.warmup :]
+    if mode == "fwdbwd":
+        times = []
+        for i in range(0, len(rows), cfg.batch):
+            _sync(cfg.device)
+            start = time.perf_counter()
+            _example_losses(model, rows[i : i + cfg.batch]).sum().backward()
+            model.zero_grad(set_to_none=True)
+            _sync(cfg.device)
+            times.append(time.perf_counter() - start)
+        return times[cfg.warmup :]
+    if mode == "bergson-pass":
+        return _bergson_pass(cfg, model, rows, tmp)
+
+    class TokenTask(_TokenTask, Task):
+        pass
+
+    task = TokenTask(rows, cfg.device)
+    with GradientLogger(model, task, store=tmp / "run.zarr", rank=cfg.rank, progress=False) as logger:
+        logger.log_checkpoint("warmup", lr=0.1, examples=warm, batch_size=cfg.batch)  # includes the exactness check
+        _sync(cfg.device)
+        start = time.perf_counter()
+        logger.log_checkpoint("bench", lr=0.1, examples=timed, batch_size=cfg.batch)  # flushes its writes
+        _sync(cfg.device)
+        elapsed = time.perf_counter() - start
+    return [elapsed / cfg.steps] * cfg.steps
+
+
+# -- Bergson (optional) ---------------------------------------------------------------------------------------------
+
+
+def _bergson_collector(cfg: argparse.Namespace, model, tmp: Path, n: int):
+    from bergson import GradientCollector, GradientProcessor
+    from bergson.config.config import IndexConfig
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"input_ids": _tokens(cfg, n).tolist()})
+    index = IndexConfig(run_path=str(tmp / "bergson"), projection_dim=cfg.rank)
+    processor = GradientProcessor(projection_dim=cfg.rank)
+    return GradientCollector(model=model, data=data, cfg=index, processor=processor)
+
+
+def _bergson_flush(collector) -> None:
+    """Flush Bergson's gradient writer (its full teardown also saves the dataset, which is no part of the cost)."""
+    if collector.builder is not None:
+        collector.builder.teardown()
+
+
+def _bergson_pass(cfg: argparse.Namespace, model, rows: torch.Tensor, tmp: Path) -> list[float]:
+    collector = _bergson_collector(cfg, model, tmp, len(rows))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    times = []
+    for i in range(0, len(rows), cfg.batch):
+        batch = rows[i : i + cfg.batch]
+        _sync(cfg.device)
+        start = time.perf_counter()
+        with collector.with_batch():
+            embeds = model.get_input_embeddings()(batch).detach().requires_grad_(True)
+            logits = model(inputs_embeds=embeds).logits[:, :-1]
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+            losses = nll.view(batch.shape[0], -1).sum(1)
+            losses.sum().backward()
+        collector.process_batch(list(range(i, i + len(batch))), losses=losses.detach())
+        _sync(cfg.device)
+        times.append(time.perf_counter() - start)
+    _bergson_flush(collector)
+    return times[cfg.warmup :]
+
+
+RUNNERS: dict[str, Callable[[argparse.Namespace, str, Path], list[float]]] = {
+    "loop": run_loop,
+    "capture": run_loop,
+    "bergson": run_loop,
+    "hf": run_hf,
+    "hf+gs": run_hf,
+    "lightning": run_lightning,
+    "lightning+gs": run_lightning,
+    "fwdbwd": run_pass,
+    "pass": run_pass,
+    "bergson-pass": run_pass,
+}
+
+
+# -- the grid -------------------------------------------------------------------------------------------------------
+
+
+def measure(cfg: argparse.Namespace, modes: list[str]) -> dict[str, list[list[float]]]:
+    """Per mode, one list of step times per round; rounds rotate the order of the modes."""
+    times: dict[str, list[list[float]]] = {m: [] for m in modes}
+    with tempfile.TemporaryDirectory() as tmp, _quiet():  # a throwaway run: first-call costs (kernels, imports)
+        RUNNERS[modes[0]](argparse.Namespace(**{**vars(cfg), "steps": 1, "warmup": 1}), modes[0], Path(tmp))
+    for r in range(cfg.rounds):
+        order = modes[r % len(modes) :] + modes[: r % len(modes)]
+        for mode in order:
+            gc.collect()
+            with tempfile.TemporaryDirectory() as tmp, _quiet():
+                times[mode].append(RUNNERS[mode](cfg, mode, Path(tmp)))
+    return times
+
+
+@contextlib.contextmanager
+def _quiet():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def summarize(cfg: argparse.Namespace, times: dict[str, list[list[float]]]) -> list[dict]:
+    out = []
+    median = {m: statistics.median([t for run in runs for t in run]) for m, runs in times.items() if runs}
+    best = {m: min(statistics.median(run) for run in runs) for m, runs in times.items() if runs}
+    for mode in times:
+        row: dict[str, Any] = {
+            "width": cfg.width,
+            "rank": cfg.rank,
+            "mode": mode,
+            "step_ms": round(1000 * median[mode], 2),
+            "best_round_step_ms": round(1000 * best[mode], 2),
+            "examples_per_s": round(cfg.batch / median[mode], 2),
+        }
+        base = BASELINES.get(mode)
+        if base in median:
+            if mode in PASS_MODES:
+                row["vs_baseline"] = f"{median[base] / median[mode]:.2f}x {base}"
+                row["vs_baseline_best"] = f"{best[base] / best[mode]:.2f}x"
+            else:
+                row["overhead_percent"] = round(100 * (median[mode] / median[base] - 1), 1)
+                row["overhead_percent_best"] = round(100 * (best[mode] / best[base] - 1), 1)
+                # paired per round (same round = similar machine load)
+                pairs = [statistics.median(a) / statistics.median(b) for a, b in zip(times[mode], times[base])]
+                row["overhead_percent_paired"] = round(100 * (statistics.median(pairs) - 1), 1)
+        out.append(row)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    grid = parser.add_mutually_exclusive_group()
+    grid.add_argument("--quick", action="store_true", help="width 256, ranks 16 and 64 (the default)")
+    grid.add_argument("--full", action="store_true", help="widths 128 256 512 1024, ranks 8 16 64")
+    parser.add_argument("--widths", type=int, nargs="+")
+    parser.add_argument("--ranks", type=int, nargs="+")
+    parser.add_argument("--modes", nargs="+", choices=list(RUNNERS))
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default 8 quick, 12 full)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of every mode (default 3 quick, 4 full)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="also write the rows to this file")
+    cfg = parser.parse_args()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    widths = cfg.widths or ([128, 256, 512, 1024] if cfg.full else [256])
+    ranks = cfg.ranks or ([8, 16, 64] if cfg.full else [16, 64])
+    cfg.steps = cfg.steps or (12 if cfg.full else 8)
+    cfg.rounds = cfg.rounds or (4 if cfg.full else 3)
+    bergson = _bergson_available()
+    requested = cfg.modes or [m for m in RUNNERS if bergson or not m.startswith("bergson")]
+    if not bergson and any(m.startswith("bergson") for m in requested):
+        sys.exit("bergson is not importable here")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    rows = []
+    for width in widths:
+        for i, rank in enumerate(ranks):
+            cfg.width, cfg.rank = width, rank
+            # the step modes at the first rank only in --quick (the step overhead target is at rank 16)
+            modes = [m for m in requested if m in PASS_MODES or i == 0 or cfg.full or cfg.ranks]
+            result = summarize(cfg, measure(cfg, modes))
+            rows += result
+            for row in result:
+                print(json.dumps(row), flush=True)
+    after = os.getloadavg() if hasattr(os, "getloadavg") else None
+    meta = {
+        "layers": cfg.layers,
+        "seq": cfg.seq,
+        "batch": cfg.batch,
+        "threads": torch.get_num_threads(),
+        "device": cfg.device,
+        "torch": torch.__version__,
+        "bergson": bergson,
+        "steps": cfg.steps,
+        "rounds": cfg.rounds,
+        "load_before": load,
+        "load_after": after,
+    }
+    print(json.dumps(meta))
+    header = f"{'width':>5} {'rank':>4} {'mode':<13} {'step ms':>9} {'ex/s':>8}"
+    print(f"\n{header}  vs baseline (median / fastest round / paired)")
+    for row in rows:
+        extra = ""
+        if "overhead_percent" in row:
+            extra = (
+                f"{row['overhead_percent']:+6.1f}% / {row['overhead_percent_best']:+6.1f}% / "
+                f"{row['overhead_percent_paired']:+6.1f}%  vs {BASELINES[row['mode']]}"
+            )
+        elif "vs_baseline" in row:
+            extra = f"{row['vs_baseline']} / {row['vs_baseline_best']}"
+        print(
+            f"{row['width']:>5} {row['rank']:>4} {row['mode']:<13} {row['step_ms']:>9.1f} "
+            f"{row['examples_per_s']:>8.1f}  {extra}"
+        )
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps({"config": meta, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
