@@ -17,13 +17,14 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from gradstore.logger import GradientProjector, NonFiniteGradientError, Task, TaskError
-from gradstore.projection import GradstoreError, Preconditioner, kind_traits
+from gradstore.projection import GradstoreError, kind_traits
 from gradstore.store import (
     CheckpointNotFoundError,
     GradientIndex,
     GradientStore,
     UnknownExampleError,
 )
+from gradstore.store.scoring import PreparedQueries
 
 from .errors import ConfigError, QueryError, query_error
 from .schemas import (
@@ -407,7 +408,7 @@ class QueryEngine:
         except (ValueError, TypeError) as exc:
             raise QueryError(f"vectors must be a numeric [B, checkpoints, D] array ({exc})") from None
         final = self.index.final_query  # source: one vector, the query gradient at the final checkpoint
-        expected = (1 if final else len(chosen), self.store.dim)
+        expected = (self.index.scoring.query_slots(chosen), self.store.dim)
         if given.ndim != 3 or given.shape[1:] != expected or len(given) == 0:
             what = (
                 f"the query gradient at the final checkpoint {self.checkpoints[-1]!r}, which the "
@@ -420,13 +421,7 @@ class QueryEngine:
             )
         if not np.isfinite(given).all():
             raise QueryError("vectors contain NaN or Inf")
-        raw = np.zeros((len(given), len(self.checkpoints), self.store.dim), dtype=np.float32)
-        if final:
-            raw[:, -1] = given[:, 0]
-            return raw
-        for i, name in enumerate(chosen):
-            raw[:, self.checkpoints.index(name)] = given[:, i]
-        return raw
+        return self.index.scoring.place(given, chosen, self.store.dim)
 
     def _influences(
         self, rows: np.ndarray, scores: np.ndarray, contributions: np.ndarray, chosen: list[str], roles: bool = True
@@ -492,7 +487,7 @@ class QueryEngine:
         example = self._examples[self._position(request.example_id)]
         query = self.examples_from_payloads([request.query])
         raw = self.query_gradients(query, self._query_mask(weights), request.measurement)
-        prepared = self.index.prepare_queries(raw, weights).astype(np.float64).reshape(len(self.checkpoints), -1)
+        prepared = self.index.prepare(raw, weights)
         shares, rest, contributions = self._position_scores(example, request.example_id, prepared, weights)
         labels = self._position_labels(example)
         count = max(len(shares), len(labels or ()))
@@ -522,7 +517,7 @@ class QueryEngine:
         )
 
     def _position_scores(
-        self, example: Any, example_id: int, prepared: np.ndarray, weights: np.ndarray
+        self, example: Any, example_id: int, prepared: PreparedQueries, weights: np.ndarray
     ) -> tuple[np.ndarray, float, dict[str, float]]:
         """``(shares [T], rest, {checkpoint: contribution})`` of one training example (float64 sums)."""
         count: int | None = None
@@ -546,12 +541,7 @@ class QueryEngine:
                         [example_id],
                     )
                 count = len(per_position)
-                direction = _query_direction(
-                    self.index.preconditioners[name],
-                    prepared[j],
-                    per_position.sum(axis=0) + remainder,
-                    self.index.options.normalize,
-                )
+                direction = self.index.scoring.direction(prepared, j, per_position.sum(axis=0) + remainder)
                 at_checkpoint = per_position @ direction
                 shares = at_checkpoint if shares is None else shares + at_checkpoint
                 rest += float(remainder @ direction)
@@ -563,13 +553,12 @@ class QueryEngine:
             self._skipped[name] = {int(i) for i in self.store.skipped_ids(name)}
         return self._skipped[name]
 
-    def _stored_score(self, example_id: int, prepared: np.ndarray) -> float | None:
+    def _stored_score(self, example_id: int, prepared: PreparedQueries) -> float | None:
         """The index's score of the example for the prepared query (as its search re-scores), or None."""
         row = self.index.row_of(example_id)
         if row is None:
             return None
-        vector = self.index.exact_vectors(np.array([row]))[0].astype(np.float64)
-        return float(vector @ prepared.ravel())
+        return float(self.index.score_rows(prepared, np.array([row]))[0, 0].sum())
 
     def _position_labels(self, example: Any) -> list[str] | None:
         labels = self.task.describe_positions(example)
@@ -607,23 +596,6 @@ class QueryEngine:
         if self._run_info is None:
             self._run_info = run_info(self.store, self.index, residency=self.residency, device=str(self.device))
         return self._run_info.model_copy(deep=True)
-
-
-def _query_direction(
-    preconditioner: Preconditioner, prepared: np.ndarray, gradient: np.ndarray, normalize: bool
-) -> np.ndarray:
-    """``a`` with ``<a, g> = <prepared, T g> / ||T G||`` for every part ``g`` of the training gradient ``G``
-    (``||T G|| = 1`` without normalisation): ``a = T^T prepared / ||T G||``, float64."""
-    direction = _adjoint(preconditioner, prepared)
-    if not normalize:
-        return direction
-    norm = float(np.linalg.norm(preconditioner.apply(gradient[None].astype(np.float32)).astype(np.float64)))
-    return direction / norm if norm > 0 else np.zeros_like(direction)  # a zero row stays zero, as normalize_rows
-
-
-def _adjoint(preconditioner: Preconditioner, vector: np.ndarray) -> np.ndarray:
-    """``T^T v`` of the training-side transform ``T = preconditioner.apply``, so that ``<v, T g> = <T^T v, g>``."""
-    return preconditioner.adjoint(vector)
 
 
 def run_info(

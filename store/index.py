@@ -53,15 +53,16 @@ import faiss
 import numpy as np
 import torch
 
-from gradstore.projection import Preconditioner, PreconditionerKind, kind_traits, normalize_rows
+from gradstore.projection import Preconditioner, PreconditionerKind, kind_traits
 
-from .errors import IndexMismatchError, IndexNotFoundError, QueryShapeError, StoreFormatError
+from .errors import IndexMismatchError, IndexNotFoundError, StoreFormatError
 from .gradient_store import GradientStore
 from .index_options import BUILD_FIELDS, KINDS, IndexKind, IndexOptions
 from .manifest import REBUILD_HINT, IndexManifest, building, refuse_broken_chain
 from .parts import part_name
 from .remote import RemotePath, StorePath, as_path, fetch_index, local_index_dir, publish_index
 from .rows import CheckpointRows
+from .scoring import PreparedQueries, Scoring
 from .search import BACKENDS, FlatBackend, SearchBackend
 from .vectors import VectorSource, fit_preconditioners, indexed_ids
 
@@ -71,6 +72,8 @@ __all__ = [
     "GradientIndex",
     "IndexKind",
     "IndexOptions",
+    "PreparedQueries",
+    "Scoring",
     "SearchResult",
     "UpdateSummary",
     "default_index_path",
@@ -302,6 +305,7 @@ class GradientIndex:
             )
             for name in self.checkpoints
         }
+        self.scoring = Scoring(self.checkpoints, self.preconditioners, self.options.normalize)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.backend: SearchBackend = BACKENDS[self.options.kind].load(
             files_at, self.options, self.device, manifest=manifest, label=path
@@ -638,42 +642,27 @@ class GradientIndex:
 
     @property
     def final_query(self) -> bool:
-        """Whether the query gradient is taken at the final checkpoint only (``source``): then slot ``c`` of a
-        prepared query holds that one gradient, and the other checkpoints' query gradients are not needed."""
-        return kind_traits(self.options.preconditioner).final_query
+        """Whether the query gradient is taken at the final checkpoint only (``source``; :class:`Scoring`)."""
+        return self.scoring.final_query
 
     def query_checkpoints(self, weights: Sequence[float] | np.ndarray) -> np.ndarray:
-        """``[C]`` bool: the checkpoints whose query gradients :meth:`prepare_queries` reads for these weights."""
-        weights = np.asarray(weights, dtype=np.float64)
-        if not self.final_query:
-            return weights != 0
-        needed = np.zeros(len(self.checkpoints), dtype=bool)
-        needed[-1] = bool((weights != 0).any())
-        return needed
+        """``[C]`` bool: the checkpoints whose query gradients :meth:`prepare` reads for these weights."""
+        return self.scoring.query_checkpoints(weights)
+
+    def prepare(self, raw: np.ndarray, weights: Sequence[float] | np.ndarray) -> PreparedQueries:
+        """``[B, C, D]`` raw projected query gradients and explicit ``[C]`` weights -> prepared queries."""
+        return self.scoring.prepare(raw, weights, self.dim)
 
     def prepare_queries(self, raw: np.ndarray, weights: Sequence[float] | np.ndarray) -> np.ndarray:
-        """``[B, C, D]`` raw projected query gradients -> ``[B, C*D]`` transformed, normalised, weighted.
-
-        For ``source`` only the final checkpoint's slot of ``raw`` is read; it fills every weighted slot."""
-        raw = np.asarray(raw, dtype=np.float32)
-        if raw.ndim != 3 or raw.shape[1] != len(self.checkpoints) or raw.shape[2] != self.dim:
-            raise QueryShapeError(
-                f"query vectors must have shape [B, {len(self.checkpoints)}, {self.dim}] "
-                f"(queries, indexed checkpoints {self.checkpoints}, D), got {list(raw.shape)}"
-            )
-        b, c, d = raw.shape
-        out = np.zeros((b, c, d), dtype=np.float32)
-        final = len(self.checkpoints) - 1
-        for j, name in enumerate(self.checkpoints):
-            if weights[j] == 0:
-                continue
-            v = self.preconditioners[name].apply_query(raw[:, final if self.final_query else j])
-            out[:, j] = (normalize_rows(v) if self.options.normalize else v) * np.float32(weights[j])
-        return out.reshape(b, c * d)
+        """:meth:`prepare` as one ``[B, C*D]`` float32 array (transformed, normalised, weighted)."""
+        return self.prepare(raw, weights).concatenated()
 
     def search(self, raw: np.ndarray, weights: Sequence[float] | np.ndarray, k: int) -> SearchResult:
         """Top-``k`` proponents and opponents of each query, with exact scores and per-checkpoint contributions."""
-        queries = self.prepare_queries(raw, np.asarray(weights, dtype=np.float64))
+        return self.search_prepared(self.prepare(raw, weights), k)
+
+    def search_prepared(self, queries: PreparedQueries, k: int) -> SearchResult:
+        """:meth:`search` of already prepared queries."""
         k = min(k, self.num_rows)
         found = self.backend.candidates(queries, k)
         # one fetch of the exact vectors of every candidate (all queries, proponents and opponents)
@@ -700,16 +689,16 @@ class GradientIndex:
         )
 
     def _rescore(
-        self, queries: np.ndarray, candidates: np.ndarray, k: int, descending: bool, fetched: _Fetched
+        self, queries: PreparedQueries, candidates: np.ndarray, k: int, descending: bool, fetched: _Fetched
     ) -> _Ranked:
-        """Exact float64 per-checkpoint contributions of the candidates; keep the best ``k`` of each query."""
-        b = len(queries)
+        """Exact float64 per-checkpoint contributions of the candidates (:meth:`Scoring.contributions`); keep the
+        best ``k`` of each query, ties broken by id."""
+        b = queries.num_queries
         c = len(self.checkpoints)
         ranked = _Ranked(np.full((b, k), -1, dtype=np.int64), np.zeros((b, k)), np.zeros((b, k, c)))
         for j in range(b):
             rows = np.unique(candidates[j][candidates[j] >= 0])
-            vectors = fetched.of(rows).astype(np.float64).reshape(len(rows), c, self.dim)
-            contributions = np.einsum("ncd,cd->nc", vectors, queries[j].astype(np.float64).reshape(c, self.dim))
+            contributions = Scoring.contributions(queries, fetched.of(rows), query=j)
             scores = contributions.sum(1)
             order = np.lexsort((self.ids[rows], -scores if descending else scores))[:k]
             n = len(order)
@@ -717,6 +706,10 @@ class GradientIndex:
             ranked.scores[j, :n] = scores[order]
             ranked.contributions[j, :n] = contributions[order]
         return ranked
+
+    def score_rows(self, queries: PreparedQueries, rows: np.ndarray) -> np.ndarray:
+        """``[B, n, C]`` exact float64 per-checkpoint contributions of index ``rows`` (evaluation, explain)."""
+        return Scoring.contributions(queries, self.exact_vectors(rows))
 
     def exact_vectors(self, rows: np.ndarray) -> np.ndarray:
         """The exact ``[n, C*D]`` float32 vectors of index rows (from the backend, or re-read from the store)."""
@@ -732,7 +725,7 @@ class GradientIndex:
     def self_influence(self, weights: Sequence[float] | np.ndarray) -> np.ndarray:
         """``[N, C]`` per-checkpoint contributions ``w_c ||T_c g_i,c||^2`` to each example's self-influence
         (``w_c <g_i,L, T_c g_i,c>`` for ``source``, whose query is the final checkpoint's gradient)."""
-        return self.sqnorms * np.asarray(weights, dtype=np.float64)[None, :]
+        return Scoring.self_influence(self.sqnorms, weights)
 
     def __repr__(self) -> str:
         o = self.options

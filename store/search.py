@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import sys
 import threading
 import warnings
@@ -35,6 +36,7 @@ from .errors import IndexMismatchError, IndexOptionsError
 from .index_options import IndexKind, IndexOptions
 from .manifest import IndexManifest
 from .parts import PartFile, PartWriter, part_name
+from .scoring import PreparedQueries, as_prepared
 from .vectors import VectorSource
 
 
@@ -77,8 +79,9 @@ class SearchBackend(Protocol):
         """Files :meth:`load` reads whole and checks itself (the index's open need not hash them first)."""
         ...
 
-    def candidates(self, queries: np.ndarray, k: int) -> Candidates:
-        """Rows to re-score for each of the ``[B, C*D]`` queries' ``k`` largest and ``k`` smallest scores."""
+    def candidates(self, queries: PreparedQueries | np.ndarray, k: int) -> Candidates:
+        """Rows to re-score for each query's ``k`` largest and ``k`` smallest scores (prepared queries, or already
+        prepared ``[B, C*D]`` ones)."""
         ...
 
     def exact_vectors(self, rows: np.ndarray) -> np.ndarray | None:
@@ -108,24 +111,29 @@ class _TopK:
         return torch.gather(rows, 0, best).T.cpu().numpy()
 
 
-_CONVERT_ROWS = 512  # float16 rows converted at a time: the float32 copy stays in cache until it is scored
+_CONVERT_ROWS = 512  # float16 rows widened at a time: the float32 piece stays in cache while it is scored
 
 
-def _cpu_scores(block: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """``[n, B]`` float32 scores of a block of stored rows against ``[D, B]`` queries (numpy's BLAS streams a
-    block at about memory bandwidth; torch's CPU matmul measured 1.5x slower for one query, benchmarks/search.py).
-    Float16 rows are converted in cache-sized pieces, never as a whole float32 block, by torch (its F16C conversion
-    measured 3x faster than numpy's: 20 vs 60 ms per 65k x 1024 rows, one query; 2x the float32 scan's time)."""
+def _cpu_scores(block: np.ndarray, queries: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``[n, B]`` float32 scores of a block of stored rows against ``[D, B]`` queries, added to ``out`` when given.
+
+    Float32 rows go straight to numpy's BLAS. Float16 rows are never widened as a block: each cache-sized piece is
+    widened by torch (F16C) into one reused float32 buffer and added into the scores (``addmm``) while it is in
+    cache, so the scan reads the half-precision bytes from memory once and no float32 block is written back
+    (benchmarks/flat_scan.py compares it with the read bound)."""
+    if out is None:
+        out = np.zeros((len(block), queries.shape[1]), dtype=np.float32)
     if block.dtype == np.float32:
-        return block @ queries
-    rows, q = torch.from_numpy(block), torch.from_numpy(queries)
-    out = torch.empty((len(block), queries.shape[1]), dtype=torch.float32)
-    buffer = torch.empty((min(_CONVERT_ROWS, len(block)), block.shape[1]), dtype=torch.float32)
-    for lo in range(0, len(block), _CONVERT_ROWS):
-        piece = rows[lo : lo + _CONVERT_ROWS]
-        buffer[: len(piece)].copy_(piece)
-        torch.matmul(buffer[: len(piece)], q, out=out[lo : lo + len(piece)])
-    return out.numpy()
+        out += block @ queries
+        return out
+    rows, q, total = torch.from_numpy(block), torch.from_numpy(queries), torch.from_numpy(out)
+    piece_rows = min(_CONVERT_ROWS, len(block))
+    buffer = torch.empty((piece_rows, block.shape[1]), dtype=torch.float32)
+    for lo in range(0, len(block), piece_rows):
+        n = min(piece_rows, len(block) - lo)
+        buffer[:n].copy_(rows[lo : lo + n])
+        total[lo : lo + n].addmm_(buffer[:n], q)
+    return out
 
 
 class FlatBackend:
@@ -135,6 +143,7 @@ class FlatBackend:
     fit ``resident_mb`` is instead read once and kept as float32 (on the search device), the fastest scan."""
 
     SCAN_BYTES: ClassVar[int] = 1 << 26  # float32 bytes of one checkpoint's block of rows scored per step
+    PREFETCH: ClassVar[bool] = False  # read the next block in a thread while this one is scored
 
     def __init__(
         self,
@@ -234,45 +243,124 @@ class FlatBackend:
             return set()
         return {part["file"] for part in manifest.parts if part.get("file")}
 
-    def candidates(self, queries: np.ndarray, k: int) -> Candidates:
-        """The exact top and bottom ``k`` rows of each query, and mean / max ``|score|`` over every row."""
-        b, d = len(queries), self.dim
-        per_checkpoint = queries.reshape(b, -1, d)
-        active = [c for c in range(per_checkpoint.shape[1]) if per_checkpoint[:, c].any()]  # zero weight: skipped
+    def blocks(self) -> Iterator[tuple[int, int, int, int]]:
+        """``(row part, first global row, lo, hi)`` of every scanned block, in row order."""
+        block_rows = max(1, self.SCAN_BYTES // (4 * self.dim))
+        for r, (start, files) in enumerate(zip(self.starts, self.files, strict=True)):
+            for lo in range(0, files[0].rows, block_rows):
+                yield r, start, lo, min(lo + block_rows, files[0].rows)
+
+    def _streamed(self, active: list[int]) -> Iterator[tuple[int, int, int, list[np.ndarray]]]:
+        """The stored rows of every block (``(start, lo, hi, [one array per active checkpoint])``), read one block
+        ahead by a reader thread into one of two reused buffers while the caller scores the other: a streamed scan
+        then takes about the longer of reading and scoring, not their sum (``os.preadv`` and the BLAS release the
+        GIL). The caller must be done with a block before it asks for the next. Without :attr:`PREFETCH` (the
+        default: on a 2-core box the reader thread measured slower, benchmarks/flat_scan.py) blocks are read in
+        turn into one set of buffers."""
+        if not self.PREFETCH:
+            buffers = [bytearray() for _ in active]
+            for r, start, lo, hi in self.blocks():
+                arrays = []
+                for i, c in enumerate(active):
+                    part = self.files[r][c]
+                    if len(buffers[i]) < (hi - lo) * part.row_bytes:
+                        buffers[i] = bytearray((hi - lo) * part.row_bytes)
+                    arrays.append(part.read(lo, hi, buffers[i]))
+                yield start, lo, hi, arrays
+            return
+        pool: queue.Queue[list[bytearray]] = queue.Queue()
+        for _ in range(2):
+            pool.put([bytearray() for _ in active])
+        ready: queue.Queue[tuple | BaseException | None] = queue.Queue(maxsize=1)
+        stop = threading.Event()
+
+        def read() -> None:
+            try:
+                for r, start, lo, hi in self.blocks():
+                    buffers = pool.get()
+                    if stop.is_set():
+                        return
+                    arrays = []
+                    for i, c in enumerate(active):
+                        part = self.files[r][c]
+                        if len(buffers[i]) < (hi - lo) * part.row_bytes:
+                            buffers[i] = bytearray((hi - lo) * part.row_bytes)
+                        arrays.append(part.read(lo, hi, buffers[i]))
+                    ready.put((start, lo, hi, arrays, buffers))
+                ready.put(None)
+            except BaseException as exc:  # handed to the scoring thread, which raises it
+                ready.put(exc)
+
+        reader = threading.Thread(target=read, name="flat-scan-reader", daemon=True)
+        reader.start()
+        previous: list[bytearray] | None = None
+        try:
+            while True:
+                item = ready.get()
+                if previous is not None:
+                    pool.put(previous)  # the caller finished the previous block
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                start, lo, hi, arrays, previous = item
+                yield start, lo, hi, arrays
+        finally:
+            stop.set()
+            pool.put([bytearray() for _ in active])  # unblock a reader waiting for a buffer
+            with contextlib.suppress(queue.Empty):
+                ready.get_nowait()  # unblock a reader waiting to hand a block over
+            reader.join()
+
+    def candidates(self, queries: PreparedQueries | np.ndarray, k: int) -> Candidates:
+        """The exact top and bottom ``k`` rows of each query, and mean / max ``|score|`` over every row. Only the
+        checkpoints the queries weight (:attr:`PreparedQueries.active`) are read and scored."""
+        d = self.dim
+        prepared = as_prepared(queries, len(self.files[0]) if self.files else 0, d)
+        b, active = prepared.num_queries, prepared.active.tolist()
         on_cpu = self.device.type == "cpu"
-        q_host = [np.ascontiguousarray(per_checkpoint[:, c].T) for c in range(per_checkpoint.shape[1])]  # [D, B]
-        q_dev = None if on_cpu else [torch.from_numpy(q).to(self.device) for q in q_host]
+        q_host = {c: prepared.checkpoint(c) for c in active}  # [D, B]
+        q_dev = None if on_cpu else {c: torch.from_numpy(q).to(self.device) for c, q in q_host.items()}
         top, bottom = _TopK(largest=True), _TopK(largest=False)
         abs_sum = torch.zeros(b, dtype=torch.float64, device=self.device)
         abs_max = torch.zeros(b, dtype=torch.float32, device=self.device)
-        block_rows = max(1, self.SCAN_BYTES // (4 * d))
-        buffer = bytearray()  # one block's bytes, reused (per call: concurrent searches do not share it)
-        for r, (start, files) in enumerate(zip(self.starts, self.files, strict=True)):
-            for lo in range(0, files[0].rows, block_rows):
-                hi = min(lo + block_rows, files[0].rows)
+
+        def add(scores: torch.Tensor, first: int) -> None:
+            nonlocal abs_max
+            top.add(scores, first, k)
+            bottom.add(scores, first, k)
+            abs_scores = scores.abs()
+            abs_sum.add_(abs_scores.sum(0, dtype=torch.float64))
+            abs_max = torch.maximum(abs_max, abs_scores.max(0).values)
+
+        if self.resident is not None:  # float32 in memory, on the search device
+            for r, start, lo, hi in self.blocks():
                 scores = torch.zeros((hi - lo, b), dtype=torch.float32, device=self.device)
                 for c in active:
-                    if self.resident is not None:  # float32 in memory, on the search device
-                        block = self.resident[r][c][lo:hi]
-                        if on_cpu:
-                            scores += torch.from_numpy(_cpu_scores(block.numpy(), q_host[c]))
-                        else:
-                            assert q_dev is not None
-                            scores += block @ q_dev[c]
-                        continue
-                    if len(buffer) < (hi - lo) * files[c].row_bytes:
-                        buffer = bytearray((hi - lo) * files[c].row_bytes)
-                    stored = files[c].read(lo, hi, buffer)  # stored dtype; converted per block
+                    block = self.resident[r][c][lo:hi]
                     if on_cpu:
-                        scores += torch.from_numpy(_cpu_scores(stored, q_host[c]))
+                        scores += torch.from_numpy(_cpu_scores(block.numpy(), q_host[c]))
                     else:
                         assert q_dev is not None
-                        scores += torch.from_numpy(stored).to(self.device, non_blocking=True).float() @ q_dev[c]
-                top.add(scores, start + lo, k)
-                bottom.add(scores, start + lo, k)
-                abs_scores = scores.abs()
-                abs_sum += abs_scores.sum(0, dtype=torch.float64)
-                abs_max = torch.maximum(abs_max, abs_scores.max(0).values)
+                        scores += block @ q_dev[c]
+                add(scores, start + lo)
+        elif active:
+            for start, lo, hi, arrays in self._streamed(active):
+                if on_cpu:
+                    total = np.zeros((hi - lo, b), dtype=np.float32)
+                    for c, stored in zip(active, arrays, strict=True):
+                        _cpu_scores(stored, q_host[c], out=total)
+                    scores = torch.from_numpy(total)
+                else:
+                    assert q_dev is not None
+                    scores = torch.zeros((hi - lo, b), dtype=torch.float32, device=self.device)
+                    for c, stored in zip(active, arrays, strict=True):
+                        # synchronous copy: the host buffer is handed back to the reader after this block
+                        scores += torch.from_numpy(stored).to(self.device).float() @ q_dev[c]
+                add(scores, start + lo)
+        else:  # no weighted checkpoint: every score is 0
+            for _, start, lo, hi in self.blocks():
+                add(torch.zeros((hi - lo, b), dtype=torch.float32, device=self.device), start + lo)
         return Candidates(
             proponent_rows=top.rows_of_best(k),
             opponent_rows=bottom.rows_of_best(k),
@@ -502,7 +590,9 @@ class FaissBackend:
     def verified_on_load(cls, manifest: IndexManifest) -> set[str]:
         return set() if manifest.options.on_disk else {cls.FILE}
 
-    def candidates(self, queries: np.ndarray, k: int) -> Candidates:
+    def candidates(self, queries: PreparedQueries | np.ndarray, k: int) -> Candidates:
+        if isinstance(queries, PreparedQueries):
+            queries = queries.concatenated()
         m = min(self.index.ntotal, k * self.rerank)
         _, proponents = self.searcher.search(queries, m)
         _, opponents = self.searcher.search(-queries, m)

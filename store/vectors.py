@@ -21,7 +21,6 @@ from gradstore.projection import (
     kind_traits,
     kronecker_eigenbases,
     mixed_means,
-    normalize_rows,
     segments,
 )
 
@@ -29,6 +28,7 @@ from .errors import StoreFormatError
 from .gradient_store import GradientStore
 from .index_options import IndexOptions
 from .rows import CheckpointRows
+from .scoring import Scoring
 
 
 class IndexVectors(NamedTuple):
@@ -78,8 +78,9 @@ class VectorSource:
         self, rows: dict[str, CheckpointRows], preconditioners: dict[str, Preconditioner], normalize: bool, dim: int
     ):
         self.rows, self.preconditioners, self.normalize, self.dim = rows, preconditioners, normalize, dim
+        self.scoring = Scoring(list(rows), preconditioners, normalize)
         # source: the query is the final checkpoint's gradient, so self-influence pairs g_L with each T_c g_c
-        self.final_query = any(kind_traits(p.kind).final_query for p in preconditioners.values())
+        self.final_query = self.scoring.final_query
 
     @property
     def num_checkpoints(self) -> int:
@@ -91,18 +92,14 @@ class VectorSource:
         return len(self.rows) * self.dim
 
     def vectors(self, ids: np.ndarray) -> IndexVectors:
-        """Index vectors of the given example ids, in their order."""
-        parts, sqnorms = [], []
+        """Index vectors of the given example ids, in their order (the transform is :class:`Scoring`'s)."""
         final = list(self.rows)[-1]
         raw_final = self.rows[final].read_or_zero(ids) if self.final_query else None
-        for name, rows in self.rows.items():
-            raw = raw_final if name == final and raw_final is not None else rows.read_or_zero(ids)
-            v = self.preconditioners[name].apply(raw)
-            # self-influence is taken before unit normalisation (after it, every norm would be 1)
-            q = v if raw_final is None else self.preconditioners[name].apply_query(raw_final)
-            sqnorms.append(np.einsum("nd,nd->n", q.astype(np.float64), v.astype(np.float64)))
-            parts.append(normalize_rows(v) if self.normalize else v)
-        return IndexVectors(np.concatenate(parts, axis=1), np.stack(sqnorms, axis=1))
+        raw = {
+            name: raw_final if name == final and raw_final is not None else rows.read_or_zero(ids)
+            for name, rows in self.rows.items()
+        }
+        return IndexVectors(*self.scoring.index_vectors(raw, raw_final))
 
     def blocks(self, ids: np.ndarray, block_rows: int, desc: str, progress: bool) -> Iterator[VectorBlock]:
         """:meth:`vectors` of ``ids`` in blocks of ``block_rows``, with a progress bar labelled ``desc``."""

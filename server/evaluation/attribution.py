@@ -110,12 +110,12 @@ def index_rows(index: GradientIndex, ids: np.ndarray) -> np.ndarray:
 def score_matrix(index: GradientIndex, raw: np.ndarray, weights: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """``[Q, N]`` float64 scores of the training examples ``ids`` for raw query gradients ``raw`` ``[Q, C, D]``:
     ``sum_c w_c <T_c q_c, T_c g_i,c>``, exactly what :meth:`GradientIndex.search` re-scores its candidates with."""
-    queries = index.prepare_queries(raw, weights).astype(np.float64)
+    queries = index.prepare(raw, weights)
     rows = index_rows(index, np.asarray(ids, dtype=np.int64))
-    out = np.empty((len(queries), len(rows)))
+    out = np.empty((queries.num_queries, len(rows)))
     for lo in range(0, len(rows), SCORE_BLOCK_ROWS):
-        vectors = index.exact_vectors(rows[lo : lo + SCORE_BLOCK_ROWS]).astype(np.float64)
-        out[:, lo : lo + len(vectors)] = queries @ vectors.T
+        block = rows[lo : lo + SCORE_BLOCK_ROWS]
+        out[:, lo : lo + len(block)] = index.score_rows(queries, block).sum(-1)
     return out
 
 

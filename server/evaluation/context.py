@@ -71,9 +71,7 @@ class EvaluationContext:
             path = directory / "indexes" / f"{name}{suffix}.index"
             methods.append(aside_method(store, options, path, index.checkpoints, eval_store, progress))
         # query gradients at every checkpoint: an engine on an index that reads them all (not source's final only)
-        every = [
-            m.index for m in methods if m.index is not None and not kind_traits(m.options.preconditioner).final_query
-        ]
+        every = [m.index for m in methods if m.index is not None and not m.index.scoring.final_query]
         engine = QueryEngine(
             config.make_task(),
             store,

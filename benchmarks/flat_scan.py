@@ -1,0 +1,138 @@
+"""Streamed float16 flat scan against its read bound, before vs after, side by side in one run (issue 19 part 2).
+
+One float16 ``flat`` index (N rows, D, 2 checkpoints) searched with ``resident_mb = 0`` (every search streams the
+part files). In one process, in rotating order, per repeat:
+
+* ``read bound``: ``os.preadv`` of every part file's bytes into one reused buffer (page cache warm): the bytes a
+  streamed scan must read, at the machine's copy bandwidth;
+* ``before``: the previous scan (read a block, then widen and score it; reading and scoring one after the other);
+* ``after``: :meth:`FlatBackend.candidates` (a reader thread reads the next block while this one is scored, the
+  float16 rows widened in cache-sized pieces straight into the BLAS);
+* ``re-score``: a whole ``GradientIndex.search`` minus the candidate scan: the exact float64 re-score of the
+  candidates' rows, read with byte-range reads (``os.preadv`` per run of rows).
+
+    python benchmarks/flat_scan.py [--rows 100000] [--dim 1024] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers.search
+
+from gradstore.store import GradientIndex, IndexOptions
+from gradstore.store.search import FlatBackend, _TopK
+from tests.helpers.search import synthetic_spec, write_store
+
+
+def read_bound(backend: FlatBackend, buffer: bytearray) -> None:
+    for files in backend.files:
+        for part in files:
+            block_rows = max(1, len(buffer) // part.row_bytes)
+            for lo in range(0, part.rows, block_rows):
+                part.read(lo, min(lo + block_rows, part.rows), buffer)
+
+
+def before(backend: FlatBackend, queries: np.ndarray, k: int) -> None:
+    """The scan as it was before issue 19 part 2: read, then widen in 512-row pieces with torch matmul, in turn."""
+    b, d = len(queries), backend.dim
+    per = queries.reshape(b, -1, d)
+    q = [torch.from_numpy(np.ascontiguousarray(per[:, c].T)) for c in range(per.shape[1])]
+    top, bottom = _TopK(True), _TopK(False)
+    buffer = bytearray()
+    for r, start, lo, hi in backend.blocks():
+        scores = torch.zeros((hi - lo, b))
+        for c, part in enumerate(backend.files[r]):
+            if len(buffer) < (hi - lo) * part.row_bytes:
+                buffer = bytearray((hi - lo) * part.row_bytes)
+            rows = torch.from_numpy(part.read(lo, hi, buffer))
+            wide = torch.empty((512, d))
+            for p in range(0, hi - lo, 512):
+                piece = rows[p : p + 512]
+                wide[: len(piece)].copy_(piece)
+                scores[p : p + len(piece)] += wide[: len(piece)] @ q[c]
+        top.add(scores, start + lo, k)
+        bottom.add(scores, start + lo, k)
+        scores.abs().sum(0, dtype=torch.float64)
+    top.rows_of_best(k), bottom.rows_of_best(k)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=1024, help="a square number (one synthetic layer)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--k", type=int, default=10)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # one scoring thread, as a served query on a 2-core box
+    side = round(args.dim**0.5)
+    rng = np.random.default_rng(0)
+    spec = synthetic_spec([("w", side, side)])
+    workdir = Path(tempfile.mkdtemp())
+    rows = rng.standard_normal((args.rows, spec.dim)).astype(np.float16)
+    store = write_store(workdir / "s.zarr", spec, {"c0": (0.1, rows), "c1": (0.05, rows[::-1])}, dtype="float16")
+    del rows
+    GradientIndex.build(store, IndexOptions(kind="flat"), workdir / "s.index", progress=False)
+    index = GradientIndex.open(workdir / "s.index", store, options=IndexOptions(resident_mb=0), device="cpu")
+    backend = index.backend
+    assert isinstance(backend, FlatBackend) and backend.resident is None
+    raw = rng.standard_normal((1, 2, spec.dim)).astype(np.float32)
+    weights = np.array([0.1, 0.05])
+    prepared = index.prepare(raw, weights)
+    nbytes = sum(part.rows * part.row_bytes for files in backend.files for part in files)
+    buffer = bytearray(FlatBackend.SCAN_BYTES // 2)
+    runs = {
+        "read bound": lambda: read_bound(backend, buffer),
+        "before": lambda: before(backend, prepared.concatenated(), args.k),
+        "after": lambda: backend.candidates(prepared, args.k),
+        "search": lambda: index.search(raw, weights, args.k),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for name in names:
+        runs[name]()  # warm-up: page cache, lazy structures
+    for i in range(args.repeats):
+        for name in names[i % len(names) :] + names[: i % len(names)]:  # rotating order
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    # the answer does not change: the new scan's candidates equal the exact scan of all rows
+    found = index.search(raw, weights, args.k)
+    exact = index.score_rows(prepared, np.arange(index.num_rows))[0].sum(-1)
+    order = np.lexsort((index.ids, -exact))[: args.k]
+    assert found.proponent_rows[0].tolist() == order.tolist(), "proponents differ from the exact scan"
+    assert np.array_equal(found.proponent_scores[0], exact[order]), "scores differ from the exact re-score"
+    # re-score alone: the exact float64 contributions of 2k candidates' rows, read by byte ranges
+    candidates = np.unique(np.r_[found.proponent_rows[0], found.opponent_rows[0]])
+    rescore = []
+    for _ in range(args.repeats * 3):
+        start = time.perf_counter()
+        index.score_rows(prepared, candidates)
+        rescore.append((time.perf_counter() - start) * 1e3)
+
+    med = {name: float(np.median(t)) for name, t in times.items()}
+    bound = med["read bound"]
+    print(
+        f"N = {args.rows}, D = {spec.dim}, 2 checkpoints, float16, one query, k = {args.k}; "
+        f"{nbytes / 1e6:.0f} MB streamed per search; {os.cpu_count()} CPUs; median of {args.repeats}"
+    )
+    print(f"{'':<12} {'ms p50':>8} {'min':>8} {'x read bound':>13} {'GB/s':>7}")
+    for name in names:
+        t = times[name]
+        print(f"{name:<12} {med[name]:8.1f} {min(t):8.1f} {med[name] / bound:13.2f} {nbytes / med[name] / 1e6:7.2f}")
+    print(
+        f"re-score of {len(candidates)} rows x 2 checkpoints (byte-range reads, float64): "
+        f"{np.median(rescore):.2f} ms p50, {max(rescore):.2f} ms max"
+    )
+
+
+if __name__ == "__main__":
+    main()
