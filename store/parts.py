@@ -162,7 +162,7 @@ class PartFile:
         flat = sorted_rows.view(np.uint8).reshape(len(wanted), self.row_bytes)
         for lo, hi in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(wanted)].tolist(), strict=True):
             first = int(wanted[lo])
-            view = memoryview(flat[lo:hi]).cast("B")
+            view = flat[lo:hi].data.cast("B")
             if os.preadv(self.fd, [view], self.offset + first * self.row_bytes) != len(view):
                 raise IndexMismatchError(
                     f"index part file {self.path} was truncated after it was opened; {REBUILD_HINT}"
