@@ -299,6 +299,7 @@ class ParameterHook(_ScopedMode):
         with torch.autocast(grad.device.type, enabled=False):
             cotangent = _reduce_to(grad * factor, u.shape)
             names = list(roots)
+            per_example: list[torch.Tensor | None]
             if len(names) == 1 and roots[names[0]] is u:
                 per_example = [cotangent]
             else:

@@ -76,7 +76,7 @@ class LayerAdapter:
 
     def overrides_forward(self, module: Any) -> bool:
         """The module's class replaces the ``forward`` the hooks assume (hooked on its functional op instead)."""
-        return self.base is not None and type(module).forward is not self.base.forward
+        return self.base is not None and type(module).forward is not self.base.forward  # type: ignore[attr-defined]
 
     def problem(self, module: Any) -> str | None:
         """Why this module cannot be logged exactly (checked when it is selected), or None."""
@@ -273,7 +273,7 @@ class ConvAdapter(LayerAdapter):
 
     def problem(self, module) -> str | None:
         base = next(c for c in _CONVS if isinstance(module, c))
-        if type(module).forward is not base.forward:
+        if type(module).forward is not base.forward:  # type: ignore[attr-defined]
             return (
                 f"its class overrides {base.__name__}.forward, and gradstore hooks a convolution through the "
                 "module's own stride, padding, dilation and groups"
@@ -561,7 +561,7 @@ class ParameterAdapter(LayerAdapter):
     kind = "parameter"
 
     def __init__(self, attribute: str, shape: Sequence[int]):
-        self.attributes = {"weight": attribute}
+        self.attributes = {"weight": attribute}  # type: ignore[misc]  # per instance: the parameter's own name
         self.shape = tuple(shape)
 
     def dims(self, module) -> tuple[int, int, bool]:

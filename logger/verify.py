@@ -144,6 +144,7 @@ class ExactRows:
         """``[len(positions), D]``: row ``j`` from ``autograd.grad(losses[positions[j]])``; ``.grad`` untouched."""
         rows = []
         for i in positions:
+            grads: Sequence[torch.Tensor | None] | None
             try:
                 grads = torch.autograd.grad(losses[i], self.parameters, retain_graph=True, allow_unused=True)
             except RuntimeError as exc:

@@ -13,6 +13,7 @@ callers catch either ``GradstoreError`` (or one package's class) or the familiar
     │  logger/errors.py
     ├── UnknownLayerError .......... ValueError         layer patterns matched no supported module
     ├── UnsupportedLayerError ...... ValueError         a selected module the Kronecker path cannot handle exactly
+    │   └── ExactnessError ......... ValueError         first-batch rows differ from the exact per-example gradient
     ├── NonFiniteGradientError ..... FloatingPointError NaN/Inf projected gradients (``.ids`` lists the examples)
     ├── TaskError .................. ValueError         the user's Task broke its contract (e.g. loss shape)
     ├── BatchLayoutError ........... ValueError         a hooked module saw another batch size than the ids
@@ -38,6 +39,7 @@ callers catch either ``GradstoreError`` (or one package's class) or the familiar
     ├── QueryShapeError ............ ValueError         query vectors whose shape does not fit the index
     ├── StoreLockedError ........... TimeoutError       another `gradstore index` holds the store's lock
     ├── RemoteStoreError ........... OSError            a store URL lacking its driver; index changed mid-fetch
+    ├── DiskFullError .............. OSError            the device filled up while writing a store or index file
     │  server/errors.py
     ├── QueryError ................. ValueError         a query the engine cannot answer as asked
     ├── ConfigError ................ ValueError         a run config (``run.toml``) or setting missing or invalid

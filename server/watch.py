@@ -19,6 +19,7 @@ checked once at load; the re-check covers what is read from disk per query.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -134,7 +135,7 @@ class ContentCheck:
             if current == manifest.files:
                 for name, recorded in sorted(manifest.files.items()):
                     items.append(
-                        (int(recorded.get("bytes", 0)), lambda name=name: manifest.check_file(index.path, name))
+                        (int(recorded.get("bytes", 0)), functools.partial(manifest.check_file, index.path, name))
                     )
         for weights in getattr(engine, "weights", {}).values():
             if hasattr(weights, "recheck"):

@@ -28,7 +28,7 @@ class WeightsFile:
     """The weights file of checkpoint ``checkpoint``; ``sha256``: the one it was logged with (None: none was
     recorded, so the file as it is when this object is made is the reference). Refuses a file that differs."""
 
-    def __init__(self, checkpoint: str, path: str | Path, sha256: str | None, rows: str | Path | None = None):
+    def __init__(self, checkpoint: str, path: str | Path, sha256: str | None, rows: object | None = None):
         self.checkpoint, self.path = checkpoint, Path(path)
         self.rows = rows  # the checkpoint's folder in the store (what to delete to log it again with new weights)
         self.recorded = sha256 is not None

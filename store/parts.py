@@ -18,6 +18,7 @@ from typing import BinaryIO
 import numpy as np
 
 from .errors import DiskFullError, IndexMismatchError
+from .remote import RemotePath
 
 REBUILD_HINT = "rebuild it: `gradstore index --config ...` or GradientIndex.rebuild(path, store)"
 
@@ -88,7 +89,7 @@ class PartWriter:
 
 
 @contextlib.contextmanager
-def disk_full_is_typed(path: Path) -> Iterator[None]:
+def disk_full_is_typed(path: Path | RemotePath) -> Iterator[None]:
     """A full disk (or quota) while writing ``path`` is a :class:`DiskFullError` saying what to do."""
     try:
         yield
