@@ -584,7 +584,8 @@ class GradientStore:
         """Open an existing store (a folder, or a URL such as ``s3://bucket/run.zarr``), read-only by default."""
         path = as_path(path)
         if not (path / "zarr.json").exists():
-            if (path / "checkpoints").exists():
+            checkpoints = path / "checkpoints"
+            if _child_dirs(checkpoints) or orphan_nodes(checkpoints):  # a killed create leaves an empty group only
                 raise StoreCorruptError(
                     f"{path / 'zarr.json'} is missing while {path} holds checkpoints (deleted metadata: the projection "
                     f"is unknown); {_store_advice(path)}"
