@@ -157,7 +157,15 @@ class Unavailable:
         self.status = http_status(error) if isinstance(error, GradstoreError) else 503
         if self.status < 500:
             self.status = 503  # the run, not the request, is what is wrong
-        self.message = str(error) if isinstance(error, GradstoreError) else f"{type(error).__name__}: {error}"
+        if isinstance(error, GradstoreError):
+            self.message = str(error)
+        elif isinstance(error, OSError):  # a run file removed or unreadable under a running server
+            self.message = (
+                f"{type(error).__name__}: {error}; a file of the run changed or disappeared while serving: restore it, "
+                "or rebuild the index with `gradstore index --config ...`"
+            )
+        else:
+            self.message = f"{type(error).__name__}: {error}"
 
 
 def _reread(config: RunConfig) -> RunConfig:

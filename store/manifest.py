@@ -113,7 +113,12 @@ class IndexManifest:
         if not path.is_file():
             raise IndexMismatchError(f"index file {(label or directory) / name} is missing; {REBUILD_HINT}")
         recorded = self.files.get(name, {})
-        found = _digest(path)
+        try:
+            found = _digest(path)
+        except OSError as exc:  # removed or unreadable between the check above and the read
+            raise IndexMismatchError(
+                f"index file {(label or directory) / name} cannot be read ({exc}); {REBUILD_HINT}"
+            ) from exc
         if found != {"bytes": recorded.get("bytes"), "blake2b": recorded.get("blake2b")}:
             shown = (label or directory) / name
             raise IndexMismatchError(f"index file {shown} changed since it was built (checksum); {REBUILD_HINT}")
