@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WrapValidator, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -37,7 +36,22 @@ def _as_lists(value: Any) -> Any:
 
 Vectors = Annotated[list[list[list[float]]], WrapValidator(_keep_arrays), PlainSerializer(_as_lists)]
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_MAX = 3.4028234663852886e38  # np.finfo(np.float32).max, written out: the SDK imports without numpy
+
+
+def _first_out_of_range(values: Any, where: tuple[int, ...] = ()) -> tuple[tuple[int, ...], float] | None:
+    """The index and value of the first entry of nested lists that is NaN or Inf as float32, or None."""
+    if isinstance(values, (list, tuple)):
+        for i, value in enumerate(values):
+            found = _first_out_of_range(value, (*where, i))
+            if found is not None:
+                return found
+        return None
+    try:
+        number = float(values)
+    except (TypeError, ValueError):
+        return None  # non-numeric: the engine's shape check names it
+    return None if abs(number) <= FLOAT32_MAX else (where, number)  # NaN compares False: caught too
 
 
 def _check_range(vectors: Any) -> Any:
@@ -45,18 +59,24 @@ def _check_range(vectors: Any) -> Any:
     or non-numeric input is left to the engine's shape check, which names it."""
     if vectors is None:
         return vectors
-    try:
-        values = np.asarray(vectors, dtype=np.float64)
-    except (TypeError, ValueError):
-        return vectors
-    bad = ~(np.abs(values) <= FLOAT32_MAX)  # NaN compares False: caught too
-    if bad.any():
-        where = "".join(f"[{int(i)}]" for i in np.argwhere(bad)[0])
+    if hasattr(vectors, "__array__"):  # an in-process array: numpy is loaded already
+        import numpy as np
+
+        try:
+            values = np.asarray(vectors, dtype=np.float64)
+        except (TypeError, ValueError):
+            return vectors
+        bad = np.argwhere(~(np.abs(values) <= FLOAT32_MAX))
+        found = (tuple(int(i) for i in bad[0]), float(values[tuple(bad[0])])) if len(bad) else None
+    else:
+        found = _first_out_of_range(vectors)
+    if found is not None:
+        where, value = found
         raise PydanticCustomError(
             "vectors_range",
             "vectors{where} is {value}: NaN or Inf as float32; query vectors must be finite and within float32's "
             "range (|v| <= 3.4e38)",
-            {"where": where, "value": repr(float(values[tuple(np.argwhere(bad)[0])]))},
+            {"where": "".join(f"[{i}]" for i in where), "value": repr(value)},
         )
     return vectors
 

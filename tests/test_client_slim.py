@@ -3,7 +3,7 @@
 - The SDK (``gradstore.server.client``) imports and talks to a live server in a Python process where torch, FAISS,
   Zarr, FastAPI, transformers and scikit-learn cannot be imported (a ``sys.meta_path`` finder refuses them): a
   dashboard backend or a notebook that only speaks HTTP does not need them (``pip install gradstore[client]``).
-  What it still loads besides httpx and pydantic is numpy, through the request schemas.
+  Nor numpy: the SDK is httpx and pydantic.
 - ``/docs`` and ``/redoc`` reference only files the server itself serves (no CDN), and those files are there.
 - ``gradstore --help`` / ``--version`` import none of that stack either.
 """
@@ -23,7 +23,7 @@ from gradstore.server.config import RunConfig
 from gradstore.server.runs import open_engine
 from tests.helpers.serving import serve_in_thread
 
-HEAVY = ("torch", "faiss", "zarr", "fastapi", "starlette", "uvicorn", "transformers", "sklearn", "scipy")
+HEAVY = ("torch", "faiss", "zarr", "numpy", "fastapi", "starlette", "uvicorn", "transformers", "sklearn", "scipy")
 
 BLOCKER = f"""
 import sys
