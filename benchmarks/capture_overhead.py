@@ -16,12 +16,14 @@ batch ``--batch``, every trainable parameter logged: ``layers=["*"]``) is traine
 
 Every run builds its model afresh (same seed) and times each step after ``--warmup``; a round runs every mode once,
 each round in another (rotated) order, and a mode's figure is the median over all its timed steps (``min``: its
-fastest round's median, less sensitive to a loaded machine). Overheads are per step time against the mode's
-baseline; the passes are compared as examples/s. The default ``--quick`` grid (width 256, ranks 16 and 64, the
-loop, HF and Lightning modes and the passes) runs in a few minutes on 2 CPU cores; ``--full`` runs widths
-128-1024 and ranks 8-64. Stores are written to a temporary folder, so the writes are part of the cost.
+fastest round's median, less sensitive to a loaded machine). ``--clock cpu`` times the process's CPU time
+instead (all its threads, OpenMP workers sleeping when idle): the work a step costs, for a machine others load.
+Overheads are per step time against the mode's baseline; the passes are compared as examples/s. The default
+``--quick`` grid (width 256, ranks 16 and 64, the loop, HF and Lightning modes and the passes) runs in a few minutes
+on 2 CPU cores; ``--full`` runs widths 128-1024 and ranks 8-64. Stores are written to a temporary folder, so the
+writes are part of the cost.
 
-    python benchmarks/capture_overhead.py [--quick | --full] [--threads 2] [--device cpu] [--json out.json]
+    python benchmarks/capture_overhead.py [--quick | --full] [--threads 2] [--device cpu] [--clock cpu] [--json out]
     python benchmarks/capture_overhead.py --widths 1024 --ranks 16 --modes loop capture --rounds 5
 """
 
@@ -41,9 +43,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+if "--clock=cpu" in sys.argv or " ".join(sys.argv).find("--clock cpu") >= 0:
+    # idle OpenMP workers sleep instead of spinning, so CPU time counts work, not waiting (set before torch loads)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+_now = time.perf_counter  # --clock cpu: time.process_time (all threads of the process, the writer's included)
 
 BASELINES = {
     "capture": "loop",
@@ -122,11 +130,11 @@ class _Steps:
 
     def start(self) -> None:
         _sync(self.device)
-        self.last = time.perf_counter()
+        self.last = _now()
 
     def tick(self) -> None:
         _sync(self.device)
-        now = time.perf_counter()
+        now = _now()
         if self.count >= self.warmup:
             self.times.append(now - self.last)
         self.count, self.last = self.count + 1, now
@@ -291,11 +299,11 @@ def run_pass(cfg: argparse.Namespace, mode: str, tmp: Path) -> list[float]:
         times = []
         for i in range(0, len(rows), cfg.batch):
             _sync(cfg.device)
-            start = time.perf_counter()
+            start = _now()
             _example_losses(model, rows[i : i + cfg.batch]).sum().backward()
             model.zero_grad(set_to_none=True)
             _sync(cfg.device)
-            times.append(time.perf_counter() - start)
+            times.append(_now() - start)
         return times[cfg.warmup :]
     if mode == "bergson-pass":
         return _bergson_pass(cfg, model, rows, tmp)
@@ -307,10 +315,10 @@ def run_pass(cfg: argparse.Namespace, mode: str, tmp: Path) -> list[float]:
     with GradientLogger(model, task, store=tmp / "run.zarr", rank=cfg.rank, progress=False) as logger:
         logger.log_checkpoint("warmup", lr=0.1, examples=warm, batch_size=cfg.batch)  # includes the exactness check
         _sync(cfg.device)
-        start = time.perf_counter()
+        start = _now()
         logger.log_checkpoint("bench", lr=0.1, examples=timed, batch_size=cfg.batch)  # flushes its writes
         _sync(cfg.device)
-        elapsed = time.perf_counter() - start
+        elapsed = _now() - start
     return [elapsed / cfg.steps] * cfg.steps
 
 
@@ -342,7 +350,7 @@ def _bergson_pass(cfg: argparse.Namespace, model, rows: torch.Tensor, tmp: Path)
     for i in range(0, len(rows), cfg.batch):
         batch = rows[i : i + cfg.batch]
         _sync(cfg.device)
-        start = time.perf_counter()
+        start = _now()
         with collector.with_batch():
             embeds = model.get_input_embeddings()(batch).detach().requires_grad_(True)
             logits = model(inputs_embeds=embeds).logits[:, :-1]
@@ -351,9 +359,55 @@ def _bergson_pass(cfg: argparse.Namespace, model, rows: torch.Tensor, tmp: Path)
             losses.sum().backward()
         collector.process_batch(list(range(i, i + len(batch))), losses=losses.detach())
         _sync(cfg.device)
-        times.append(time.perf_counter() - start)
+        times.append(_now() - start)
     _bergson_flush(collector)
     return times[cfg.warmup :]
+
+
+def run_paired(cfg: argparse.Namespace, tmp: Path) -> dict[str, float]:
+    """``loop`` and ``capture`` step by step in one process: two copies of the model (same weights, same batches),
+    their steps alternating (AB BA AB ...), so each pair of steps sees the same machine load. Returns the medians
+    and the median of the per-pair ratios."""
+    from gradstore.logger import GradientLogger
+
+    plain, hooked = _model(cfg), _model(cfg)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (plain, hooked)]
+    logger = GradientLogger(hooked, None, store=tmp / "run.zarr", rank=cfg.rank, progress=False)
+    batches = [{k: v.to(cfg.device) for k, v in b.items()} for b in _batches(cfg)]
+    tokens = cfg.batch * (cfg.seq - 1)
+
+    def step(which: int, i: int, batch: dict) -> float:
+        model, optimizer = (plain, hooked)[which], optimizers[which]
+        _sync(cfg.device)
+        start = _now()
+        loss = model(**batch).loss
+        if which:
+            ids = np.arange(i * cfg.batch, (i + 1) * cfg.batch)
+            with logger.capture("c", 1e-4, ids, reduction="sum", loss_scale=1 / tokens):
+                loss.backward()
+        else:
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(cfg.device)
+        return _now() - start
+
+    pairs = []
+    for i, batch in enumerate(batches):
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        took = {which: step(which, i, batch) for which in order}
+        if i >= cfg.warmup:
+            pairs.append((took[0], took[1]))
+    start = _now()
+    logger.close()
+    pairs[-1] = (pairs[-1][0], pairs[-1][1] + _now() - start)
+    return {
+        "loop_ms": 1000 * statistics.median(p for p, _ in pairs),
+        "capture_ms": 1000 * statistics.median(c for _, c in pairs),
+        "overhead_percent_paired": 100 * (statistics.median(c / p for p, c in pairs) - 1),
+        "overhead_percent_total": 100 * (sum(c for _, c in pairs) / sum(p for p, _ in pairs) - 1),
+        "pairs": len(pairs),
+    }
 
 
 RUNNERS: dict[str, Callable[[argparse.Namespace, str, Path], list[float]]] = {
@@ -442,7 +496,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="only loop vs capture, step by step in one process (two model copies, alternating steps): the most "
+        "load-robust overhead figure; --steps pairs per width and rank",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: elapsed time; cpu: the process's CPU time (every thread, OMP_WAIT_POLICY=PASSIVE): the work a step "
+        "costs, much less sensitive to other processes on a shared machine than wall time",
+    )
     cfg = parser.parse_args()
+    if cfg.clock == "cpu":
+        global _now
+        _now = time.process_time
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     widths = cfg.widths or ([128, 256, 512, 1024] if cfg.full else [256])
@@ -459,6 +529,26 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows = []
+    if cfg.paired:
+        for width in widths:
+            for rank in ranks:
+                cfg.width, cfg.rank = width, rank
+                with tempfile.TemporaryDirectory() as tmp, _quiet():
+                    result = {"width": width, "rank": rank, **run_paired(cfg, Path(tmp))}
+                print(
+                    json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}), flush=True
+                )
+        print(
+            json.dumps(
+                {
+                    "threads": torch.get_num_threads(),
+                    "clock": cfg.clock,
+                    "load_before": load,
+                    "load_after": os.getloadavg(),
+                }
+            )
+        )
+        return
     for width in widths:
         for i, rank in enumerate(ranks):
             cfg.width, cfg.rank = width, rank
@@ -479,6 +569,8 @@ def main() -> None:
         "bergson": bergson,
         "steps": cfg.steps,
         "rounds": cfg.rounds,
+        "clock": cfg.clock,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_before": load,
         "load_after": after,
     }

@@ -37,6 +37,7 @@ from gradstore.projection import (
     project_onehot_inputs,
     project_outputs,
 )
+from gradstore.projection.kronecker import project_rows, transposed
 
 from .errors import BatchLayoutError, UnsupportedLayerError
 from .layers import ConvAdapter, EmbeddingBagAdapter, LayerAdapter, NormAdapter, RMSNormLikeAdapter
@@ -211,12 +212,29 @@ class WeightPart(_Part):
     def __init__(self, block: str, adapter: LayerAdapter, with_one: bool, block_bias: bool, rows: slice | None = None):
         super().__init__(block, adapter)
         self.with_one, self.drop_bias_column, self.rows = with_one, block_bias and not with_one, rows
+        self._prepared: tuple[LayerMatrices, torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
+
+    def _prepare(self, m: LayerMatrices) -> tuple[LayerMatrices, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(m, P_in^T, P_in's bias column, P_out^T)`` laid out for :func:`project_rows`, built once per ``m``."""
+        if self._prepared is None or self._prepared[0] is not m:
+            p_in = m.p_in[:, :-1] if self.drop_bias_column else m.p_in
+            bias = None
+            if self.with_one and not self.adapter.onehot:
+                p_in, bias = p_in[:, :-1], p_in[:, -1].contiguous()
+            p_out = m.p_out if self.rows is None else m.p_out[:, self.rows]
+            self._prepared = (m, transposed(p_in), bias, transposed(p_out))
+        return self._prepared
 
     def forward(self, module, x, m, extra=None):
         if m is None:
             return self.adapter.input_rows(module, x)
-        p_in = m.p_in[:, :-1] if self.drop_bias_column else m.p_in
-        return self._inputs(module, x, p_in, self.with_one)
+        _, p_in_t, bias, _ = self._prepare(m)
+        rows = self.adapter.input_rows(module, x)
+        if self.adapter.onehot:  # P_in e_i: a row gather of P_in^T
+            projected = p_in_t[rows]
+            padding_idx = getattr(module, "padding_idx", None)
+            return projected if padding_idx is None else projected * (rows != padding_idx).unsqueeze(-1)
+        return project_rows(rows, p_in_t, bias)
 
     def backward(self, module, feats, grad, m):
         return per_example_gradient(self._projected_grad(module, grad, m), feats)
@@ -230,8 +248,7 @@ class WeightPart(_Part):
         return outer_rows(self._projected_grad(module, grad, m), feats)
 
     def _projected_grad(self, module, grad, m):
-        p_out = m.p_out if self.rows is None else m.p_out[:, self.rows]
-        return project_outputs(self.adapter.output_grad(module, grad), p_out)
+        return project_rows(self.adapter.output_grad(module, grad), self._prepare(m)[3])
 
     def statistics(self, module, feats, grad, stats):
         stats.add_grads(self.adapter.output_grad(module, grad), self.rows)
@@ -247,19 +264,31 @@ class TransposedPart(_Part):
     def __init__(self, block: str, adapter: LayerAdapter, block_bias: bool):
         super().__init__(block, adapter)
         self.block_bias = block_bias
+        self._prepared: tuple[LayerMatrices, torch.Tensor, torch.Tensor] | None = None
+
+    def _prepare(self, m: LayerMatrices) -> tuple[LayerMatrices, torch.Tensor, torch.Tensor]:
+        """``(m, P_out^T, P_in^T without the bias column)``, built once per ``m``."""
+        if self._prepared is None or self._prepared[0] is not m:
+            p_in = m.p_in[:, :-1] if self.block_bias else m.p_in
+            self._prepared = (m, transposed(m.p_out), transposed(p_in))
+        return self._prepared
 
     def forward(self, module, x, m, extra=None):
-        return self._inputs(module, x, None if m is None else m.p_out, False)
+        if m is None or self.adapter.onehot:
+            return self._inputs(module, x, None if m is None else m.p_out, False)
+        return project_rows(self.adapter.input_rows(module, x), self._prepare(m)[1])
 
     def backward(self, module, feats, grad, m):
         return per_example_gradient(feats, self._projected_grad(module, grad, m))
+
+    def accumulate(self, module, feats, grad, m, out):
+        out.add_(torch.bmm(feats.transpose(1, 2), self._projected_grad(module, grad, m)).view(out.shape))
 
     def positions(self, module, feats, grad, m):
         return outer_rows(feats, self._projected_grad(module, grad, m))
 
     def _projected_grad(self, module, grad, m):
-        p_in = m.p_in[:, :-1] if self.block_bias else m.p_in
-        return project_outputs(self.adapter.output_grad(module, grad), p_in)
+        return project_rows(self.adapter.output_grad(module, grad), self._prepare(m)[2])
 
     def statistics(self, module, feats, grad, stats):
         if self.adapter.onehot:
@@ -315,7 +344,9 @@ class NormPart(_Part):
     def _columns(self, module: nn.Module, feats: tuple[torch.Tensor, int], grad: torch.Tensor) -> list[torch.Tensor]:
         """``[sum_t g_t * x^_t, sum_t g_t]`` (the bias column only with a bias), each ``[B, d]`` float32."""
         x = self._input(feats)
-        g = self.norm.output_grad(module, grad).float()
+        g = self.norm.output_grad(module, grad)
+        if g.dtype != torch.float32:
+            g = g.float()
         normalized = self.norm.normalized(module, x)
         if normalized.data_ptr() != x.data_ptr() and normalized.is_contiguous():
             product = normalized.mul_(g)  # a fresh tensor: multiply in place

@@ -33,3 +33,20 @@ def project_outputs(g: torch.Tensor, p_out: torch.Tensor) -> torch.Tensor:
 def per_example_gradient(projected_g: torch.Tensor, projected_x: torch.Tensor) -> torch.Tensor:
     """``sum_t b_t a_t^T`` per example, flattened row-major: ``[B, T, k_out], [B, T, k_in] -> [B, k_out * k_in]``."""
     return torch.bmm(projected_g.transpose(1, 2), projected_x).flatten(1)
+
+
+def transposed(p: torch.Tensor) -> torch.Tensor:
+    """``P^T`` as a contiguous ``[d, k]`` matrix: what the hooks multiply rows by (built once per set of matrices)."""
+    return p.T.contiguous()
+
+
+def project_rows(x: torch.Tensor, p_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x P^T (+ bias)`` for rows ``x`` ``[..., d]`` with a prepared ``p_t = P^T`` ``[d, k]``: ``[..., k]`` float32.
+
+    :func:`project_inputs` / :func:`project_outputs` with the transposes and the bias column split off beforehand
+    (``bias`` is ``P``'s last column for a homogeneous input): one matrix product, no per-call reshuffling."""
+    if x.dtype != torch.float32:
+        x = x.float()
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.mm(flat, p_t) if bias is None else torch.addmm(bias, flat, p_t)
+    return out.view(*x.shape[:-1], p_t.shape[1])
