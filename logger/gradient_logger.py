@@ -383,11 +383,11 @@ class GradientLogger(GradientProjector):
             return
         try:
             rows = self._to_storage(staged(), ids)
-        except BaseException as error:
+            for buffer, lo, hi in plan:
+                buffer.add(ids[lo:hi], rows[lo:hi])
+        except BaseException as error:  # a bad row or a failed write: no later chunk of this pass is committed
             failed.append(error)
             raise
-        for buffer, lo, hi in plan:
-            buffer.add(ids[lo:hi], rows[lo:hi])
 
     def _stage(self, grads: torch.Tensor, scale: float = 1.0) -> Callable[[], np.ndarray]:
         """Hand rows to the writer without waiting for them: returns a function (called on the writer thread) that
