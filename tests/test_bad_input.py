@@ -158,7 +158,8 @@ def test_reopen_with_same_projection_is_accepted(store_path, base):
 
 def test_unknown_layer_pattern_lists_available_layers(tmp_path):
     path = tmp_path / "new.zarr"
-    with pytest.raises(UnknownLayerError, match=r"layer patterns \['encoder\.\*'\] match no trainable block \(supported modules") as info:
+    expected = r"layer patterns \['encoder\.\*'\] match no trainable block \(supported modules"
+    with pytest.raises(UnknownLayerError, match=expected) as info:
         make_logger(path, layers=["0", "encoder.*"])
     assert isinstance(info.value, ValueError)
     assert "available: 0, 2" in str(info.value)  # the model's Linear layers, by module name
