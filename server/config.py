@@ -128,7 +128,11 @@ class StoreConfig(_Table):
 
     path: LocationPath = Field(description="the store's directory, or a URL (s3://bucket/run.zarr)")
     dtype: StoreDtype = Field(default="float16", description="dtype of the stored vectors")
-    chunk_rows: int = Field(default=1024, ge=1, description="rows per Zarr chunk (the unit of writing and resuming)")
+    chunk_rows: int | None = Field(
+        default=None,
+        ge=1,
+        description="rows per Zarr chunk (the unit of writing and resuming); default: ~4 MiB of rows",
+    )
     eval_path: LocationPath | None = Field(
         default=None, description="store of eval-set gradients for TrackStar's R_eval (default: <store stem>.eval.zarr)"
     )
