@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_leaves
 from .errors import UnsupportedLayerError
 from .selection import SelectedLayer
 
-_METADATA = frozenset(
+METADATA = frozenset(
     {
         "__get__",
         "size",
@@ -56,7 +56,7 @@ class _UseAudit(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name not in _METADATA:
+        if name not in METADATA:
             for leaf in tree_leaves((args, kwargs)):
                 key = id(leaf)
                 unowned = key in self.watched and not any(self.active.get(owner) for owner in self.owners[key])

@@ -27,33 +27,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .audit import METADATA as AUDIT_METADATA
 from .errors import BatchLayoutError, UnsupportedLayerError
 from .hooks import CaptureState, ModuleHook
 from .selection import SelectedLayer
 
-_METADATA = frozenset(
-    {
-        "size",
-        "dim",
-        "numel",
-        "stride",
-        "data_ptr",
-        "element_size",
-        "is_floating_point",
-        "is_complex",
-        "storage_offset",
-        "is_contiguous",
-        "get_device",
-        "nelement",
-        "ndimension",
-        "__len__",
-        "untyped_storage",
-        "__format__",
-        "__repr__",
-        "is_shared",
-        "is_pinned",
-    }
-)
+# the audit's metadata calls, less attribute reads: here reading the weight's ``.T`` or ``.dtype`` is looked at per op
+_METADATA = AUDIT_METADATA - {"__get__"}
 
 
 def _recording(state: CaptureState) -> bool:

@@ -25,41 +25,21 @@ import torch
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from gradstore.logger import CaptureError, GradientLogger, Task  # noqa: E402
 from gradstore.logger.callbacks import CaptureSession, Interval, IntervalPlan  # noqa: E402
 from gradstore.logger.hf import GradstoreCallback  # noqa: E402
 from gradstore.store import GradientStore  # noqa: E402
 
+from .helpers.hf_run import DOCS, collate, tiny_gpt2  # noqa: E402
+
 RANK = 16
 
 # 22 documents of 3..12 tokens: 6 micro-batches of 4 per epoch (the last of 2), 3 optimizer steps per epoch with
 # gradient accumulation 2. With save_steps=2 over 2 epochs the intervals are (0,2] (2,3] (3,4] (4,6]: saves at 2, 4,
 # 6 and epoch ends at 3, 6.
-_rng = np.random.default_rng(0)
-DOCS = [_rng.integers(1, 60, size=int(_rng.integers(3, 13))).tolist() for _ in range(22)]
 INTERVALS = {"checkpoint-2": (0, 2), "checkpoint-3": (2, 3), "checkpoint-4": (3, 4), "checkpoint-6": (4, 6)}
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=1, n_embd=16, n_head=2, vocab_size=60, n_positions=16, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
-    )
-    return GPT2LMHeadModel(config)
-
-
-def collate(features: list) -> dict:
-    """Right-pad to the batch's longest document; labels are -100 on padding."""
-    width = max(len(f["input_ids"]) for f in features)
-    ids = torch.zeros(len(features), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, feature in enumerate(features):
-        n = len(feature["input_ids"])
-        ids[row, :n] = torch.tensor(feature["input_ids"])
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
 class LMTask(Task):
