@@ -1,8 +1,8 @@
 """Training throughput with and without the gradstore callbacks on a tiny GPT-2 (CPU by default).
 
 Side by side in one run, alternating plain and logged runs (``--repeats`` each) so machine noise hits both:
-  hf         transformers.Trainer, with and without ``gradstore.logger.hf.GradstoreCallback``
-  lightning  lightning.Trainer, with and without ``gradstore.logger.lightning.GradstoreCallback``
+  hf         transformers.Trainer, with and without ``gradstore.logger.hf.GradstoreTrainerCallback``
+  lightning  lightning.Trainer, with and without ``gradstore.logger.lightning.GradstoreLightningCallback``
   loop       a hand-written loop, with and without ``GradientLogger.capture`` (the capture's own cost, for reference)
 Steps/s is timed over the optimizer steps after ``--warmup`` (so start-up, the store's creation and the initial
 weights' save are excluded); the median over repeats is reported with the overhead in percent (and the overhead
@@ -80,7 +80,7 @@ class _Clock:
 def run_hf(args: argparse.Namespace, logged: bool, tmp: Path) -> float:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from gradstore.logger.hf import GradstoreCallback
+    from gradstore.logger.hf import GradstoreTrainerCallback
 
     clock = _Clock(args.warmup)
 
@@ -90,7 +90,7 @@ def run_hf(args: argparse.Namespace, logged: bool, tmp: Path) -> float:
 
     callbacks: list = [Timer()]
     if logged:
-        callbacks.insert(0, GradstoreCallback(store=tmp / "run.zarr", rank=args.rank, layers=args.log_layers))
+        callbacks.insert(0, GradstoreTrainerCallback(store=tmp / "run.zarr", rank=args.rank, layers=args.log_layers))
     training = TrainingArguments(
         output_dir=str(tmp / "out"),
         per_device_train_batch_size=args.batch,
@@ -111,7 +111,7 @@ def run_hf(args: argparse.Namespace, logged: bool, tmp: Path) -> float:
 def run_lightning(args: argparse.Namespace, logged: bool, tmp: Path) -> float:
     import lightning.pytorch as pl
 
-    from gradstore.logger.lightning import GradstoreCallback
+    from gradstore.logger.lightning import GradstoreLightningCallback
 
     clock = _Clock(args.warmup)
 
@@ -133,7 +133,7 @@ def run_lightning(args: argparse.Namespace, logged: bool, tmp: Path) -> float:
     if logged:
         normalizer = lambda batch: (batch["labels"][:, 1:] != -100).sum()  # noqa: E731 - HF's token mean
         callbacks.append(
-            GradstoreCallback(
+            GradstoreLightningCallback(
                 store=tmp / "run.zarr", rank=args.rank, module="model", reduction=normalizer, layers=args.log_layers
             )
         )

@@ -6,9 +6,9 @@ batch ``--batch``, every trainable parameter logged: ``layers=["*"]``) is traine
   loop          a hand-written AdamW loop                                      (baseline of ``capture``)
   capture       the same loop with ``GradientLogger.capture()`` around each backward
   hf            ``transformers.Trainer``                                       (baseline of ``hf+gs``)
-  hf+gs         the same Trainer with ``gradstore.logger.hf.GradstoreCallback``
+  hf+gs         the same Trainer with ``gradstore.logger.hf.GradstoreTrainerCallback``
   lightning     ``lightning.Trainer``                                          (baseline of ``lightning+gs``)
-  lightning+gs  the same Trainer with ``gradstore.logger.lightning.GradstoreCallback``
+  lightning+gs  the same Trainer with ``gradstore.logger.lightning.GradstoreLightningCallback``
   fwdbwd        forward + backward of the per-example loss, no optimizer       (baseline of ``pass``)
   pass          ``GradientLogger.log_checkpoint`` over the same examples (the offline pass)
   bergson       EleutherAI Bergson's ``GradientCollector`` around the loop's backward (only when importable)
@@ -189,7 +189,7 @@ def run_loop(cfg: argparse.Namespace, mode: str, tmp: Path) -> list[float]:
 def run_hf(cfg: argparse.Namespace, mode: str, tmp: Path) -> list[float]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from gradstore.logger.hf import GradstoreCallback
+    from gradstore.logger.hf import GradstoreTrainerCallback
 
     clock = _Steps(cfg.warmup, cfg.device)
 
@@ -202,7 +202,7 @@ def run_hf(cfg: argparse.Namespace, mode: str, tmp: Path) -> list[float]:
 
     callbacks: list = [Timer()]
     if mode == "hf+gs":
-        callbacks.insert(0, GradstoreCallback(store=tmp / "run.zarr", rank=cfg.rank))
+        callbacks.insert(0, GradstoreTrainerCallback(store=tmp / "run.zarr", rank=cfg.rank))
     training = TrainingArguments(
         output_dir=str(tmp / "out"),
         per_device_train_batch_size=cfg.batch,
@@ -226,7 +226,7 @@ def run_hf(cfg: argparse.Namespace, mode: str, tmp: Path) -> list[float]:
 def run_lightning(cfg: argparse.Namespace, mode: str, tmp: Path) -> list[float]:
     import lightning.pytorch as pl
 
-    from gradstore.logger.lightning import GradstoreCallback
+    from gradstore.logger.lightning import GradstoreLightningCallback
 
     clock = _Steps(cfg.warmup, cfg.device)
 
@@ -250,7 +250,7 @@ def run_lightning(cfg: argparse.Namespace, mode: str, tmp: Path) -> list[float]:
     callbacks: list = []
     if mode == "lightning+gs":
         tokens = lambda batch: batch["labels"][:, 1:].numel()  # noqa: E731 - HF's token mean (no padding here)
-        callbacks.append(GradstoreCallback(store=tmp / "run.zarr", rank=cfg.rank, module="model", reduction=tokens))
+        callbacks.append(GradstoreLightningCallback(store=tmp / "run.zarr", rank=cfg.rank, module="model", reduction=tokens))
     data: Any = [{"input_ids": row} for row in _tokens(cfg, cfg.batch * (cfg.warmup + cfg.steps))]
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch, collate_fn=_collate)
     trainer = pl.Trainer(

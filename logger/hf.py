@@ -1,6 +1,6 @@
 """Hugging Face ``Trainer`` integration: log every training example's projected gradient while training.
 
-``Trainer(..., callbacks=[GradstoreCallback(store="runs/x.zarr", rank=16, layers=["*"])])``. Each interval between
+``Trainer(..., callbacks=[GradstoreTrainerCallback(store="runs/x.zarr", rank=16, layers=["*"])])``. Each interval between
 the Trainer's saves (and epoch ends) is one gradstore checkpoint, named after the checkpoint folder it ends in
 (``checkpoint-500``); see :mod:`gradstore.logger.callbacks` for what it records (weights and optimizer state at the
 interval's start, mean lr, end step).
@@ -39,12 +39,12 @@ from .errors import CaptureError
 from .hf_task import CausalLMTask
 from .projector import Rank
 
-__all__ = ["CausalLMTask", "GradstoreCallback"]
+__all__ = ["CausalLMTask", "GradstoreTrainerCallback"]
 
 LossNormalizer = Callable[[Mapping[str, Any]], float]
 
 
-class GradstoreCallback(TrainerCallback):
+class GradstoreTrainerCallback(TrainerCallback):
     """Logs each training example's projected gradient, at the weights of its step, as the Trainer trains.
 
     Args:
@@ -106,7 +106,7 @@ class GradstoreCallback(TrainerCallback):
         model: nn.Module = kwargs["model"]
         loader = kwargs.get("train_dataloader")
         if loader is None:
-            raise CaptureError("GradstoreCallback needs the Trainer's train dataloader (transformers >= 4.46)")
+            raise CaptureError("GradstoreTrainerCallback needs the Trainer's train dataloader (transformers >= 4.46)")
         self.close()
         self._tagged = tag_dataloader(loader)  # first: refuses an iterable dataset
         try:
@@ -203,7 +203,7 @@ class GradstoreCallback(TrainerCallback):
         loss = output.get("loss") if isinstance(output, Mapping) else None
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
             raise CaptureError(
-                "GradstoreCallback needs the model's own loss (outputs.loss, from labels in the batch) to be the one "
+                "GradstoreTrainerCallback needs the model's own loss (outputs.loss, from labels in the batch) to be the one "
                 "back-propagated; this forward returned none (label smoothing or a compute_loss_func pop the labels)"
             )
         assert self.session is not None
@@ -222,7 +222,7 @@ class GradstoreCallback(TrainerCallback):
         labels = kwargs.get("labels")
         if not isinstance(labels, torch.Tensor):
             raise CaptureError(
-                "GradstoreCallback cannot tell how the model's loss is normalised: the batch has no 'labels' tensor; "
+                "GradstoreTrainerCallback cannot tell how the model's loss is normalised: the batch has no 'labels' tensor; "
                 "pass loss_normalizer=fn(batch) -> N, where the loss is the sum of per-example losses / N"
             )
         if labels.dim() == 1:
@@ -236,7 +236,7 @@ class GradstoreCallback(TrainerCallback):
             missing = self._forwards - self.session.windows
             raise CaptureError(
                 f"{missing} training forward(s) were not back-propagated through the model's output loss, so their "
-                "examples were not logged; GradstoreCallback needs the Trainer to back-propagate outputs.loss "
+                "examples were not logged; GradstoreTrainerCallback needs the Trainer to back-propagate outputs.loss "
                 "(no compute_loss_func, no compute_loss override building another loss)"
             )
 
@@ -295,7 +295,7 @@ class GradstoreCallback(TrainerCallback):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(f"GradstoreCallback: {message}", stacklevel=3)
+            warnings.warn(f"GradstoreTrainerCallback: {message}", stacklevel=3)
 
 
 def example_losses(output: Any, labels: Any, causal: bool, normalizer: float) -> torch.Tensor | None:
@@ -326,3 +326,13 @@ def _shifts_labels(model: nn.Module) -> bool:
         "ForCausalLM",
         "ForCausalLMLoss",
     )
+
+
+def __getattr__(name: str) -> type:
+    # the name both callbacks had before each got its own (one release of grace for existing scripts)
+    if name == "GradstoreCallback":
+        import warnings
+
+        warnings.warn("GradstoreCallback is now GradstoreTrainerCallback", DeprecationWarning, stacklevel=2)
+        return GradstoreTrainerCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

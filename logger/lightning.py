@@ -1,6 +1,6 @@
 """Lightning integration: log every training example's projected gradient while ``lightning.Trainer`` trains.
 
-``Trainer(..., callbacks=[GradstoreCallback(store="runs/x.zarr", rank=16, reduction="mean")])``. Each interval
+``Trainer(..., callbacks=[GradstoreLightningCallback(store="runs/x.zarr", rank=16, reduction="mean")])``. Each interval
 (an epoch, or ``every_n_steps`` optimizer steps, never across an epoch's end) is one gradstore checkpoint named
 ``step-{end}``; see :mod:`gradstore.logger.callbacks` for what it records.
 """
@@ -34,12 +34,12 @@ from .callbacks import (
 from .errors import CaptureError
 from .projector import Rank
 
-__all__ = ["GradstoreCallback"]
+__all__ = ["GradstoreLightningCallback"]
 
 Reduction = Literal["mean", "sum"] | Callable[[Any], float]
 
 
-class GradstoreCallback(pl.Callback):
+class GradstoreLightningCallback(pl.Callback):
     """Logs each training example's projected gradient, at the weights of its step, as Lightning trains.
 
     Args:
@@ -95,7 +95,7 @@ class GradstoreCallback(pl.Callback):
         model = getattr(pl_module, self.module) if self.module else pl_module
         if not isinstance(model, nn.Module):
             raise CaptureError(
-                f"GradstoreCallback(module={self.module!r}) is not a torch module of the LightningModule"
+                f"GradstoreLightningCallback(module={self.module!r}) is not a torch module of the LightningModule"
             )
         reduction = self.reduction if self.reduction is not None else getattr(pl_module, "gradstore_reduction", "mean")
         if not callable(reduction) and reduction not in ("mean", "sum"):
@@ -106,7 +106,7 @@ class GradstoreCallback(pl.Callback):
         self._own = Path(self.weights_dir) if self.weights_dir is not None else root / "gradstore-weights"
         batches = trainer.num_training_batches
         if not math.isfinite(batches):
-            raise CaptureError("GradstoreCallback needs a train dataloader with a length (a map-style dataset)")
+            raise CaptureError("GradstoreLightningCallback needs a train dataloader with a length (a map-style dataset)")
         per_epoch = math.ceil(int(batches) / trainer.accumulate_grad_batches)
         max_steps = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
         self.plan = IntervalPlan((per_epoch, self.every_n_steps or 0), max_steps)
@@ -117,7 +117,7 @@ class GradstoreCallback(pl.Callback):
             loader = trainer.train_dataloader
             if not isinstance(loader, torch.utils.data.DataLoader):
                 raise CaptureError(
-                    f"GradstoreCallback reads dataset indices from one train DataLoader; got {type(loader).__name__}. "
+                    f"GradstoreLightningCallback reads dataset indices from one train DataLoader; got {type(loader).__name__}. "
                     "Have the dataset return each example's id and pass ids='key' or ids=fn(batch)"
                 )
             self._queued = queue_batch_indices(loader)
@@ -226,4 +226,14 @@ class GradstoreCallback(pl.Callback):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(f"GradstoreCallback: {message}", stacklevel=3)
+            warnings.warn(f"GradstoreLightningCallback: {message}", stacklevel=3)
+
+
+def __getattr__(name: str) -> type:
+    # the name both callbacks had before each got its own (one release of grace for existing scripts)
+    if name == "GradstoreCallback":
+        import warnings
+
+        warnings.warn("GradstoreCallback is now GradstoreLightningCallback", DeprecationWarning, stacklevel=2)
+        return GradstoreLightningCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
         mixed_means,
         normalize_rows,
     )
-    from .source import Segment, segment_factors, segments, source_chains
+    from .source import TrainingInterval, interval_factors, source_chains, training_intervals
     from .spec import INITS, LAYER_KINDS, Init, LayerKind, LayerSpec, ProjectionSpec
 
 _MODULE_OF = {
@@ -61,9 +61,9 @@ _MODULE_OF = {
     "kind_traits": "preconditioner",
     "mixed_means": "preconditioner",
     "normalize_rows": "preconditioner",
-    "Segment": "source",
-    "segment_factors": "source",
-    "segments": "source",
+    "TrainingInterval": "source",
+    "interval_factors": "source",
+    "training_intervals": "source",
     "source_chains": "source",
     "INITS": "spec",
     "LAYER_KINDS": "spec",
@@ -109,7 +109,7 @@ __all__ = [
     "ProjectionMismatchError",
     "ProjectionSpec",
     "ProjectionSpecError",
-    "Segment",
+    "TrainingInterval",
     "build_matrices",
     "eigenbasis_apply",
     "fold_denominator",
@@ -124,7 +124,7 @@ __all__ = [
     "project_outputs",
     "random_matrix",
     "rank1_denominator",
-    "segment_factors",
-    "segments",
+    "interval_factors",
+    "training_intervals",
     "source_chains",
 ]

@@ -32,7 +32,7 @@ import numpy as np
 
 from .ekfac import EkfacCurvature, LayerEigenbasis, eigenbasis_apply
 from .errors import PreconditionerError
-from .source import Segment, source_chains
+from .source import TrainingInterval, source_chains
 from .spec import LayerSpec
 
 PreconditionerKind = Literal["identity", "kfac", "block", "ekfac", "source"]
@@ -219,7 +219,7 @@ class Preconditioner:
 
     @classmethod
     def source(
-        cls, curvatures: Sequence[EkfacCurvature], schedule: Sequence[Segment], damping: float = 0.1
+        cls, curvatures: Sequence[EkfacCurvature], schedule: Sequence[TrainingInterval], damping: float = 0.1
     ) -> list[Preconditioner]:
         """SOURCE's training-side maps ``T_c = S_L ... S_{c+1} F_c``, one per checkpoint (in ``schedule`` order, which
         ends at the final checkpoint); see :mod:`.source` for the derivation."""

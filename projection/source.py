@@ -3,7 +3,7 @@
 Derivation. SGD with per-step lr ``eta_k`` and batch ``B``: ``theta_{k+1} = theta_k - eta_k / B sum_i (1 + delta_ki
 eps) grad L(z_ki, theta_k)``, where ``delta_ki`` marks the example ``z`` being up-weighted by ``eps``. To first order
 ``d theta_T / d eps = -sum_k eta_k / B delta_k J_{k+1:T} g_k`` with ``J_k = I - eta_k H_k`` and ``g_k`` the gradient
-of ``z``. Split training at the checkpoints into segments ``l = 1..L`` (steps ``T_{l-1} < k <= T_l``, ``K_l = T_l -
+of ``z``. Split training at the checkpoints into training intervals ``l = 1..L`` (steps ``T_{l-1} < k <= T_l``, ``K_l = T_l -
 T_{l-1}`` of them), take each segment's Hessian, lr and gradient as stationary (``H_l``, ``eta_l``, ``g_l``) and
 independent across segments, and average over batch orders (``E[delta_k] / B = 1 / N``)::
 
@@ -60,7 +60,7 @@ Factor = tuple[LayerEigenbasis, np.ndarray]
 
 
 @dataclass(frozen=True)
-class Segment:
+class TrainingInterval:
     """The stretch of training a checkpoint ends: ``steps`` SGD steps (``K``) at lr ``lr`` (``eta``)."""
 
     name: str
@@ -68,8 +68,8 @@ class Segment:
     lr: float
 
 
-def segments(names: Sequence[str], steps: Sequence[int | None], lrs: Sequence[float]) -> list[Segment]:
-    """The segments ending at each checkpoint: ``K_c = t_c - t_{c-1}``, ``t_0 = 0``; refused (clearly) when a step is
+def training_intervals(names: Sequence[str], steps: Sequence[int | None], lrs: Sequence[float]) -> list[TrainingInterval]:
+    """The training intervals ending at each checkpoint: ``K_c = t_c - t_{c-1}``, ``t_0 = 0``; refused (clearly) when a step is
     missing, the steps do not increase, or an lr is negative."""
     if not names:
         raise PreconditionerError("preconditioner 'source' needs at least one checkpoint")
@@ -90,30 +90,30 @@ def segments(names: Sequence[str], steps: Sequence[int | None], lrs: Sequence[fl
             )
         if not (math.isfinite(lr) and lr >= 0):
             raise PreconditionerError(f"preconditioner 'source' needs lr >= 0 at each checkpoint, {name!r} has {lr}")
-        out.append(Segment(name, step - previous, float(lr)))
+        out.append(TrainingInterval(name, step - previous, float(lr)))
         previous = step
     return out
 
 
-def segment_factors(curvature: EkfacCurvature, segment: Segment, damping: float) -> dict[str, tuple[Factor, Factor]]:
+def interval_factors(curvature: EkfacCurvature, interval: TrainingInterval, damping: float) -> dict[str, tuple[Factor, Factor]]:
     """Per layer, ``(F, S)``: ``F = (I - exp(-eta K H)) H^{-1}`` and ``S = exp(-eta K H)`` in ``H``'s eigenbasis."""
     out = {}
     for name, sigma in curvature.damped(damping).items():
-        x = segment.lr * segment.steps * sigma
+        x = interval.lr * interval.steps * sigma
         # (1 - e^{-x}) / sigma, with its limit eta K where sigma is 0 (a layer without gradient)
-        f = np.where(sigma > 0, -np.expm1(-x) / np.where(sigma > 0, sigma, 1.0), segment.lr * segment.steps)
+        f = np.where(sigma > 0, -np.expm1(-x) / np.where(sigma > 0, sigma, 1.0), interval.lr * interval.steps)
         basis = curvature.bases[name]
         out[name] = ((basis, f), (basis, np.exp(-x)))
     return out
 
 
 def source_chains(
-    curvatures: Sequence[EkfacCurvature], schedule: Sequence[Segment], damping: float
+    curvatures: Sequence[EkfacCurvature], schedule: Sequence[TrainingInterval], damping: float
 ) -> list[dict[str, list[Factor]]]:
     """Per checkpoint ``c``, per layer, the factors of ``T_c = S_L ... S_{c+1} F_c`` in the order they apply."""
     if len(curvatures) != len(schedule):
         raise PreconditionerError(f"{len(curvatures)} curvatures for {len(schedule)} segments")
-    factors = [segment_factors(h, s, damping) for h, s in zip(curvatures, schedule)]
+    factors = [interval_factors(h, s, damping) for h, s in zip(curvatures, schedule)]
     chains = []
     for c, own in enumerate(factors):
         chains.append({name: [f] + [later[name][1] for later in factors[c + 1 :]] for name, (f, _) in own.items()})

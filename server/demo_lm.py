@@ -4,7 +4,7 @@
 and their made-up capitals, each fact stated by a few documents in different phrasings among filler sentences,
 plus distractor documents that name a country or a city alone and pure filler. It builds a word-level tokenizer on
 the corpus (``tokenizers`` WordLevel in a ``PreTrainedTokenizerFast``), trains a 2-layer GPT-2 with
-``transformers.Trainer`` and :class:`~gradstore.logger.hf.GradstoreCallback` (one gradstore checkpoint per epoch,
+``transformers.Trainer`` and :class:`~gradstore.logger.hf.GradstoreTrainerCallback` (one gradstore checkpoint per epoch,
 each example's gradient taken at its own step's weights), writes ``run.toml`` for
 :class:`~gradstore.logger.hf_task.CausalLMTask` over the callback's store, and builds the index. A query
 ``{"prompt": "the capital of <country> is", "completion": " <city>"}`` then ranks the documents that taught that
@@ -226,7 +226,7 @@ def _train(workdir: Path, corpus: Corpus, progress: bool) -> dict[str, Any]:
     """Tokenizer, initial model folder, and a Trainer run with the callback logging into ``lm.zarr``."""
     from transformers import DataCollatorForLanguageModeling, PrinterCallback, Trainer, TrainingArguments
 
-    from gradstore.logger.hf import GradstoreCallback
+    from gradstore.logger.hf import GradstoreTrainerCallback
     from gradstore.logger.hf_task import CausalLMTask
 
     tokenizer = make_tokenizer(corpus.texts)
@@ -248,7 +248,7 @@ def _train(workdir: Path, corpus: Corpus, progress: bool) -> dict[str, Any]:
         print(
             f"lm demo: {figures['documents']} documents ({figures['facts']} planted facts, {figures['tokens']} tokens, "
             f"{figures['vocabulary']} words); training a {model.config.n_layer}-layer GPT-2 "
-            f"({figures['parameters']:,} parameters) for {N_EPOCHS} epochs with GradstoreCallback",
+            f"({figures['parameters']:,} parameters) for {N_EPOCHS} epochs with GradstoreTrainerCallback",
             flush=True,
         )
     args = TrainingArguments(
@@ -268,7 +268,7 @@ def _train(workdir: Path, corpus: Corpus, progress: bool) -> dict[str, Any]:
         disable_tqdm=not progress,
         dataloader_num_workers=0,
     )
-    callback = GradstoreCallback(store=workdir / "lm.zarr", rank=RANK, layers=["*"], seed=0, chunk_rows=256)
+    callback = GradstoreTrainerCallback(store=workdir / "lm.zarr", rank=RANK, layers=["*"], seed=0, chunk_rows=256)
     trainer = Trainer(
         model=model,
         args=args,

@@ -21,7 +21,7 @@ from gradstore.projection import (
     kind_traits,
     kronecker_eigenbases,
     mixed_means,
-    segments,
+    training_intervals,
 )
 
 from .errors import StoreFormatError
@@ -179,6 +179,6 @@ def fit_preconditioners(
     if options.preconditioner != "source":
         return {name: fit_preconditioner(store, eval_store, name, options, progress) for name in checkpoints}
     infos = [store.checkpoint_info(name) for name in checkpoints]
-    schedule = segments(list(checkpoints), [info.step for info in infos], [info.lr for info in infos])  # fail early
+    schedule = training_intervals(list(checkpoints), [info.step for info in infos], [info.lr for info in infos])  # fail early
     curvatures = [fit_ekfac_curvature(store, None, name, options, progress) for name in checkpoints]
     return dict(zip(checkpoints, Preconditioner.source(curvatures, schedule, options.damping), strict=True))

@@ -1,5 +1,5 @@
 """``gradstore demo --task lm`` (issue 10, "A text demo"): a tiny GPT-2 trained with ``transformers.Trainer`` and
-``GradstoreCallback`` on a synthetic corpus of planted facts, indexed with ``CausalLMTask`` and no user code.
+``GradstoreTrainerCallback`` on a synthetic corpus of planted facts, indexed with ``CausalLMTask`` and no user code.
 
 One session fixture prepares the demo (about 20-30 s on 2 cores); the tests query each planted fact's prompt /
 completion through ``gradstore query``, explain the top proponent's tokens, and check the preparation is reused.

@@ -1,4 +1,4 @@
-"""gradstore.logger.hf.GradstoreCallback: rows logged while a Hugging Face Trainer trains.
+"""gradstore.logger.hf.GradstoreTrainerCallback: rows logged while a Hugging Face Trainer trains.
 
 Test 1: with learning_rate=0 the weights never move, so every example's row must equal an offline
 ``log_checkpoint`` at the same weights (1e-5 relative), whatever the Trainer does around it: gradient
@@ -29,7 +29,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 
 from gradstore.logger import CaptureError, GradientLogger, Task  # noqa: E402
 from gradstore.logger.callbacks import CaptureSession, Interval, IntervalPlan  # noqa: E402
-from gradstore.logger.hf import GradstoreCallback  # noqa: E402
+from gradstore.logger.hf import GradstoreTrainerCallback  # noqa: E402
 from gradstore.store import GradientStore  # noqa: E402
 
 from .helpers.hf_run import DOCS, collate, tiny_gpt2  # noqa: E402
@@ -111,7 +111,7 @@ def test_rows_equal_an_offline_pass_at_the_same_weights(tmp_path, variant):
     overrides: dict = {}
     if variant == "checkpointing_and_workers":  # ids travel with batches collated in worker processes
         overrides.update(activation_checkpointing=True, dataloader_num_workers=2)
-    callback = GradstoreCallback(store=tmp_path / "run.zarr", rank=RANK, layers=["*"], dtype="float32")
+    callback = GradstoreTrainerCallback(store=tmp_path / "run.zarr", rank=RANK, layers=["*"], dtype="float32")
     trainer = Trainer(
         model=tiny_gpt2(),
         args=training_args(tmp_path / "out", **overrides),
@@ -146,7 +146,7 @@ def test_rows_equal_an_offline_pass_at_the_same_weights(tmp_path, variant):
 
 
 def test_bf16_rows_match_to_bf16_precision(tmp_path):
-    callback = GradstoreCallback(store=tmp_path / "run.zarr", rank=RANK, dtype="float32")
+    callback = GradstoreTrainerCallback(store=tmp_path / "run.zarr", rank=RANK, dtype="float32")
     trainer = Trainer(
         model=tiny_gpt2(),
         args=training_args(tmp_path / "out", bf16=True, num_train_epochs=1),
@@ -183,7 +183,7 @@ def _train(tmp: Path, with_callback: bool):
     rates = RecordLR()
     callbacks: list = [rates]
     if with_callback:
-        callbacks.append(GradstoreCallback(store=tmp / "run.zarr", rank=RANK, adam_correction=True))
+        callbacks.append(GradstoreTrainerCallback(store=tmp / "run.zarr", rank=RANK, adam_correction=True))
     trainer = Trainer(
         model=tiny_gpt2(),
         args=training_args(tmp / "out", learning_rate=1e-2, warmup_steps=2),
@@ -222,7 +222,7 @@ def _resume_trainer(tmp: Path, callbacks: list) -> Trainer:
         args=training_args(tmp / "out"),
         train_dataset=train_dataset(),
         data_collator=collate,
-        callbacks=[GradstoreCallback(store=tmp / "run.zarr", rank=RANK, dtype="float32", chunk_rows=4), *callbacks],
+        callbacks=[GradstoreTrainerCallback(store=tmp / "run.zarr", rank=RANK, dtype="float32", chunk_rows=4), *callbacks],
     )
 
 
@@ -238,7 +238,7 @@ def test_a_crashed_run_resumed_from_its_checkpoint_logs_every_id_once(tmp_path):
                 raise Crash
 
     crashed = _resume_trainer(tmp_path, [CrashAfterStep5()])
-    ours = next(c for c in crashed.callback_handler.callbacks if isinstance(c, GradstoreCallback))
+    ours = next(c for c in crashed.callback_handler.callbacks if isinstance(c, GradstoreTrainerCallback))
     with pytest.raises(Crash):
         crashed.train()  # the callback is abandoned as a killed process would leave it: no close, no flush
     assert GradientStore.open(tmp_path / "run.zarr").num_rows("checkpoint-6") == 8
@@ -265,7 +265,7 @@ def ddp_worker(out: Path) -> None:
         args=training_args(out / "out", per_device_train_batch_size=2, ddp_backend="gloo", dataloader_drop_last=True),
         train_dataset=train_dataset(),
         data_collator=collate,
-        callbacks=[GradstoreCallback(store=out / "run.zarr", rank=RANK, dtype="float32")],
+        callbacks=[GradstoreTrainerCallback(store=out / "run.zarr", rank=RANK, dtype="float32")],
     )
     trainer.train()
 
@@ -341,7 +341,7 @@ def test_a_loss_other_than_the_models_is_refused(tmp_path):
         args=training_args(tmp_path / "out", label_smoothing_factor=0.1),
         train_dataset=train_dataset(),
         data_collator=collate,
-        callbacks=[GradstoreCallback(store=tmp_path / "run.zarr", rank=RANK)],
+        callbacks=[GradstoreTrainerCallback(store=tmp_path / "run.zarr", rank=RANK)],
     )
     with pytest.raises(CaptureError, match="model's own loss"):
         trainer.train()
@@ -354,7 +354,7 @@ def test_an_iterable_dataset_is_refused(tmp_path):
         args=training_args(tmp_path / "out", max_steps=2),
         train_dataset=stream,
         data_collator=collate,
-        callbacks=[GradstoreCallback(store=tmp_path / "run.zarr", rank=RANK)],
+        callbacks=[GradstoreTrainerCallback(store=tmp_path / "run.zarr", rank=RANK)],
     )
     with pytest.raises(CaptureError, match="iterable dataset"):
         trainer.train()

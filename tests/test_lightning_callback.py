@@ -1,4 +1,4 @@
-"""gradstore.logger.lightning.GradstoreCallback: rows logged while ``lightning.Trainer`` trains.
+"""gradstore.logger.lightning.GradstoreLightningCallback: rows logged while ``lightning.Trainer`` trains.
 
 Test 1: with a zero learning rate every example's row equals an offline ``log_checkpoint`` at the same weights
 (1e-5 relative) under gradient accumulation 2, shuffling and padding, for a per-example mean and a token-mean
@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 
 import lightning.pytorch as pl
 
-from gradstore.logger.lightning import GradstoreCallback
+from gradstore.logger.lightning import GradstoreLightningCallback
 from gradstore.store import GradientStore
 from tests.test_hf_callback import DOCS, RANK, LMTask, collate, offline_rows, relative_errors, tiny_gpt2
 
@@ -56,7 +56,7 @@ class LitLM(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
 
 
-def _fit(tmp, module: LitLM, callback: GradstoreCallback | None, loader: Any = None, **trainer_args) -> Any:
+def _fit(tmp, module: LitLM, callback: GradstoreLightningCallback | None, loader: Any = None, **trainer_args) -> Any:
     torch.manual_seed(1)  # the shuffle order
     examples: Any = [{"input_ids": d} for d in DOCS]
     loader = loader or torch.utils.data.DataLoader(examples, batch_size=4, shuffle=True, collate_fn=collate)
@@ -94,7 +94,7 @@ def _check_rows(tmp, module: LitLM, tolerance: float = 1e-5) -> GradientStore:
 @pytest.mark.parametrize("loss", ["mean", "token_mean"])
 def test_rows_equal_an_offline_pass_at_the_same_weights(tmp_path, loss):
     reduction = (lambda batch: (batch["labels"][:, 1:] != -100).sum()) if loss == "token_mean" else "mean"
-    callback = GradstoreCallback(
+    callback = GradstoreLightningCallback(
         store=tmp_path / "run.zarr", rank=RANK, module="model", dtype="float32", reduction=reduction, every_n_steps=2
     )
     module = LitLM(loss=loss)
@@ -113,7 +113,7 @@ def test_ids_can_come_from_the_batch(tmp_path):
         return {**collate(features), "idx": torch.tensor([f["idx"] for f in features])}
 
     loader = torch.utils.data.DataLoader(examples, batch_size=4, shuffle=True, collate_fn=collate_with_ids)
-    callback = GradstoreCallback(
+    callback = GradstoreLightningCallback(
         store=tmp_path / "run.zarr", rank=RANK, module="model", dtype="float32", ids="idx", every_n_steps=2
     )
     module = LitLM()
@@ -126,7 +126,7 @@ def test_fp16_gradscaler_rows_match_to_fp16_precision(tmp_path):
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    callback = GradstoreCallback(
+    callback = GradstoreLightningCallback(
         store=tmp_path / "run.zarr", rank=RANK, module="model", dtype="float32", every_n_steps=2
     )
     module = LitLM()
@@ -147,7 +147,7 @@ def test_training_with_the_callback_is_unchanged(tmp_path):
     plain = LitLM(lr=1e-2, schedule=True)
     _fit(tmp_path / "plain", plain, None)
     logged = LitLM(lr=1e-2, schedule=True)
-    callback = GradstoreCallback(
+    callback = GradstoreLightningCallback(
         store=tmp_path / "run.zarr", rank=RANK, module="model", every_n_steps=2, adam_correction=True
     )
     with pytest.warns(UserWarning, match="no Adam state at step 0"):

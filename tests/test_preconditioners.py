@@ -24,7 +24,7 @@ from gradstore.projection import (
     PreconditionerError,
     kronecker_eigenbases,
     mixed_means,
-    segments,
+    training_intervals,
 )
 from gradstore.server.engine import QueryEngine, QueryError
 from gradstore.store import KINDS, CheckpointInfo, GradientIndex, GradientStore, IndexMismatchError, IndexOptions
@@ -356,7 +356,7 @@ def test_a_layer_without_gradient_stays_finite():
     assert np.isfinite(out).all() and not out[:, dead].any()
     expected = Preconditioner.ekfac(_curvature(rows[0][:, live], alone), damping=0.1).apply(query[:, live])
     np.testing.assert_allclose(out[:, live], expected, rtol=1e-6)
-    schedule = segments(["c0", "c1"], [5, 12], [0.2, 0.1])
+    schedule = training_intervals(["c0", "c1"], [5, 12], [0.2, 0.1])
     both = Preconditioner.source([_curvature(r, spec) for r in rows], schedule, damping=0.1)
     single = Preconditioner.source([_curvature(r[:, live], alone) for r in rows], schedule, damping=0.1)
     for full, part in zip(both, single):

@@ -15,7 +15,7 @@ datasets = pytest.importorskip("datasets")
 
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
-from gradstore.logger.hf import GradstoreCallback  # noqa: E402
+from gradstore.logger.hf import GradstoreTrainerCallback  # noqa: E402
 from gradstore.server import cli  # noqa: E402
 from gradstore.store import GradientStore  # noqa: E402
 
@@ -41,7 +41,7 @@ def trained(tmp_path_factory) -> Path:
         seed=0,
         disable_tqdm=True,
     )
-    callback = GradstoreCallback(store=run / "run.zarr", rank=(4, 6), dtype="float32", adam_correction=True)
+    callback = GradstoreTrainerCallback(store=run / "run.zarr", rank=(4, 6), dtype="float32", adam_correction=True)
     dataset = datasets.Dataset.from_dict({"input_ids": DOCS})
     with pytest.warns(UserWarning, match="no Adam state"):
         Trainer(tiny_gpt2(), args, train_dataset=dataset, data_collator=collate, callbacks=[callback]).train()
