@@ -250,7 +250,9 @@ def run_lightning(cfg: argparse.Namespace, mode: str, tmp: Path) -> list[float]:
     callbacks: list = []
     if mode == "lightning+gs":
         tokens = lambda batch: batch["labels"][:, 1:].numel()  # noqa: E731 - HF's token mean (no padding here)
-        callbacks.append(GradstoreLightningCallback(store=tmp / "run.zarr", rank=cfg.rank, module="model", reduction=tokens))
+        callbacks.append(
+            GradstoreLightningCallback(store=tmp / "run.zarr", rank=cfg.rank, module="model", reduction=tokens)
+        )
     data: Any = [{"input_ids": row} for row in _tokens(cfg, cfg.batch * (cfg.warmup + cfg.steps))]
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch, collate_fn=_collate)
     trainer = pl.Trainer(

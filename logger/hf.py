@@ -1,7 +1,7 @@
 """Hugging Face ``Trainer`` integration: log every training example's projected gradient while training.
 
-``Trainer(..., callbacks=[GradstoreTrainerCallback(store="runs/x.zarr", rank=16, layers=["*"])])``. Each interval between
-the Trainer's saves (and epoch ends) is one gradstore checkpoint, named after the checkpoint folder it ends in
+``Trainer(..., callbacks=[GradstoreTrainerCallback(store="runs/x.zarr", rank=16, layers=["*"])])``. Each interval
+between the Trainer's saves (and epoch ends) is one gradstore checkpoint, named after the checkpoint folder it ends in
 (``checkpoint-500``); see :mod:`gradstore.logger.callbacks` for what it records (weights and optimizer state at the
 interval's start, mean lr, end step).
 """
@@ -203,8 +203,9 @@ class GradstoreTrainerCallback(TrainerCallback):
         loss = output.get("loss") if isinstance(output, Mapping) else None
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
             raise CaptureError(
-                "GradstoreTrainerCallback needs the model's own loss (outputs.loss, from labels in the batch) to be the one "
-                "back-propagated; this forward returned none (label smoothing or a compute_loss_func pop the labels)"
+                "GradstoreTrainerCallback needs the model's own loss (outputs.loss, from labels in the batch) to be "
+                "the one back-propagated; this forward returned none "
+                "(label smoothing or a compute_loss_func pops the labels)"
             )
         assert self.session is not None
         losses = None
@@ -222,8 +223,8 @@ class GradstoreTrainerCallback(TrainerCallback):
         labels = kwargs.get("labels")
         if not isinstance(labels, torch.Tensor):
             raise CaptureError(
-                "GradstoreTrainerCallback cannot tell how the model's loss is normalised: the batch has no 'labels' tensor; "
-                "pass loss_normalizer=fn(batch) -> N, where the loss is the sum of per-example losses / N"
+                "GradstoreTrainerCallback cannot tell how the model's loss is normalised: the batch has no 'labels' "
+                "tensor; pass loss_normalizer=fn(batch) -> N, where the loss is the sum of per-example losses / N"
             )
         if labels.dim() == 1:
             return float(labels.shape[0])

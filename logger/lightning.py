@@ -106,7 +106,9 @@ class GradstoreLightningCallback(pl.Callback):
         self._own = Path(self.weights_dir) if self.weights_dir is not None else root / "gradstore-weights"
         batches = trainer.num_training_batches
         if not math.isfinite(batches):
-            raise CaptureError("GradstoreLightningCallback needs a train dataloader with a length (a map-style dataset)")
+            raise CaptureError(
+                "GradstoreLightningCallback needs a train dataloader with a length (a map-style dataset)"
+            )
         per_epoch = math.ceil(int(batches) / trainer.accumulate_grad_batches)
         max_steps = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
         self.plan = IntervalPlan((per_epoch, self.every_n_steps or 0), max_steps)
@@ -117,8 +119,9 @@ class GradstoreLightningCallback(pl.Callback):
             loader = trainer.train_dataloader
             if not isinstance(loader, torch.utils.data.DataLoader):
                 raise CaptureError(
-                    f"GradstoreLightningCallback reads dataset indices from one train DataLoader; got {type(loader).__name__}. "
-                    "Have the dataset return each example's id and pass ids='key' or ids=fn(batch)"
+                    f"GradstoreLightningCallback reads dataset indices from one train DataLoader; got "
+                    f"{type(loader).__name__}. Have the dataset return each example's id and pass ids='key' or "
+                    "ids=fn(batch)"
                 )
             self._queued = queue_batch_indices(loader)
 

@@ -113,6 +113,7 @@ __all__ = [
     "build_matrices",
     "eigenbasis_apply",
     "fold_denominator",
+    "interval_factors",
     "kind_traits",
     "kronecker_eigenbases",
     "matrices_checksum",
@@ -124,7 +125,6 @@ __all__ = [
     "project_outputs",
     "random_matrix",
     "rank1_denominator",
-    "interval_factors",
-    "training_intervals",
     "source_chains",
+    "training_intervals",
 ]

@@ -3,7 +3,7 @@
 Derivation. SGD with per-step lr ``eta_k`` and batch ``B``: ``theta_{k+1} = theta_k - eta_k / B sum_i (1 + delta_ki
 eps) grad L(z_ki, theta_k)``, where ``delta_ki`` marks the example ``z`` being up-weighted by ``eps``. To first order
 ``d theta_T / d eps = -sum_k eta_k / B delta_k J_{k+1:T} g_k`` with ``J_k = I - eta_k H_k`` and ``g_k`` the gradient
-of ``z``. Split training at the checkpoints into training intervals ``l = 1..L`` (steps ``T_{l-1} < k <= T_l``, ``K_l = T_l -
+of ``z``. Split training at the checkpoints into intervals ``l = 1..L`` (steps ``T_{l-1} < k <= T_l``, ``K_l = T_l -
 T_{l-1}`` of them), take each segment's Hessian, lr and gradient as stationary (``H_l``, ``eta_l``, ``g_l``) and
 independent across segments, and average over batch orders (``E[delta_k] / B = 1 / N``)::
 
@@ -68,8 +68,10 @@ class TrainingInterval:
     lr: float
 
 
-def training_intervals(names: Sequence[str], steps: Sequence[int | None], lrs: Sequence[float]) -> list[TrainingInterval]:
-    """The training intervals ending at each checkpoint: ``K_c = t_c - t_{c-1}``, ``t_0 = 0``; refused (clearly) when a step is
+def training_intervals(
+    names: Sequence[str], steps: Sequence[int | None], lrs: Sequence[float]
+) -> list[TrainingInterval]:
+    """The intervals ending at each checkpoint: ``K_c = t_c - t_{c-1}``, ``t_0 = 0``; refused (clearly) when a step is
     missing, the steps do not increase, or an lr is negative."""
     if not names:
         raise PreconditionerError("preconditioner 'source' needs at least one checkpoint")
@@ -95,7 +97,9 @@ def training_intervals(names: Sequence[str], steps: Sequence[int | None], lrs: S
     return out
 
 
-def interval_factors(curvature: EkfacCurvature, interval: TrainingInterval, damping: float) -> dict[str, tuple[Factor, Factor]]:
+def interval_factors(
+    curvature: EkfacCurvature, interval: TrainingInterval, damping: float
+) -> dict[str, tuple[Factor, Factor]]:
     """Per layer, ``(F, S)``: ``F = (I - exp(-eta K H)) H^{-1}`` and ``S = exp(-eta K H)`` in ``H``'s eigenbasis."""
     out = {}
     for name, sigma in curvature.damped(damping).items():

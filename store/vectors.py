@@ -179,6 +179,8 @@ def fit_preconditioners(
     if options.preconditioner != "source":
         return {name: fit_preconditioner(store, eval_store, name, options, progress) for name in checkpoints}
     infos = [store.checkpoint_info(name) for name in checkpoints]
-    schedule = training_intervals(list(checkpoints), [info.step for info in infos], [info.lr for info in infos])  # fail early
+    schedule = training_intervals(
+        list(checkpoints), [info.step for info in infos], [info.lr for info in infos]
+    )  # fail early
     curvatures = [fit_ekfac_curvature(store, None, name, options, progress) for name in checkpoints]
     return dict(zip(checkpoints, Preconditioner.source(curvatures, schedule, options.damping), strict=True))

@@ -222,7 +222,10 @@ def _resume_trainer(tmp: Path, callbacks: list) -> Trainer:
         args=training_args(tmp / "out"),
         train_dataset=train_dataset(),
         data_collator=collate,
-        callbacks=[GradstoreTrainerCallback(store=tmp / "run.zarr", rank=RANK, dtype="float32", chunk_rows=4), *callbacks],
+        callbacks=[
+            GradstoreTrainerCallback(store=tmp / "run.zarr", rank=RANK, dtype="float32", chunk_rows=4),
+            *callbacks,
+        ],
     )
 
 

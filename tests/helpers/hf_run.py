@@ -1,4 +1,4 @@
-"""A Task for a tiny GPT-2 trained by the Hugging Face Trainer with GradstoreTrainerCallback (tests/test_zero_config.py)."""
+"""A Task for a tiny GPT-2 trained by the HF Trainer with GradstoreTrainerCallback (tests/test_zero_config.py)."""
 
 from __future__ import annotations
 
