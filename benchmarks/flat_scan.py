@@ -3,11 +3,13 @@
 One float16 ``flat`` index (N rows, D, 2 checkpoints) searched with ``resident_mb = 0`` (every search streams the
 part files). In one process, in rotating order, per repeat:
 
-* ``read bound``: ``os.preadv`` of every part file's bytes into one reused buffer (page cache warm): the bytes a
-  streamed scan must read, at the machine's copy bandwidth;
+* ``read bound``: ``os.preadv`` of every part file's bytes into one reused 1 MiB buffer (page cache warm; a
+  buffer that stays in cache, the fastest size measured): the bytes a streamed scan must read, at the machine's
+  best copy bandwidth; ``read 32M``: the same into a 32 MiB buffer (the bound this benchmark used before: a
+  buffer past the caches, about 2-4x slower);
 * ``before``: the previous scan (read a block, then widen and score it; reading and scoring one after the other);
-* ``after``: :meth:`FlatBackend.candidates` (a reader thread reads the next block while this one is scored, the
-  float16 rows widened in cache-sized pieces straight into the BLAS);
+* ``after``: :meth:`FlatBackend.candidates` (1 MiB pieces read into a buffer that stays in cache and scored from
+  there at once, the float16 rows widened in cache-sized pieces straight into the BLAS);
 * ``re-score``: a whole ``GradientIndex.search`` minus the candidate scan: the exact float64 re-score of the
   candidates' rows, read with byte-range reads (``os.preadv`` per run of rows).
 
@@ -88,9 +90,10 @@ def main() -> None:
     weights = np.array([0.1, 0.05])
     prepared = index.prepare(raw, weights)
     nbytes = sum(part.rows * part.row_bytes for files in backend.files for part in files)
-    buffer = bytearray(FlatBackend.SCAN_BYTES // 2)
+    buffer, big_buffer = bytearray(1 << 20), bytearray(32 << 20)
     runs = {
         "read bound": lambda: read_bound(backend, buffer),
+        "read 32M": lambda: read_bound(backend, big_buffer),
         "before": lambda: before(backend, prepared.concatenated(), args.k),
         "after": lambda: backend.candidates(prepared, args.k),
         "search": lambda: index.search(raw, weights, args.k),

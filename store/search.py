@@ -111,16 +111,24 @@ class _TopK:
         return torch.gather(rows, 0, best).T.cpu().numpy()
 
 
-_CONVERT_ROWS = 512  # float16 rows widened at a time: the float32 piece stays in cache while it is scored
+_CONVERT_ROWS = 256  # float16 rows widened at a time: the float32 piece stays in cache while it is scored
+_WIDE = threading.local()  # per thread: the reused float32 buffer float16 pieces are widened into
+
+
+def _wide_buffer(rows: int, dim: int) -> torch.Tensor:
+    buffer = getattr(_WIDE, "buffer", None)
+    if buffer is None or buffer.shape[1] != dim or buffer.shape[0] < rows:
+        buffer = _WIDE.buffer = torch.empty((rows, dim), dtype=torch.float32)
+    return buffer
 
 
 def _cpu_scores(block: np.ndarray, queries: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``[n, B]`` float32 scores of a block of stored rows against ``[D, B]`` queries, added to ``out`` when given.
 
-    Float32 rows go straight to numpy's BLAS. Float16 rows are never widened as a block: each cache-sized piece is
-    widened by torch (F16C) into one reused float32 buffer and added into the scores (``addmm``) while it is in
-    cache, so the scan reads the half-precision bytes from memory once and no float32 block is written back
-    (benchmarks/flat_scan.py compares it with the read bound)."""
+    Float32 rows go straight to numpy's BLAS. Float16 rows are never widened as a block: each
+    cache-sized piece is widened by torch (F16C) into one reused float32 buffer (per thread, never reallocated)
+    and added into the scores (``addmm``) while it is in cache, so no float32 block is written to memory and read
+    back (benchmarks/flat_scan.py compares the scan with the read bound)."""
     if out is None:
         out = np.zeros((len(block), queries.shape[1]), dtype=np.float32)
     if block.dtype == np.float32:
@@ -128,7 +136,7 @@ def _cpu_scores(block: np.ndarray, queries: np.ndarray, out: np.ndarray | None =
         return out
     rows, q, total = torch.from_numpy(block), torch.from_numpy(queries), torch.from_numpy(out)
     piece_rows = min(_CONVERT_ROWS, len(block))
-    buffer = torch.empty((piece_rows, block.shape[1]), dtype=torch.float32)
+    buffer = _wide_buffer(piece_rows, block.shape[1])
     for lo in range(0, len(block), piece_rows):
         n = min(piece_rows, len(block) - lo)
         buffer[:n].copy_(rows[lo : lo + n])
@@ -143,7 +151,8 @@ class FlatBackend:
     fit ``resident_mb`` is instead read once and kept as float32 (on the search device), the fastest scan."""
 
     SCAN_BYTES: ClassVar[int] = 1 << 26  # float32 bytes of one checkpoint's block of rows scored per step
-    PREFETCH: ClassVar[bool] = False  # read the next block in a thread while this one is scored
+    PIECE_BYTES: ClassVar[int] = 1 << 20  # stored bytes of one checkpoint read and scored at a time (CPU)
+    PREFETCH: ClassVar[bool] = False  # read the next piece in a thread while this one is scored
 
     def __init__(
         self,
@@ -250,23 +259,23 @@ class FlatBackend:
             for lo in range(0, files[0].rows, block_rows):
                 yield r, start, lo, min(lo + block_rows, files[0].rows)
 
-    def _streamed(self, active: list[int]) -> Iterator[tuple[int, int, int, list[np.ndarray]]]:
-        """The stored rows of every block (``(start, lo, hi, [one array per active checkpoint])``), read one block
-        ahead by a reader thread into one of two reused buffers while the caller scores the other: a streamed scan
-        then takes about the longer of reading and scoring, not their sum (``os.preadv`` and the BLAS release the
-        GIL). The caller must be done with a block before it asks for the next. Without :attr:`PREFETCH` (the
-        default: on a 2-core box the reader thread measured slower, benchmarks/flat_scan.py) blocks are read in
-        turn into one set of buffers."""
+    def _streamed(
+        self, active: list[int], piece_rows: int | None = None
+    ) -> Iterator[tuple[int, int, int, list[np.ndarray]]]:
+        """The stored rows of every block (``(start, lo, hi, [one array per active checkpoint])``), read in pieces
+        of ``piece_rows`` rows (default: the whole block) into reused buffers; the caller must be done with a piece
+        before it asks for the next.
+
+        Small pieces keep the CPU scan near memory speed: a piece of :attr:`PIECE_BYTES` is read (``os.preadv``)
+        into a buffer that stays in cache and is scored from there at once, so the stored bytes cross the memory
+        bus once (a 32 MiB block was written to memory by the read and read back by the scoring). With
+        :attr:`PREFETCH` a reader thread reads one piece ahead into a second set of buffers (``os.preadv`` and the
+        BLAS release the GIL): the scan then takes about the longer of reading and scoring, not their sum (off by
+        default: on a 2-core box the reader thread measured slower, benchmarks/flat_scan.py)."""
         if not self.PREFETCH:
             buffers = [bytearray() for _ in active]
-            for r, start, lo, hi in self.blocks():
-                arrays = []
-                for i, c in enumerate(active):
-                    part = self.files[r][c]
-                    if len(buffers[i]) < (hi - lo) * part.row_bytes:
-                        buffers[i] = bytearray((hi - lo) * part.row_bytes)
-                    arrays.append(part.read(lo, hi, buffers[i]))
-                yield start, lo, hi, arrays
+            for piece in self._piece_reads(piece_rows):
+                yield self._read_piece(piece, active, buffers)
             return
         pool: queue.Queue[list[bytearray]] = queue.Queue()
         for _ in range(2):
@@ -276,17 +285,11 @@ class FlatBackend:
 
         def read() -> None:
             try:
-                for r, start, lo, hi in self.blocks():
+                for piece in self._piece_reads(piece_rows):
                     buffers = pool.get()
                     if stop.is_set():
                         return
-                    arrays = []
-                    for i, c in enumerate(active):
-                        part = self.files[r][c]
-                        if len(buffers[i]) < (hi - lo) * part.row_bytes:
-                            buffers[i] = bytearray((hi - lo) * part.row_bytes)
-                        arrays.append(part.read(lo, hi, buffers[i]))
-                    ready.put((start, lo, hi, arrays, buffers))
+                    ready.put((*self._read_piece(piece, active, buffers), buffers))
                 ready.put(None)
             except BaseException as exc:  # handed to the scoring thread, which raises it
                 ready.put(exc)
@@ -298,7 +301,7 @@ class FlatBackend:
             while True:
                 item = ready.get()
                 if previous is not None:
-                    pool.put(previous)  # the caller finished the previous block
+                    pool.put(previous)  # the caller finished the previous piece
                 if item is None:
                     return
                 if isinstance(item, BaseException):
@@ -309,8 +312,27 @@ class FlatBackend:
             stop.set()
             pool.put([bytearray() for _ in active])  # unblock a reader waiting for a buffer
             with contextlib.suppress(queue.Empty):
-                ready.get_nowait()  # unblock a reader waiting to hand a block over
+                ready.get_nowait()  # unblock a reader waiting to hand a piece over
             reader.join()
+
+    def _piece_reads(self, piece_rows: int | None) -> Iterator[tuple[int, int, int, int]]:
+        """:meth:`blocks` cut into pieces of at most ``piece_rows`` rows (None: whole blocks)."""
+        for r, start, lo, hi in self.blocks():
+            step = piece_rows or hi - lo
+            for p in range(lo, hi, step):
+                yield r, start, p, min(p + step, hi)
+
+    def _read_piece(
+        self, piece: tuple[int, int, int, int], active: list[int], buffers: list[bytearray]
+    ) -> tuple[int, int, int, list[np.ndarray]]:
+        r, start, lo, hi = piece
+        arrays = []
+        for i, c in enumerate(active):
+            part = self.files[r][c]
+            if len(buffers[i]) < (hi - lo) * part.row_bytes:
+                buffers[i] = bytearray((hi - lo) * part.row_bytes)
+            arrays.append(part.read(lo, hi, buffers[i]))
+        return start, lo, hi, arrays
 
     def candidates(self, queries: PreparedQueries | np.ndarray, k: int) -> Candidates:
         """The exact top and bottom ``k`` rows of each query, and mean / max ``|score|`` over every row. Only the
@@ -344,19 +366,34 @@ class FlatBackend:
                         assert q_dev is not None
                         scores += block @ q_dev[c]
                 add(scores, start + lo)
+        elif active and on_cpu:
+            # pieces read into cache-sized buffers and scored there, into the scores of their block; the top-k
+            # heaps and |score| sums run once per block
+            piece_rows = max(1, self.PIECE_BYTES // max(f.row_bytes for f in self.files[0]))
+            total = np.zeros((max(1, self.SCAN_BYTES // (4 * d)), b), dtype=np.float32)
+            block_start, filled = 0, 0
+            for start, lo, hi, arrays in self._streamed(active, piece_rows):
+                if start + lo != block_start + filled or filled + hi - lo > len(total):  # hand the scores over
+                    if filled:
+                        add(torch.from_numpy(total[:filled]), block_start)
+                    block_start, filled = start + lo, 0
+                piece = total[filled : filled + hi - lo]
+                piece[:] = 0
+                for c, stored in zip(active, arrays, strict=True):
+                    _cpu_scores(stored, q_host[c], out=piece)
+                filled += hi - lo
+                if filled == len(total):
+                    add(torch.from_numpy(total), block_start)
+                    block_start, filled = block_start + filled, 0
+            if filled:
+                add(torch.from_numpy(total[:filled]), block_start)
         elif active:
             for start, lo, hi, arrays in self._streamed(active):
-                if on_cpu:
-                    total = np.zeros((hi - lo, b), dtype=np.float32)
-                    for c, stored in zip(active, arrays, strict=True):
-                        _cpu_scores(stored, q_host[c], out=total)
-                    scores = torch.from_numpy(total)
-                else:
-                    assert q_dev is not None
-                    scores = torch.zeros((hi - lo, b), dtype=torch.float32, device=self.device)
-                    for c, stored in zip(active, arrays, strict=True):
-                        # synchronous copy: the host buffer is handed back to the reader after this block
-                        scores += torch.from_numpy(stored).to(self.device).float() @ q_dev[c]
+                assert q_dev is not None
+                scores = torch.zeros((hi - lo, b), dtype=torch.float32, device=self.device)
+                for c, stored in zip(active, arrays, strict=True):
+                    # synchronous copy: the host buffer is handed back to the reader after this block
+                    scores += torch.from_numpy(stored).to(self.device).float() @ q_dev[c]
                 add(scores, start + lo)
         else:  # no weighted checkpoint: every score is 0
             for _, start, lo, hi in self.blocks():

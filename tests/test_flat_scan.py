@@ -1,0 +1,60 @@
+"""The streamed flat scan: part files read in cache-sized pieces, scored into blocks, merged over row parts; its
+candidates are the exact top / bottom ``k`` of a brute force, whatever the piece, block and row-part boundaries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gradstore.store.parts import PartFile, PartWriter
+from gradstore.store.scoring import PreparedQueries
+from gradstore.store.search import FlatBackend
+
+D, C = 48, 3
+
+
+def _backend(tmp_path, parts: list[np.ndarray], dtype: str) -> FlatBackend:
+    """A streamed flat backend over row parts ``parts`` (each ``[n, C, D]``), written in ``dtype``."""
+    files, starts, start = [], [], 0
+    for r, rows in enumerate(parts):
+        row = []
+        for c in range(C):
+            writer = PartWriter(tmp_path / f"p{r}-{c}.npy", len(rows), D, np.dtype(dtype))
+            writer.add(rows[:, c])
+            writer.close()
+            row.append(PartFile.open(tmp_path / f"p{r}-{c}.npy"))
+        files.append(row)
+        starts.append(start)
+        start += len(rows)
+    return FlatBackend(starts, files, D, torch.device("cpu"), resident_bytes=0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize(("piece_rows", "block_rows", "prefetch"), [(7, 50, False), (64, 64, False), (5, 33, True)])
+def test_streamed_scan_in_pieces_is_the_exact_top_k(tmp_path, monkeypatch, dtype, piece_rows, block_rows, prefetch):
+    rng = np.random.default_rng(3)
+    parts = [rng.standard_normal((n, C, D)).astype(dtype) for n in (1001, 777, 5)]
+    backend = _backend(tmp_path, parts, dtype)
+    monkeypatch.setattr(FlatBackend, "PIECE_BYTES", piece_rows * D * np.dtype(dtype).itemsize)
+    monkeypatch.setattr(FlatBackend, "SCAN_BYTES", block_rows * 4 * D)
+    monkeypatch.setattr(FlatBackend, "PREFETCH", prefetch)
+    weights = np.array([0.5, 0.0, -2.0])  # a dropped checkpoint and a negative weight
+    vectors = rng.standard_normal((4, C, D)).astype(np.float32) * weights[None, :, None].astype(np.float32)
+    prepared = PreparedQueries(vectors, weights, np.flatnonzero(weights))
+    k = 9
+    found = backend.candidates(prepared, k)
+    rows = np.concatenate(parts).astype(np.float64)  # [N, C, D]
+    exact = np.einsum("ncd,bcd->bn", rows, vectors.astype(np.float64))  # [B, N]
+    for b in range(len(vectors)):
+        assert set(found.proponent_rows[b]) == set(np.argsort(-exact[b])[:k])
+        assert set(found.opponent_rows[b]) == set(np.argsort(exact[b])[:k])
+    np.testing.assert_allclose(found.mean_abs_score, np.abs(exact).mean(1), rtol=1e-5)
+    np.testing.assert_allclose(found.max_abs_score, np.abs(exact).max(1), rtol=1e-5)
+    # the pieces' scores are those of the resident (float32, in memory) scan
+    resident = FlatBackend(backend.starts, backend.files, D, torch.device("cpu"), resident_bytes=1 << 30).candidates(
+        prepared, k
+    )
+    np.testing.assert_array_equal(np.sort(found.proponent_rows, 1), np.sort(resident.proponent_rows, 1))
+    np.testing.assert_array_equal(np.sort(found.opponent_rows, 1), np.sort(resident.opponent_rows, 1))
+    backend.close()
