@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers.search
 
 from gradstore.store import GradientIndex, IndexOptions
+from gradstore.store.scoring import Scoring
 from gradstore.store.search import FlatBackend, _TopK
 from tests.helpers.search import synthetic_spec, write_store
 
@@ -109,7 +110,7 @@ def main() -> None:
             times[name].append((time.perf_counter() - start) * 1e3)
     # the answer does not change: the new scan's candidates equal the exact scan of all rows
     found = index.search(raw, weights, args.k)
-    exact = index.score_rows(prepared, np.arange(index.num_rows))[0].sum(-1)
+    exact = Scoring.row_contributions(prepared, index.exact_vectors(np.arange(index.num_rows)), 0).sum(-1)
     order = np.lexsort((index.ids, -exact))[: args.k]
     assert found.proponent_rows[0].tolist() == order.tolist(), "proponents differ from the exact scan"
     assert np.array_equal(found.proponent_scores[0], exact[order]), "scores differ from the exact re-score"

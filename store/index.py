@@ -44,7 +44,8 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -64,6 +65,7 @@ from .remote import RemotePath, StorePath, as_path, fetch_index, local_index_dir
 from .rows import CheckpointRows
 from .scoring import PreparedQueries, Scoring
 from .search import BACKENDS, FlatBackend, SearchBackend
+from .shards import ShardedBackend, shard_ranges
 from .vectors import VectorSource, fit_preconditioners, indexed_ids
 
 __all__ = [
@@ -240,6 +242,20 @@ def _faiss_parts(
     return f"rebuilt ({why})", len(ids) * len(checkpoints)
 
 
+def _shard_dir(shard: int) -> str:
+    return f"shards/{shard:05d}"
+
+
+def _in_parallel(fn: Callable[[int], int], items: Iterable[int], parallel: bool) -> list[int]:
+    """``fn`` of every item: on a thread pool (one worker per CPU, FAISS and the BLAS release the GIL) when
+    ``parallel``, else in turn."""
+    items = list(items)
+    if not parallel or len(items) < 2:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(min(len(items), os.cpu_count() or 1), thread_name_prefix="gradstore-build") as pool:
+        return list(pool.map(fn, items))
+
+
 class UpdateSummary(NamedTuple):
     """What :meth:`GradientIndex.update` (or a build) did."""
 
@@ -307,9 +323,8 @@ class GradientIndex:
         }
         self.scoring = Scoring(self.checkpoints, self.preconditioners, self.options.normalize)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.backend: SearchBackend = BACKENDS[self.options.kind].load(
-            files_at, self.options, self.device, manifest=manifest, label=path
-        )
+        loader = ShardedBackend if manifest.shards else BACKENDS[self.options.kind]
+        self.backend: SearchBackend = loader.load(files_at, self.options, self.device, manifest=manifest, label=path)
         self._store_vectors: VectorSource | None = None  # reads exact vectors a backend does not hold
 
     # -- building ------------------------------------------------------------------------------
@@ -385,6 +400,8 @@ class GradientIndex:
             previous, reason = None, "the build options changed"
         if previous is not None and options.preconditioner == "source":
             previous, reason = None, "source chains every checkpoint's transform"
+        if previous is not None and (options.shards > 1 or previous.shards):
+            previous, reason = None, "a sharded index is built whole (every shard again)"
         index = cls._write(store, options, path, checkpoints, eval_store, progress, previous, reason)
         publish_index(index.path, target)
         return index
@@ -441,8 +458,11 @@ class GradientIndex:
         old_ids = np.load(path / "ids.npy") if previous is not None else None
         if old_ids is not None and not np.isin(old_ids, union).all():
             previous, old_ids, reason = None, None, "rows the index holds are gone from the store"
+        shards = shard_ranges(len(union), options.shards) if options.shards > 1 and previous is None else []
         if previous is None or old_ids is None:
-            ids, row_parts = union, [[0, len(union)]]
+            # flat: a shard is its row parts' files; FAISS kinds: a whole FAISS index per shard (shards/<s>/)
+            ids = union
+            row_parts = [list(r) for r in shards] if shards and options.kind == "flat" else [[0, len(union)]]
         else:
             new_ids = np.setdiff1d(union, old_ids, assume_unique=True)
             ids = np.concatenate([old_ids, new_ids])
@@ -508,12 +528,17 @@ class GradientIndex:
                         if part["file"] is not None:
                             _link(path / part["file"], directory / part["file"])
             if options.kind == "flat":
-                for r, (start, stop) in enumerate(row_parts):
+
+                def write_part(r: int) -> int:
+                    start, stop = row_parts[r]
                     todo = [name for name in checkpoints if not plan[(name, r)]["reused"]]
                     if not todo:
-                        continue
+                        return 0
                     source = VectorSource(
-                        {m: rows[m] for m in todo}, {m: preconditioners[m] for m in todo}, options.normalize, store.dim
+                        {m: CheckpointRows(store, m) if shards else rows[m] for m in todo},  # a reader per thread
+                        {m: preconditioners[m] for m in todo},
+                        options.normalize,
+                        store.dim,
                     )
                     part_sq, dtypes = FlatBackend.write_parts(
                         source, ids[start:stop], r, directory, np.dtype(store.dtype), options.block_rows, progress
@@ -521,7 +546,23 @@ class GradientIndex:
                     for j, name in enumerate(todo):
                         sqnorms[start:stop, checkpoints.index(name)] = part_sq[:, j]
                         plan[(name, r)]["dtype"] = str(dtypes[name])
-                    computed += (stop - start) * len(todo)
+                    return (stop - start) * len(todo)
+
+                computed = sum(_in_parallel(write_part, range(len(row_parts)), parallel=bool(shards)))
+            elif shards:
+                backend = BACKENDS[options.kind]
+
+                def build_shard(s: int) -> int:
+                    start, stop = shards[s]
+                    folder = directory / _shard_dir(s)
+                    folder.mkdir(parents=True)
+                    rows_here = {m: CheckpointRows(store, m) for m in checkpoints}  # a reader per thread
+                    source = VectorSource(rows_here, preconditioners, options.normalize, store.dim)
+                    sqnorms[start:stop] = backend.build(source, ids[start:stop], options, folder, progress)
+                    return (stop - start) * len(checkpoints)
+
+                computed = sum(_in_parallel(build_shard, range(len(shards)), parallel=True))
+                faiss_note = f"built {len(shards)} shards"
             else:
                 source = VectorSource(rows, preconditioners, options.normalize, store.dim)
                 faiss_note, computed = _faiss_parts(
@@ -549,6 +590,10 @@ class GradientIndex:
                 missing_rows=missing,
                 row_parts=row_parts,
                 parts=[{k: v for k, v in part.items() if k != "reused"} for part in plan.values()],
+                shards=[
+                    {"shard": i, "rows": list(r), "dir": "" if options.kind == "flat" else _shard_dir(i)}
+                    for i, r in enumerate(shards)
+                ],
                 checkpoint_state={
                     name: {
                         "fingerprint": states[name],
@@ -600,7 +645,8 @@ class GradientIndex:
                     manifest.check_store(path, store, eval_store)
                     searched = manifest.with_search_options(path, options)
                     # files the loaders read whole are checked on the very bytes they load, not hashed here too
-                    skip = BACKENDS[searched.options.kind].verified_on_load(searched) | _loaded_whole(manifest)
+                    loader = ShardedBackend if searched.shards else BACKENDS[searched.options.kind]
+                    skip = loader.verified_on_load(searched) | _loaded_whole(manifest)
                     manifest.check_files(files_at, label=path, skip=skip)
                     return cls(path, store, searched, device, files_at=files_at)
                 except (IndexMismatchError, IndexNotFoundError, OSError):
@@ -698,7 +744,7 @@ class GradientIndex:
         ranked = _Ranked(np.full((b, k), -1, dtype=np.int64), np.zeros((b, k)), np.zeros((b, k, c)))
         for j in range(b):
             rows = np.unique(candidates[j][candidates[j] >= 0])
-            contributions = Scoring.contributions(queries, fetched.of(rows), query=j)
+            contributions = Scoring.row_contributions(queries, fetched.of(rows), query=j)
             scores = contributions.sum(1)
             order = np.lexsort((self.ids[rows], -scores if descending else scores))[:k]
             n = len(order)

@@ -24,6 +24,7 @@ BUILD_FIELDS = (
     "ef_construction",
     "pq_m",
     "on_disk",
+    "shards",
 )
 
 
@@ -78,6 +79,13 @@ class IndexOptions:
             "bounded memory; candidates re-read from the store"
         },
     )
+    shards: int = field(
+        default=1,
+        metadata={
+            "help": "split the rows into this many shards (contiguous row ranges, each a complete index of this kind "
+            "with its own files), built in parallel and merged exactly at query time; 1: one unsharded index"
+        },
+    )
     rerank: int = field(default=10, metadata={"help": "approximate kinds re-score k * rerank candidates exactly"})
     train_rows: int = field(default=65536, metadata={"help": "ivf/ivfsq/ivfpq training sample (read block by block)"})
     block_rows: int = field(default=16384, metadata={"help": "rows streamed per step while building"})
@@ -106,7 +114,7 @@ class IndexOptions:
                 raise IndexOptionsError(f"{name} must be a positive integer (or unset for the default), got {value}")
         if self.resident_mb < 0:
             raise IndexOptionsError(f"resident_mb must be 0 (always stream) or a positive size, got {self.resident_mb}")
-        for name in ("hnsw_m", "ef_construction", "ef_search", "rerank", "train_rows", "block_rows"):
+        for name in ("hnsw_m", "ef_construction", "ef_search", "rerank", "train_rows", "block_rows", "shards"):
             if getattr(self, name) < 1:
                 raise IndexOptionsError(f"{name} must be a positive integer, got {getattr(self, name)}")
 

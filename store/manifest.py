@@ -50,6 +50,9 @@ class IndexManifest:
     # per checkpoint: {"fingerprint" (its rows in the store), "rows", "fitted_rows", "preconditioner_file"}
     checkpoint_state: dict[str, dict[str, Any]] = field(default_factory=dict)
     store_content: str | None = None  # GradientStore.content_fingerprint() (None: built before it was recorded)
+    # one per shard (options.shards > 1): {"shard", "rows": [start, stop], "dir": its files' folder ("" for flat,
+    # whose shards are its row parts)}; empty: one unsharded index
+    shards: list[dict[str, Any]] = field(default_factory=list)
     format_version: int = INDEX_FORMAT_VERSION
 
     def part(self, checkpoint: str, row_part: int) -> dict[str, Any]:
@@ -58,6 +61,26 @@ class IndexManifest:
             if entry["checkpoint"] == checkpoint and entry["row_part"] == row_part:
                 return entry
         raise IndexMismatchError(f"index manifest lists no part of checkpoint {checkpoint!r} rows {row_part}")
+
+    def shard_view(self, shard: int) -> IndexManifest:
+        """The manifest of shard ``shard`` as a unit of its own: its rows numbered from 0, its row parts and parts,
+        and (FAISS kinds) its files named relative to its folder; what a backend loads one shard with."""
+        entry = self.shards[shard]
+        start, stop = entry["rows"]
+        prefix = entry["dir"] + "/" if entry["dir"] else ""
+        inside = [r for r, (lo, hi) in enumerate(self.row_parts) if start <= lo and hi <= stop]
+        return replace(
+            self,
+            num_rows=stop - start,
+            row_parts=[[lo - start, hi - start] for lo, hi in (self.row_parts[r] for r in inside)],
+            parts=[
+                {**p, "row_part": inside.index(p["row_part"]), "rows": [p["rows"][0] - start, p["rows"][1] - start]}
+                for p in self.parts
+                if p["row_part"] in inside
+            ],
+            files={name[len(prefix) :]: f for name, f in self.files.items() if name.startswith(prefix)},
+            shards=[],
+        )
 
     def with_files(self, directory: Path) -> IndexManifest:
         """This manifest recording the size and hash of every file built into ``directory`` (but itself)."""
@@ -181,6 +204,10 @@ class IndexManifest:
                 parts=[dict(entry) for entry in data["parts"]],
                 checkpoint_state={str(name): dict(state) for name, state in data["checkpoint_state"].items()},
                 store_content=str(data["store_content"]) if data.get("store_content") is not None else None,
+                shards=[
+                    {"shard": int(e["shard"]), "rows": [int(e["rows"][0]), int(e["rows"][1])], "dir": str(e["dir"])}
+                    for e in data.get("shards", [])
+                ],
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IndexMismatchError(f"index manifest {path} is malformed ({exc!r}); {REBUILD_HINT}") from exc

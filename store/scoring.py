@@ -12,7 +12,9 @@ self-influence) is computed here from per-checkpoint query vectors and *explicit
   :attr:`PreparedQueries.active` lists the others, so no backend re-discovers them by testing for zeros).
 
 :meth:`Scoring.contributions` returns the exact float64 per-checkpoint terms ``w_c <Q_c(q), T_c g_i,c>``; their
-sum is the score. Shards (a later step) merge on exactly these numbers.
+sum is the score. :meth:`Scoring.row_contributions` computes the same terms so that each row's numbers depend on that
+row alone (no BLAS blocking over the rows): what a search re-scores its candidates with, so a sharded search, an
+unsharded one and batch scoring agree to the bit whatever other rows are scored beside a row.
 """
 
 from __future__ import annotations
@@ -155,6 +157,18 @@ class Scoring:
         for j in prepared.active.tolist():
             out[:, :, j] = picked[:, j].astype(np.float64) @ rows[:, j].astype(np.float64).T
         return out[0] if query is not None else out
+
+    @staticmethod
+    def row_contributions(prepared: PreparedQueries, vectors: np.ndarray, query: int) -> np.ndarray:
+        """:meth:`contributions` ``[n, C]`` of one ``query``, each row's float64 terms computed from that row alone
+        (a BLAS product blocks the rows, so a row's last bits there depend on which rows are beside it)."""
+        _, c, d = prepared.vectors.shape
+        rows = np.asarray(vectors).reshape(len(vectors), c, d)
+        out = np.zeros((len(rows), c))
+        for j in prepared.active.tolist():
+            q = prepared.vectors[query, j].astype(np.float64)
+            out[:, j] = np.einsum("nd,d->n", rows[:, j].astype(np.float64), q)  # no BLAS: one reduction per row
+        return out
 
     @classmethod
     def scores(cls, prepared: PreparedQueries, vectors: np.ndarray) -> np.ndarray:
