@@ -1,5 +1,6 @@
 """Chunked Zarr storage of per-example projected gradients, and the FAISS index over them."""
 
+from .batch_scoring import BatchScoringSummary, read_batch, score_batch
 from .errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -26,12 +27,14 @@ from .index import GradientIndex, SearchResult, default_index_path
 from .index_options import KINDS, IndexKind, IndexOptions
 from .lock import index_lock, lock_path
 from .remote import RemotePath, as_path
+from .scoring import PreparedQueries, Scoring
 from .writer import AppendWriter, BackgroundWriter, ChunkBuffer
 
 __all__ = [
     "KINDS",
     "AppendWriter",
     "BackgroundWriter",
+    "BatchScoringSummary",
     "CheckpointInfo",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
@@ -46,9 +49,11 @@ __all__ = [
     "IndexNotFoundError",
     "IndexOptions",
     "IndexOptionsError",
+    "PreparedQueries",
     "QueryShapeError",
     "RemotePath",
     "RemoteStoreError",
+    "Scoring",
     "SearchResult",
     "Segment",
     "StaleIndexError",
@@ -66,4 +71,6 @@ __all__ = [
     "file_sha256",
     "index_lock",
     "lock_path",
+    "read_batch",
+    "score_batch",
 ]

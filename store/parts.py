@@ -157,6 +157,9 @@ class PartFile:
             return out
         if rows.min() < 0 or rows.max() >= self.rows:
             raise IndexError(f"rows outside 0..{self.rows - 1} of index part file {self.path}")
+        if rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():  # a run of rows: one read
+            out[:] = self.read(int(rows[0]), int(rows[-1]) + 1)
+            return out
         wanted, back = np.unique(rows, return_inverse=True)
         sorted_rows = np.empty((len(wanted), self.dim), dtype=self.dtype)
         breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
