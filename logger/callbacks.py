@@ -377,7 +377,7 @@ class CaptureSession:
     def begin(
         self,
         ids: np.ndarray,
-        loss_scale: float,
+        loss_scale: float | torch.Tensor,
         reduction: str = "sum",
         scaler: Any | None = None,
         losses: torch.Tensor | CaptureReference | None = None,
@@ -412,7 +412,7 @@ class CaptureSession:
         self,
         loss: torch.Tensor,
         ids: np.ndarray,
-        normalizer: float,
+        normalizer: float | torch.Tensor,
         scaler: Any | None,
         losses: torch.Tensor | None = None,
     ) -> None:
@@ -428,7 +428,10 @@ class CaptureSession:
             reference = self.logger.capture_reference(losses)
 
         def started(grad: torch.Tensor) -> None:
-            factor = float(grad.detach().float().sum())
+            # kept on the device: the writer thread reads it with the rows (float() here would wait for the device)
+            factor = grad.detach().float().sum()
+            if factor.device.type in ("cpu", "cuda"):
+                factor = factor.double()  # as float() gave it, for the float64 arithmetic below
             scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
             self.begin(ids, factor / (normalizer * scale), "sum", scaler, reference)
             torch.autograd.Variable._execution_engine.queue_callback(self.end)  # runs when this backward ends

@@ -63,7 +63,8 @@ class CaptureReference:
     before: list[torch.Tensor | None] | None = None
 
 
-def _scaled(rows: np.ndarray, scale: float) -> np.ndarray:
+def _scaled(rows: np.ndarray, scale: float | torch.Tensor) -> np.ndarray:
+    scale = float(scale)  # a tensor is read here, on the writer thread
     return rows / np.float32(scale) if scale != 1.0 else rows
 
 
@@ -389,27 +390,32 @@ class GradientLogger(GradientProjector):
             failed.append(error)
             raise
 
-    def _stage(self, grads: torch.Tensor, scale: float = 1.0) -> Callable[[], np.ndarray]:
+    def _stage(self, grads: torch.Tensor, scale: float | torch.Tensor = 1.0) -> Callable[[], np.ndarray]:
         """Hand rows to the writer without waiting for them: returns a function (called on the writer thread) that
         gives the rows as float32 NumPy, divided by ``scale``.
 
         On a GPU the rows are copied into pinned host memory on the current stream, and the writer waits for that
         copy's event (the training stream is never synchronised); on the CPU the tensor itself is handed over (the
-        buffer is the capture's own, never reused)."""
+        buffer is the capture's own, never reused). A tensor ``scale`` (a loss normaliser still on the device) travels
+        the same way and is read on the writer thread."""
         grads = grads.detach()
         if grads.device.type == "cuda":
             host = torch.empty(grads.shape, dtype=grads.dtype, pin_memory=True)
             host.copy_(grads, non_blocking=True)
+            host_scale: float | torch.Tensor = scale
+            if isinstance(scale, torch.Tensor) and scale.device.type == "cuda":
+                host_scale = torch.empty(scale.shape, dtype=scale.dtype, pin_memory=True)
+                host_scale.copy_(scale.detach(), non_blocking=True)
             event = torch.cuda.Event()
             event.record()
 
             def ready() -> np.ndarray:
                 event.synchronize()
-                return _scaled(host.numpy(), scale)
+                return _scaled(host.numpy(), host_scale)
 
             return ready
         if grads.device.type != "cpu":
-            grads = grads.cpu()
+            grads, scale = grads.cpu(), float(scale)
         return lambda: _scaled(grads.numpy(), scale)
 
     def _to_storage(self, grads: np.ndarray | torch.Tensor, ids: np.ndarray) -> np.ndarray:
@@ -450,7 +456,7 @@ class GradientLogger(GradientProjector):
         step: int | None = None,
         reduction: Literal["mean", "sum"] = "mean",
         scaler: Any | None = None,
-        loss_scale: float = 1.0,
+        loss_scale: float | torch.Tensor = 1.0,
         weights_path: str | Path | None = None,
         losses: torch.Tensor | CaptureReference | None = None,
     ) -> Iterator[None]:
@@ -544,7 +550,9 @@ class GradientLogger(GradientProjector):
         before = [p.grad.detach().clone() if p.grad is not None else None for p in exact.parameters]
         return CaptureReference("batch-sum", [], exact, None, before)
 
-    def _check_capture(self, check: CaptureReference, rows: torch.Tensor, factor: float, checkpoint: str) -> None:
+    def _check_capture(
+        self, check: CaptureReference, rows: torch.Tensor, factor: float | torch.Tensor, checkpoint: str
+    ) -> None:
         """Compare the first capture's rows with the exact ones; record the result in the store, or refuse."""
         exact = check.exact
         if check.mode == "per-example":

@@ -41,7 +41,7 @@ from .projector import Rank
 
 __all__ = ["CausalLMTask", "GradstoreTrainerCallback"]
 
-LossNormalizer = Callable[[Mapping[str, Any]], float]
+LossNormalizer = Callable[[Mapping[str, Any]], "float | torch.Tensor"]
 
 
 class GradstoreTrainerCallback(TrainerCallback):
@@ -96,7 +96,7 @@ class GradstoreTrainerCallback(TrainerCallback):
         self.session: CaptureSession | None = None
         self._tagged: TaggedLoader | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._pending: tuple[np.ndarray, float] | None = None
+        self._pending: tuple[np.ndarray, float | torch.Tensor] | None = None
         self._labels: torch.Tensor | None = None  # the pending forward's labels (for the first exactness check)
         self._forwards = 0
         self._warned: set[str] = set()
@@ -214,12 +214,15 @@ class GradstoreTrainerCallback(TrainerCallback):
         self.session.watch(loss, ids, normalizer, self._scaler, losses)
         self._forwards += 1
 
-    def _normalizer(self, kwargs: Mapping[str, Any]) -> float:
+    def _normalizer(self, kwargs: Mapping[str, Any]) -> float | torch.Tensor:
+        """``N`` of this micro-batch; a tensor stays one (on its device: reading it would wait for the device, every
+        step; the writer thread reads it with the rows)."""
         if self.loss_normalizer is not None:
-            return float(self.loss_normalizer(kwargs))
+            given = self.loss_normalizer(kwargs)
+            return given.reshape(()) if isinstance(given, torch.Tensor) else float(given)
         items = kwargs.get("num_items_in_batch")
         if items is not None:
-            return float(items.reshape(-1)[0]) if isinstance(items, torch.Tensor) else float(items)
+            return items.reshape(-1)[0] if isinstance(items, torch.Tensor) else float(items)
         labels = kwargs.get("labels")
         if not isinstance(labels, torch.Tensor):
             raise CaptureError(
@@ -229,7 +232,7 @@ class GradstoreTrainerCallback(TrainerCallback):
         if labels.dim() == 1:
             return float(labels.shape[0])
         valid = labels[..., 1:] if self._causal else labels
-        return float((valid != -100).sum())
+        return (valid != -100).sum()
 
     def _check_captured(self) -> None:
         assert self.session is not None
@@ -299,7 +302,7 @@ class GradstoreTrainerCallback(TrainerCallback):
             warnings.warn(f"GradstoreTrainerCallback: {message}", stacklevel=3)
 
 
-def example_losses(output: Any, labels: Any, causal: bool, normalizer: float) -> torch.Tensor | None:
+def example_losses(output: Any, labels: Any, causal: bool, normalizer: float | torch.Tensor) -> torch.Tensor | None:
     """Each example's cross-entropy summed over its label tokens, from a model's logits, when they reproduce the
     model's own loss (``sum / normalizer``); None when they do not (another loss, label smoothing, no logits)."""
     logits = output.get("logits") if isinstance(output, Mapping) else None

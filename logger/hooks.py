@@ -330,10 +330,13 @@ class NormPart(_Part):
         self._folded: tuple[LayerMatrices, list[torch.Tensor]] | None = None
 
     def forward(self, module, x, m, extra=None):
-        return x.detach(), x._version
+        """``extra``: the call's output (:class:`ModuleHook` passes it to norm parts), whose autograd node may hold
+        the normalisation's statistics (:meth:`NormAdapter.saved_statistics`)."""
+        saved = self.norm.saved_statistics(module, x, extra) if isinstance(extra, torch.Tensor) else None
+        return x.detach(), x._version, saved
 
-    def _input(self, feats: tuple[torch.Tensor, int]) -> torch.Tensor:
-        x, version = feats
+    def _input(self, feats: tuple[torch.Tensor, int, Any]) -> torch.Tensor:
+        x, version, _ = feats
         if x._version != version:
             raise RuntimeError(
                 f"the input of normalisation layer {self.block!r} was modified in place after its forward; "
@@ -341,13 +344,18 @@ class NormPart(_Part):
             )
         return x
 
-    def _columns(self, module: nn.Module, feats: tuple[torch.Tensor, int], grad: torch.Tensor) -> list[torch.Tensor]:
+    def _normalized(self, module: nn.Module, feats: tuple[torch.Tensor, int, Any]) -> torch.Tensor:
+        return self.norm.normalized(module, self._input(feats), feats[2])
+
+    def _columns(
+        self, module: nn.Module, feats: tuple[torch.Tensor, int, Any], grad: torch.Tensor
+    ) -> list[torch.Tensor]:
         """``[sum_t g_t * x^_t, sum_t g_t]`` (the bias column only with a bias), each ``[B, d]`` float32."""
         x = self._input(feats)
         g = self.norm.output_grad(module, grad)
         if g.dtype != torch.float32:
             g = g.float()
-        normalized = self.norm.normalized(module, x)
+        normalized = self.norm.normalized(module, x, feats[2])
         if normalized.data_ptr() != x.data_ptr() and normalized.is_contiguous():
             product = normalized.mul_(g)  # a fresh tensor: multiply in place
         else:
@@ -357,7 +365,7 @@ class NormPart(_Part):
             columns.append(g.sum(dim=1))
         return columns
 
-    def _matrix(self, module: nn.Module, feats: tuple[torch.Tensor, int], grad: torch.Tensor) -> torch.Tensor:
+    def _matrix(self, module: nn.Module, feats: tuple[torch.Tensor, int, Any], grad: torch.Tensor) -> torch.Tensor:
         return torch.stack(self._columns(module, feats, grad), dim=-1)  # [B, d, 1 + bias]
 
     def _fold(self, m: LayerMatrices) -> list[torch.Tensor]:
@@ -379,7 +387,7 @@ class NormPart(_Part):
 
     def positions(self, module, feats, grad, m):
         g = self.norm.output_grad(module, grad).float()
-        columns = [g * self.norm.normalized(module, self._input(feats))]
+        columns = [g * self._normalized(module, feats)]
         if self.bias:
             columns.append(g)
         per_position = torch.stack(columns, dim=-1)  # [B, T, d, 1 + bias]
@@ -562,7 +570,10 @@ class ModuleHook:
         if state.positions is not None:
             rows = output.transpose(0, self.batch_dim) if self.batch_dim else output
             state.positions.observe(self.adapter.output_grad(module, rows).shape[1])
-        problem = self.adapter.runtime_problem(module) if isinstance(self.adapter, NormAdapter) else None
+        problem = None
+        if isinstance(self.adapter, NormAdapter):
+            problem = self.adapter.runtime_problem(module)
+            extra = None if self.batch_dim else output  # its autograd node may hold x^'s statistics (NormPart)
         parts = self.parts if parts is None else parts
         stats = state.statistics is not None
         matrices = [None if stats else state.matrices[part.block] for part in parts]

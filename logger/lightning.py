@@ -183,7 +183,9 @@ class GradstoreLightningCallback(pl.Callback):
         accumulation = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if callable(self._reduction):
-            normalizer = float(self._reduction(batch))
+            normalizer = self._reduction(batch)  # a tensor stays on its device: read on the writer thread
+            if not isinstance(normalizer, torch.Tensor):
+                normalizer = float(normalizer)
             self.session.begin(ids, 1.0 / (accumulation * normalizer), "sum", scaler)
         else:
             self.session.begin(ids, 1.0 / accumulation, self._reduction, scaler)
