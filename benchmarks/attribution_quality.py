@@ -26,12 +26,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.helpers.facts
 
+from gradstore.demos.digits import prepare_demo  # noqa: E402
+from gradstore.evaluation import EvaluationContext, evaluate_lds, evaluate_recall  # noqa: E402
+from gradstore.evaluation.report import format_table  # noqa: E402
 from gradstore.projection import PRECONDITIONERS  # noqa: E402
-from gradstore.server.config import RunConfig  # noqa: E402
-from gradstore.server.demo import prepare_demo  # noqa: E402
-from gradstore.server.evaluation import EvaluationContext, evaluate_lds, evaluate_recall  # noqa: E402
-from gradstore.server.evaluation.report import format_table  # noqa: E402
-from gradstore.server.runs import index_run  # noqa: E402
+from gradstore.server.run import index_run  # noqa: E402
+from gradstore.server.run.config import RunConfig  # noqa: E402
 from gradstore.store import GradientIndex, GradientStore  # noqa: E402
 
 FACTS_TOML = """
@@ -115,7 +115,7 @@ def digits(workdir: Path, queries: int, subsets: int, seeds: int, workers: int) 
 
 
 def _digits_factory():
-    from gradstore.server.demo import DigitsTask
+    from gradstore.demos.digits import DigitsTask
 
     return DigitsTask()
 

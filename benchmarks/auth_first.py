@@ -234,7 +234,7 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=1.0, help="senders' head start before the queries")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
-    from gradstore.server.demo import prepare_demo
+    from gradstore.demos.digits import prepare_demo
 
     config = prepare_demo(args.workdir, progress=False)
     log = Path(tempfile.mkdtemp(prefix="auth-first-")) / "serve.log"

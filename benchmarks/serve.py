@@ -93,7 +93,7 @@ class Server:
         else:
             import uvicorn
 
-            from gradstore.server.app import create_app
+            from gradstore.server.http.app import create_app
 
             config = uvicorn.Config(create_app(engine=engine), host="127.0.0.1", port=self.port, log_level="warning")
             self._uvicorn = uvicorn.Server(config)
@@ -419,18 +419,9 @@ def main() -> None:
 
     import torch
 
-    from gradstore.server.config import RunConfig
-    from gradstore.server.demo import prepare_demo
-
-    try:
-        from gradstore.server.runs import open_engine, serving_threads
-    except ImportError:  # a tree from before runs.py (jobs.py), or from before serving_threads
-        from gradstore.server.jobs import open_engine
-
-        try:
-            from gradstore.server.jobs import serving_threads
-        except ImportError:  # torch's default threads, as that tree's server has
-            serving_threads = None
+    from gradstore.demos.digits import prepare_demo
+    from gradstore.server.run import Run
+    from gradstore.server.run.config import RunConfig
 
     tmp = None
     if args.workdir is None:
@@ -441,9 +432,9 @@ def main() -> None:
     config_path = prepare_demo(workdir, progress=False)
     print(f"demo run ready in {time.perf_counter() - t0:.1f} s: {config_path}", file=sys.stderr)
     config = RunConfig.load(config_path)
-    if serving_threads is not None:
-        serving_threads(config)  # the in-process engine runs with the same torch threads as the server
-    engine = open_engine(config)
+    run = Run(config)
+    run.serving_threads()  # the in-process engine runs with the same torch threads as the server
+    engine = run.open_engine()
     clients = [int(c) for c in args.clients.split(",") if c]
     meta = {
         "server": args.server,

@@ -42,8 +42,8 @@ TIMING_KEYS = ("took_ms", "timings_ms")
 
 
 def _requests(config: Path) -> list[tuple[str, dict | None]]:
-    from gradstore.server.config import RunConfig
-    from gradstore.server.runs import open_engine
+    from gradstore.server.run import open_engine
+    from gradstore.server.run.config import RunConfig
 
     engine = open_engine(RunConfig.load(config))
     raw = engine.query_gradients(engine.examples_from_payloads([{"test_index": 7}]), [1.0] * len(engine.checkpoints))
@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--out", default="soak.json", help="JSON results file")
     args = parser.parse_args()
 
-    from gradstore.server.demo import prepare_demo
+    from gradstore.demos.digits import prepare_demo
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gradstore-soak-"))
     config = prepare_demo(workdir, progress=False)

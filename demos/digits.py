@@ -24,10 +24,9 @@ from tqdm.auto import tqdm
 
 from gradstore.logger import GradientLogger, Task
 from gradstore.projection import GradstoreError
+from gradstore.server.run import open_index
+from gradstore.server.run.config import RunConfig
 from gradstore.store import GradientIndex, GradientStore
-
-from .config import RunConfig
-from .runs import open_index
 
 DEMO_PORT = 8000  # the demos' first choice; the next free one when it is taken (PORT_TRIES of them)
 PORT_TRIES = 20
@@ -142,7 +141,7 @@ class DigitsTask(Task):
 
 RUN_TOML = """# gradstore demo run (written by `gradstore demo`)
 [task]
-object = "gradstore.server.demo:DigitsTask"
+object = "gradstore.demos.digits:DigitsTask"
 args = {{}}
 
 [projection]
@@ -243,9 +242,9 @@ def prepare_demo(workdir: str | Path, rank: int = 16, batch_size: int = 32, prog
             x, y = task.collate([examples[int(i)] for i in batch_ids])
             losses = F.cross_entropy(model(x), y, reduction="none")
             optimizer.zero_grad()
-            weights = workdir / f"{name}.pt"
+            weights_path = workdir / f"{name}.pt"
             with logger.capture(
-                checkpoint=name, lr=lr, ids=batch_ids, step=end_step, weights_path=weights, losses=losses
+                checkpoint=name, lr=lr, ids=batch_ids, step=end_step, weights_path=weights_path, losses=losses
             ):
                 losses.mean().backward()
             optimizer.step()

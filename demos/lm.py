@@ -26,10 +26,9 @@ from typing import Any
 import torch
 
 from gradstore.logger import CaptureError
+from gradstore.server.run import open_index
+from gradstore.server.run.config import RunConfig
 from gradstore.store import GradientIndex, GradientStore
-
-from .config import RunConfig
-from .runs import open_index
 
 DEMO_SEED = 0
 N_FACTS = 12

@@ -5,7 +5,8 @@ Every evaluation compares the run's configured index with re-indexes of the same
 brittleness also ``Task.correct``. Importable without FastAPI; matplotlib is imported only to draw a plot.
 """
 
-from ..errors import EvaluationError
+from gradstore.server.errors import EvaluationError
+
 from .attribution import Method, aside_method, parse_preconditioners, score_matrix
 from .brittleness import evaluate_brittleness
 from .context import EvaluationContext, evaluation_dir

@@ -14,9 +14,8 @@ from typing import cast
 import numpy as np
 
 from gradstore.projection import PRECONDITIONERS, GradstoreError, PreconditionerKind
+from gradstore.server.errors import EvaluationError
 from gradstore.store import GradientIndex, GradientStore, IndexOptions
-
-from ..errors import EvaluationError
 
 SCORE_BLOCK_ROWS = 16384  # index rows scored per step (bounds the memory of a pass over a big index)
 

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import EvaluationError
+from gradstore.server.errors import EvaluationError
+
 from .context import EvaluationContext
 from .outputs import model_device
 from .retrain import Job, RetrainCache, TaskFactory, require, train_missing

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import EvaluationError
+from gradstore.server.errors import EvaluationError
 
 EVALUATIONS = ("lds", "brittleness", "tail-patch", "recall")
 

@@ -13,12 +13,11 @@ import numpy as np
 
 from gradstore.logger import Task
 from gradstore.projection import GradstoreError, kind_traits
-from gradstore.store import GradientStore
+from gradstore.server.errors import EvaluationError
+from gradstore.server.run import Run
+from gradstore.server.run.config import RunConfig
+from gradstore.server.run.engine import QueryEngine, lr_weights
 
-from ..config import RunConfig
-from ..engine import QueryEngine, lr_weights
-from ..errors import EvaluationError
-from ..runs import eval_store_path, open_index
 from .attribution import Method, aside_method, replaced, score_matrix
 
 
@@ -57,16 +56,15 @@ class EvaluationContext:
         """The run's configured index, plus a ``flat`` re-index of its store for each other preconditioner
         (under ``<directory>/indexes``, reused while it matches the store)."""
         directory = directory or evaluation_dir(config)
-        store = GradientStore.open(config.store.path)
-        index = open_index(config, store, device=device)
+        run = Run(config)
+        store = run.open_store()
+        index = run.open_index(store, device=device)
         methods = [Method(config.index.preconditioner, config.index, True, index.path, index)]
-        eval_path = eval_store_path(config)
         for name in preconditioners:
             if name == config.index.preconditioner:
                 continue  # the configured index is this preconditioner already
             options = replaced(config.index, name)
-            use_eval = kind_traits(name).eval_mix and (eval_path / "zarr.json").exists()
-            eval_store = GradientStore.open(eval_path) if use_eval else None
+            eval_store = run.open_eval_store(name)
             suffix = "-normalized" if options.normalize else ""
             path = directory / "indexes" / f"{name}{suffix}.index"
             methods.append(aside_method(store, options, path, index.checkpoints, eval_store, progress))

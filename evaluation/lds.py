@@ -4,7 +4,7 @@ For random subsets ``S_s`` of the training set (each a fraction ``alpha`` of it,
 is retrained on ``S_s`` with several seeds and each query's output ``f_q(S_s)`` measured, averaged over seeds.
 Attribution predicts ``g_q(S_s) = sum_{i in S_s} score(q, i)``; ``LDS_q = spearman_s(g_q(S_s), f_q(S_s))`` and the
 LDS is its mean over queries. ``f`` is oriented so that larger means more of the output (``-loss``; see
-:func:`~gradstore.server.evaluation.outputs.query_outputs`), which is what a positive score predicts.
+:func:`~gradstore.evaluation.outputs.query_outputs`), which is what a positive score predicts.
 
 Retraining results computed elsewhere come as an ``.npz`` file (:func:`load_retrain_results`) with arrays
 ``masks`` ``[S, N]`` bool (example ``ids[n]`` kept in subset ``s``), ``measurements`` ``[S, Q]`` (the raw
@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import EvaluationError
+from gradstore.server.errors import EvaluationError
+
 from .context import EvaluationContext
 from .outputs import orientation, query_outputs
 from .retrain import Job, RetrainCache, TaskFactory, require, train_missing

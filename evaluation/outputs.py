@@ -9,8 +9,7 @@ import torch
 
 from gradstore.logger import Task, TaskError
 from gradstore.logger.task import move_to_device
-
-from ..errors import EvaluationError
+from gradstore.server.errors import EvaluationError
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import EvaluationError
+from gradstore.server.errors import EvaluationError
+
 from .report import _label
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import EvaluationError
+from gradstore.server.errors import EvaluationError
+
 from .context import EvaluationContext
 
 

@@ -27,8 +27,7 @@ from tqdm.auto import tqdm
 
 from gradstore.logger import Task
 from gradstore.logger.task import implements
-
-from ..errors import EvaluationError
+from gradstore.server.errors import EvaluationError
 
 TaskFactory = Callable[[], Task]
 
@@ -209,6 +208,6 @@ def _run(
 
 def task_from_config(config_path: str, hf_output: str | None = None) -> Task:
     """The Task of a run config (a picklable task factory for worker processes: ``functools.partial`` of this)."""
-    from ..config import RunConfig
+    from gradstore.server.run.config import RunConfig
 
     return RunConfig.load(config_path, hf_output=hf_output).make_task()

@@ -4,7 +4,7 @@ the query's target log-probability, against a step on ``k`` random training exam
 From the weights of the run's last checkpoint, one plain SGD step ``theta -= lr * grad mean_i loss_i`` over the
 ``k`` examples (``lr``: that checkpoint's lr from the run config unless given; the model in eval mode, so dropout
 does not add noise), then the query's oriented output (``-loss``: the target log-prob for a token loss; see
-:func:`~gradstore.server.evaluation.outputs.query_outputs`) is compared with its value before the step. Reported
+:func:`~gradstore.evaluation.outputs.query_outputs`) is compared with its value before the step. Reported
 per method and ``k``: the mean change over queries, against the mean over ``random_draws`` random sets.
 """
 
@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import EvaluationError
+from gradstore.server.errors import EvaluationError
+
 from .brittleness import RANDOM, random_positions, top_positions
 from .context import EvaluationContext
 from .outputs import model_device, query_outputs, raw_outputs

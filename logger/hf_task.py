@@ -455,7 +455,7 @@ class TrainerCheckpoint:
     name: str
     step: int | None
     lr: float | None
-    weights: Path
+    weights_path: Path
     optimizer: Path | None
     lr_problem: str | None = None
 

@@ -9,5 +9,5 @@ ruff format --check .
 view="$(mktemp -d)"
 trap 'rm -rf "$view"' EXIT
 mkdir -p "$view/gradstore"
-for package in logger projection store server; do ln -s "$PWD/$package" "$view/gradstore/$package"; done
+for package in logger projection store server evaluation demos; do ln -s "$PWD/$package" "$view/gradstore/$package"; done
 (cd "$view" && mypy --config-file "$OLDPWD/pyproject.toml" -p gradstore)

@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # One-time setup, CPU or GPU, Python >= 3.10 (constraints.txt was resolved on 3.11):
-#   bash scripts/setup.sh && . .venv/bin/activate
+#   bash scripts/setup.sh && . .venv/bin/activate          gradstore and its test tools (what the tests and CI need)
+#   bash scripts/setup.sh --demo                           gradstore alone: what `gradstore demo` needs (scripts/demo.sh)
 # Installs into the active virtualenv, or creates ./.venv (python3 -m venv .venv) when none is active. Then, with
 # a line per phase: upgrades pip (the pip a new venv ships backtracks for half an hour over this dependency set),
 # installs torch==2.13.0 (the CPU build) unless the environment already has a torch (GPU users install their CUDA
-# build first, see README), then gradstore (editable) with its test tools, pinned by constraints.txt.
+# build first, see README), then gradstore (editable), with its test tools unless --demo, pinned by constraints.txt.
 # Set PYTHON to choose the interpreter for a new .venv (default: python3).
 # The dashboard's browser test (tests/test_browser.py) drives the system Chromium through Playwright (no browser download):
 # on Debian this installs the `chromium` package when it is missing (as root, or with passwordless sudo); where that is not
 # possible it says so and the test is skipped (CI sets GRADSTORE_REQUIRE_BROWSER=1, which turns that skip into a failure).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+extras="[dev]"
+case "${1:-}" in
+    --demo) extras="" ;;
+    "") ;;
+    *) echo "usage: bash scripts/setup.sh [--demo]" >&2; exit 2 ;;
+esac
 
 install_chromium() {
     if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
@@ -59,8 +66,10 @@ if ! python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
     pins=()
 fi
 
-phase "chromium for the browser test"
-install_chromium
+if [ -n "$extras" ]; then
+    phase "chromium for the browser test"
+    install_chromium
+fi
 
 pip=(python -m pip install --disable-pip-version-check "${pins[@]}")
 phase "upgrading pip (a current resolver: the pip a new venv ships backtracks for minutes over this set)"
@@ -73,8 +82,8 @@ else
     "${pip[@]}" "torch==2.13.0"
 fi
 
-phase "installing gradstore (editable) with its test tools: pip install ${pins[*]} -e '.[dev]'"
-"${pip[@]}" -e ".[dev]"
+phase "installing gradstore (editable)${extras:+ with its test tools}: pip install ${pins[*]} -e '.$extras'"
+"${pip[@]}" -e ".$extras"
 
 phase "done: gradstore $(python -c 'import importlib.metadata as m; print(m.version("gradstore"))') in $(python -c 'import sys; print(sys.prefix)')"
 if [ -n "$venv_here" ]; then

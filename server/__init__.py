@@ -1,19 +1,17 @@
-"""Query engine, HTTP API, Python SDK and CLI over a run's gradient store and index.
+"""The run layer and what serves it: the query engine, the HTTP API, the Python SDK and the CLI.
 
-Modules:
-    schemas     request and response models: the one definition of query options, defaults and rules
-    engine      ``QueryEngine``: query gradients, checkpoint weights, search, result assembly (no FastAPI)
-    config      ``RunConfig``: the typed ``run.toml`` (``ServerConfig`` reads ``GRADSTORE_*`` variables)
-    runs        what a run config drives: ``index_run``, ``open_index``, ``open_engine``, ``describe_run``
-    errors      ``QueryError``, ``ConfigError``, ``GradstoreAPIError`` and the error -> HTTP status table
-    client      ``Client`` / ``AsyncClient``: the SDK, on httpx
-    app         ``create_app``: the FastAPI service (import it explicitly; this package does not load FastAPI)
-    middleware  ASGI body limit and Prometheus request metrics of the app
+Packages and modules:
+    run/        the run layer, no FastAPI: ``Run`` (a run's paths, the eval-store rule, opening its index and
+                engine), ``RunConfig`` (``run.toml``), the offline ``index`` job, ``QueryEngine`` and the request and
+                response schemas
+    http/       the HTTP service on FastAPI: ``create_app`` (``http.app``), request gate and metrics middleware,
+                uvicorn serving, live reload (``http.watch``), micro-batching, offline ``/docs``, the dashboard
+    client      ``Client`` / ``AsyncClient``: the SDK, on httpx and pydantic only (no torch, FAISS or Zarr)
     cli         the ``gradstore`` command
-    demo        the embedded digits demo (``gradstore demo``)
-    docs        ``/docs`` and ``/redoc`` from the package's own Swagger UI / ReDoc files (no CDN)
+    errors      ``QueryError``, ``ConfigError``, ``GradstoreAPIError`` and the error -> HTTP status table
 
-Importing this package loads nothing heavy: the names below are imported on first use (PEP 562), so
+Evaluation (``gradstore.evaluation``) and the demos (``gradstore.demos``) are packages of their own, on top of this
+one. Importing this package loads nothing heavy: the names below are imported on first use (PEP 562), so
 ``gradstore.server.client`` and ``gradstore --help`` do not pay for torch, FAISS or Zarr.
 """
 
@@ -30,11 +28,11 @@ except PackageNotFoundError:  # pragma: no cover - running from a tree that was 
 
 if TYPE_CHECKING:
     from .client import AsyncClient, Client
-    from .config import RunConfig, ServerConfig
-    from .engine import QueryEngine
     from .errors import ConfigError, GradstoreAPIError, InvalidRequestError, QueryError
-    from .runs import describe_run, index_run, open_engine, open_index
-    from .schemas import (
+    from .run.config import RunConfig, ServerConfig
+    from .run.engine import QueryEngine
+    from .run.run import Run, describe_run, index_run, open_engine, open_index
+    from .run.schemas import (
         ExampleResponse,
         ExplainRequest,
         ExplainResponse,
@@ -52,11 +50,11 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "client": ("AsyncClient", "Client"),
-    "config": ("RunConfig", "ServerConfig"),
-    "engine": ("QueryEngine",),
+    "run.config": ("RunConfig", "ServerConfig"),
+    "run.engine": ("QueryEngine",),
     "errors": ("ConfigError", "GradstoreAPIError", "InvalidRequestError", "QueryError"),
-    "runs": ("describe_run", "index_run", "open_engine", "open_index"),
-    "schemas": (
+    "run.run": ("Run", "describe_run", "index_run", "open_engine", "open_index"),
+    "run.schemas": (
         "ExampleResponse",
         "ExplainRequest",
         "ExplainResponse",
@@ -104,6 +102,7 @@ __all__ = [
     "QueryEngine",
     "QueryError",
     "QueryResult",
+    "Run",
     "RunConfig",
     "RunInfo",
     "ScoringOptions",

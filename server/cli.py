@@ -15,22 +15,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 from . import __version__
-from .schemas import ExplainRequest, InfluenceOptions, InfluenceRequest, SelfInfluenceRequest
+from .run.schemas import ExplainRequest, InfluenceOptions, InfluenceRequest, SelfInfluenceRequest
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from .config import RunConfig
+    from .run.config import RunConfig
+    from .run.run import Run
 
 # `gradstore --help` lists `evaluate` without importing the evaluation package (torch); its own options are
-# added (gradstore.server.evaluation.commands) when the command line names it
+# added (gradstore.evaluation.commands) when the command line names it
 EVALUATE_HELP = "validate attribution: LDS, brittleness, tail-patch, fact-tracing recall"
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
-    from .config import RunConfig
+    from .run.config import RunConfig
 
     return RunConfig.load(args.config, hf_output=args.hf_output)
+
+
+def _run(args: argparse.Namespace) -> Run:
+    from .run.run import Run
+
+    return Run(_config(args))
 
 
 def _option(parser: argparse.ArgumentParser, flag: str, model: type[BaseModel], name: str, **kwargs: Any) -> None:
@@ -78,9 +85,7 @@ def _short(example: dict, width: int = 70) -> str:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    from .runs import index_run
-
-    index = index_run(_config(args), progress=not args.quiet, wait_s=args.wait, rebuild=args.rebuild)
+    index = _run(args).index(progress=not args.quiet, wait_s=args.wait, rebuild=args.rebuild)
     if index is not None:
         changes = index.changes
         if changes is not None:
@@ -89,8 +94,7 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> None:
-    from .engine import build_request
-    from .runs import open_engine
+    from .run.engine import build_request
 
     request = build_request(
         InfluenceRequest,
@@ -102,7 +106,7 @@ def cmd_query(args: argparse.Namespace) -> None:
             "measurement": args.measurement,
         },
     )
-    response = open_engine(_config(args), device=args.device).answer_influence(request)
+    response = _run(args).open_engine(device=args.device).answer_influence(request)
     if args.json:
         print(response.model_dump_json(indent=2))
         return
@@ -116,8 +120,7 @@ def cmd_query(args: argparse.Namespace) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
-    from .engine import build_request
-    from .runs import open_engine
+    from .run.engine import build_request
 
     try:
         query = json.loads(args.query)
@@ -135,7 +138,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
             "measurement": args.measurement,
         },
     )
-    response = open_engine(_config(args), device=args.device).answer_explain(request)
+    response = _run(args).open_engine(device=args.device).answer_explain(request)
     if args.json:
         print(response.model_dump_json(indent=2))
         return
@@ -150,8 +153,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
 
 def cmd_self_influence(args: argparse.Namespace) -> None:
-    from .engine import build_request
-    from .runs import open_engine
+    from .run.engine import build_request
 
     request = build_request(
         SelfInfluenceRequest,
@@ -161,7 +163,7 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
             "checkpoints": _checkpoints(args.checkpoints),
         },
     )
-    response = open_engine(_config(args), device=args.device).answer_self_influence(request)
+    response = _run(args).open_engine(device=args.device).answer_self_influence(request)
     if args.json:
         print(response.model_dump_json(indent=2))
         return
@@ -171,10 +173,9 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from .runs import describe_run
-
-    config = _config(args)
-    info = describe_run(config)
+    run = _run(args)
+    config = run.config
+    info = run.describe()
     if args.json:
         print(info.model_dump_json(indent=2, exclude_none=True))
         return
@@ -205,15 +206,13 @@ def _verification_text(check: dict | None) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .evaluation.commands import run_evaluation
+    from gradstore.evaluation.commands import run_evaluation
 
     run_evaluation(args, _config(args))
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    from .runs import verify_run
-
-    problems = verify_run(_config(args))
+    problems = _run(args).verify()
     for line in problems:
         print(f"damaged: {line}")
     if problems:
@@ -224,14 +223,15 @@ def cmd_verify(args: argparse.Namespace) -> None:
 def _serve(config: RunConfig, host: str, port: int) -> None:
     """Load the run's engine first (a run it refuses is a GradstoreError: ``error: ...``, exit 2, before any
     socket is opened), then serve it with the bounds of ``serving.py`` until SIGTERM/SIGINT."""
-    from .app import create_app
-    from .runs import open_engine, serving_threads
-    from .serving import serve
-    from .watch import run_fingerprint
+    from .http.app import create_app
+    from .http.serving import serve
+    from .http.watch import run_fingerprint
+    from .run.run import Run
 
-    serving_threads(config)
+    run = Run(config)
+    run.serving_threads()
     fingerprint = run_fingerprint(config)  # before loading: a change while it loads is seen by the watch
-    engine = open_engine(config)
+    engine = run.open_engine()
     serve(create_app(config, engine=engine, fingerprint=fingerprint), host, port)
 
 
@@ -243,12 +243,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .config import RunConfig
-    from .demo import demo_port
+    from gradstore.demos.digits import demo_port
+
+    from .run.config import RunConfig
 
     port = None if args.no_serve else demo_port(args.host, args.port)  # before training: a taken port fails fast
     if args.task == "lm":
-        from .demo_lm import prepare_lm_demo, try_query
+        from gradstore.demos.lm import prepare_lm_demo, try_query
 
         workdir = args.workdir or "runs/demo-lm"
         config = RunConfig.load(prepare_lm_demo(workdir, progress=not args.quiet))
@@ -262,7 +263,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
             flush=True,
         )
     else:
-        from .demo import prepare_demo
+        from gradstore.demos.digits import prepare_demo
 
         config = RunConfig.load(prepare_demo(args.workdir or "runs/demo", progress=not args.quiet))
         try_it = f"gradstore query --config {config.path} --query '{{\"test_index\": 0}}'"
@@ -359,7 +360,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     if "evaluate" in (sys.argv[1:] if argv is None else argv):
-        from .evaluation.commands import add_evaluate_parser
+        from gradstore.evaluation.commands import add_evaluate_parser
 
         add_evaluate_parser(sub, with_config, cmd_evaluate)
     else:

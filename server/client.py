@@ -20,7 +20,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from .errors import GradstoreAPIError, InvalidRequestError
-from .schemas import (
+from .run.schemas import (
     ExampleResponse,
     ExplainRequest,
     ExplainResponse,
@@ -83,14 +83,14 @@ class Client:
 
     def influence(self, queries: Any = None, *, vectors: Any = None, **options: Any) -> InfluenceResponse:
         """Top proponents and opponents of each query payload (or precomputed ``[B, C, D]`` vectors, a nested list
-        or an array). ``options`` are the :class:`~gradstore.server.schemas.InfluenceOptions` fields (``top_k``,
+        or an array). ``options`` are the :class:`~gradstore.server.run.schemas.InfluenceOptions` fields (``top_k``,
         ``lr_weighting``, ``checkpoints``, ``measurement``, ``normalize``), with its defaults."""
         body = _body(InfluenceRequest, queries=queries, vectors=vectors, **options)
         return InfluenceResponse.model_validate(self._post("/v1/influence", body))
 
     def explain(self, query: dict, example_id: int, **options: Any) -> ExplainResponse:
         """Each token's share of training example ``example_id``'s score for the query payload (they sum to the
-        score); ``options`` are the :class:`~gradstore.server.schemas.ScoringOptions` fields (``lr_weighting``,
+        score); ``options`` are the :class:`~gradstore.server.run.schemas.ScoringOptions` fields (``lr_weighting``,
         ``checkpoints``, ``measurement``, ``normalize``)."""
         body = _body(ExplainRequest, query=query, example_id=example_id, **options)
         return ExplainResponse.model_validate(self._post("/v1/explain", body))

@@ -10,6 +10,6 @@ import pytest
 @pytest.fixture(scope="session")
 def demo_config(tmp_path_factory) -> Path:
     """Path of a finished demo run's ``run.toml`` (trained, logged with capture(), indexed)."""
-    from gradstore.server.demo import prepare_demo
+    from gradstore.demos.digits import prepare_demo
 
     return prepare_demo(tmp_path_factory.mktemp("demo"), progress=False)

@@ -12,13 +12,13 @@ import httpx
 import numpy as np
 import pytest
 
-from gradstore.server.app import create_app
-from gradstore.server.batching import InfluenceBatcher
-from gradstore.server.config import RunConfig, ServerConfig
-from gradstore.server.engine import QueryEngine
 from gradstore.server.errors import QueryError
-from gradstore.server.runs import open_engine
-from gradstore.server.schemas import InfluenceRequest
+from gradstore.server.http.app import create_app
+from gradstore.server.http.batching import InfluenceBatcher
+from gradstore.server.run import open_engine
+from gradstore.server.run.config import RunConfig, ServerConfig
+from gradstore.server.run.engine import QueryEngine
+from gradstore.server.run.schemas import InfluenceRequest
 from tests.helpers.serving import serve_in_thread
 
 _SCORES = ("score", "mean_abs_score", "max_abs_score")

@@ -137,8 +137,8 @@ def live(demo_config):
 
     (tests/test_server.py covers the ``gradstore serve`` subprocess; a thread saves re-importing torch here.)
     """
-    from gradstore.server.app import create_app
-    from gradstore.server.config import RunConfig, ServerConfig
+    from gradstore.server.http.app import create_app
+    from gradstore.server.run.config import RunConfig, ServerConfig
 
     port = _free_port()
     app = create_app(RunConfig.load(demo_config), settings=ServerConfig(host="127.0.0.1", port=port))
@@ -150,8 +150,8 @@ def live(demo_config):
 @pytest.fixture(scope="module")
 def text_live(tmp_path_factory):
     """A tiny word-level LM run (tests/helpers/text_run.py: describe gives text, source, words) served in a thread."""
-    from gradstore.server.app import create_app
-    from gradstore.server.config import ServerConfig
+    from gradstore.server.http.app import create_app
+    from gradstore.server.run.config import ServerConfig
 
     from .helpers.text_run import build_text_run
 
@@ -167,8 +167,8 @@ def text_live(tmp_path_factory):
 def many_live(tmp_path_factory):
     """A text run with 32 checkpoints under a cosine lr schedule (tests/helpers/many_checkpoints.py), whose Task
     has no ``describe_positions``, served in a thread."""
-    from gradstore.server.app import create_app
-    from gradstore.server.config import ServerConfig
+    from gradstore.server.http.app import create_app
+    from gradstore.server.run.config import ServerConfig
 
     from .helpers.many_checkpoints import build_many_checkpoint_run
 

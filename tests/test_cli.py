@@ -18,11 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gradstore.demos.digits import DigitsTask
 from gradstore.logger import GradientLogger
 from gradstore.server import cli
-from gradstore.server.config import RunConfig
-from gradstore.server.demo import DigitsTask
-from gradstore.server.runs import open_engine
+from gradstore.server.run import open_engine
+from gradstore.server.run.config import RunConfig
 from gradstore.store import GradientStore, IndexOptions
 
 N_TRAIN = 200
@@ -30,7 +30,7 @@ TIMING_KEYS = ("took_ms", "timings_ms")
 
 RUN_TOML = """
 [task]
-object = "gradstore.server.demo:DigitsTask"
+object = "gradstore.demos.digits:DigitsTask"
 args = {{ n_train = {n}, hidden = 16 }}
 
 [projection]
@@ -439,7 +439,7 @@ CONFIG_ERRORS = {
         "error: store.dtype: Input should be 'float16' or 'float32', got 'int8'\n",
     ),
     "task object without a colon": (
-        'object = "gradstore.server.demo:DigitsTask"',
+        'object = "gradstore.demos.digits:DigitsTask"',
         'object = "DigitsTask"',
         "error: task.object: must look like \"package.module:TaskClass\", got 'DigitsTask'\n",
     ),
@@ -468,7 +468,7 @@ def test_config_without_checkpoints_or_task(capsys, tmp_path):
         f"checkpoints at {tmp_path / 'run.zarr'} to take them from)\n"
     )
     no_task = tmp_path / "notask.toml"
-    no_task.write_text(text.replace('[task]\nobject = "gradstore.server.demo:DigitsTask"\n', ""))
+    no_task.write_text(text.replace('[task]\nobject = "gradstore.demos.digits:DigitsTask"\n', ""))
     assert fails(capsys, "info", "--config", no_task).startswith("error: task: Field required\n")
     broken = tmp_path / "broken.toml"
     broken.write_text("[store\npath = 1\n")
@@ -499,7 +499,7 @@ def test_config_values_paths_and_defaults(tmp_path, monkeypatch):
     assert (query.residency, query.device, query.batch_size, config.batch_size) == ("all", None, 32, 64)
     server = config.server
     assert (server.host, server.port, server.api_key, server.max_top_k) == ("127.0.0.1", 8000, None, 100)
-    assert config.task_object == "gradstore.server.demo:DigitsTask"
+    assert config.task_object == "gradstore.demos.digits:DigitsTask"
     assert config.task_args == {"n_train": N_TRAIN, "hidden": 16}
     index = 'kind = "hnsw"\nef_search = 64\npath = "../elsewhere/x.index"'
     moved = RunConfig.load(_edited(tmp_path, 'kind = "flat"', index))
@@ -531,7 +531,7 @@ def test_server_settings_from_the_environment(tmp_path, monkeypatch, capsys):
 def test_cli_defaults_and_choices_are_the_request_models():
     from typing import get_args
 
-    from gradstore.server.schemas import InfluenceOptions, LrWeighting, Measurement, SelfInfluenceRequest
+    from gradstore.server.run.schemas import InfluenceOptions, LrWeighting, Measurement, SelfInfluenceRequest
 
     parser = cli.build_parser()
     query = parser.parse_args(["query", "--config", "run.toml"])
@@ -579,7 +579,7 @@ def test_help_and_version_start_fast_without_the_heavy_stack():
 
 
 def test_demo_port_taken_fails_before_training_or_moves_to_a_free_one(tmp_path, capsys, monkeypatch):
-    from gradstore.server import demo
+    from gradstore.demos import digits as demo
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -18,9 +18,9 @@ import sys
 import httpx
 import pytest
 
-from gradstore.server.app import create_app
-from gradstore.server.config import RunConfig
-from gradstore.server.runs import open_engine
+from gradstore.server.http.app import create_app
+from gradstore.server.run import open_engine
+from gradstore.server.run.config import RunConfig
 from tests.helpers.serving import serve_in_thread
 
 HEAVY = ("torch", "faiss", "zarr", "numpy", "fastapi", "starlette", "uvicorn", "transformers", "sklearn", "scipy")
@@ -45,7 +45,7 @@ CLIENT = """
 import json
 
 from gradstore.server.client import Client, GradstoreAPIError, InvalidRequestError
-from gradstore.server.schemas import InfluenceResponse, RunInfo
+from gradstore.server.run.schemas import InfluenceResponse, RunInfo
 
 answer = {}
 with Client(sys.argv[1], retries=0) as client:

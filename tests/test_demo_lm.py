@@ -17,10 +17,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from gradstore.server.cli import build_parser
-from gradstore.server.cli import main as gradstore
-from gradstore.server.config import RunConfig
-from gradstore.server.demo_lm import (
+from gradstore.demos.lm import (
     FACT_TEMPLATES,
     N_EPOCHS,
     Corpus,
@@ -28,7 +25,10 @@ from gradstore.server.demo_lm import (
     make_corpus,
     prepare_lm_demo,
 )
-from gradstore.server.runs import open_engine
+from gradstore.server.cli import build_parser
+from gradstore.server.cli import main as gradstore
+from gradstore.server.run import open_engine
+from gradstore.server.run.config import RunConfig
 from gradstore.store import GradientStore
 
 from .helpers.facts import chance_levels

@@ -48,7 +48,7 @@ COMPOSE = DEPLOY / "docker-compose.yml"
 LAUNCHER = DEPLOY / "torchrun-index.sh"
 DOCKERFILES = {"cpu": DEPLOY / "Dockerfile", "cuda": DEPLOY / "Dockerfile.cuda"}
 SUBCOMMANDS = {"index", "query", "explain", "serve", "self-influence", "demo", "info", "verify"}
-SOURCES = ("pyproject.toml", "README.md", "projection", "logger", "store", "server")
+SOURCES = ("pyproject.toml", "README.md", "projection", "logger", "store", "server", "evaluation", "demos")
 
 
 def _free_port() -> int:
@@ -358,7 +358,7 @@ def test_cli_runs_as_a_module():
 
 
 TINY_RUN = """[task]
-object = "gradstore.server.demo:DigitsTask"
+object = "gradstore.demos.digits:DigitsTask"
 args = {{ n_train = {n_train} }}
 
 [projection]
@@ -377,7 +377,7 @@ kind = "flat"
 
 
 def _tiny_run(tmp_path: Path, demo_config: Path, name: str, n_train: int = 300) -> Path:
-    from gradstore.server.config import RunConfig
+    from gradstore.server.run.config import RunConfig
 
     demo = RunConfig.load(demo_config)
     checkpoints = "\n".join(
@@ -392,8 +392,8 @@ def _tiny_run(tmp_path: Path, demo_config: Path, name: str, n_train: int = 300) 
 
 def test_torchrun_launcher_indexes_on_two_cpu_ranks(tmp_path, demo_config):
     """2 gloo ranks through deploy/torchrun-index.sh = one process through ``gradstore index``."""
-    from gradstore.server.config import RunConfig
-    from gradstore.server.runs import index_run, open_index
+    from gradstore.server.run import index_run, open_index
+    from gradstore.server.run.config import RunConfig
     from gradstore.store import GradientStore
 
     torchrun = Path(sys.executable).with_name("torchrun")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from gradstore.logger import GradientLogger
-from gradstore.server.engine import QueryEngine, QueryError, lr_weights
+from gradstore.server.run.engine import QueryEngine, QueryError, lr_weights
 from gradstore.store import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -275,8 +275,8 @@ def test_bad_options_and_vectors_are_refused(run):
 
 def test_request_models_are_the_engines_options(run):
     """The engine answers the request models; its keyword methods build them (their defaults and rules)."""
-    from gradstore.server.config import ConfigError
-    from gradstore.server.schemas import InfluenceOptions, InfluenceRequest, SelfInfluenceRequest
+    from gradstore.server.run.config import ConfigError
+    from gradstore.server.run.schemas import InfluenceOptions, InfluenceRequest, SelfInfluenceRequest
 
     engine = run["engines"]["all"]
     options = dict(top_k=6, lr_weighting="uniform", checkpoints=["ckpt-2", "ckpt-0"])

@@ -18,14 +18,14 @@ import pytest
 import scipy.stats
 import torch
 
+from gradstore.demos.digits import DigitsTask
+from gradstore.evaluation import Job, RetrainCache, train_missing
 from gradstore.logger import Task
 from gradstore.projection import PRECONDITIONERS
 from gradstore.server import cli
-from gradstore.server.config import RunConfig
-from gradstore.server.demo import DigitsTask
-from gradstore.server.engine import QueryEngine
-from gradstore.server.evaluation import Job, RetrainCache, train_missing
-from gradstore.server.runs import index_run, open_engine
+from gradstore.server.run import index_run, open_engine
+from gradstore.server.run.config import RunConfig
+from gradstore.server.run.engine import QueryEngine
 from gradstore.store import GradientIndex, GradientStore, IndexOptions
 
 QUERIES = 20
@@ -175,7 +175,7 @@ def test_retraining_is_split_across_ranks(tmp_path, monkeypatch, single_thread):
 
 @pytest.mark.parametrize("evaluation", ["lds", "brittleness"])
 def test_an_evaluation_that_retrains_refuses_a_task_without_train(digits_run, tmp_path, capsys, evaluation):
-    text = digits_run.read_text().replace("gradstore.server.demo:DigitsTask", "tests.test_evaluate:DigitsWithoutTrain")
+    text = digits_run.read_text().replace("gradstore.demos.digits:DigitsTask", "tests.test_evaluate:DigitsWithoutTrain")
     digits_run.write_text(text)
     queries = write_queries(tmp_path / "q.jsonl", range(2))
     with pytest.raises(SystemExit) as exit_info:

@@ -29,9 +29,9 @@ import torch
 from gradstore.logger import GradientLogger, GradientProjector, TaskError
 from gradstore.projection import build_matrices
 from gradstore.projection.reference import project_dense
-from gradstore.server.app import create_app
 from gradstore.server.client import AsyncClient, Client, InvalidRequestError
-from gradstore.server.engine import QueryEngine, QueryError
+from gradstore.server.http.app import create_app
+from gradstore.server.run.engine import QueryEngine, QueryError
 from gradstore.store import GradientIndex, GradientStore, IndexOptions, UnknownExampleError
 
 from .helpers.facts import TargetLossTask

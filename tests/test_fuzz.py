@@ -14,8 +14,8 @@ import schemathesis  # the `dev` extra; a missing install must fail, not skip
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-from gradstore.server.app import create_app
-from gradstore.server.config import RunConfig, ServerConfig
+from gradstore.server.http.app import create_app
+from gradstore.server.run.config import RunConfig, ServerConfig
 
 API_KEY = "fuzz-key"
 MAX_EXAMPLES = 60
@@ -47,7 +47,7 @@ CONFIG = {
 
 @pytest.fixture(scope="module")
 def fuzz_schema(demo_config):
-    from gradstore.server.runs import open_engine
+    from gradstore.server.run import open_engine
 
     engine = open_engine(RunConfig.load(demo_config), device="cpu")
     app = create_app(engine=engine, settings=ServerConfig(api_key=API_KEY, max_top_k=50, max_queries=8))
@@ -112,7 +112,7 @@ def _valid_influence_bodies(n_test: int, checkpoints: list[str]):
 
 def test_fuzz_valid_influence_requests(fuzz_schema, demo_config):
     """Task-valid influence requests: all 200, and the answers conform to the response schema."""
-    from gradstore.server.demo import DigitsTask
+    from gradstore.demos.digits import DigitsTask
 
     task = DigitsTask()
     n_test = len(task.labels) - task.n_train

@@ -34,7 +34,7 @@ from gradstore.logger.hf_task import (
 )
 from gradstore.server.cli import build_parser
 from gradstore.server.cli import main as gradstore
-from gradstore.server.config import ConfigError, RunConfig
+from gradstore.server.run.config import ConfigError, RunConfig
 
 from .helpers.facts import chance_levels
 
@@ -401,7 +401,7 @@ def test_checkpoint_folder_parsing(tmp_path):
     assert [c.step for c in found] == [20, 40, 45, 100]  # by step, not by name
     assert [c.lr for c in found] == [pytest.approx(0.9), pytest.approx(0.5), 0.4, pytest.approx(0.2)]
     assert [c.optimizer is not None for c in found] == [True, False, True, True]
-    assert found[0].weights == out / "checkpoint-20" / "model.safetensors"
+    assert found[0].weights_path == out / "checkpoint-20" / "model.safetensors"
     # an interval with no lr logged in it takes the last one logged before it (checkpoint-45: step 40's)
     assert trainer_checkpoint(out / "checkpoint-45").lr == 0.4
 

@@ -23,14 +23,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gradstore.server import app as app_module
 from gradstore.server import cli
-from gradstore.server.app import create_app
-from gradstore.server.config import RunConfig, ServerConfig
 from gradstore.server.errors import ConfigError
-from gradstore.server.runs import open_engine
-from gradstore.server.serving import LOG_BURST, GradstoreServer, LogRateLimit, uvicorn_config
-from gradstore.server.watch import Unavailable
+from gradstore.server.http import app as app_module
+from gradstore.server.http.app import create_app
+from gradstore.server.http.serving import LOG_BURST, GradstoreServer, LogRateLimit, uvicorn_config
+from gradstore.server.http.watch import Unavailable
+from gradstore.server.run import open_engine
+from gradstore.server.run.config import RunConfig, ServerConfig
 
 from .helpers.serving import ServeProcess, free_port
 

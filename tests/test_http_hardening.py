@@ -22,11 +22,12 @@ import httpx
 import numpy as np
 import pytest
 
-from gradstore.server import cli, serving
-from gradstore.server.app import create_app
-from gradstore.server.config import RunConfig, ServerConfig
-from gradstore.server.runs import open_engine
-from gradstore.server.watch import run_fingerprint
+from gradstore.server import cli
+from gradstore.server.http import serving
+from gradstore.server.http.app import create_app
+from gradstore.server.http.watch import run_fingerprint
+from gradstore.server.run import open_engine
+from gradstore.server.run.config import RunConfig, ServerConfig
 from gradstore.store import GradientIndex, GradientStore, default_index_path
 
 from .helpers.serving import ServeProcess, copy_run, rss_kib, serve_in_thread

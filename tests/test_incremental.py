@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
+from gradstore.demos.digits import DigitsTask
 from gradstore.logger import GradientLogger
 from gradstore.projection import Preconditioner
 from gradstore.server import cli
-from gradstore.server.demo import DigitsTask
 from gradstore.store import GradientIndex, GradientStore, IndexOptions, StaleIndexError
 from tests.helpers.search import synthetic_spec, write_store
 
 RUN_TOML = """
 [task]
-object = "gradstore.server.demo:DigitsTask"
+object = "gradstore.demos.digits:DigitsTask"
 args = {{ n_train = {n}, hidden = 16, flip_fraction = 0.0 }}
 
 [projection]

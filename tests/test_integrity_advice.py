@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradstore.server.demo import DigitsTask
+from gradstore.demos.digits import DigitsTask
 
 from .test_store_damage import QUERY, RUN_TOML, _cli
 

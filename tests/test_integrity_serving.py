@@ -13,17 +13,17 @@ import httpx
 import pytest
 import torch
 
-from gradstore.server.app import create_app
+from gradstore.demos.digits import DigitsTask
 from gradstore.server.cli import main
-from gradstore.server.config import RunConfig, ServerConfig
-from gradstore.server.demo import DigitsTask
+from gradstore.server.http.app import create_app
+from gradstore.server.run.config import RunConfig, ServerConfig
 
 from .helpers.serving import serve_in_thread
 
 N = 48
 RUN_TOML = """
 [task]
-object = "gradstore.server.demo:DigitsTask"
+object = "gradstore.demos.digits:DigitsTask"
 args = {{ n_train = {n}, hidden = 16 }}
 
 [projection]

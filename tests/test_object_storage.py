@@ -253,7 +253,7 @@ def test_cli_index_and_query_with_an_s3_store(s3, tmp_path, capsys):
     """``[store] path = "s3://..."`` in run.toml: `gradstore index` logs and indexes remotely, `gradstore query`
     answers exactly as the same run with a local store."""
     from gradstore.server import cli
-    from gradstore.server.config import RunConfig
+    from gradstore.server.run.config import RunConfig
 
     from .test_cli import TIMING_KEYS, save_checkpoints, write_config
 

@@ -26,7 +26,7 @@ from gradstore.projection import (
     mixed_means,
     training_intervals,
 )
-from gradstore.server.engine import QueryEngine, QueryError
+from gradstore.server.run.engine import QueryEngine, QueryError
 from gradstore.store import KINDS, CheckpointInfo, GradientIndex, GradientStore, IndexMismatchError, IndexOptions
 
 from .helpers.search import (

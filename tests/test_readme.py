@@ -156,7 +156,7 @@ def test_readme_toml_mentions_only_keys_the_config_takes(workdir):
     """Every key the README's run.toml shows, set or commented out, is a field of its table's model."""
     import dataclasses
 
-    from gradstore.server.config import (
+    from gradstore.server.run.config import (
         CheckpointConfig,
         LoggingConfig,
         ProjectionConfig,
@@ -202,12 +202,12 @@ def test_readme_in_process_and_sdk_snippets(demo_config, monkeypatch):
 
     import uvicorn
 
-    from gradstore.server.app import create_app
-    from gradstore.server.config import RunConfig
+    from gradstore.server.http.app import create_app
+    from gradstore.server.run.config import RunConfig
 
     monkeypatch.chdir(demo_config.parent)  # the snippet opens "run.toml"
     namespace: dict = {}
-    exec(_block("python", "engine = open_engine("), namespace)
+    exec(_block("python", "engine = Run.load("), namespace)
     assert namespace["engine"].influence([{"test_index": 3}], top_k=10).results[0].proponents
 
     sock = socket.socket()

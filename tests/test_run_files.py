@@ -19,13 +19,13 @@ import pytest
 import torch
 import zarr
 
+from gradstore.demos.digits import DigitsTask
 from gradstore.logger import GradientLogger
-from gradstore.server import weights as weights_module
 from gradstore.server.cli import main
-from gradstore.server.config import RunConfig
-from gradstore.server.demo import DigitsTask
-from gradstore.server.engine import QueryEngine
-from gradstore.server.runs import open_engine, open_index
+from gradstore.server.run import open_engine, open_index
+from gradstore.server.run import weights as weights_module
+from gradstore.server.run.config import RunConfig
+from gradstore.server.run.engine import QueryEngine
 from gradstore.store import (
     CheckpointMismatchError,
     GradientIndex,
@@ -193,7 +193,7 @@ def _small_run(directory: Path) -> Path:
     torch.save(DigitsTask(n_train=32, hidden=16).build_model().state_dict(), directory / "c0.pt")
     config = directory / "run.toml"
     config.write_text(
-        '[task]\nobject = "gradstore.server.demo:DigitsTask"\nargs = { n_train = 32, hidden = 16 }\n'
+        '[task]\nobject = "gradstore.demos.digits:DigitsTask"\nargs = { n_train = 32, hidden = 16 }\n'
         '[projection]\nrank = [2, 2]\n[store]\npath = "run.zarr"\nchunk_rows = 8\n'
         '[[checkpoints]]\nname = "c0"\npath = "c0.pt"\nlr = 0.1\n'
     )

@@ -27,11 +27,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gradstore.server import cli
-from gradstore.server.app import API_KEY_ENV, create_app
 from gradstore.server.client import AsyncClient, Client, GradstoreAPIError
-from gradstore.server.config import RunConfig, ServerConfig
-from gradstore.server.runs import open_engine
-from gradstore.server.schemas import RunInfo
+from gradstore.server.http.app import API_KEY_ENV, create_app
+from gradstore.server.run import open_engine
+from gradstore.server.run.config import RunConfig, ServerConfig
+from gradstore.server.run.schemas import RunInfo
 
 from .helpers.serving import serve_in_thread
 
@@ -755,7 +755,7 @@ FAKE_URL = "http://gradstore.test"
 
 def test_sdk_sends_the_request_models_dump():
     """The SDK's bodies are ``model_dump(exclude_none=True, mode="json")`` of the server's request models."""
-    from gradstore.server.schemas import InfluenceRequest, SelfInfluenceRequest
+    from gradstore.server.run.schemas import InfluenceRequest, SelfInfluenceRequest
 
     sent: list = []
     dump = dict(exclude_none=True, mode="json")

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 
+from gradstore.demos.digits import DigitsTask
 from gradstore.server.cli import main
-from gradstore.server.demo import DigitsTask
 from gradstore.store import GradientIndex, GradientStore, IndexMismatchError, StoreCorruptError
 
 N, CHUNK = 48, 8
 RUN_TOML = """
 [task]
-object = "gradstore.server.demo:DigitsTask"
+object = "gradstore.demos.digits:DigitsTask"
 args = {{ n_train = {n}, hidden = 16 }}
 
 [projection]

@@ -42,15 +42,12 @@ from starlette.concurrency import run_in_threadpool
 from gradstore.projection import GradstoreError
 from gradstore.store import StoreCorruptError
 
-from . import __version__
-from .batching import InfluenceBatcher
-from .config import RunConfig, ServerConfig
-from .docs import install_docs
-from .engine import QueryEngine
-from .errors import ConfigError, QueryError, http_status
-from .middleware import BodyLimit, Drain, Lifecycle, Metrics, RequestGate, RequestMetrics, key_refusal
-from .runs import open_engine, serving_threads
-from .schemas import (
+from .. import __version__
+from ..errors import ConfigError, QueryError, http_status
+from ..run.config import RunConfig, ServerConfig
+from ..run.engine import QueryEngine
+from ..run.run import Run
+from ..run.schemas import (
     ErrorResponse,
     ExampleResponse,
     ExplainRequest,
@@ -62,6 +59,9 @@ from .schemas import (
     SelfInfluenceResponse,
     non_finite,
 )
+from .batching import InfluenceBatcher
+from .docs import install_docs
+from .middleware import BodyLimit, Drain, Lifecycle, Metrics, RequestGate, RequestMetrics, key_refusal
 from .watch import Unavailable, Watcher, run_fingerprint
 
 __all__ = ["API_KEY_ENV", "create_app"]
@@ -367,7 +367,7 @@ async def metrics(request: Request) -> Response:
 
 @ops.get("/", include_in_schema=False)
 async def dashboard() -> HTMLResponse:
-    return HTMLResponse(resources.files("gradstore.server").joinpath("static/dashboard.html").read_text())
+    return HTMLResponse(resources.files("gradstore.server.http").joinpath("static/dashboard.html").read_text())
 
 
 def create_app(
@@ -388,10 +388,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if config is not None:
-            serving_threads(config)  # this process serves queries: no OpenMP team per small op on CPU
+            Run(config).serving_threads()  # this process serves queries: no OpenMP team per small op on CPU
         if app.state.engine is None:
             assert config is not None  # create_app was given a config or an engine
-            app.state.engine = await run_in_threadpool(open_engine, config)
+            app.state.engine = await run_in_threadpool(Run(config).open_engine)
         watch = None
         if config is not None and settings.watch_s > 0:
             app.state.watcher = Watcher(app, config, settings.watch_s, fingerprint)

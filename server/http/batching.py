@@ -1,6 +1,6 @@
 """Micro-batching of concurrent influence requests: one gradient computation and one search for several.
 
-Requests with the same scoring options (:func:`~gradstore.server.engine.influence_key`, ``top_k`` may differ) that
+Requests with the same scoring options (:func:`~gradstore.server.run.engine.influence_key`, ``top_k`` may differ) that
 arrive within ``window_s`` of the first, or while an earlier batch is running, are answered by one call in a
 worker thread; each request gets its own answer (or error).
 
@@ -26,9 +26,9 @@ from starlette.concurrency import run_in_threadpool
 
 from gradstore.projection import GradstoreError
 
-from .engine import QueryEngine, influence_key
-from .errors import http_status
-from .schemas import InfluenceRequest, InfluenceResponse
+from ..errors import http_status
+from ..run.engine import QueryEngine, influence_key
+from ..run.schemas import InfluenceRequest, InfluenceResponse
 
 __all__ = ["InfluenceBatcher"]
 

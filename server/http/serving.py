@@ -33,7 +33,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .config import ServerConfig
+from ..run.config import ServerConfig
 from .middleware import Lifecycle
 
 __all__ = ["GradstoreServer", "GuardedH11Protocol", "LogRateLimit", "connection_limits", "serve", "uvicorn_config"]
@@ -44,6 +44,11 @@ FD_RESERVE = 32  # file descriptors kept for the process's own later use (store 
 ACCEPT_BURSTS = 4
 LINGER_S = 0.5  # after the last in-flight answer, how long clients still get a 503 rather than a refused connect
 EXIT_GRACE_S = 0.5  # after the drain: what uvicorn waits for the 503s of requests cut short to be written
+# A refusal sent while the client is still sending its body: half-close and discard what follows for at most this
+# long / this many bytes before closing, so the client reads the answer instead of a reset (closing a socket with
+# unread bytes makes the kernel send RST, which also drops the answer from the client's receive buffer).
+DISCARD_S = 2.0
+DISCARD_BYTES = 16 << 20
 LOG_BURST, LOG_PERIOD_S = 10, 10.0  # log lines of one kind let through per period; the rest are counted
 
 
@@ -95,7 +100,8 @@ class GuardedH11Protocol(H11Protocol):
         self.client_ip: str | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self.discarding: int | None = None  # bytes discarded after a refusal, while lingering
+        super().connection_made(_LingeringClose(transport, self))  # type: ignore[arg-type]
         self.client_ip = self.client[0] if self.client else None
         self.per_client[self.client_ip or ""] += 1
         if len(self.connections) > self.max_connections:
@@ -140,6 +146,11 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if self.discarding is not None:
+            self.discarding += len(data)
+            if self.discarding > DISCARD_BYTES:
+                self.transport.close()
+            return
         between_requests = self.cycle is None or self.cycle.response_complete
         if between_requests and self.conn.their_state is h11.IDLE:
             self._arm_header_timer()  # a new request starts: its headers have header_timeout_s from now
@@ -149,6 +160,12 @@ class GuardedH11Protocol(H11Protocol):
         super().handle_events()
         if self.conn.their_state is not h11.IDLE:  # the request line and headers are in
             self._disarm_header_timer()
+
+    def eof_received(self) -> None:
+        if self.discarding is not None:
+            self.transport.close()
+            return
+        super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
@@ -169,6 +186,36 @@ class GuardedH11Protocol(H11Protocol):
         """At shutdown: close the connection unless a request is in flight (slow headers or body, idle)."""
         if not self.in_flight and not self.transport.is_closing():
             self.transport.close()
+
+
+class _LingeringClose:
+    """The connection's transport, whose ``close()`` lingers while the client is still sending the body of the
+    request just answered: the answer is flushed and the write side shut (FIN), then the rest of the body is read
+    and dropped unparsed (:data:`DISCARD_S`, :data:`DISCARD_BYTES`) until the client closes, then the socket is."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedH11Protocol) -> None:
+        self._transport, self._protocol = transport, protocol
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._protocol.discarding is not None or self._transport.is_closing()
+
+    def close(self) -> None:
+        protocol, transport = self._protocol, self._transport
+        mid_body = protocol.conn.their_state is h11.SEND_BODY and protocol.discarding is None
+        if not mid_body or transport.is_closing() or not transport.can_write_eof():
+            transport.close()
+            return
+        try:
+            transport.write_eof()
+        except OSError:  # the client is gone already
+            transport.close()
+            return
+        protocol.discarding = 0
+        transport.resume_reading()
+        protocol.loop.call_later(DISCARD_S, transport.close)
 
 
 class LogRateLimit(logging.Filter):
@@ -298,7 +345,7 @@ def uvicorn_config(app: Any, host: str, port: int, settings: ServerConfig, log_l
 
 
 def serve(app: Any, host: str, port: int, log_level: str = "info") -> None:
-    """Serve ``app`` (from :func:`~gradstore.server.app.create_app`) on ``host:port`` until SIGTERM/SIGINT."""
+    """Serve ``app`` (from :func:`~gradstore.server.http.app.create_app`) on ``host:port`` until SIGTERM/SIGINT."""
     settings: ServerConfig = app.state.settings
     server = GradstoreServer(
         uvicorn_config(app, host, port, settings, log_level), app.state.lifecycle, settings.drain_s

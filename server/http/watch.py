@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from gradstore.projection import GradstoreError
-from gradstore.store.index import default_index_path
 from gradstore.store.manifest import IndexManifest
 
-from .config import RunConfig
-from .errors import http_status
-from .runs import eval_store_path, open_engine
+from ..errors import http_status
+from ..run.config import RunConfig
+from ..run.run import Run
 
 __all__ = ["RECHECK_BYTES_PER_S", "ContentCheck", "Unavailable", "Watcher", "run_fingerprint"]
 
@@ -69,11 +68,12 @@ def _tree(root: Path, out: list[tuple]) -> None:
 
 def run_fingerprint(config: RunConfig) -> tuple:
     """A value that changes when the run's index, store, eval store or checkpoint files change (stat only)."""
+    run = Run(config)
     out: list[tuple] = [_stat(config.path)]
-    for tree in (config.index_path or default_index_path(config.store.path), config.store.path):
+    for tree in (run.index_path, run.store_path):
         if isinstance(tree, Path):  # a remote store or index (s3://...) is not watched: restart to reload it
             _tree(tree, out)
-    _tree(eval_store_path(config), out)
+    _tree(run.eval_store_path, out)
     for checkpoint in config.checkpoints:
         out.append(_stat(checkpoint.path))
         if checkpoint.optimizer:
@@ -137,9 +137,9 @@ class ContentCheck:
                     items.append(
                         (int(recorded.get("bytes", 0)), functools.partial(manifest.check_file, index.path, name))
                     )
-        for weights in getattr(engine, "weights", {}).values():
-            if hasattr(weights, "recheck"):
-                items.append((_size(weights.path), weights.recheck))
+        for weights_file in getattr(engine, "weights_files", {}).values():
+            if hasattr(weights_file, "recheck"):
+                items.append((_size(weights_file.path), weights_file.recheck))
         return items
 
 
@@ -223,7 +223,7 @@ class Watcher:
 
     def _load(self) -> tuple[RunConfig, Any]:
         config = _reread(self.config)
-        return config, open_engine(config)
+        return config, Run(config).open_engine()
 
     async def reload(self) -> None:
         """Build a new engine from the run's files and swap it in, or record why the run cannot be served."""

@@ -60,7 +60,7 @@ from gradstore.projection import Init
 from gradstore.store import IndexOptions, StoreDtype
 from gradstore.store.remote import RemotePath, StorePath, as_path, is_url
 
-from .errors import ConfigError, config_field_errors
+from ..errors import ConfigError, config_field_errors
 from .schemas import Residency
 
 __all__ = [
@@ -172,7 +172,7 @@ class CheckpointConfig(_Table):
             found = trainer_checkpoint(folder)
         except HFTaskError as exc:
             raise ValueError(f"path: {exc}") from None
-        filled = {"name": found.name, **data, "path": str(found.weights)}
+        filled = {"name": found.name, **data, "path": str(found.weights_path)}
         if found.step is not None:
             filled.setdefault("step", found.step)
         if found.optimizer is not None:

@@ -26,7 +26,7 @@ from gradstore.store import (
 )
 from gradstore.store.scoring import PreparedQueries
 
-from .errors import ConfigError, QueryError, query_error
+from ..errors import ConfigError, QueryError, query_error
 from .schemas import (
     LR_WEIGHTINGS,
     MEASUREMENTS,
@@ -121,8 +121,8 @@ class QueryEngine:
         self.residency, self.batch_size = residency, batch_size
         default = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device) if device is not None else torch.device(default)
-        self.weights = {name: self._weights_file(name, checkpoint_paths or {}) for name in self.checkpoints}
-        self.paths = {name: weights.path for name, weights in self.weights.items()}
+        self.weights_files = {name: self._weights_file(name, checkpoint_paths or {}) for name in self.checkpoints}
+        self.paths = {name: file.path for name, file in self.weights_files.items()}
         self._adam = {name: store.adam_factors(name) for name in self.checkpoints}
         self._lock = threading.Lock()  # hooks hold per-call state: one gradient computation at a time
         base = task.build_model().to(self.device)
@@ -130,7 +130,7 @@ class QueryEngine:
         if residency == "all":
             for name in self.checkpoints:
                 model = copy.deepcopy(base)
-                self.weights[name].load_into(task, model)
+                self.weights_files[name].load_into(task, model)
                 self._projectors[name] = GradientProjector(model, task, spec=store.spec)
             self._loaded: str | None = None
         else:
@@ -228,8 +228,7 @@ class QueryEngine:
             return self._projectors[name]
         if self._loaded != name:
             self._loaded = None  # until the load below is known to be of the logged weights
-            weights = self.weights[name]
-            weights.load_into(self.task, self._shared.model)
+            self.weights_files[name].load_into(self.task, self._shared.model)
             self._loaded = name
         return self._shared
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradstore.logger import GradientLogger, Task
-from gradstore.server.engine import QueryEngine
+from gradstore.server.run.engine import QueryEngine
 from gradstore.store import GradientIndex, GradientStore, IndexOptions
 
 from .models import PAD, TinyCausalLM

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from gradstore.server.engine import QueryEngine
+from gradstore.server.run.engine import QueryEngine
 
 from .text_run import TextRun, TextTask, build_text_run
 

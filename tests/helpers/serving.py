@@ -99,7 +99,7 @@ class ServeProcess:
 @contextlib.contextmanager
 def serve_in_thread(app: Any, **uvicorn_kwargs: Any) -> Iterator[str]:
     """``app`` under uvicorn in a background thread (with gradstore's protocol and limits); yields its URL."""
-    from gradstore.server.serving import GradstoreServer, uvicorn_config
+    from gradstore.server.http.serving import GradstoreServer, uvicorn_config
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradstore.logger import GradientLogger, Task
-from gradstore.server.engine import QueryEngine
+from gradstore.server.run.engine import QueryEngine
 from gradstore.store import GradientIndex, GradientStore, IndexOptions
 
 from .models import PAD, TinyCausalLM, sgd_steps
