@@ -1,4 +1,4 @@
-"""The ``gradstore`` command line: index, query, self-influence, info (and serve, demo).
+"""The ``gradstore`` command line: index, query, score, self-influence, info (and serve, demo).
 
 Start-up: ``gradstore --help`` / ``--version`` must answer in well under a second, so this module imports only
 argparse, pydantic and the request schemas at the top; torch, FAISS, Zarr, FastAPI and transformers (through
@@ -117,6 +117,47 @@ def cmd_query(args: argparse.Namespace) -> None:
             for rank, item in enumerate(rows, 1):
                 marker = "" if item.role in (None, title[:-1]) else f"  [{item.role}: not a {title[:-1]}]"
                 print(f"    {rank:>3}. id={item.id:<8} score={item.score:+.6g}  {_short(item.example)}{marker}")
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from .run.engine import build_request
+    from .run.score_job import read_payloads, score_queries
+
+    options = build_request(
+        InfluenceOptions,
+        {
+            "top_k": args.top_k,
+            "lr_weighting": args.lr_weighting,
+            "checkpoints": _checkpoints(args.checkpoints),
+            "measurement": args.measurement,
+        },
+    )
+    if args.block_queries < 1:
+        raise _bad_input(f"--block-queries must be at least 1, got {args.block_queries}")
+    payloads = read_payloads(args.queries)
+    summary = score_queries(
+        _run(args),
+        payloads,
+        args.output,
+        options=options,
+        block_queries=args.block_queries,
+        workers=args.workers,
+        output_format=args.format,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    if args.json:
+        fields = ("queries", "rows", "blocks", "blocks_written", "blocks_skipped", "seconds", "rows_per_second")
+        print(json.dumps({"output": str(summary.output), **{f: getattr(summary, f) for f in fields}}, indent=2))
+        return
+    skipped = f", {summary.blocks_skipped} already written" if summary.blocks_skipped else ""
+    print(
+        f"scored {summary.queries} queries x {summary.rows} rows in {summary.blocks} blocks "
+        f"({summary.blocks_written} written{skipped}) in {summary.seconds:.2f} s: "
+        f"{summary.rows_per_second:,.0f} rows/s, {summary.pairs_per_second:,.0f} scores/s, "
+        f"{summary.bytes_scanned / max(summary.seconds, 1e-9) / 1e6:,.0f} MB/s scanned"
+    )
+    print(f"output: {summary.output} (top {options.top_k} proponents and opponents per query)")
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
@@ -320,6 +361,22 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     _option(p, "--measurement", InfluenceOptions, "measurement")
     with_weighting(p, InfluenceOptions)
     p.set_defaults(func=cmd_query)
+
+    p = with_config(
+        sub.add_parser("score", help="batch scoring: every query of a file against every training example, exactly")
+    )
+    p.add_argument("--queries", required=True, metavar="FILE", help="JSON Lines file of payloads (as --query-file)")
+    p.add_argument("--output", required=True, metavar="DIR", help="output folder: one file per block (resumable)")
+    _option(p, "--top-k", InfluenceOptions, "top_k", type=int)
+    _option(p, "--measurement", InfluenceOptions, "measurement")
+    with_weighting(p, InfluenceOptions)
+    p.add_argument("--block-queries", type=int, default=256, help="queries per block and output file (default: 256)")
+    p.add_argument("--workers", type=int, help="blocks scored at once (default: the CPU count)")
+    p.add_argument(
+        "--format", choices=("auto", "parquet", "jsonl"), default="auto", help="auto: Parquet when pyarrow is installed"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_score)
 
     p = with_config(sub.add_parser("explain", help="which tokens of one training example carry its score for a query"))
     p.add_argument("--query", required=True, help="one JSON payload, as the Task's query_example takes it")
