@@ -390,8 +390,11 @@ def _tiny_run(tmp_path: Path, demo_config: Path, name: str, n_train: int = 300) 
     return path
 
 
-def test_torchrun_launcher_indexes_on_two_cpu_ranks(tmp_path, demo_config):
-    """2 gloo ranks through deploy/torchrun-index.sh = one process through ``gradstore index``."""
+@pytest.mark.parametrize("nodes", [1, 2], ids=["1 node x 2 ranks", "2 nodes x 1 rank"])
+def test_torchrun_launcher_indexes_on_two_cpu_ranks(tmp_path, demo_config, nodes):
+    """2 gloo ranks through deploy/torchrun-index.sh = one process through ``gradstore index``: on one node, and on
+    two "nodes" (two launchers, ``NNODES=2``, ``NODE_RANK`` 0 and 1, rendezvous on a loopback port) sharing the
+    store's filesystem as nodes share a network one."""
     from gradstore.server.run import index_run, open_index
     from gradstore.server.run.config import RunConfig
     from gradstore.store import GradientStore
@@ -404,24 +407,38 @@ def test_torchrun_launcher_indexes_on_two_cpu_ranks(tmp_path, demo_config):
         **os.environ,
         "PATH": f"{torchrun.parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "CUDA_VISIBLE_DEVICES": "",  # CPU ranks and gloo, also on a GPU machine
-        "NPROC_PER_NODE": "2",
+        "NPROC_PER_NODE": str(2 // nodes),
+        "NNODES": str(nodes),
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(_free_port()),
         "OMP_NUM_THREADS": "1",
     }
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NNODES", "NODE_RANK"):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
         env.pop(var, None)
-    result = subprocess.run(
-        ["bash", str(LAUNCHER), str(launched), "--quiet"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 processes" in result.stderr
-    assert result.stdout.count("indexed 300 examples x 2 checkpoints") == 1, "rank 0, and only rank 0, builds the index"
+    launchers = [
+        subprocess.Popen(
+            ["bash", str(LAUNCHER), str(launched), "--quiet"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**env, "NODE_RANK": str(node)},
+            cwd=tmp_path,
+        )
+        for node in range(nodes)
+    ]
+    outputs = []
+    for node, launcher in enumerate(launchers):
+        try:
+            out, err = launcher.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for other in launchers:
+                other.kill()
+            raise
+        assert launcher.returncode == 0, f"node {node}:\n{out}{err}"
+        assert f"node {node}/{nodes}, {2 // nodes} processes" in err
+        outputs.append(out)
+    built = [out.count("indexed 300 examples x 2 checkpoints") for out in outputs]
+    assert built == [1] + [0] * (nodes - 1), "rank 0 (on node 0), and only rank 0, builds the index"
 
     reference = RunConfig.load(_tiny_run(tmp_path, demo_config, "reference"))
     index_run(reference, progress=False)
