@@ -18,13 +18,16 @@ exactly, so a backend only decides which rows are looked at.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import functools
+import itertools
 import os
-import queue
 import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar, NamedTuple, Protocol, cast
 
@@ -111,7 +114,7 @@ class _TopK:
         return torch.gather(rows, 0, best).T.cpu().numpy()
 
 
-_CONVERT_ROWS = 256  # float16 rows widened at a time: the float32 piece stays in cache while it is scored
+_CONVERT_BYTES = 1 << 20  # float32 bytes of float16 rows widened at a time: stays in cache while it is scored
 _WIDE = threading.local()  # per thread: the reused float32 buffer float16 pieces are widened into
 
 
@@ -135,13 +138,65 @@ def _cpu_scores(block: np.ndarray, queries: np.ndarray, out: np.ndarray | None =
         out += block @ queries
         return out
     rows, q, total = torch.from_numpy(block), torch.from_numpy(queries), torch.from_numpy(out)
-    piece_rows = min(_CONVERT_ROWS, len(block))
+    piece_rows = max(1, min(_CONVERT_BYTES // (4 * block.shape[1]), len(block)))
     buffer = _wide_buffer(piece_rows, block.shape[1])
     for lo in range(0, len(block), piece_rows):
         n = min(piece_rows, len(block) - lo)
         buffer[:n].copy_(rows[lo : lo + n])
         total[lo : lo + n].addmm_(buffer[:n], q)
     return out
+
+
+def scan_threads(requested: int) -> int:
+    """Threads of a streamed CPU scan: ``requested``, or (0) one per CPU this process may use, at most 4."""
+    if requested > 0:
+        return requested
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(usable, 4))
+
+
+def _runs(lo: int, hi: int, piece_rows: int, threads: int) -> list[tuple[int, int]]:
+    """``lo .. hi`` cut into at most ``threads`` runs of whole pieces, as even as the pieces allow."""
+    pieces = -(-(hi - lo) // piece_rows)
+    n = max(1, min(threads, pieces))
+    bounds = [lo + min(hi - lo, (pieces * i // n) * piece_rows) for i in range(n + 1)]
+    return [(a, z) for a, z in itertools.pairwise(bounds) if z > a]
+
+
+_READ = threading.local()  # per thread: the reused buffers stored pieces are read into, one per checkpoint
+
+
+def _read_buffers(n: int) -> list[bytearray]:
+    buffers = getattr(_READ, "buffers", None)
+    if buffers is None or len(buffers) < n:
+        buffers = _READ.buffers = [bytearray() for _ in range(n)]
+    return buffers
+
+
+_POOL_LOCK = threading.Lock()
+_POOLS: dict[int, ThreadPoolExecutor] = {}  # by size: the scan threads besides the caller's, shared by every scan
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _POOL_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="flat-scan")
+        return _POOLS[workers]
+
+
+def _run_all(score: Callable[[tuple[int, int]], None], runs: list[tuple[int, int]], threads: int) -> None:
+    """``score(run)`` for every run: the first in this thread, the others on the scan pool; returns when all are
+    done (a failure is raised after every run stopped, so no thread still writes into the caller's scores)."""
+    if len(runs) == 1:
+        score(runs[0])
+        return
+    futures = [_pool(threads - 1).submit(score, run) for run in runs[1:]]
+    try:
+        score(runs[0])
+    finally:
+        concurrent.futures.wait(futures)
+    for future in futures:
+        future.result()
 
 
 class FlatBackend:
@@ -152,7 +207,9 @@ class FlatBackend:
 
     SCAN_BYTES: ClassVar[int] = 1 << 26  # float32 bytes of one checkpoint's block of rows scored per step
     PIECE_BYTES: ClassVar[int] = 1 << 20  # stored bytes of one checkpoint read and scored at a time (CPU)
-    PREFETCH: ClassVar[bool] = False  # read the next piece in a thread while this one is scored
+    # threads that read and score a streamed block's pieces on the CPU (0: one per CPU, at most 4); the calling
+    # thread is one of them
+    SCAN_THREADS: ClassVar[int] = 0
 
     def __init__(
         self,
@@ -259,68 +316,35 @@ class FlatBackend:
             for lo in range(0, files[0].rows, block_rows):
                 yield r, start, lo, min(lo + block_rows, files[0].rows)
 
-    def _streamed(
-        self, active: list[int], piece_rows: int | None = None
-    ) -> Iterator[tuple[int, int, int, list[np.ndarray]]]:
-        """The stored rows of every block (``(start, lo, hi, [one array per active checkpoint])``), read in pieces
-        of ``piece_rows`` rows (default: the whole block) into reused buffers; the caller must be done with a piece
-        before it asks for the next.
-
-        Small pieces keep the CPU scan near memory speed: a piece of :attr:`PIECE_BYTES` is read (``os.preadv``)
-        into a buffer that stays in cache and is scored from there at once, so the stored bytes cross the memory
-        bus once (a 32 MiB block was written to memory by the read and read back by the scoring). With
-        :attr:`PREFETCH` a reader thread reads one piece ahead into a second set of buffers (``os.preadv`` and the
-        BLAS release the GIL): the scan then takes about the longer of reading and scoring, not their sum (off by
-        default: on a 2-core box the reader thread measured slower, benchmarks/flat_scan.py)."""
-        if not self.PREFETCH:
-            buffers = [bytearray() for _ in active]
-            for piece in self._piece_reads(piece_rows):
-                yield self._read_piece(piece, active, buffers)
-            return
-        pool: queue.Queue[list[bytearray]] = queue.Queue()
-        for _ in range(2):
-            pool.put([bytearray() for _ in active])
-        ready: queue.Queue[tuple | BaseException | None] = queue.Queue(maxsize=1)
-        stop = threading.Event()
-
-        def read() -> None:
-            try:
-                for piece in self._piece_reads(piece_rows):
-                    buffers = pool.get()
-                    if stop.is_set():
-                        return
-                    ready.put((*self._read_piece(piece, active, buffers), buffers))
-                ready.put(None)
-            except BaseException as exc:  # handed to the scoring thread, which raises it
-                ready.put(exc)
-
-        reader = threading.Thread(target=read, name="flat-scan-reader", daemon=True)
-        reader.start()
-        previous: list[bytearray] | None = None
-        try:
-            while True:
-                item = ready.get()
-                if previous is not None:
-                    pool.put(previous)  # the caller finished the previous piece
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                start, lo, hi, arrays, previous = item
-                yield start, lo, hi, arrays
-        finally:
-            stop.set()
-            pool.put([bytearray() for _ in active])  # unblock a reader waiting for a buffer
-            with contextlib.suppress(queue.Empty):
-                ready.get_nowait()  # unblock a reader waiting to hand a piece over
-            reader.join()
-
-    def _piece_reads(self, piece_rows: int | None) -> Iterator[tuple[int, int, int, int]]:
-        """:meth:`blocks` cut into pieces of at most ``piece_rows`` rows (None: whole blocks)."""
+    def _streamed(self, active: list[int]) -> Iterator[tuple[int, int, int, list[np.ndarray]]]:
+        """The stored rows of every block (``(start, lo, hi, [one array per active checkpoint])``), read into
+        reused buffers; the caller must be done with a block before it asks for the next (the GPU scan)."""
+        buffers = [bytearray() for _ in active]
         for r, start, lo, hi in self.blocks():
-            step = piece_rows or hi - lo
-            for p in range(lo, hi, step):
-                yield r, start, p, min(p + step, hi)
+            yield self._read_piece((r, start, lo, hi), active, buffers)
+
+    def _score_pieces(
+        self,
+        r: int,
+        block_lo: int,
+        piece_rows: int,
+        active: list[int],
+        q_host: dict[int, np.ndarray],
+        total: np.ndarray,
+        run: tuple[int, int],
+    ) -> None:
+        """Score rows ``run`` (``lo, hi`` of row part ``r``) into ``total`` (the scores of the block starting at
+        ``block_lo``), a piece of ``piece_rows`` rows at a time read into this thread's buffers."""
+        buffers = _read_buffers(len(active))
+        for lo in range(run[0], run[1], piece_rows):
+            hi = min(lo + piece_rows, run[1])
+            piece = total[lo - block_lo : hi - block_lo]
+            piece[:] = 0
+            for i, c in enumerate(active):
+                part = self.files[r][c]
+                if len(buffers[i]) < (hi - lo) * part.row_bytes:
+                    buffers[i] = bytearray((hi - lo) * part.row_bytes)
+                _cpu_scores(part.read(lo, hi, buffers[i]), q_host[c], out=piece)
 
     def _read_piece(
         self, piece: tuple[int, int, int, int], active: list[int], buffers: list[bytearray]
@@ -367,32 +391,23 @@ class FlatBackend:
                         scores += block @ q_dev[c]
                 add(scores, start + lo)
         elif active and on_cpu:
-            # pieces read into cache-sized buffers and scored there, into the scores of their block; the top-k
-            # heaps and |score| sums run once per block
+            # each block's rows are cut into runs of pieces, one run per scan thread; a thread reads each piece into
+            # a cache-sized buffer of its own and scores it there at once, into the block's scores; the top-k heaps
+            # and |score| sums run once per block, in this thread
             piece_rows = max(1, self.PIECE_BYTES // max(f.row_bytes for f in self.files[0]))
-            total = np.zeros((max(1, self.SCAN_BYTES // (4 * d)), b), dtype=np.float32)
-            block_start, filled = 0, 0
-            for start, lo, hi, arrays in self._streamed(active, piece_rows):
-                if start + lo != block_start + filled or filled + hi - lo > len(total):  # hand the scores over
-                    if filled:
-                        add(torch.from_numpy(total[:filled]), block_start)
-                    block_start, filled = start + lo, 0
-                piece = total[filled : filled + hi - lo]
-                piece[:] = 0
-                for c, stored in zip(active, arrays, strict=True):
-                    _cpu_scores(stored, q_host[c], out=piece)
-                filled += hi - lo
-                if filled == len(total):
-                    add(torch.from_numpy(total), block_start)
-                    block_start, filled = block_start + filled, 0
-            if filled:
-                add(torch.from_numpy(total[:filled]), block_start)
+            total = np.empty((max(1, self.SCAN_BYTES // (4 * d)), b), dtype=np.float32)
+            threads = scan_threads(self.SCAN_THREADS)
+            for r, start, lo, hi in self.blocks():
+                runs = _runs(lo, hi, piece_rows, threads)
+                score = functools.partial(self._score_pieces, r, lo, piece_rows, active, q_host, total)
+                _run_all(score, runs, threads)
+                add(torch.from_numpy(total[: hi - lo]), start + lo)
         elif active:
             for start, lo, hi, arrays in self._streamed(active):
                 assert q_dev is not None
                 scores = torch.zeros((hi - lo, b), dtype=torch.float32, device=self.device)
                 for c, stored in zip(active, arrays, strict=True):
-                    # synchronous copy: the host buffer is handed back to the reader after this block
+                    # synchronous copy: the host buffer is read into again for the next block
                     scores += torch.from_numpy(stored).to(self.device).float() @ q_dev[c]
                 add(scores, start + lo)
         else:  # no weighted checkpoint: every score is 0

@@ -3,13 +3,15 @@ candidates are the exact top / bottom ``k`` of a brute force, whatever the piece
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
 from gradstore.store.parts import PartFile, PartWriter
 from gradstore.store.scoring import PreparedQueries
-from gradstore.store.search import FlatBackend
+from gradstore.store.search import FlatBackend, _runs
 
 D, C = 48, 3
 
@@ -31,14 +33,14 @@ def _backend(tmp_path, parts: list[np.ndarray], dtype: str) -> FlatBackend:
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
-@pytest.mark.parametrize(("piece_rows", "block_rows", "prefetch"), [(7, 50, False), (64, 64, False), (5, 33, True)])
-def test_streamed_scan_in_pieces_is_the_exact_top_k(tmp_path, monkeypatch, dtype, piece_rows, block_rows, prefetch):
+@pytest.mark.parametrize(("piece_rows", "block_rows", "threads"), [(7, 50, 1), (64, 64, 2), (5, 33, 3), (4, 300, 2)])
+def test_streamed_scan_in_pieces_is_the_exact_top_k(tmp_path, monkeypatch, dtype, piece_rows, block_rows, threads):
     rng = np.random.default_rng(3)
     parts = [rng.standard_normal((n, C, D)).astype(dtype) for n in (1001, 777, 5)]
     backend = _backend(tmp_path, parts, dtype)
     monkeypatch.setattr(FlatBackend, "PIECE_BYTES", piece_rows * D * np.dtype(dtype).itemsize)
     monkeypatch.setattr(FlatBackend, "SCAN_BYTES", block_rows * 4 * D)
-    monkeypatch.setattr(FlatBackend, "PREFETCH", prefetch)
+    monkeypatch.setattr(FlatBackend, "SCAN_THREADS", threads)
     weights = np.array([0.5, 0.0, -2.0])  # a dropped checkpoint and a negative weight
     vectors = rng.standard_normal((4, C, D)).astype(np.float32) * weights[None, :, None].astype(np.float32)
     prepared = PreparedQueries(vectors, weights, np.flatnonzero(weights))
@@ -57,4 +59,38 @@ def test_streamed_scan_in_pieces_is_the_exact_top_k(tmp_path, monkeypatch, dtype
     )
     np.testing.assert_array_equal(np.sort(found.proponent_rows, 1), np.sort(resident.proponent_rows, 1))
     np.testing.assert_array_equal(np.sort(found.opponent_rows, 1), np.sort(resident.opponent_rows, 1))
+    backend.close()
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "piece_rows", "threads"), [(0, 100, 7, 3), (5, 6, 4, 2), (10, 74, 64, 4), (3, 50, 1, 8)]
+)
+def test_runs_cut_a_block_into_whole_pieces_one_per_thread(lo, hi, piece_rows, threads):
+    runs = _runs(lo, hi, piece_rows, threads)
+    assert runs[0][0] == lo and runs[-1][1] == hi and len(runs) <= threads
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(runs))
+    assert all((a - lo) % piece_rows == 0 for a, _ in runs)  # every run starts on a piece boundary
+    sizes = [-(-(z - a) // piece_rows) for a, z in runs]  # pieces per run, as even as possible
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_a_failed_read_on_a_scan_thread_is_raised_after_every_thread_stopped(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    backend = _backend(tmp_path, [rng.standard_normal((600, C, D)).astype("float16")], "float16")
+    monkeypatch.setattr(FlatBackend, "PIECE_BYTES", 10 * D * 2)
+    monkeypatch.setattr(FlatBackend, "SCAN_THREADS", 3)
+    read, started = PartFile.read, []
+
+    def flaky(self, lo, hi, buffer=None):
+        started.append(lo)
+        if lo >= 400:
+            raise OSError("the disk went away")
+        return read(self, lo, hi, buffer)
+
+    monkeypatch.setattr(PartFile, "read", flaky)
+    weights = np.array([1.0, 1.0, 1.0])
+    prepared = PreparedQueries(rng.standard_normal((1, C, D)).astype(np.float32), weights, np.arange(C))
+    with pytest.raises(OSError, match="went away"):
+        backend.candidates(prepared, 3)
+    assert 0 in started  # the calling thread's run was read too
     backend.close()
