@@ -144,6 +144,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         workers=args.workers,
         output_format=args.format,
         device=args.device,
+        ray=args.ray,
         progress=not args.quiet,
     )
     if args.json:
@@ -155,7 +156,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         f"scored {summary.queries} queries x {summary.rows} rows in {summary.blocks} blocks "
         f"({summary.blocks_written} written{skipped}) in {summary.seconds:.2f} s: "
         f"{summary.rows_per_second:,.0f} rows/s, {summary.pairs_per_second:,.0f} scores/s, "
-        f"{summary.bytes_scanned / max(summary.seconds, 1e-9) / 1e6:,.0f} MB/s scanned"
+        f"{summary.bytes_scanned / max(summary.seconds, 1e-9) / 1e6:,.0f} MB/s scanned{' on Ray' if args.ray else ''}"
     )
     print(f"output: {summary.output} (top {options.top_k} proponents and opponents per query)")
 
@@ -374,6 +375,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="blocks scored at once (default: the CPU count)")
     p.add_argument(
         "--format", choices=("auto", "parquet", "jsonl"), default="auto", help="auto: Parquet when pyarrow is installed"
+    )
+    p.add_argument(
+        "--ray", action="store_true", help="scan the rows in Ray Data workers (pip install 'gradstore[ray]')"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_score)

@@ -9,9 +9,13 @@ mean and max ``|score|`` over every row. A finished block's survivors are re-sco
 :meth:`Scoring.row_contributions` (the numbers a search reports, each row's from that row alone) and ranked with ties
 broken by id, so a query's answer is what ``GradientIndex.search`` on a flat index gives it, bit for bit.
 
-Blocks run on a thread pool (the BLAS releases the GIL) and each is written as one file in ``output`` (Parquet when
-pyarrow is installed, else JSON lines), atomically: a rerun with the same queries skips the blocks already written
-(``_batch.json`` records what the files answer, so other queries or another index are refused, not mixed in).
+The work is split so that another engine can run it (:mod:`gradstore.store.ray_scoring`: Ray Data): a
+:class:`BatchPlan` lists the blocks, :meth:`BatchPlan.scan` streams one block past one range of rows (anywhere the
+index can be opened) and :meth:`BatchPlan.finish` merges a block's scans, in row order, and re-scores and writes it;
+the local path is one scan of every row per block. Blocks run on a thread pool (the BLAS releases the GIL) and each
+is written as one file in ``output`` (Parquet when pyarrow is installed, else JSON lines), atomically: a rerun with
+the same queries skips the blocks already written (``_batch.json`` records what the files answer, so other queries
+or another index are refused, not mixed in).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from .errors import IndexOptionsError
 from .index import GradientIndex
 from .scoring import PreparedQueries, Scoring
 
-__all__ = ["BatchScoringSummary", "read_batch", "score_batch"]
+__all__ = ["BatchPlan", "BatchScoringSummary", "BlockScan", "read_batch", "scan_rows", "score_batch"]
 
 META = "_batch.json"
 OutputFormat = Literal["auto", "parquet", "jsonl"]
@@ -87,7 +91,12 @@ class _Best:
 
     def add(self, scores: np.ndarray, first: int) -> None:
         """Merge ``[n, B]`` scores of rows ``first .. first + n``."""
-        rows = np.broadcast_to(np.arange(first, first + len(scores), dtype=np.int64)[:, None], scores.shape)
+        self.merge(
+            scores, np.broadcast_to(np.arange(first, first + len(scores), dtype=np.int64)[:, None], scores.shape)
+        )
+
+    def merge(self, scores: np.ndarray, rows: np.ndarray) -> None:
+        """Merge ``[n, B]`` scores of the rows ``rows`` (``[n, B]``)."""
         all_scores = np.concatenate([self.scores, scores])
         all_rows = np.concatenate([self.rows, rows])
         if len(all_scores) > self.m:
@@ -96,6 +105,38 @@ class _Best:
             all_scores = np.take_along_axis(all_scores, keep, 0)
             all_rows = np.take_along_axis(all_rows, keep, 0)
         self.scores, self.rows = all_scores, all_rows
+
+
+@dataclass
+class BlockScan:
+    """A block of queries streamed past rows ``first .. stop``: each query's best ``keep`` candidates each way by
+    float64 ranking score, the ``|score|`` sum of every chunk in row order, and the largest ``|score|``."""
+
+    first: int
+    top_rows: np.ndarray  # [<=keep, Bq] rows
+    top_scores: np.ndarray
+    bottom_rows: np.ndarray
+    bottom_scores: np.ndarray
+    abs_sums: np.ndarray  # [chunks, Bq]
+    abs_max: np.ndarray  # [Bq]
+
+
+def scan_rows(index: GradientIndex, q64: np.ndarray, first: int, stop: int, chunk_rows: int, keep: int) -> BlockScan:
+    """Stream rows ``first .. stop`` of ``index`` (chunks of ``chunk_rows`` from ``first``) past ``q64``
+    (``[C*D, Bq]`` float64 prepared queries)."""
+    bq = q64.shape[1]
+    top, bottom = _Best(bq, keep, largest=True), _Best(bq, keep, largest=False)
+    abs_sums, abs_max = [], np.zeros(bq)
+    for lo in range(first, stop, chunk_rows):
+        chunk = index.exact_vectors(np.arange(lo, min(lo + chunk_rows, stop)))
+        scores = chunk.astype(np.float64) @ q64  # [rows, Bq]: ranking only, the answer is re-scored exactly
+        top.add(scores, lo)
+        bottom.add(scores, lo)
+        magnitude = np.abs(scores)
+        abs_sums.append(magnitude.sum(0))
+        np.maximum(abs_max, magnitude.max(0), out=abs_max)
+    sums = np.array(abs_sums) if abs_sums else np.zeros((0, bq))
+    return BlockScan(first, top.rows, top.scores, bottom.rows, bottom.scores, sums, abs_max)
 
 
 def _digest(index: GradientIndex, queries: PreparedQueries, k: int, block_queries: int, ids: np.ndarray) -> str:
@@ -132,6 +173,142 @@ def _write(path: Path, records: list[dict[str, Any]], fmt: str) -> None:
     os.replace(tmp, path)  # a block's file is whole or absent
 
 
+@dataclass
+class BatchPlan:
+    """What a batch scores and where it writes: the blocks, their files, those left to write, the settings."""
+
+    index: GradientIndex
+    queries: PreparedQueries
+    out: Path
+    k: int
+    keep: int
+    chunk_rows: int
+    ids: np.ndarray
+    fmt: str
+    blocks: list[tuple[int, int]]
+    files: list[Path]
+    todo: list[int]
+    vectors: np.ndarray  # [M, C*D] float64
+
+    @property
+    def rows(self) -> int:
+        return self.index.num_rows
+
+    @classmethod
+    def make(
+        cls,
+        index: GradientIndex,
+        queries: PreparedQueries,
+        output: str | Path,
+        k: int,
+        query_ids: Sequence[Any] | np.ndarray | None,
+        block_queries: int,
+        chunk_rows: int | None,
+        margin: int | None,
+        output_format: OutputFormat,
+    ) -> BatchPlan:
+        """Check the arguments, record (or check) ``_batch.json`` in ``output`` and list the blocks to write."""
+        m = queries.num_queries
+        n = index.num_rows
+        if k < 1 or block_queries < 1:
+            raise IndexOptionsError(f"k and block_queries must be positive, got k={k}, block_queries={block_queries}")
+        k = min(k, n)
+        keep = min(n, k + (k if margin is None else margin))
+        width = queries.vectors.shape[1] * queries.vectors.shape[2]
+        chunk_rows = chunk_rows or max(1, (32 << 20) // (4 * width))
+        ids = np.arange(m) if query_ids is None else np.asarray(query_ids)
+        if len(ids) != m:
+            raise IndexOptionsError(f"{len(ids)} query_ids for {m} queries")
+        fmt = ("parquet" if _parquet_available() else "jsonl") if output_format == "auto" else output_format
+        if fmt == "parquet" and not _parquet_available():
+            raise IndexOptionsError("output_format='parquet' needs pyarrow: pip install pyarrow (or use 'jsonl')")
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "digest": _digest(index, queries, k, block_queries, ids),
+            "format": fmt,
+            "queries": m,
+            "rows": n,
+            "k": k,
+        }
+        if (out / META).is_file():
+            recorded = json.loads((out / META).read_text())
+            if recorded != meta:
+                raise IndexOptionsError(
+                    f"{out} holds the output of another batch (other queries, weights, k, blocks, format or index: "
+                    f"{ {key: recorded.get(key) for key in meta if recorded.get(key) != meta[key]} }); "
+                    "choose another output directory or remove it"
+                )
+        else:
+            (out / META).write_text(json.dumps(meta))
+        blocks = [(lo, min(lo + block_queries, m)) for lo in range(0, m, block_queries)]
+        files = [out / f"part-{b:06d}.{fmt}" for b in range(len(blocks))]
+        todo = [b for b, f in enumerate(files) if not f.is_file()]
+        vectors = np.ascontiguousarray(queries.vectors.reshape(m, width), dtype=np.float64)
+        return cls(index, queries, out, k, keep, chunk_rows, ids, fmt, blocks, files, todo, vectors)
+
+    def scan(self, b: int, first: int, stop: int, index: GradientIndex | None = None) -> BlockScan:
+        """Block ``b`` streamed past rows ``first .. stop`` (``index``: another process's copy of the index)."""
+        lo, hi = self.blocks[b]
+        q64 = np.ascontiguousarray(self.vectors[lo:hi].T)  # [C*D, Bq]
+        return scan_rows(index or self.index, q64, first, stop, self.chunk_rows, self.keep)
+
+    def finish(self, b: int, scans: Sequence[BlockScan]) -> int:
+        """Merge block ``b``'s scans (of consecutive row ranges from 0, on the chunk grid, in any order), re-score
+        each query's survivors exactly, write the block's file; returns its number of queries."""
+        lo, hi = self.blocks[b]
+        bq, n, index = hi - lo, self.rows, self.index
+        top, bottom = _Best(bq, self.keep, largest=True), _Best(bq, self.keep, largest=False)
+        abs_sum, abs_max = np.zeros(bq), np.zeros(bq)
+        for part in sorted(scans, key=lambda part: part.first):
+            top.merge(part.top_scores, part.top_rows)
+            bottom.merge(part.bottom_scores, part.bottom_rows)
+            for chunk_sum in part.abs_sums:  # chunk by chunk in row order: the local path's float64 sum
+                abs_sum += chunk_sum
+            np.maximum(abs_max, part.abs_max, out=abs_max)
+        block = PreparedQueries(self.queries.vectors[lo:hi], self.queries.weights, self.queries.active)
+        records = []
+        for j in range(bq):
+            pro = _rank(index, block, j, top, self.k, descending=True)
+            opp = _rank(index, block, j, bottom, self.k, descending=False)
+            query_id = self.ids[lo + j]
+            records.append(
+                {
+                    "query": query_id.item() if isinstance(query_id, np.generic) else query_id,
+                    "proponent_ids": index.ids[pro[0]].tolist(),
+                    "proponent_scores": pro[1].tolist(),
+                    "proponent_contributions": pro[2].tolist(),
+                    "opponent_ids": index.ids[opp[0]].tolist(),
+                    "opponent_scores": opp[1].tolist(),
+                    "opponent_contributions": opp[2].tolist(),
+                    "mean_abs_score": float(abs_sum[j] / max(n, 1)),
+                    "max_abs_score": float(abs_max[j]),
+                    "checkpoints": index.checkpoints,
+                }
+            )
+        _write(self.files[b], records, self.fmt)
+        return bq
+
+    def progress_bar(self, progress: bool) -> tqdm:
+        m = self.queries.num_queries
+        done = m - sum(self.blocks[b][1] - self.blocks[b][0] for b in self.todo)
+        return tqdm(total=m, initial=done, desc="scoring", unit="query", disable=not progress)
+
+    def summary(self, seconds: float) -> BatchScoringSummary:
+        width = self.vectors.shape[1]
+        return BatchScoringSummary(
+            output=self.out,
+            files=self.files,
+            blocks_written=len(self.todo),
+            blocks_skipped=len(self.blocks) - len(self.todo),
+            queries=self.queries.num_queries,
+            rows=self.rows,
+            seconds=seconds,
+            bytes_scanned=len(self.todo) * self.rows * width * 4,
+            queries_scored=sum(self.blocks[b][1] - self.blocks[b][0] for b in self.todo),
+        )
+
+
 def score_batch(
     index: GradientIndex,
     queries: PreparedQueries,
@@ -157,85 +334,15 @@ def score_batch(
     blocks scored at once on a thread pool (default: the CPU count, at most the blocks). ``output_format``:
     ``parquet`` (needs pyarrow), ``jsonl``, or ``auto`` (Parquet when pyarrow is installed). A rerun with the same
     arguments skips the blocks already written; other queries, ``k``, blocks or another index are refused."""
-    m = queries.num_queries
-    n = index.num_rows
-    if k < 1 or block_queries < 1:
-        raise IndexOptionsError(f"k and block_queries must be positive, got k={k}, block_queries={block_queries}")
-    k = min(k, n)
-    keep = min(n, k + (k if margin is None else margin))
-    width = queries.vectors.shape[1] * queries.vectors.shape[2]
-    chunk_rows = chunk_rows or max(1, (32 << 20) // (4 * width))
-    ids = np.arange(m) if query_ids is None else np.asarray(query_ids)
-    if len(ids) != m:
-        raise IndexOptionsError(f"{len(ids)} query_ids for {m} queries")
-    fmt = ("parquet" if _parquet_available() else "jsonl") if output_format == "auto" else output_format
-    if fmt == "parquet" and not _parquet_available():
-        raise IndexOptionsError("output_format='parquet' needs pyarrow: pip install pyarrow (or use 'jsonl')")
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"digest": _digest(index, queries, k, block_queries, ids), "format": fmt, "queries": m, "rows": n, "k": k}
-    if (out / META).is_file():
-        recorded = json.loads((out / META).read_text())
-        if recorded != meta:
-            raise IndexOptionsError(
-                f"{out} holds the output of another batch (other queries, weights, k, blocks, format or index: "
-                f"{ {key: recorded.get(key) for key in meta if recorded.get(key) != meta[key]} }); "
-                "choose another output directory or remove it"
-            )
-    else:
-        (out / META).write_text(json.dumps(meta))
-    blocks = [(lo, min(lo + block_queries, m)) for lo in range(0, m, block_queries)]
-    files = [out / f"part-{b:06d}.{fmt}" for b in range(len(blocks))]
-    todo = [b for b, f in enumerate(files) if not f.is_file()]
-    vectors = np.ascontiguousarray(queries.vectors.reshape(m, width), dtype=np.float64)
-    names = index.checkpoints
+    plan = BatchPlan.make(index, queries, output, k, query_ids, block_queries, chunk_rows, margin, output_format)
+    todo = plan.todo
 
     def score_block(b: int) -> int:
-        lo, hi = blocks[b]
-        q64 = np.ascontiguousarray(vectors[lo:hi].T)  # [C*D, Bq]
-        bq = hi - lo
-        top, bottom = _Best(bq, keep, largest=True), _Best(bq, keep, largest=False)
-        abs_sum, abs_max = np.zeros(bq), np.zeros(bq)
-        for first in range(0, n, chunk_rows):
-            chunk = index.exact_vectors(np.arange(first, min(first + chunk_rows, n)))
-            scores = chunk.astype(np.float64) @ q64  # [rows, Bq]: ranking only, the answer is re-scored below
-            top.add(scores, first)
-            bottom.add(scores, first)
-            magnitude = np.abs(scores)
-            abs_sum += magnitude.sum(0)
-            np.maximum(abs_max, magnitude.max(0), out=abs_max)
-        block = PreparedQueries(queries.vectors[lo:hi], queries.weights, queries.active)
-        records = []
-        for j in range(bq):
-            pro = _rank(index, block, j, top, k, descending=True)
-            opp = _rank(index, block, j, bottom, k, descending=False)
-            query_id = ids[lo + j]
-            records.append(
-                {
-                    "query": query_id.item() if isinstance(query_id, np.generic) else query_id,
-                    "proponent_ids": index.ids[pro[0]].tolist(),
-                    "proponent_scores": pro[1].tolist(),
-                    "proponent_contributions": pro[2].tolist(),
-                    "opponent_ids": index.ids[opp[0]].tolist(),
-                    "opponent_scores": opp[1].tolist(),
-                    "opponent_contributions": opp[2].tolist(),
-                    "mean_abs_score": float(abs_sum[j] / max(n, 1)),
-                    "max_abs_score": float(abs_max[j]),
-                    "checkpoints": names,
-                }
-            )
-        _write(files[b], records, fmt)
-        return bq
+        return plan.finish(b, [plan.scan(b, 0, plan.rows)])
 
     started = time.perf_counter()
     workers = workers or min(os.cpu_count() or 1, max(len(todo), 1))
-    with tqdm(
-        total=m,
-        initial=m - sum(blocks[b][1] - blocks[b][0] for b in todo),
-        desc="scoring",
-        unit="query",
-        disable=not progress,
-    ) as bar:
+    with plan.progress_bar(progress) as bar:
         if workers <= 1 or len(todo) <= 1:
             for b in todo:
                 bar.update(score_block(b))
@@ -243,17 +350,7 @@ def score_batch(
             with ThreadPoolExecutor(workers, thread_name_prefix="gradstore-score") as pool:
                 for done in pool.map(score_block, todo):
                     bar.update(done)
-    return BatchScoringSummary(
-        output=out,
-        files=files,
-        blocks_written=len(todo),
-        blocks_skipped=len(blocks) - len(todo),
-        queries=m,
-        rows=n,
-        seconds=time.perf_counter() - started,
-        bytes_scanned=len(todo) * n * width * 4,
-        queries_scored=sum(blocks[b][1] - blocks[b][0] for b in todo),
-    )
+    return plan.summary(time.perf_counter() - started)
 
 
 def read_batch(output: str | Path) -> list[dict[str, Any]]:

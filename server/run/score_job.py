@@ -3,8 +3,9 @@
 The run's engine turns the payloads into raw per-checkpoint query gradients (in blocks of ``block_queries``, each
 block cached in ``output/_gradients/`` under a digest of its payloads, the measurement, the checkpoints read and the
 index, so a rerun computes no gradient twice), the index prepares them with explicit checkpoint weights, and
-:func:`gradstore.store.batch_scoring.score_batch` streams every row past them and writes one file per block. A
-rerun with the same queries and options skips the blocks already written.
+:func:`gradstore.store.batch_scoring.score_batch` (or, with ``ray=True``, its Ray Data twin
+:func:`gradstore.store.ray_scoring.score_batch_ray`, bit for bit the same files) streams every row past them and
+writes one file per block. A rerun with the same queries and options skips the blocks already written.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,6 +127,7 @@ def score_queries(
     workers: int | None = None,
     output_format: OutputFormat = "auto",
     device: str | None = None,
+    ray: bool = False,
     progress: bool = True,
 ) -> BatchScoringSummary:
     """Every payload's exact top-``options.top_k`` proponents and opponents over the run's whole index, written to
@@ -141,6 +144,11 @@ def score_queries(
         "output_format": output_format,
         "progress": progress,
     }
+    if ray:
+        from gradstore.store.ray_scoring import score_batch_ray
+
+        opener = partial(open_run_index, run.config)  # each Ray worker opens the run's index as this process did
+        return score_batch_ray(engine.index, prepared, out, options.top_k, opener=opener, **kwargs)
     from gradstore.store.batch_scoring import score_batch
 
     return score_batch(engine.index, prepared, out, options.top_k, **kwargs)
