@@ -47,6 +47,7 @@ def reference(tmp_path_factory):
 KILLS = [("captured", 4), ("flushed", 5), ("saved", 5), ("captured", 1024), ("saved", 1023)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("point", "step"), KILLS, ids=[f"{p}-{s}" for p, s in KILLS])
 def test_kill_and_resume_loses_no_row(tmp_path, reference, point, step):
     assert _run(tmp_path, point, str(step)) == -signal.SIGKILL
@@ -59,6 +60,7 @@ def test_kill_and_resume_loses_no_row(tmp_path, reference, point, step):
         np.testing.assert_allclose(store.read(checkpoint, ids=np.arange(N))[1], rows, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_without_the_flush_a_kill_after_saving_loses_rows(tmp_path, reference):
     """The same kill in the loop without ``logger.flush()`` before the save: the open chunk's rows are gone."""
     assert _run(tmp_path, "saved", "5", env={"NO_FLUSH": "1"}) == -signal.SIGKILL

@@ -33,6 +33,8 @@ from gradstore.store import GradientStore
 
 from .helpers.facts import chance_levels
 
+pytestmark = pytest.mark.slow  # trains the text demo (about 30 s on 2 cores) before its first test
+
 N_DOCS, N_FACTS, PER_FACT = 68, 12, len(FACT_TEMPLATES)
 
 

@@ -390,6 +390,7 @@ def _tiny_run(tmp_path: Path, demo_config: Path, name: str, n_train: int = 300) 
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nodes", [1, 2], ids=["1 node x 2 ranks", "2 nodes x 1 rank"])
 def test_torchrun_launcher_indexes_on_two_cpu_ranks(tmp_path, demo_config, nodes):
     """2 gloo ranks through deploy/torchrun-index.sh = one process through ``gradstore index``: on one node, and on

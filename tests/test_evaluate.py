@@ -79,6 +79,7 @@ def evaluate(*argv: str) -> None:
     cli.main(["evaluate", *argv, "--quiet", "--threads", "1"])
 
 
+@pytest.mark.slow
 def test_lds_equals_a_direct_computation_and_curvature_beats_identity(digits_run, tmp_path, single_thread, capsys):
     config = RunConfig.load(digits_run)
     queries = write_queries(tmp_path / "q.jsonl", range(QUERIES))
@@ -194,6 +195,7 @@ def borderline_queries(task: DigitsTask, count: int) -> list[int]:
     return right[np.argsort(margin[right])[:count]].tolist()
 
 
+@pytest.mark.slow
 def test_brittleness_top_k_removal_flips_more_than_random(digits_run, tmp_path, single_thread):
     config = RunConfig.load(digits_run)
     task = config.make_task()

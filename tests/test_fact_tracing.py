@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 
 from .helpers.facts import OF, SETTINGS, chance_levels, trace_facts
@@ -72,6 +73,7 @@ def _single_threaded():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_fact_tracing_known_answers(tmp_path):
     with _single_threaded():
         task, table = trace_facts(tmp_path, seed=0)

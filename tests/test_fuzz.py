@@ -110,6 +110,7 @@ def _valid_influence_bodies(n_test: int, checkpoints: list[str]):
     )
 
 
+@pytest.mark.slow
 def test_fuzz_valid_influence_requests(fuzz_schema, demo_config):
     """Task-valid influence requests: all 200, and the answers conform to the response schema."""
     from gradstore.demos.digits import DigitsTask

@@ -273,6 +273,7 @@ def ddp_worker(out: Path) -> None:
     trainer.train()
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_ranks_log_their_own_examples(tmp_path):
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

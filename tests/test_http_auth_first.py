@@ -191,6 +191,7 @@ def test_large_authenticated_bodies_are_parsed_off_the_event_loop(keyed):
     assert max(gaps) < 0.4, gaps
 
 
+@pytest.mark.slow
 def test_legitimate_queries_are_answered_under_keyless_4mib_senders(demo_config, tmp_path):
     """benchmarks/auth_first.py, small: 3 processes sending keyless 4 MiB bodies back to back."""
     bench = _benchmark()
@@ -355,6 +356,7 @@ def test_requests_in_flight_when_the_drain_ends_get_503_with_retry_after(engine)
     print(f"\ndrain over: 3 in-flight requests answered 503; server gone {exited:.2f} s after the signal")
 
 
+@pytest.mark.slow
 def test_reconnect_storm_is_capped_per_client_and_its_log_rate_limited(demo_config, tmp_path):
     """Clients on 127.0.0.1 reconnect as fast as they can, each holding a half-sent request, and burst short
     connections: they get at most max_connections_per_client slots, so a client on 127.0.0.2 is answered every

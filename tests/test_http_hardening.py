@@ -85,6 +85,7 @@ def _status(answer: bytes) -> int:
 # -- 1. framing and body limits ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_framing_bypass_is_refused_from_headers_with_flat_rss(demo_config, tmp_path):
     """CL + chunked, duplicate or bad Content-Length: 400 at once; without the key, a 200 MiB body (chunked or by
     its length) is a 401 before its body is read; with it, 413 once the limit is read (or at once by its length).
@@ -130,6 +131,7 @@ def _small_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
 
 
+@pytest.mark.slow
 def test_slow_clients_are_bounded_under_a_small_fd_limit(demo_config, tmp_path):
     """240 half-open clients (no bytes, slow headers, slow body) against a server with 256 file descriptors:
     the over-cap ones are refused at once, the others dropped after their timeouts; normal queries answer

@@ -133,6 +133,7 @@ def _spawn(env: dict[str, str], store: str, *args: str) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_crash_resume_on_s3(s3, local_store):
     """SIGKILL inside chunk 5's write (its data objects written, its commit not): chunks 0..4 served, 5 is not;
     the resume computes only the rest and the rows equal an uninterrupted run."""
@@ -166,6 +167,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_ranks_write_one_s3_store(s3, tmp_path):
     """Two gloo ranks (tests/helpers/dist_worker.py) log a pass (rank-owned chunks) and capture into one store."""
     url = f"s3://{BUCKET}/dist.zarr"
@@ -203,6 +205,7 @@ def test_two_ranks_write_one_s3_store(s3, tmp_path):
     assert sum(name.startswith("capture-r1-") for name in segments) == 1
 
 
+@pytest.mark.slow
 def test_index_and_query_from_s3_equal_local(s3, remote_store, local_store, tmp_path):
     options = IndexOptions(kind="flat", preconditioner="identity")
     local_index = GradientIndex.build(local_store, options, path=tmp_path / "local.index", progress=False)
@@ -249,6 +252,7 @@ def test_index_lock_on_s3(s3):
         assert json.loads(again.read_bytes())["pid"] == os.getpid()
 
 
+@pytest.mark.slow
 def test_cli_index_and_query_with_an_s3_store(s3, tmp_path, capsys):
     """``[store] path = "s3://..."`` in run.toml: `gradstore index` logs and indexes remotely, `gradstore query`
     answers exactly as the same run with a local store."""
