@@ -25,6 +25,11 @@ writes are part of the cost.
 
     python benchmarks/capture_overhead.py [--quick | --full] [--threads 2] [--device cpu] [--clock cpu] [--json out]
     python benchmarks/capture_overhead.py --widths 1024 --ranks 16 --modes loop capture --rounds 5
+    python benchmarks/capture_overhead.py --paired --ranks 16 64 --clock cpu   # loop vs capture, fwdbwd vs pass
+
+``--paired`` is the load-robust form: ``loop`` and ``capture`` steps alternate on two copies of the model, and the
+offline pass runs one plain forward+backward (on a second copy) before each of its batches; the ratios are medians
+of per-pair ratios, so both sides of a pair see the same machine load.
 """
 
 from __future__ import annotations
@@ -412,6 +417,59 @@ def run_paired(cfg: argparse.Namespace, tmp: Path) -> dict[str, float]:
     }
 
 
+def run_paired_pass(cfg: argparse.Namespace, tmp: Path) -> dict[str, float]:
+    """The offline pass against plain forward+backward, batch by batch in one process: one ``log_checkpoint`` call
+    over ``steps`` batches on one copy of the model, and before each of its batches (from the Task's ``collate``,
+    after the writer has caught up, so its work is timed with the pass) one plain forward+backward of the same
+    batch on another copy. A pass batch is the time between consecutive collates less the plain batch inside; the
+    call's own setup and final flush are spread over its batches. Returns medians and the ratio plain / pass."""
+    from gradstore.logger import GradientLogger, Task
+
+    plain, hooked = _model(cfg).eval(), _model(cfg).eval()
+    rows = _tokens(cfg, cfg.batch * (cfg.warmup + cfg.steps)).to(cfg.device)
+    warm, timed = rows[: cfg.batch * cfg.warmup], rows[cfg.batch * cfg.warmup :]
+    plain_times: list[float] = []
+    marks: list[float] = []
+    held: dict[str, Any] = {}  # the logger, once built
+
+    class PairedTask(_TokenTask, Task):
+        def collate(self, examples):
+            batch = super().collate(examples)
+            if "logger" in held and marks and len(examples) > 1:  # not the fingerprints' one-example collates
+                held["logger"]._writer.flush()  # the pass's queued writes are its cost, not the plain batch's
+                _sync(cfg.device)
+                start = _now()
+                _example_losses(plain, batch).sum().backward()
+                plain.zero_grad(set_to_none=True)
+                _sync(cfg.device)
+                plain_times.append(_now() - start)
+                marks.append(_now())
+            return batch
+
+    task = PairedTask(rows, cfg.device)
+    with GradientLogger(hooked, task, store=tmp / "run.zarr", rank=cfg.rank, progress=False) as logger:
+        held["logger"] = logger
+        logger.log_checkpoint("warmup", lr=0.1, examples=warm, batch_size=cfg.batch)  # includes the exactness check
+        _sync(cfg.device)
+        marks.append(_now())
+        logger.log_checkpoint("bench", lr=0.1, examples=timed, batch_size=cfg.batch)  # flushes its writes
+        _sync(cfg.device)
+        end = _now()
+    # pass batch i: from the end of plain batch i to the start of plain batch i+1 (the last one: to the end)
+    starts = [m - p for m, p in zip(marks[1:], plain_times)]  # when each plain batch began
+    pass_times = [b - a for a, b in zip(marks[:-1], starts)]  # [0]: the call's setup (no batch yet)
+    pass_times = [*pass_times[1:], end - marks[-1]]
+    pass_times[0] += starts[0] - marks[0]  # setup, spread onto the first batch
+    pairs = list(zip(plain_times, pass_times))
+    return {
+        "fwdbwd_ms": 1000 * statistics.median(plain_times),
+        "pass_ms": 1000 * statistics.median(pass_times),
+        "pass_vs_fwdbwd_paired": statistics.median(p / q for p, q in pairs),
+        "pass_vs_fwdbwd_total": sum(plain_times) / sum(pass_times),
+        "batches": len(pairs),
+    }
+
+
 RUNNERS: dict[str, Callable[[argparse.Namespace, str, Path], list[float]]] = {
     "loop": run_loop,
     "capture": run_loop,
@@ -501,8 +559,9 @@ def main() -> None:
     parser.add_argument(
         "--paired",
         action="store_true",
-        help="only loop vs capture, step by step in one process (two model copies, alternating steps): the most "
-        "load-robust overhead figure; --steps pairs per width and rank",
+        help="only loop vs capture (two model copies, alternating steps) and fwdbwd vs pass (a plain batch before "
+        "each pass batch), step by step in one process: the most load-robust figures; --steps pairs per width and "
+        "rank; --modes capture / pass picks one",
     )
     parser.add_argument(
         "--clock",
@@ -535,11 +594,18 @@ def main() -> None:
         for width in widths:
             for rank in ranks:
                 cfg.width, cfg.rank = width, rank
-                with tempfile.TemporaryDirectory() as tmp, _quiet():
-                    result = {"width": width, "rank": rank, **run_paired(cfg, Path(tmp))}
-                print(
-                    json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}), flush=True
-                )
+                runs = []
+                if not cfg.modes or "capture" in cfg.modes:
+                    runs.append(run_paired)
+                if not cfg.modes or "pass" in cfg.modes:
+                    runs.append(run_paired_pass)
+                for run in runs:
+                    with tempfile.TemporaryDirectory() as tmp, _quiet():
+                        result = {"width": width, "rank": rank, **run(cfg, Path(tmp))}
+                    print(
+                        json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}),
+                        flush=True,
+                    )
         print(
             json.dumps(
                 {
