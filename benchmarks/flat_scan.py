@@ -39,8 +39,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers.se
 
 from gradstore.store import GradientIndex, GradientStore, IndexOptions
 from gradstore.store.scoring import Scoring
-from gradstore.store.search import FlatBackend, _TopK, scan_threads
+from gradstore.store.search import FlatBackend, scan_threads
 from tests.helpers.search import synthetic_spec, write_store
+
+
+class _TopK:
+    """The ``k`` largest (or smallest) scores of each query over blocks of rows (the scan before issue 19 part 2)."""
+
+    def __init__(self, largest: bool):
+        self.largest = largest
+        self.values: list[torch.Tensor] = []
+        self.rows: list[torch.Tensor] = []
+
+    def add(self, scores: torch.Tensor, start: int, k: int) -> None:
+        """Keep the block's best ``k`` of ``[n, B]`` scores of rows ``start .. start + n``."""
+        best = scores.topk(min(k, len(scores)), dim=0, largest=self.largest)
+        self.values.append(best.values)
+        self.rows.append(best.indices + start)
+
+    def rows_of_best(self, k: int) -> np.ndarray:
+        """``[B, k]`` rows of each query's overall best ``k``."""
+        values, rows = torch.cat(self.values), torch.cat(self.rows)
+        best = values.topk(k, dim=0, largest=self.largest).indices
+        return torch.gather(rows, 0, best).T.cpu().numpy()
 
 
 def read_bound(backend: FlatBackend, buffer: bytearray, share: tuple[int, int] = (0, 1)) -> None:
@@ -168,6 +189,11 @@ def main() -> None:
     for name in names:
         t, m = times[name], med[name]
         print(f"{name:<12} {m:8.1f} {min(t):8.1f} {m / bound:13.2f} {m / threaded:10.2f} {nbytes / m / 1e6:7.2f}")
+    found_rows = backend.candidates(prepared, args.k)
+    print(
+        f"candidates (exact top/bottom k plus rows within the float32 error margin of the k-th): "
+        f"{(found_rows.proponent_rows >= 0).sum()} proponents, {(found_rows.opponent_rows >= 0).sum()} opponents"
+    )
     print(
         f"re-score of {len(candidates)} rows x 2 checkpoints (byte-range reads, float64): "
         f"{np.median(rescore):.2f} ms p50, {max(rescore):.2f} ms max"

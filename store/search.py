@@ -4,9 +4,11 @@ A backend writes its files from streamed index vectors, loads them back, and pro
 query's largest and smallest scores; :class:`~gradstore.store.index.GradientIndex` re-scores every candidate
 exactly, so a backend only decides which rows are looked at.
 
-* ``flat``: one file per checkpoint and row part in the store's dtype, scanned exactly in bounded blocks read from
-  disk (torch matmul on the GPU, NumPy BLAS on the CPU), so its candidates are the exact top / bottom ``k``, and it
-  also yields mean / max ``|score|`` over every row.
+* ``flat``: one file per checkpoint and row part in the store's dtype, scanned in float32 in bounded blocks read
+  from disk (torch matmul on the GPU, BLAS on the CPU, on several threads); its candidates are every row whose exact
+  score may be among the top / bottom ``k`` given a rigorous bound on the float32 rounding (the exact ones, ties
+  included, and rows within the margin of the ``k``-th), and it also yields mean / max ``|score|`` over every row
+  (float32 sums: relative error about ``D 2^-24``).
 * ``ivf``, ``hnsw``, ``ivfpq``, ``ivfsq``: ``faiss.index``; ``k * rerank`` approximate candidates per query.
   ``hnsw`` and (on CPU) ``ivf`` hold the exact float32 vectors and hand them to the re-scoring; ``ivfpq``,
   ``ivfsq`` (and a GPU ``ivf``) do not, and the index re-reads the candidates' rows from the store.
@@ -93,25 +95,88 @@ class SearchBackend(Protocol):
 
 
 # -- flat ------------------------------------------------------------------------------------------
-class _TopK:
-    """The ``k`` largest (or smallest) scores of each query over blocks of rows, merged at the end."""
+class _Within:
+    """Every row whose exact score may be among the ``k`` largest (or smallest) of its query, from float32 scores
+    and a bound on their error: ``|approx - exact| <= err`` per row and query (:func:`_error_bound`).
 
-    def __init__(self, largest: bool):
-        self.largest = largest
-        self.values: list[torch.Tensor] = []
+    A row is kept when its upper bound (``approx + err``) reaches the ``k``-th largest lower bound (``approx -
+    err``) over all rows: a row below it has ``k`` rows surely above it. So the exact top ``k`` (ties included:
+    the index re-scores every candidate in float64 and breaks ties by id) is always among the candidates, whatever
+    the float32 rounding; rows within the margin of the ``k``-th are re-scored too. Past :attr:`CAP` candidates of
+    one query (a mass of rows tied to the ``k``-th, such as duplicates) those with the largest upper bounds are
+    kept."""
+
+    CAP: ClassVar[int] = 4096
+
+    def __init__(self, largest: bool, k: int, queries: int, device: torch.device):
+        self.sign, self.k = (1.0 if largest else -1.0), k
+        self.floor = torch.full((0, queries), -torch.inf, dtype=torch.float64, device=device)  # best lower bounds
         self.rows: list[torch.Tensor] = []
+        self.query: list[torch.Tensor] = []
+        self.upper: list[torch.Tensor] = []
+        self.held = 0
 
-    def add(self, scores: torch.Tensor, start: int, k: int) -> None:
-        """Keep the block's best ``k`` of ``[n, B]`` scores of rows ``start .. start + n``."""
-        best = scores.topk(min(k, len(scores)), dim=0, largest=self.largest)
-        self.values.append(best.values)
-        self.rows.append(best.indices + start)
+    def level(self) -> torch.Tensor:
+        """``[B]``: the ``k``-th largest lower bound so far (-inf while fewer than ``k`` rows were seen)."""
+        if len(self.floor) < self.k:
+            return torch.full(self.floor.shape[1:], -torch.inf, dtype=torch.float64, device=self.floor.device)
+        return self.floor[self.k - 1]
 
-    def rows_of_best(self, k: int) -> np.ndarray:
-        """``[B, k]`` rows of each query's overall best ``k``."""
-        values, rows = torch.cat(self.values), torch.cat(self.rows)
-        best = values.topk(k, dim=0, largest=self.largest).indices
-        return torch.gather(rows, 0, best).T.cpu().numpy()
+    def add(self, scores: torch.Tensor, err: torch.Tensor, start: int) -> None:
+        """Rows ``start .. start + n`` of ``[n, B]`` float32 scores, ``[n, B]`` float64 error bounds."""
+        signed = scores.double() * self.sign
+        lower, upper = signed - err, signed + err
+        best = lower.topk(min(self.k, len(lower)), dim=0).values
+        merged = torch.cat([self.floor, best])
+        self.floor = merged.topk(min(self.k, len(merged)), dim=0).values
+        rows, query = (upper >= self.level()[None, :]).nonzero(as_tuple=True)
+        self.rows.append(rows + start)
+        self.query.append(query)
+        self.upper.append(upper[rows, query])
+        self.held += len(rows)
+        if self.held > 4 * self.CAP * max(1, len(self.floor[0])):  # many near the level so far: drop those below
+            self._prune()
+
+    def _prune(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows, query, upper = torch.cat(self.rows), torch.cat(self.query), torch.cat(self.upper)
+        keep = upper >= self.level()[query]
+        rows, query, upper = rows[keep], query[keep], upper[keep]
+        self.rows, self.query, self.upper, self.held = [rows], [query], [upper], len(rows)
+        return rows, query, upper
+
+    def candidates(self) -> np.ndarray:
+        """``[B, m]`` rows of each query (``-1`` pads), at most :attr:`CAP` of them."""
+        b = self.floor.shape[1]
+        if not self.rows:
+            return np.full((b, 0), -1, dtype=np.int64)
+        rows, query, upper = (t.cpu().numpy() for t in self._prune())
+        order = np.lexsort((-upper, query))  # by query, largest upper bound first
+        rows, query = rows[order], query[order]
+        counts = np.bincount(query, minlength=b)
+        out = np.full((b, min(max(int(counts.max()), 1), self.CAP)), -1, dtype=np.int64)
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        for j in range(b):
+            picked = rows[first[j] : first[j] + min(counts[j], self.CAP)]
+            out[j, : len(picked)] = picked
+        return out
+
+
+def _unit_roundoff(device: torch.device) -> float:
+    """The unit roundoff of a float32 matmul on ``device``: 2^-24, or TF32's / bfloat16's on a GPU allowed them."""
+    if device.type == "cpu":
+        return 2.0**-24
+    return {"highest": 2.0**-24, "high": 2.0**-11}.get(torch.get_float32_matmul_precision(), 2.0**-8)
+
+
+def _error_bound(norms: torch.Tensor, query_norms: torch.Tensor, dim: int, unit: float) -> torch.Tensor:
+    """``[n, B]`` float64 bound on ``|float32 score - float64 score|`` of rows with per-checkpoint norms ``[n, C']``
+    (at least the rows' 2-norms) against queries with per-checkpoint norms ``[C', B]``, over the ``C'`` scored
+    checkpoints: any float32 sum of the ``C' D`` products errs by at most ``gamma_(C'D+C') sum |r_d q_d| <=
+    gamma sum_c |r_c| |q_c|`` (Cauchy-Schwarz); the float64 re-score's own error is added, and 1% besides. Row
+    norms summed in float32 may be low by ``(D + 4) 2^-23`` of themselves: allowed for."""
+    n = norms.shape[1] * (dim + 1)
+    gamma = 1.01 * (n * unit / (1 - n * unit) + n * 2.0**-52) * (1 + (dim + 4) * 2.0**-23)
+    return (norms.double() @ query_norms.double()) * gamma
 
 
 _CONVERT_BYTES = 1 << 20  # float32 bytes of float16 rows widened at a time: stays in cache while it is scored
@@ -125,8 +190,11 @@ def _wide_buffer(rows: int, dim: int) -> torch.Tensor:
     return buffer
 
 
-def _cpu_scores(block: np.ndarray, queries: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``[n, B]`` float32 scores of a block of stored rows against ``[D, B]`` queries, added to ``out`` when given.
+def _cpu_scores(
+    block: np.ndarray, queries: np.ndarray, out: np.ndarray | None = None, norms: np.ndarray | None = None
+) -> np.ndarray:
+    """``[n, B]`` float32 scores of a block of stored rows against ``[D, B]`` queries, added to ``out`` when given;
+    with ``norms`` (``[n]``), the rows' 2-norms (float32 sums, no copy of the block: :func:`_error_bound`) too.
 
     Float32 rows go straight to numpy's BLAS. Float16 rows are never widened as a block: each
     cache-sized piece is widened by torch (F16C) into one reused float32 buffer (per thread, never reallocated)
@@ -136,6 +204,8 @@ def _cpu_scores(block: np.ndarray, queries: np.ndarray, out: np.ndarray | None =
         out = np.zeros((len(block), queries.shape[1]), dtype=np.float32)
     if block.dtype == np.float32:
         out += block @ queries
+        if norms is not None:
+            norms[:] = torch.linalg.vector_norm(torch.from_numpy(block), dim=1).numpy()
         return out
     rows, q, total = torch.from_numpy(block), torch.from_numpy(queries), torch.from_numpy(out)
     piece_rows = max(1, min(_CONVERT_BYTES // (4 * block.shape[1]), len(block)))
@@ -144,6 +214,8 @@ def _cpu_scores(block: np.ndarray, queries: np.ndarray, out: np.ndarray | None =
         n = min(piece_rows, len(block) - lo)
         buffer[:n].copy_(rows[lo : lo + n])
         total[lo : lo + n].addmm_(buffer[:n], q)
+        if norms is not None:
+            norms[lo : lo + n] = torch.linalg.vector_norm(buffer[:n], dim=1).numpy()
     return out
 
 
@@ -210,6 +282,7 @@ class FlatBackend:
     # threads that read and score a streamed block's pieces on the CPU (0: one per CPU, at most 4); the calling
     # thread is one of them
     SCAN_THREADS: ClassVar[int] = 0
+    NORM_ROWS: ClassVar[int] = 64  # rows that share one bound on their norms (a streamed scan's error bounds)
 
     def __init__(
         self,
@@ -224,6 +297,9 @@ class FlatBackend:
         self.files = files  # [row part][checkpoint]
         self.dim, self.device = dim, device
         self.num_rows = sum(f[0].rows for f in files) if files else 0
+        # per checkpoint, per row part: the largest norm of every NORM_ROWS rows, measured by the first scan
+        self._norms: dict[int, list[np.ndarray]] = {}
+        self._held_norms: dict[tuple[int, int], torch.Tensor] = {}  # resident vectors' norms
         # an index that fits the budget is read once, as float32, on the search device (the old, fastest scan);
         # ``check`` refuses bytes other than those the index was built with, so what is held was verified
         self.resident: list[list[torch.Tensor]] | None = None
@@ -331,10 +407,12 @@ class FlatBackend:
         active: list[int],
         q_host: dict[int, np.ndarray],
         total: np.ndarray,
+        norms: np.ndarray | None,
         run: tuple[int, int],
     ) -> None:
         """Score rows ``run`` (``lo, hi`` of row part ``r``) into ``total`` (the scores of the block starting at
-        ``block_lo``), a piece of ``piece_rows`` rows at a time read into this thread's buffers."""
+        ``block_lo``), a piece of ``piece_rows`` rows at a time read into this thread's buffers; with ``norms``,
+        write the rows' norms there too (``[rows, len(active)]``, float64)."""
         buffers = _read_buffers(len(active))
         for lo in range(run[0], run[1], piece_rows):
             hi = min(lo + piece_rows, run[1])
@@ -344,7 +422,8 @@ class FlatBackend:
                 part = self.files[r][c]
                 if len(buffers[i]) < (hi - lo) * part.row_bytes:
                     buffers[i] = bytearray((hi - lo) * part.row_bytes)
-                _cpu_scores(part.read(lo, hi, buffers[i]), q_host[c], out=piece)
+                measured = None if norms is None else norms[lo - block_lo : hi - block_lo, i]
+                _cpu_scores(part.read(lo, hi, buffers[i]), q_host[c], out=piece, norms=measured)
 
     def _read_piece(
         self, piece: tuple[int, int, int, int], active: list[int], buffers: list[bytearray]
@@ -359,22 +438,29 @@ class FlatBackend:
         return start, lo, hi, arrays
 
     def candidates(self, queries: PreparedQueries | np.ndarray, k: int) -> Candidates:
-        """The exact top and bottom ``k`` rows of each query, and mean / max ``|score|`` over every row. Only the
-        checkpoints the queries weight (:attr:`PreparedQueries.active`) are read and scored."""
+        """Every row that may be among the exact top and bottom ``k`` of each query (:class:`_Within`), and mean /
+        max ``|score|`` over every row. Only the checkpoints the queries weight (:attr:`PreparedQueries.active`)
+        are read and scored."""
         d = self.dim
         prepared = as_prepared(queries, len(self.files[0]) if self.files else 0, d)
         b, active = prepared.num_queries, prepared.active.tolist()
         on_cpu = self.device.type == "cpu"
         q_host = {c: prepared.checkpoint(c) for c in active}  # [D, B]
         q_dev = None if on_cpu else {c: torch.from_numpy(q).to(self.device) for c, q in q_host.items()}
-        top, bottom = _TopK(largest=True), _TopK(largest=False)
+        top, bottom = (_Within(largest, k, b, self.device) for largest in (True, False))
         abs_sum = torch.zeros(b, dtype=torch.float64, device=self.device)
         abs_max = torch.zeros(b, dtype=torch.float32, device=self.device)
+        unit = _unit_roundoff(self.device)
+        query_norms = torch.from_numpy(
+            np.array([np.linalg.norm(q_host[c].astype(np.float64), axis=0) for c in active]).reshape(len(active), b)
+        ).to(self.device)
 
-        def add(scores: torch.Tensor, first: int) -> None:
+        def add(scores: torch.Tensor, first: int, norms: torch.Tensor) -> None:
+            """A block's ``[n, B]`` float32 scores, its rows' ``[n, len(active)]`` norms (or bounds on them)."""
             nonlocal abs_max
-            top.add(scores, first, k)
-            bottom.add(scores, first, k)
+            err = _error_bound(norms.to(self.device), query_norms, d, unit)
+            top.add(scores, err, first)
+            bottom.add(scores, err, first)
             abs_scores = scores.abs()
             abs_sum.add_(abs_scores.sum(0, dtype=torch.float64))
             abs_max = torch.maximum(abs_max, abs_scores.max(0).values)
@@ -389,36 +475,72 @@ class FlatBackend:
                     else:
                         assert q_dev is not None
                         scores += block @ q_dev[c]
-                add(scores, start + lo)
+                norms = [self._resident_norms(r, c)[lo:hi] for c in active]
+                add(scores, start + lo, torch.stack(norms, 1) if norms else torch.zeros((hi - lo, 0)))
         elif active and on_cpu:
             # each block's rows are cut into runs of pieces, one run per scan thread; a thread reads each piece into
-            # a cache-sized buffer of its own and scores it there at once, into the block's scores; the top-k heaps
-            # and |score| sums run once per block, in this thread
+            # a cache-sized buffer of its own and scores it there at once, into the block's scores; the top-k
+            # bounds and |score| sums run once per block, in this thread. The rows' norms (for the error bounds)
+            # are measured on the first scan and kept as the largest of every NORM_ROWS rows
             piece_rows = max(1, self.PIECE_BYTES // max(f.row_bytes for f in self.files[0]))
-            total = np.empty((max(1, self.SCAN_BYTES // (4 * d)), b), dtype=np.float32)
+            block_rows = max(1, self.SCAN_BYTES // (4 * d))
+            total = np.empty((block_rows, b), dtype=np.float32)
+            known = [self._norms.get(c) for c in active]
+            measured = None if all(n is not None for n in known) else np.empty((block_rows, len(active)))
+            fresh = (
+                [np.zeros(-(-f[0].rows // self.NORM_ROWS)) for f in self.files for _ in active]
+                if measured is not None
+                else []
+            )
             threads = scan_threads(self.SCAN_THREADS)
             for r, start, lo, hi in self.blocks():
                 runs = _runs(lo, hi, piece_rows, threads)
-                score = functools.partial(self._score_pieces, r, lo, piece_rows, active, q_host, total)
+                score = functools.partial(self._score_pieces, r, lo, piece_rows, active, q_host, total, measured)
                 _run_all(score, runs, threads)
-                add(torch.from_numpy(total[: hi - lo]), start + lo)
+                if measured is not None:
+                    row_norms = measured[: hi - lo]
+                    chunk = np.arange(lo, hi) // self.NORM_ROWS
+                    for i in range(len(active)):
+                        np.maximum.at(fresh[r * len(active) + i], chunk, row_norms[:, i])
+                else:
+                    row_norms = self._chunk_norms(r, active, lo, hi)
+                add(torch.from_numpy(total[: hi - lo]), start + lo, torch.from_numpy(row_norms))
+            if measured is not None:  # every row was read: keep the largest norm of every NORM_ROWS rows
+                for i, c in enumerate(active):
+                    self._norms[c] = [fresh[r * len(active) + i] for r in range(len(self.files))]
         elif active:
             for start, lo, hi, arrays in self._streamed(active):
                 assert q_dev is not None
                 scores = torch.zeros((hi - lo, b), dtype=torch.float32, device=self.device)
+                norms = []
                 for c, stored in zip(active, arrays, strict=True):
                     # synchronous copy: the host buffer is read into again for the next block
-                    scores += torch.from_numpy(stored).to(self.device).float() @ q_dev[c]
-                add(scores, start + lo)
+                    block = torch.from_numpy(stored).to(self.device).float()
+                    scores += block @ q_dev[c]
+                    norms.append(torch.linalg.vector_norm(block, dim=1))
+                add(scores, start + lo, torch.stack(norms, 1))
         else:  # no weighted checkpoint: every score is 0
             for _, start, lo, hi in self.blocks():
-                add(torch.zeros((hi - lo, b), dtype=torch.float32, device=self.device), start + lo)
+                zeros = torch.zeros((hi - lo, b), dtype=torch.float32, device=self.device)
+                add(zeros, start + lo, torch.zeros((hi - lo, 0), dtype=torch.float64))
         return Candidates(
-            proponent_rows=top.rows_of_best(k),
-            opponent_rows=bottom.rows_of_best(k),
+            proponent_rows=top.candidates(),
+            opponent_rows=bottom.candidates(),
             mean_abs_score=(abs_sum / max(self.num_rows, 1)).cpu().numpy(),
             max_abs_score=abs_max.double().cpu().numpy(),
         )
+
+    def _resident_norms(self, r: int, c: int) -> torch.Tensor:
+        """``[rows]`` norms of row part ``r``'s resident vectors of checkpoint ``c`` (measured once)."""
+        assert self.resident is not None
+        if (r, c) not in self._held_norms:
+            self._held_norms[r, c] = torch.linalg.vector_norm(self.resident[r][c], dim=1)
+        return self._held_norms[r, c]
+
+    def _chunk_norms(self, r: int, active: list[int], lo: int, hi: int) -> np.ndarray:
+        """``[hi - lo, len(active)]``: each row's bound on its norm (the largest of its NORM_ROWS rows)."""
+        chunk = np.arange(lo, hi) // self.NORM_ROWS
+        return np.stack([self._norms[c][r][chunk] for c in active], 1)
 
     def exact_vectors(self, rows: np.ndarray) -> np.ndarray:
         """The ``[n, C*D]`` float32 vectors of ``rows``: from the verified resident copy when there is one (the
