@@ -273,12 +273,19 @@ def _serve(config: RunConfig, host: str, port: int) -> None:
     run = Run(config)
     run.serving_threads()
     fingerprint = run_fingerprint(config)  # before loading: a change while it loads is seen by the watch
-    engine = run.open_engine()
+    loader = None
+    if config.server.engine == "ray":  # the index searched by one Ray Serve deployment per shard
+        from .run.ray_backend import RayShards
+
+        loader = RayShards.deploy(config)
+    engine = run.open_engine(loader=loader)
     serve(create_app(config, engine=engine, fingerprint=fingerprint), host, port)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     config = _config(args)
+    if args.ray:
+        config = config.model_copy(update={"server": config.server.model_copy(update={"engine": "ray"})})
     host, port = args.host or config.server.host, args.port or config.server.port
     print(f"gradstore: loading {config.path.name}; serving on http://{host}:{port} (API docs at /docs)", flush=True)
     _serve(config, host, port)
@@ -397,6 +404,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("serve", help="serve the HTTP API (and dashboard) for a run"))
     p.add_argument("--host", help="default: [server] host or 127.0.0.1")
     p.add_argument("--port", type=int, help="default: [server] port or 8000")
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help='search the index with one Ray Serve deployment per shard ([server] engine = "ray"; RAY_ADDRESS or a '
+        "local Ray)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

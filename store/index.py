@@ -298,6 +298,7 @@ class GradientIndex:
         manifest: IndexManifest,
         device: str | None = None,
         files_at: Path | None = None,
+        loader: Any = None,
     ):
         files_at = files_at if files_at is not None else path
         self.path, self.store, self.manifest = path, store, manifest
@@ -323,7 +324,7 @@ class GradientIndex:
         }
         self.scoring = Scoring(self.checkpoints, self.preconditioners, self.options.normalize)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        loader = ShardedBackend if manifest.shards else BACKENDS[self.options.kind]
+        loader = loader or (ShardedBackend if manifest.shards else BACKENDS[self.options.kind])
         self.backend: SearchBackend = loader.load(files_at, self.options, self.device, manifest=manifest, label=path)
         self._store_vectors: VectorSource | None = None  # reads exact vectors a backend does not hold
 
@@ -630,11 +631,13 @@ class GradientIndex:
         options: IndexOptions | None = None,
         eval_store: GradientStore | None = None,
         device: str | None = None,
+        loader: Any = None,
     ) -> GradientIndex:
         """Load an index, refusing one whose store changed or whose build options differ from ``options``.
 
         Every file is read from the one directory ``path`` named when the call began (an update that swaps a new
-        one in meanwhile is seen on the next call)."""
+        one in meanwhile is seen on the next call). ``loader`` (``load`` and ``verified_on_load`` as a backend
+        class has them) loads the backend in place of the kind's own: the Ray Serve shards of ``server/run``."""
         path = fetch_index(as_path(path) if path is not None else default_index_path(store.path))
         if not kind_traits(IndexManifest.read(path).options.preconditioner).eval_mix:
             eval_store = None  # built without one (source): an eval store beside the run does not change it
@@ -645,10 +648,10 @@ class GradientIndex:
                     manifest.check_store(path, store, eval_store)
                     searched = manifest.with_search_options(path, options)
                     # files the loaders read whole are checked on the very bytes they load, not hashed here too
-                    loader = ShardedBackend if searched.shards else BACKENDS[searched.options.kind]
-                    skip = loader.verified_on_load(searched) | _loaded_whole(manifest)
+                    chosen = loader or (ShardedBackend if searched.shards else BACKENDS[searched.options.kind])
+                    skip = chosen.verified_on_load(searched) | _loaded_whole(manifest)
                     manifest.check_files(files_at, label=path, skip=skip)
-                    return cls(path, store, searched, device, files_at=files_at)
+                    return cls(path, store, searched, device, files_at=files_at, loader=loader)
                 except (IndexMismatchError, IndexNotFoundError, OSError):
                     if attempt == 7 or not _swapped(path, files_at):
                         raise

@@ -205,6 +205,49 @@ def test_k8s_schema():
             ) from None
 
 
+def _ray_objects() -> dict[str, dict]:
+    """deploy/k8s/ray/ (KubeRay: applied on its own, not with deploy/k8s/), by kind."""
+    docs = [d for d in yaml.safe_load_all((K8S / "ray" / "rayservice.yaml").read_text()) if d is not None]
+    return {d["kind"]: d for d in docs}
+
+
+def test_k8s_rayservice_deploys_the_shard_applications_and_a_front_door():
+    import importlib
+    import shlex
+
+    objects = _ray_objects()
+    service = objects["RayService"]
+    assert service["apiVersion"] == "ray.io/v1"
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert config["proxy_location"] == "Disabled"  # the FastAPI front door is the only HTTP entry
+    apps = config["applications"]
+    assert [a["name"] for a in apps] == [f"gradstore-shard-{s}" for s in range(len(apps))]
+    for app in apps:
+        module, _, name = app["import_path"].partition(":")
+        assert callable(getattr(importlib.import_module(module), name)), app["import_path"]
+        assert app["route_prefix"] is None and app["args"]["config"].startswith("/data/")
+        assert app["args"]["shard"] == apps.index(app)
+    cluster = service["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    # the pod templates, the front door and its Service against the Kubernetes schema
+    resources = [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ray"}, **t} for t in templates]
+    resources += [objects["Deployment"], objects["Service"]]
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
+    for resource in resources:
+        try:
+            kubernetes_validate.validate(resource, kubernetes_validate.latest_version(), strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise AssertionError(f"rayservice.yaml: {resource['kind']}: {exc.message} at {list(exc.path)}") from None
+    pod = objects["Deployment"]["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    line = container["args"][0]
+    assert f"--address={service['metadata']['name']}-head-svc:6379" in line  # KubeRay's head Service
+    args = _cli_args(shlex.split(line.partition("exec gradstore ")[2]))
+    assert args.command == "serve" and args.ray and args.config.startswith("/data/")
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert objects["Service"]["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+
+
 # -- Compose -----------------------------------------------------------------------------------------
 
 

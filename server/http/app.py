@@ -348,8 +348,23 @@ async def readyz(request: Request) -> JSONResponse:
     unavailable: Unavailable | None = request.app.state.unavailable
     if unavailable is not None:
         return JSONResponse({"status": "unavailable", "reason": _reason(request, unavailable)}, status_code=503)
-    ready = request.app.state.engine is not None
-    return JSONResponse({"status": "ready" if ready else "loading"}, status_code=200 if ready else 503)
+    engine = request.app.state.engine
+    if engine is None:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    shards = getattr(getattr(engine, "index", None), "backend", None)
+    readiness = getattr(shards, "readiness", None)  # an index searched elsewhere (Ray Serve): ask every shard
+    if readiness is None:
+        return JSONResponse({"status": "ready"})
+    states = await run_in_threadpool(readiness)
+    down = [s for s in states if s["status"] != "ready"]
+    if down:
+        reason = "; ".join(s["reason"] for s in down)
+        expected = request.app.state.api_key
+        if expected is not None and key_refusal(request.headers.raw, expected) is not None:
+            reason = f"index shard(s) {[s['shard'] for s in down]} unavailable; send the API key to see why"
+            states = [{k: v for k, v in s.items() if k != "reason"} for s in states]
+        return JSONResponse({"status": "unavailable", "reason": reason, "shards": states}, status_code=503)
+    return JSONResponse({"status": "ready", "shards": states})
 
 
 def _reason(request: Request, unavailable: Unavailable) -> str:

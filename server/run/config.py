@@ -279,6 +279,16 @@ class ServerConfig(BaseSettings):
         "batch answered in turn, bitwise as alone",
     )
 
+    engine: Literal["local", "ray"] = Field(
+        default="local",
+        description="where the index is searched: local (in this process) or ray (one Ray Serve deployment per index "
+        "shard, merged and re-scored exactly here; `gradstore serve --ray`, needs gradstore[ray])",
+    )
+    ray_shard_cpus: float = Field(default=1.0, ge=0, description="with engine = ray: CPUs of each shard replica")
+    ray_shard_gpus: float = Field(
+        default=0.0, ge=0, description="with engine = ray: GPUs of each shard replica (a fraction: shards share a GPU)"
+    )
+
     @field_validator("api_key")
     @classmethod
     def _key_not_empty(cls, key: str | None) -> str | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -84,8 +85,11 @@ class Run:
         Returns the index on rank 0 (its ``changes`` say what was logged and done), None on other ranks."""
         return index_job(self, progress=progress, wait_s=wait_s, rebuild=rebuild)
 
-    def open_index(self, store: GradientStore | None = None, device: str | None = None) -> GradientIndex:
-        """The run's index, checked against its store and the config's index options and checkpoints."""
+    def open_index(
+        self, store: GradientStore | None = None, device: str | None = None, loader: Any = None
+    ) -> GradientIndex:
+        """The run's index, checked against its store and the config's index options and checkpoints (``loader``:
+        :meth:`GradientIndex.open`'s, e.g. the Ray Serve shards of ``ray_backend.py``)."""
         store = store or self.open_store()
         check_config(self.config, store)
         index = GradientIndex.open(
@@ -94,6 +98,7 @@ class Run:
             options=self.config.index,
             eval_store=self.open_eval_store(),
             device=device,
+            loader=loader,
         )
         configured = [c.name for c in self.config.checkpoints]
         if index.checkpoints != configured:
@@ -103,14 +108,15 @@ class Run:
             )
         return index
 
-    def open_engine(self, device: str | None = None) -> QueryEngine:
-        """Task, store, index and checkpoint models of the run, ready to answer queries."""
+    def open_engine(self, device: str | None = None, loader: Any = None) -> QueryEngine:
+        """Task, store, index and checkpoint models of the run, ready to answer queries (``loader``: see
+        :meth:`open_index`)."""
         store = self.open_store()
         device = device or self.config.query.device
         return QueryEngine(
             self.config.make_task(),
             store,
-            self.open_index(store, device=device),
+            self.open_index(store, device=device, loader=loader),
             {c.name: c.path for c in self.config.checkpoints},
             residency=self.config.query.residency,
             device=device,
