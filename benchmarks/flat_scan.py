@@ -13,7 +13,7 @@ part files). In one process, in rotating order, per repeat:
   and scored from there at once, the float16 rows widened in cache-sized pieces straight into the BLAS; the scan
   as it was before the scan threads); ``scan xN``: the same on N threads (``FlatBackend.SCAN_THREADS``: each
   block's pieces cut into N runs, each thread reading and scoring its own);
-* ``search``: a whole ``GradientIndex.search`` on N threads;
+* ``search``: a whole ``GradientIndex.search`` with the default scan threads (``scan_threads(0)``);
 * ``re-score``: a whole ``GradientIndex.search`` minus the candidate scan: the exact float64 re-score of the
   candidates' rows, read with byte-range reads (``os.preadv`` per run of rows).
 
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--workdir", type=Path, help="build here once and reuse (default: a new temporary dir)")
-    parser.add_argument("--threads", type=int, default=0, help="scan threads (0: FlatBackend's default)")
+    parser.add_argument("--threads", type=int, default=0, help="scan threads of 'xN' (0: the default, at least 2)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one scoring thread, as a served query on a 2-core box
     side = round(args.dim**0.5)
@@ -144,7 +144,7 @@ def main() -> None:
     prepared = index.prepare(raw, weights)
     nbytes = sum(part.rows * part.row_bytes for files in backend.files for part in files)
     buffer, big_buffer = bytearray(1 << 20), bytearray(32 << 20)
-    threads = args.threads or scan_threads(0)
+    threads = args.threads or max(2, scan_threads(0))
     buffers, pool = [bytearray(1 << 20) for _ in range(threads)], ThreadPoolExecutor(threads)
     runs = {
         "read bound": lambda: read_bound(backend, buffer),
@@ -153,7 +153,7 @@ def main() -> None:
         "before": lambda: before(backend, prepared.concatenated(), args.k),
         "scan x1": lambda: scan(backend, prepared, args.k, 1),
         f"scan x{threads}": lambda: scan(backend, prepared, args.k, threads),
-        "search": lambda: search(index, raw, weights, args.k, threads),
+        "search": lambda: search(index, raw, weights, args.k, 0),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
@@ -164,7 +164,7 @@ def main() -> None:
             start = time.perf_counter()
             runs[name]()
             times[name].append((time.perf_counter() - start) * 1e3)
-    FlatBackend.SCAN_THREADS = threads  # search (above and below) scans with the threads of "scan xN"
+    FlatBackend.SCAN_THREADS = 0  # search (above and below) scans with the default threads
     # the answer does not change: the new scan's candidates equal the exact scan of all rows
     found = index.search(raw, weights, args.k)
     exact = Scoring.row_contributions(prepared, index.exact_vectors(np.arange(index.num_rows)), 0).sum(-1)

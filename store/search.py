@@ -179,7 +179,9 @@ def _error_bound(norms: torch.Tensor, query_norms: torch.Tensor, dim: int, unit:
     return (norms.double() @ query_norms.double()) * gamma
 
 
-_CONVERT_BYTES = 1 << 20  # float32 bytes of float16 rows widened at a time: stays in cache while it is scored
+# float32 bytes of float16 rows widened at a time (a whole 1 MiB piece: fewer calls measured ~10-15% faster than
+# 256 KiB-1 MiB, benchmarks/flat_scan.py); the widened rows are scored while they are in cache
+_CONVERT_BYTES = 2 << 20
 _WIDE = threading.local()  # per thread: the reused float32 buffer float16 pieces are widened into
 
 
@@ -220,11 +222,12 @@ def _cpu_scores(
 
 
 def scan_threads(requested: int) -> int:
-    """Threads of a streamed CPU scan: ``requested``, or (0) one per CPU this process may use, at most 4."""
+    """Threads of a streamed CPU scan: ``requested``, or (0) half the CPUs this process may use, 1 to 4 (on a
+    2-core box shared with other work a second scan thread measured no faster, benchmarks/flat_scan.py)."""
     if requested > 0:
         return requested
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(usable, 4))
+    return max(1, min(usable // 2, 4))
 
 
 def _runs(lo: int, hi: int, piece_rows: int, threads: int) -> list[tuple[int, int]]:
@@ -279,7 +282,7 @@ class FlatBackend:
 
     SCAN_BYTES: ClassVar[int] = 1 << 26  # float32 bytes of one checkpoint's block of rows scored per step
     PIECE_BYTES: ClassVar[int] = 1 << 20  # stored bytes of one checkpoint read and scored at a time (CPU)
-    # threads that read and score a streamed block's pieces on the CPU (0: one per CPU, at most 4); the calling
+    # threads that read and score a streamed block's pieces on the CPU (0: half the CPUs, 1 to 4); the calling
     # thread is one of them
     SCAN_THREADS: ClassVar[int] = 0
     NORM_ROWS: ClassVar[int] = 64  # rows that share one bound on their norms (a streamed scan's error bounds)
