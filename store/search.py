@@ -126,6 +126,9 @@ class _Within:
         """Rows ``start .. start + n`` of ``[n, B]`` float32 scores, ``[n, B]`` float64 error bounds."""
         signed = scores.double() * self.sign
         lower, upper = signed - err, signed + err
+        # a non-finite score (bytes changed since load) is always a candidate, so the re-score sees and refuses it
+        lower = torch.where(lower.isnan(), -torch.inf, lower)
+        upper = torch.where(upper.isnan(), torch.inf, upper)
         best = lower.topk(min(self.k, len(lower)), dim=0).values
         merged = torch.cat([self.floor, best])
         self.floor = merged.topk(min(self.k, len(merged)), dim=0).values
@@ -503,8 +506,9 @@ class FlatBackend:
                 if measured is not None:
                     row_norms = measured[: hi - lo]
                     chunk = np.arange(lo, hi) // self.NORM_ROWS
-                    for i in range(len(active)):
-                        np.maximum.at(fresh[r * len(active) + i], chunk, row_norms[:, i])
+                    with np.errstate(invalid="ignore"):  # a NaN norm stays NaN: its rows are always candidates
+                        for i in range(len(active)):
+                            np.maximum.at(fresh[r * len(active) + i], chunk, row_norms[:, i])
                 else:
                     row_norms = self._chunk_norms(r, active, lo, hi)
                 add(torch.from_numpy(total[: hi - lo]), start + lo, torch.from_numpy(row_norms))

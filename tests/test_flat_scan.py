@@ -151,3 +151,16 @@ def test_a_mass_of_tied_rows_is_cut_to_the_cap(tmp_path, monkeypatch):
     assert found.proponent_rows.shape == (1, 8) and (found.proponent_rows >= 0).all()
     assert found.opponent_rows.shape == (1, 8)
     backend.close()
+
+
+def test_a_row_that_scores_nan_is_a_candidate_at_both_ends(tmp_path):
+    """Bytes changed since load that read as NaN are handed to the re-score (which refuses them), not hidden."""
+    rng = np.random.default_rng(6)
+    rows = rng.standard_normal((200, C, D)).astype("float32")
+    rows[77, 1, 3] = np.nan
+    backend = _backend(tmp_path, [rows], "float32")
+    weights = np.array([1.0, 1.0, 1.0])
+    prepared = PreparedQueries(rng.standard_normal((2, C, D)).astype(np.float32), weights, np.arange(C))
+    found = backend.candidates(prepared, 3)
+    assert all(77 in found.proponent_rows[b] and 77 in found.opponent_rows[b] for b in range(2))
+    backend.close()
