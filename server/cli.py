@@ -273,12 +273,7 @@ def _serve(config: RunConfig, host: str, port: int) -> None:
     run = Run(config)
     run.serving_threads()
     fingerprint = run_fingerprint(config)  # before loading: a change while it loads is seen by the watch
-    loader = None
-    if config.server.engine == "ray":  # the index searched by one Ray Serve deployment per shard
-        from .run.ray_backend import RayShards
-
-        loader = RayShards.deploy(config)
-    engine = run.open_engine(loader=loader)
+    engine = run.open_serving_engine()  # [server] engine = "ray": the index searched by Ray Serve shards
     serve(create_app(config, engine=engine, fingerprint=fingerprint), host, port)
 
 

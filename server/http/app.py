@@ -406,7 +406,7 @@ def create_app(
             Run(config).serving_threads()  # this process serves queries: no OpenMP team per small op on CPU
         if app.state.engine is None:
             assert config is not None  # create_app was given a config or an engine
-            app.state.engine = await run_in_threadpool(Run(config).open_engine)
+            app.state.engine = await run_in_threadpool(Run(config).open_serving_engine)
         watch = None
         if config is not None and settings.watch_s > 0:
             app.state.watcher = Watcher(app, config, settings.watch_s, fingerprint)

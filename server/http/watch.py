@@ -169,10 +169,12 @@ class Unavailable:
 
 
 def _reread(config: RunConfig) -> RunConfig:
-    """The run config as its file says now (one built in memory, without a file, as it is)."""
+    """The run config as its file says now (one built in memory, without a file, as it is); ``[server]`` stays the
+    one the server started with (its port, limits, key and engine, ``--ray`` included)."""
     if not config.path.is_file():
         return config
-    return RunConfig.load(config.path, hf_output=config.hf.output if config.hf is not None else None)
+    fresh = RunConfig.load(config.path, hf_output=config.hf.output if config.hf is not None else None)
+    return fresh.model_copy(update={"server": config.server})
 
 
 class Watcher:
@@ -223,7 +225,7 @@ class Watcher:
 
     def _load(self) -> tuple[RunConfig, Any]:
         config = _reread(self.config)
-        return config, Run(config).open_engine()
+        return config, Run(config).open_serving_engine()
 
     async def reload(self) -> None:
         """Build a new engine from the run's files and swap it in, or record why the run cannot be served."""

@@ -123,6 +123,17 @@ class Run:
             batch_size=self.config.query.batch_size,
         )
 
+    def open_serving_engine(self) -> QueryEngine:
+        """The engine as ``gradstore serve`` runs it (also when the server reloads the run): with
+        ``[server] engine = "ray"`` the index is searched by one Ray Serve deployment per shard (deployed, or reused
+        when already serving this build: :class:`~gradstore.server.run.ray_backend.RayShards`), else in process."""
+        loader = None
+        if self.config.server.engine == "ray":
+            from .ray_backend import RayShards
+
+            loader = RayShards.deploy(self.config)
+        return self.open_engine(loader=loader)
+
     def describe(self) -> RunInfo:
         """The run's :class:`RunInfo`, as ``GET /v1/run`` serves it, also when the store is missing or the index is
         unusable (``store_status`` or ``index.reason`` then says why); opens no models. A damaged store raises."""
