@@ -39,6 +39,7 @@ callers catch either ``GradstoreError`` (or one package's class) or the familiar
     ├── QueryShapeError ............ ValueError         query vectors whose shape does not fit the index
     ├── StoreLockedError ........... TimeoutError       another `gradstore index` holds the store's lock
     ├── RemoteStoreError ........... OSError            a store URL lacking its driver; index changed mid-fetch
+    │   └── ShardUnavailableError .. OSError            an index shard's Ray Serve deployment did not answer
     ├── DiskFullError .............. OSError            the device filled up while writing a store or index file
     │  server/errors.py
     ├── QueryError ................. ValueError         a query the engine cannot answer as asked

@@ -19,6 +19,7 @@ import pytest
 import gradstore.logger.errors
 import gradstore.projection.errors
 import gradstore.server.errors
+import gradstore.server.run.ray_backend
 from gradstore.projection import (
     INITS,
     LAYER_KINDS,
@@ -635,7 +636,8 @@ def test_each_kind_selects_its_backend(tmp_path):
 
 def test_error_tree_draws_every_error_with_its_builtin():
     """projection/errors.py draws the hierarchy of all packages: every class, with a built-in it derives from."""
-    assert gradstore.logger.errors and gradstore.server.errors  # imported: their classes are GradstoreError subclasses
+    # imported: their classes are GradstoreError subclasses (ray_backend imports ray only when used)
+    assert gradstore.logger.errors and gradstore.server.errors and gradstore.server.run.ray_backend
     classes, todo = set(), [GradstoreError]
     while todo:
         for sub in todo.pop().__subclasses__():
