@@ -1,15 +1,20 @@
 """A flat index's part files: one ``.npy`` of ``[rows, D]`` vectors (one checkpoint, one row range) in the store's
 dtype, written block by block and read back by byte offset through a descriptor opened once.
 
-Reads never map the file: a scan holds one bounded block in memory whatever the file's size (an ``mmap`` would
-count against ``RLIMIT_AS``), and a descriptor opened at load keeps reading the files of the snapshot it was
-opened on after an update swaps a new index directory in.
+A streamed scan reads a file through a read-only shared map of it (:meth:`PartFile.mapped`): the rows are scored
+straight from the page cache, with no copy into a buffer first (that copy cost as much as the read itself,
+benchmarks/flat_scan.py). The pages are the kernel's page cache, reclaimable and never written, so they are no
+part of the process's data (``RLIMIT_DATA``) whatever the file's size; where a map cannot be made (an
+``RLIMIT_AS`` too small) the scan reads bounded pieces with ``preadv`` instead. The map and the descriptor, both
+made at load, keep reading the files of the snapshot they were opened on after an update swaps a new index
+directory in.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,6 +113,8 @@ class PartFile:
     def __init__(self, path: Path, fd: int, rows: int, dim: int, dtype: np.dtype, offset: int):
         self.path, self.fd, self.rows, self.dim, self.dtype, self.offset = path, fd, rows, dim, dtype, offset
         self.row_bytes = dim * dtype.itemsize
+        self._map: mmap.mmap | None = None
+        self._mapped: np.ndarray | None = None
 
     @classmethod
     def open(cls, path: Path) -> PartFile:
@@ -127,6 +134,24 @@ class PartFile:
             os.close(fd)
             raise ValueError(f"{path}: expected a C-order [rows, D] array, got shape {shape}")
         return cls(path, fd, int(shape[0]), int(shape[1]), np.dtype(dtype), offset)
+
+    def check_size(self) -> None:
+        """Refuse a file cut short since it was opened (a map read past its end would be a ``SIGBUS``): a scan
+        checks every file it reads first."""
+        if os.fstat(self.fd).st_size < self.offset + self.rows * self.row_bytes:
+            raise IndexMismatchError(f"index part file {self.path} was truncated after it was opened; {REBUILD_HINT}")
+
+    def mapped(self) -> np.ndarray | None:
+        """Every row as a read-only ``[rows, D]`` array over the file's pages, mapped on first use and kept until
+        :meth:`close`; None where the file cannot be mapped (then :meth:`read` it)."""
+        if self._mapped is None and self.rows:
+            try:
+                self._map = mmap.mmap(self.fd, self.offset + self.rows * self.row_bytes, prot=mmap.PROT_READ)
+            except (OSError, ValueError):
+                return None
+            values = np.frombuffer(self._map, dtype=self.dtype, count=self.rows * self.dim, offset=self.offset)
+            self._mapped = values.reshape(self.rows, self.dim)
+        return self._mapped
 
     def read(self, lo: int, hi: int, buffer: bytearray | None = None) -> np.ndarray:
         """Rows ``lo .. hi`` in the stored dtype (one read), into ``buffer`` (reused by a scan) when given."""
@@ -175,6 +200,11 @@ class PartFile:
         return out
 
     def close(self) -> None:
+        self._mapped = None
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a view still held (a scan on another thread): unmapped by GC
+                self._map.close()
+            self._map = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

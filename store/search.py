@@ -196,31 +196,38 @@ def _wide_buffer(rows: int, dim: int) -> torch.Tensor:
 
 
 def _cpu_scores(
-    block: np.ndarray, queries: np.ndarray, out: np.ndarray | None = None, norms: np.ndarray | None = None
+    block: np.ndarray | torch.Tensor,
+    queries: np.ndarray,
+    out: np.ndarray | None = None,
+    norms: np.ndarray | None = None,
 ) -> np.ndarray:
     """``[n, B]`` float32 scores of a block of stored rows against ``[D, B]`` queries, added to ``out`` when given;
     with ``norms`` (``[n]``), the rows' 2-norms (float32 sums, no copy of the block: :func:`_error_bound`) too.
 
-    Float32 rows go straight to numpy's BLAS. Float16 rows are never widened as a block: each
-    cache-sized piece is widened by torch (F16C) into one reused float32 buffer (per thread, never reallocated)
-    and added into the scores (``addmm``) while it is in cache, so no float32 block is written to memory and read
-    back (benchmarks/flat_scan.py compares the scan with the read bound)."""
+    Float32 rows go straight to the BLAS. Float16 rows are never widened as a block: each cache-sized piece is
+    widened by torch (F16C) into one reused float32 buffer (per thread, never reallocated) and added into the scores
+    (``addmm``) while it is in cache, so no float32 block is written to memory and read back (benchmarks/flat_scan.py
+    compares the scan with the read bound). ``block`` may be a view of a part file's mapped pages: read, never
+    written."""
     if out is None:
         out = np.zeros((len(block), queries.shape[1]), dtype=np.float32)
-    if block.dtype == np.float32:
-        out += block @ queries
+    rows = block if isinstance(block, torch.Tensor) else torch.from_numpy(block)
+    if rows.dtype == torch.float32:
+        out += rows.numpy() @ queries
         if norms is not None:
-            norms[:] = torch.linalg.vector_norm(torch.from_numpy(block), dim=1).numpy()
+            norms[:] = torch.linalg.vector_norm(rows, dim=1).numpy()
         return out
-    rows, q, total = torch.from_numpy(block), torch.from_numpy(queries), torch.from_numpy(out)
-    piece_rows = max(1, min(_CONVERT_BYTES // (4 * block.shape[1]), len(block)))
-    buffer = _wide_buffer(piece_rows, block.shape[1])
-    for lo in range(0, len(block), piece_rows):
-        n = min(piece_rows, len(block) - lo)
-        buffer[:n].copy_(rows[lo : lo + n])
-        total[lo : lo + n].addmm_(buffer[:n], q)
+    q, total = torch.from_numpy(queries), torch.from_numpy(out)
+    count, dim = rows.shape
+    piece_rows = max(1, min(_CONVERT_BYTES // (4 * dim), count))
+    buffer = _wide_buffer(piece_rows, dim)
+    for lo in range(0, count, piece_rows):
+        n = min(piece_rows, count - lo)
+        wide = buffer[:n]
+        wide.copy_(rows[lo : lo + n])
+        total[lo : lo + n].addmm_(wide, q)
         if norms is not None:
-            norms[lo : lo + n] = torch.linalg.vector_norm(buffer[:n], dim=1).numpy()
+            norms[lo : lo + n] = torch.linalg.vector_norm(wide, dim=1).numpy()
     return out
 
 
@@ -306,6 +313,7 @@ class FlatBackend:
         # per checkpoint, per row part: the largest norm of every NORM_ROWS rows, measured by the first scan
         self._norms: dict[int, list[np.ndarray]] = {}
         self._held_norms: dict[tuple[int, int], torch.Tensor] = {}  # resident vectors' norms
+        self._mapped: dict[tuple[int, int], torch.Tensor | None] = {}  # (row part, checkpoint): the file's pages
         # an index that fits the budget is read once, as float32, on the search device (the old, fastest scan);
         # ``check`` refuses bytes other than those the index was built with, so what is held was verified
         self.resident: list[list[torch.Tensor]] | None = None
@@ -417,8 +425,19 @@ class FlatBackend:
         run: tuple[int, int],
     ) -> None:
         """Score rows ``run`` (``lo, hi`` of row part ``r``) into ``total`` (the scores of the block starting at
-        ``block_lo``), a piece of ``piece_rows`` rows at a time read into this thread's buffers; with ``norms``,
-        write the rows' norms there too (``[rows, len(active)]``, float64)."""
+        ``block_lo``) straight from the files' mapped pages (or, where a file is not mapped, a piece of
+        ``piece_rows`` rows at a time read into this thread's buffers); with ``norms``, write the rows' norms there
+        too (``[rows, len(active)]``, float64)."""
+        mapped = [self._mapped.get((r, c)) for c in active]
+        if all(rows is not None for rows in mapped):  # the pages in place: the whole run at once
+            lo, hi = run
+            scores = total[lo - block_lo : hi - block_lo]
+            scores[:] = 0
+            for i, (c, rows) in enumerate(zip(active, mapped, strict=True)):
+                assert rows is not None
+                measured = None if norms is None else norms[lo - block_lo : hi - block_lo, i]
+                _cpu_scores(rows[lo:hi], q_host[c], out=scores, norms=measured)
+            return
         buffers = _read_buffers(len(active))
         for lo in range(run[0], run[1], piece_rows):
             hi = min(lo + piece_rows, run[1])
@@ -484,6 +503,7 @@ class FlatBackend:
                 norms = [self._resident_norms(r, c)[lo:hi] for c in active]
                 add(scores, start + lo, torch.stack(norms, 1) if norms else torch.zeros((hi - lo, 0)))
         elif active and on_cpu:
+            self._map_parts(active)
             # each block's rows are cut into runs of pieces, one run per scan thread; a thread reads each piece into
             # a cache-sized buffer of its own and scores it there at once, into the block's scores; the top-k
             # bounds and |score| sums run once per block, in this thread. The rows' norms (for the error bounds)
@@ -537,6 +557,18 @@ class FlatBackend:
             max_abs_score=abs_max.double().cpu().numpy(),
         )
 
+    def _map_parts(self, active: list[int]) -> None:
+        """Check the part files of ``active`` are whole and map the ones not mapped yet (in the calling thread,
+        before the scan threads read them)."""
+        for r, files in enumerate(self.files):
+            for c in active:
+                files[c].check_size()
+                if (r, c) not in self._mapped:
+                    rows = files[c].mapped()
+                    with warnings.catch_warnings():  # read-only pages: the scan reads them and never writes
+                        warnings.simplefilter("ignore", UserWarning)
+                        self._mapped[r, c] = None if rows is None else torch.from_numpy(rows)
+
     def _resident_norms(self, r: int, c: int) -> torch.Tensor:
         """``[rows]`` norms of row part ``r``'s resident vectors of checkpoint ``c`` (measured once)."""
         assert self.resident is not None
@@ -573,6 +605,7 @@ class FlatBackend:
         return out
 
     def close(self) -> None:
+        self._mapped.clear()
         for files in self.files:
             for f in files:
                 f.close()

@@ -4,11 +4,15 @@ candidates are the exact top / bottom ``k`` of a brute force, whatever the piece
 from __future__ import annotations
 
 import itertools
+import os
+import threading
 
 import numpy as np
 import pytest
 import torch
 
+from gradstore.store import search
+from gradstore.store.errors import IndexMismatchError
 from gradstore.store.parts import PartFile, PartWriter
 from gradstore.store.scoring import PreparedQueries
 from gradstore.store.search import FlatBackend, _runs, _Within
@@ -34,7 +38,12 @@ def _backend(tmp_path, parts: list[np.ndarray], dtype: str) -> FlatBackend:
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize(("piece_rows", "block_rows", "threads"), [(7, 50, 1), (64, 64, 2), (5, 33, 3), (4, 300, 2)])
-def test_streamed_scan_in_pieces_is_the_exact_top_k(tmp_path, monkeypatch, dtype, piece_rows, block_rows, threads):
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read"])
+def test_streamed_scan_in_pieces_is_the_exact_top_k(
+    tmp_path, monkeypatch, dtype, piece_rows, block_rows, threads, mapped
+):
+    if not mapped:  # files that cannot be mapped are read in pieces with preadv
+        monkeypatch.setattr(PartFile, "mapped", lambda self: None)
     rng = np.random.default_rng(3)
     parts = [rng.standard_normal((n, C, D)).astype(dtype) for n in (1001, 777, 5)]
     backend = _backend(tmp_path, parts, dtype)
@@ -75,25 +84,55 @@ def test_runs_cut_a_block_into_whole_pieces_one_per_thread(lo, hi, piece_rows, t
     assert max(sizes) - min(sizes) <= 1
 
 
-def test_a_failed_read_on_a_scan_thread_is_raised_after_every_thread_stopped(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mapped", [True, False])
+def test_a_failure_on_a_scan_thread_is_raised_after_every_thread_stopped(tmp_path, monkeypatch, mapped):
+    """A failed read (files read with ``preadv`` where they cannot be mapped) or a failure scoring mapped pages on
+    a scan thread reaches the caller, after every thread stopped."""
     rng = np.random.default_rng(4)
     backend = _backend(tmp_path, [rng.standard_normal((600, C, D)).astype("float16")], "float16")
     monkeypatch.setattr(FlatBackend, "PIECE_BYTES", 10 * D * 2)
     monkeypatch.setattr(FlatBackend, "SCAN_THREADS", 3)
-    read, started = PartFile.read, []
+    started: list[int] = []
+    if mapped:
+        score = search._cpu_scores
 
-    def flaky(self, lo, hi, buffer=None):
-        started.append(lo)
-        if lo >= 400:
-            raise OSError("the disk went away")
-        return read(self, lo, hi, buffer)
+        def flaky_score(block, *args, **kwargs):
+            started.append(threading.current_thread() is threading.main_thread())
+            if not started[-1]:
+                raise OSError("the disk went away")
+            return score(block, *args, **kwargs)
 
-    monkeypatch.setattr(PartFile, "read", flaky)
+        monkeypatch.setattr(search, "_cpu_scores", flaky_score)
+    else:
+        read = PartFile.read
+        monkeypatch.setattr(PartFile, "mapped", lambda self: None)
+
+        def flaky(self, lo, hi, buffer=None):
+            started.append(lo == 0)
+            if lo >= 400:
+                raise OSError("the disk went away")
+            return read(self, lo, hi, buffer)
+
+        monkeypatch.setattr(PartFile, "read", flaky)
     weights = np.array([1.0, 1.0, 1.0])
     prepared = PreparedQueries(rng.standard_normal((1, C, D)).astype(np.float32), weights, np.arange(C))
     with pytest.raises(OSError, match="went away"):
         backend.candidates(prepared, 3)
-    assert 0 in started  # the calling thread's run was read too
+    assert True in started  # the calling thread's run was scored too
+    backend.close()
+
+
+def test_a_part_file_cut_short_under_an_open_index_is_refused_not_a_crash(tmp_path):
+    """A mapped file read past its end would kill the process (SIGBUS): a scan checks each file's size first."""
+    rng = np.random.default_rng(6)
+    backend = _backend(tmp_path, [rng.standard_normal((200, C, D)).astype("float16")], "float16")
+    weights = np.array([1.0, 1.0, 1.0])
+    prepared = PreparedQueries(rng.standard_normal((1, C, D)).astype(np.float32), weights, np.arange(C))
+    backend.candidates(prepared, 3)  # mapped by the first scan
+    part = backend.files[0][1]
+    os.truncate(part.path, part.offset + 100 * part.row_bytes)
+    with pytest.raises(IndexMismatchError, match="truncated"):
+        backend.candidates(prepared, 3)
     backend.close()
 
 
