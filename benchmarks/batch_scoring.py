@@ -1,11 +1,14 @@
 """Batch scoring (issue 19 part 5, local path) against the read bound, side by side in one run.
 
 One float16 ``flat`` index (N rows, D, 2 checkpoints, streamed: ``resident_mb = 0``); M queries scored by
-:func:`gradstore.store.score_batch` in blocks. Printed: the read bound (every part file's bytes read once with
-``os.preadv``, and the same rows read and widened to float32 by ``exact_vectors``, as the scorer reads them), then the
-scorer's rows/s and (query, row) pairs/s, and the bytes per second it streams (each block streams every row once).
+:func:`gradstore.store.score_batch` in blocks of each ``--blocks`` size, one after the other in one run. Printed: the
+read bound (every part file's bytes read once with ``os.preadv`` into a 1 MiB buffer), and per block size the
+scorer's rows/s, (query, row) pairs/s and the stored bytes per second it streams (each block streams every row
+once) beside its two bounds: the read bound, and the arithmetic bound (a float32 BLAS product of the same shape and
+flops on rows already in memory, on ``--workers`` threads). Few queries per block are bound by the read, many by
+the arithmetic.
 
-    python benchmarks/batch_scoring.py [--rows 20000] [--dim 1024] [--queries 256] [--block 128] [--workers 2]
+    python benchmarks/batch_scoring.py [--rows 20000] [--dim 1024] [--queries 256] [--blocks 1 16 128] [--workers 2]
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers.search
 
@@ -26,12 +31,25 @@ from gradstore.store.search import FlatBackend
 from tests.helpers.search import synthetic_spec, write_store
 
 
+def arithmetic_seconds(rows: int, width: int, block: int, passes: int, workers: int) -> float:
+    """Seconds ``workers`` threads take for ``passes`` float32 products of ``rows x width`` rows (in memory, 4096 at a
+    time) with ``width x block`` queries: the flops the scorer does, at the BLAS's rate."""
+    torch.set_num_threads(1)
+    chunk = np.random.default_rng(1).standard_normal((4096, width)).astype(np.float32)
+    queries = np.ones((width, block), dtype=np.float32)
+    steps = max(1, rows * passes // 4096)
+    with ThreadPoolExecutor(workers) as pool:
+        start = time.perf_counter()
+        list(pool.map(lambda _: chunk @ queries, range(steps)))
+        return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--dim", type=int, default=1024, help="a square number (one synthetic layer)")
     parser.add_argument("--queries", type=int, default=256)
-    parser.add_argument("--block", type=int, default=128, help="queries per block")
+    parser.add_argument("--blocks", type=int, nargs="+", default=[1, 16, 128], help="queries per block")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--k", type=int, default=10)
     args = parser.parse_args()
@@ -56,25 +74,29 @@ def main() -> None:
             for lo in range(0, part.rows, step):
                 part.read(lo, min(lo + step, part.rows), buffer)
     read_s = time.perf_counter() - start
-    start = time.perf_counter()
-    chunk = max(1, (32 << 20) // (4 * 2 * spec.dim))
-    for lo in range(0, index.num_rows, chunk):
-        index.exact_vectors(np.arange(lo, min(lo + chunk, index.num_rows)))
-    widen_s = time.perf_counter() - start
-    out = workdir / "scores"
-    summary = score_batch(index, prepared, out, args.k, block_queries=args.block, workers=args.workers, progress=False)
-    passes = summary.blocks_written
     print(
-        f"N = {args.rows}, D = {spec.dim}, 2 checkpoints, float16 ({stored / 1e6:.0f} MB), M = {args.queries} queries "
-        f"in blocks of {args.block}, {args.workers} workers, k = {args.k}"
+        f"N = {args.rows}, D = {spec.dim}, 2 checkpoints, float16 ({stored / 1e6:.0f} MB), M = {args.queries} queries, "
+        f"{args.workers} workers, k = {args.k}; read bound (preadv, 1 MiB buffer): {read_s * 1e3:.1f} ms, "
+        f"{stored / read_s / 1e9:.2f} GB/s"
     )
-    print(f"read bound (preadv, 1 MiB buffer): {read_s * 1e3:8.1f} ms  {stored / read_s / 1e9:6.2f} GB/s")
-    print(f"read + widen (exact_vectors):      {widen_s * 1e3:8.1f} ms  {stored / widen_s / 1e9:6.2f} GB/s")
-    print(
-        f"batch scoring: {summary.seconds:.2f} s, {summary.rows_per_second:,.0f} rows/s, "
-        f"{summary.pairs_per_second:,.0f} pairs/s, {stored * passes / summary.seconds / 1e9:.2f} GB/s of stored rows "
-        f"({passes} passes), {stored * passes / summary.seconds / (stored / read_s):.0%} of the read bound"
-    )
+    print(f"{'queries/block':>13} {'s':>6} {'rows/s':>10} {'pairs/s':>12} {'GB/s':>6} {'% read':>7} {'% arith':>8}")
+    for block in args.blocks:
+        summary = score_batch(
+            index,
+            prepared,
+            workdir / f"scores-{block}",
+            args.k,
+            block_queries=block,
+            workers=args.workers,
+            progress=False,
+        )
+        passes = summary.blocks_written
+        arith_s = arithmetic_seconds(index.num_rows, 2 * spec.dim, block, passes, args.workers)
+        streamed = stored * passes / summary.seconds
+        print(
+            f"{block:>13} {summary.seconds:6.2f} {summary.rows_per_second:10,.0f} {summary.pairs_per_second:12,.0f} "
+            f"{streamed / 1e9:6.2f} {streamed / (stored / read_s):7.0%} {arith_s / summary.seconds:8.0%}"
+        )
     shutil.rmtree(workdir)
 
 

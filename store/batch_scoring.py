@@ -2,17 +2,23 @@
 ``N x M`` score matrix.
 
 Queries are taken in blocks of ``block_queries``; for each block the index's rows stream by in chunks of
-``chunk_rows`` (their exact vectors: :meth:`GradientIndex.exact_vectors`, byte-range reads of a flat index's part
-files, a FAISS kind's stored vectors, or the store's rows), each chunk is scored in float64 against the whole block
-(one BLAS product) and only every query's running best ``k + margin`` proponents and opponents are kept, with the
-mean and max ``|score|`` over every row. A finished block's survivors are re-scored with
-:meth:`Scoring.row_contributions` (the numbers a search reports, each row's from that row alone) and ranked with ties
-broken by id, so a query's answer is what ``GradientIndex.search`` on a flat index gives it, bit for bit.
+``chunk_rows`` (a flat index's rows straight from its part files' mapped pages, widened to float32 in cache-sized
+pieces; other kinds' exact vectors: a FAISS kind's stored vectors or the store's rows), each chunk is scored in
+float32 against the whole block (one BLAS product per checkpoint) exactly as the flat search scans, and every row
+whose exact score may be among a query's best ``k`` either way is kept: the search's rigorous bound on the float32
+rounding (:class:`~gradstore.store.search._Within`), so no near-tie is lost. A finished block's candidates are
+re-scored with :meth:`Scoring.row_contributions` (the numbers a search reports, each row's from that row alone) and
+ranked with ties broken by id, so a query's answer is what ``GradientIndex.search`` gives it, bit for bit. Mean
+``|score|`` is a float64 sum of the float32 scores' magnitudes (relative error about ``D 2^-24``, as the search's);
+max ``|score|`` is exact (the larger magnitude of the exact best and worst scores).
 
 The work is split so that another engine can run it (:mod:`gradstore.store.ray_scoring`: Ray Data): a
 :class:`BatchPlan` lists the blocks, :meth:`BatchPlan.scan` streams one block past one range of rows (anywhere the
-index can be opened) and :meth:`BatchPlan.finish` merges a block's scans, in row order, and re-scores and writes it;
-the local path is one scan of every row per block. Blocks run on a thread pool (the BLAS releases the GIL) and each
+index can be opened) and :meth:`BatchPlan.finish` merges a block's scans, in row order, and re-scores and writes it.
+Chunks lie on one grid (multiples of ``chunk_rows``, also cut where a row part begins) whatever the ranges, so any
+split of the rows scans the same chunks and writes the same bytes. Locally, blocks and row ranges run on a thread
+pool (the BLAS and torch release the GIL): when there are fewer blocks than workers, each block's rows are split
+into ranges too. Each
 is written as one file in ``output`` (Parquet when pyarrow is installed, else JSON lines), atomically: a rerun with
 the same queries skips the blocks already written (``_batch.json`` records what the files answer, so other queries
 or another index are refused, not mixed in).
@@ -21,23 +27,27 @@ or another index are refused, not mixed in).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import time
+from collections import defaultdict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from .errors import IndexOptionsError
 from .index import GradientIndex
 from .scoring import PreparedQueries, Scoring
+from .search import FlatBackend, _cpu_scores, _error_bound, _unit_roundoff, _Within
 
-__all__ = ["BatchPlan", "BatchScoringSummary", "BlockScan", "read_batch", "scan_rows", "score_batch"]
+__all__ = ["BatchPlan", "BatchScoringSummary", "BlockScan", "read_batch", "row_ranges", "scan_rows", "score_batch"]
 
 META = "_batch.json"
 OutputFormat = Literal["auto", "parquet", "jsonl"]
@@ -54,7 +64,7 @@ class BatchScoringSummary:
     queries: int
     rows: int
     seconds: float
-    bytes_scanned: int  # float32 bytes of exact vectors scored in this run
+    bytes_scanned: int  # stored bytes of the rows read in this run (the checkpoints the queries weight)
     queries_scored: int  # queries of the blocks written in this run
 
     @property
@@ -81,62 +91,78 @@ def _parquet_available() -> bool:
     return True
 
 
-class _Best:
-    """Each query's running ``m`` largest (or smallest) float64 scores and their rows."""
+def row_ranges(index: GradientIndex, chunk_rows: int, parts: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive ``[first, stop)`` row ranges covering the index: its shards' ranges (or ``parts`` equal ones),
+    each boundary moved to the nearest multiple of ``chunk_rows`` (empty ranges dropped)."""
+    n = index.num_rows
+    if parts is not None:
+        bounds = np.linspace(0, n, max(1, min(parts, n)) + 1)
+    else:
+        bounds = np.array([0, *(shard["rows"][0] for shard in index.manifest.shards[1:]), n], dtype=float)
+    snapped = sorted({0, n, *(min(n, round(b / chunk_rows) * chunk_rows) for b in bounds[1:-1])})
+    return [(lo, hi) for lo, hi in itertools.pairwise(snapped) if hi > lo]
 
-    def __init__(self, b: int, m: int, largest: bool):
-        self.m, self.largest = m, largest
-        self.rows = np.zeros((0, b), dtype=np.int64)
-        self.scores = np.zeros((0, b))
 
-    def add(self, scores: np.ndarray, first: int) -> None:
-        """Merge ``[n, B]`` scores of rows ``first .. first + n``."""
-        self.merge(
-            scores, np.broadcast_to(np.arange(first, first + len(scores), dtype=np.int64)[:, None], scores.shape)
-        )
+def _chunks(index: GradientIndex, first: int, stop: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """Rows ``first .. stop`` in chunks on the grid: multiples of ``chunk_rows``, also cut where a row part begins
+    (so a flat index's chunk is a slice of one part file)."""
+    grid = range(-(-first // chunk_rows) * chunk_rows, stop, chunk_rows)
+    parts = (start for start, _ in index.manifest.row_parts)
+    cuts = sorted({first, stop, *grid, *(p for p in parts if first < p < stop)})
+    return list(itertools.pairwise(cuts))
 
-    def merge(self, scores: np.ndarray, rows: np.ndarray) -> None:
-        """Merge ``[n, B]`` scores of the rows ``rows`` (``[n, B]``)."""
-        all_scores = np.concatenate([self.scores, scores])
-        all_rows = np.concatenate([self.rows, rows])
-        if len(all_scores) > self.m:
-            key = -all_scores if self.largest else all_scores
-            keep = np.argpartition(key, self.m - 1, axis=0)[: self.m]
-            all_scores = np.take_along_axis(all_scores, keep, 0)
-            all_rows = np.take_along_axis(all_rows, keep, 0)
-        self.scores, self.rows = all_scores, all_rows
+
+def _chunk_rows(index: GradientIndex, lo: int, hi: int, active: list[int]) -> list[np.ndarray | torch.Tensor]:
+    """Rows ``lo .. hi`` of each checkpoint slot in ``active``: a flat index's stored rows in place, else exact
+    float32 vectors."""
+    backend = index.backend
+    if isinstance(backend, FlatBackend):
+        return [
+            rows.cpu() if isinstance(rows, torch.Tensor) else rows
+            for rows in (backend.stored_rows(lo, hi, c) for c in active)
+        ]
+    vectors = index.exact_vectors(np.arange(lo, hi))  # [n, C*D] float32
+    d = index.dim
+    return [vectors[:, c * d : (c + 1) * d] for c in active]
 
 
 @dataclass
 class BlockScan:
-    """A block of queries streamed past rows ``first .. stop``: each query's best ``keep`` candidates each way by
-    float64 ranking score, the ``|score|`` sum of every chunk in row order, and the largest ``|score|``."""
+    """A block of queries streamed past rows ``first .. stop``: each query's candidate rows either way (``[Bq, m]``,
+    ``-1`` pads; a superset of its exact best ``keep`` among these rows) and the ``|score|`` sum of every chunk in
+    row order."""
 
     first: int
-    top_rows: np.ndarray  # [<=keep, Bq] rows
-    top_scores: np.ndarray
-    bottom_rows: np.ndarray
-    bottom_scores: np.ndarray
+    proponent_rows: np.ndarray
+    opponent_rows: np.ndarray
     abs_sums: np.ndarray  # [chunks, Bq]
-    abs_max: np.ndarray  # [Bq]
 
 
-def scan_rows(index: GradientIndex, q64: np.ndarray, first: int, stop: int, chunk_rows: int, keep: int) -> BlockScan:
-    """Stream rows ``first .. stop`` of ``index`` (chunks of ``chunk_rows`` from ``first``) past ``q64``
-    (``[C*D, Bq]`` float64 prepared queries)."""
-    bq = q64.shape[1]
-    top, bottom = _Best(bq, keep, largest=True), _Best(bq, keep, largest=False)
-    abs_sums, abs_max = [], np.zeros(bq)
-    for lo in range(first, stop, chunk_rows):
-        chunk = index.exact_vectors(np.arange(lo, min(lo + chunk_rows, stop)))
-        scores = chunk.astype(np.float64) @ q64  # [rows, Bq]: ranking only, the answer is re-scored exactly
-        top.add(scores, lo)
-        bottom.add(scores, lo)
-        magnitude = np.abs(scores)
-        abs_sums.append(magnitude.sum(0))
-        np.maximum(abs_max, magnitude.max(0), out=abs_max)
+def scan_rows(index: GradientIndex, q: np.ndarray, first: int, stop: int, chunk_rows: int, keep: int) -> BlockScan:
+    """Stream rows ``first .. stop`` of ``index`` (chunks on the grid of ``chunk_rows``) past ``q`` (``[C*D, Bq]``
+    prepared queries); checkpoint slots whose queries are all zero (weight 0) are not read."""
+    d, bq = index.dim, q.shape[1]
+    q32 = np.asarray(q, dtype=np.float32)
+    active = [c for c in range(q32.shape[0] // d) if q32[c * d : (c + 1) * d].any()]
+    per_checkpoint = {c: np.ascontiguousarray(q32[c * d : (c + 1) * d]) for c in active}
+    norms_of_queries = np.array([np.linalg.norm(per_checkpoint[c].astype(np.float64), axis=0) for c in active])
+    query_norms = torch.from_numpy(norms_of_queries.reshape(len(active), bq))
+    if isinstance(index.backend, FlatBackend):
+        index.backend.map_parts(active)  # whole files, mapped once
+    cpu = torch.device("cpu")
+    top, bottom = _Within(True, keep, bq, cpu), _Within(False, keep, bq, cpu)
+    abs_sums = []
+    for lo, hi in _chunks(index, first, stop, chunk_rows):
+        scores = np.zeros((hi - lo, bq), dtype=np.float32)
+        norms = np.zeros((hi - lo, len(active)))
+        for i, (c, rows) in enumerate(zip(active, _chunk_rows(index, lo, hi, active), strict=True)):
+            _cpu_scores(rows, per_checkpoint[c], out=scores, norms=norms[:, i])
+        err = _error_bound(torch.from_numpy(norms), query_norms, d, _unit_roundoff(cpu))
+        top.add(torch.from_numpy(scores), err, lo)
+        bottom.add(torch.from_numpy(scores), err, lo)
+        abs_sums.append(np.abs(scores).sum(0, dtype=np.float64))
     sums = np.array(abs_sums) if abs_sums else np.zeros((0, bq))
-    return BlockScan(first, top.rows, top.scores, bottom.rows, bottom.scores, sums, abs_max)
+    return BlockScan(first, top.candidates(), bottom.candidates(), sums)
 
 
 def _digest(index: GradientIndex, queries: PreparedQueries, k: int, block_queries: int, ids: np.ndarray) -> str:
@@ -149,10 +175,11 @@ def _digest(index: GradientIndex, queries: PreparedQueries, k: int, block_querie
 
 
 def _rank(
-    index: GradientIndex, queries: PreparedQueries, q: int, best: _Best, k: int, descending: bool
+    index: GradientIndex, queries: PreparedQueries, q: int, candidates: np.ndarray, k: int, descending: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Query ``q``'s exact top ``k`` among its survivors: (index rows, scores, [k, C] contributions)."""
-    rows = np.unique(best.rows[:, q])
+    """Query ``q``'s exact top ``k`` among its candidates (``[m]`` rows, ``-1`` pads): (index rows, scores,
+    ``[k, C]`` contributions)."""
+    rows = np.unique(candidates[candidates >= 0])
     contributions = Scoring.row_contributions(queries, index.exact_vectors(rows), query=q)
     scores = contributions.sum(1)
     order = np.lexsort((index.ids[rows], -scores if descending else scores))[:k]
@@ -188,11 +215,16 @@ class BatchPlan:
     blocks: list[tuple[int, int]]
     files: list[Path]
     todo: list[int]
-    vectors: np.ndarray  # [M, C*D] float64
+    vectors: np.ndarray  # [M, C*D] float32
 
     @property
     def rows(self) -> int:
         return self.index.num_rows
+
+    @property
+    def bytes_per_row(self) -> int:
+        """Stored bytes a scan reads per row: the weighted checkpoints' vectors."""
+        return len(self.queries.active) * self.index.dim * np.dtype(self.index.store.dtype).itemsize
 
     @classmethod
     def make(
@@ -213,7 +245,7 @@ class BatchPlan:
         if k < 1 or block_queries < 1:
             raise IndexOptionsError(f"k and block_queries must be positive, got k={k}, block_queries={block_queries}")
         k = min(k, n)
-        keep = min(n, k + (k if margin is None else margin))
+        keep = min(n, k + (margin or 0))
         width = queries.vectors.shape[1] * queries.vectors.shape[2]
         chunk_rows = chunk_rows or max(1, (32 << 20) // (4 * width))
         ids = np.arange(m) if query_ids is None else np.asarray(query_ids)
@@ -244,33 +276,32 @@ class BatchPlan:
         blocks = [(lo, min(lo + block_queries, m)) for lo in range(0, m, block_queries)]
         files = [out / f"part-{b:06d}.{fmt}" for b in range(len(blocks))]
         todo = [b for b, f in enumerate(files) if not f.is_file()]
-        vectors = np.ascontiguousarray(queries.vectors.reshape(m, width), dtype=np.float64)
+        vectors = np.ascontiguousarray(queries.vectors.reshape(m, width), dtype=np.float32)
         return cls(index, queries, out, k, keep, chunk_rows, ids, fmt, blocks, files, todo, vectors)
 
     def scan(self, b: int, first: int, stop: int, index: GradientIndex | None = None) -> BlockScan:
         """Block ``b`` streamed past rows ``first .. stop`` (``index``: another process's copy of the index)."""
         lo, hi = self.blocks[b]
-        q64 = np.ascontiguousarray(self.vectors[lo:hi].T)  # [C*D, Bq]
-        return scan_rows(index or self.index, q64, first, stop, self.chunk_rows, self.keep)
+        q = np.ascontiguousarray(self.vectors[lo:hi].T)  # [C*D, Bq]
+        return scan_rows(index or self.index, q, first, stop, self.chunk_rows, self.keep)
 
     def finish(self, b: int, scans: Sequence[BlockScan]) -> int:
         """Merge block ``b``'s scans (of consecutive row ranges from 0, on the chunk grid, in any order), re-score
         each query's survivors exactly, write the block's file; returns its number of queries."""
         lo, hi = self.blocks[b]
         bq, n, index = hi - lo, self.rows, self.index
-        top, bottom = _Best(bq, self.keep, largest=True), _Best(bq, self.keep, largest=False)
-        abs_sum, abs_max = np.zeros(bq), np.zeros(bq)
-        for part in sorted(scans, key=lambda part: part.first):
-            top.merge(part.top_scores, part.top_rows)
-            bottom.merge(part.bottom_scores, part.bottom_rows)
-            for chunk_sum in part.abs_sums:  # chunk by chunk in row order: the local path's float64 sum
+        abs_sum = np.zeros(bq)
+        ordered = sorted(scans, key=lambda part: part.first)
+        for part in ordered:
+            for chunk_sum in part.abs_sums:  # chunk by chunk in row order, whatever the ranges
                 abs_sum += chunk_sum
-            np.maximum(abs_max, part.abs_max, out=abs_max)
+        top = np.concatenate([part.proponent_rows for part in ordered], axis=1)
+        bottom = np.concatenate([part.opponent_rows for part in ordered], axis=1)
         block = PreparedQueries(self.queries.vectors[lo:hi], self.queries.weights, self.queries.active)
         records = []
         for j in range(bq):
-            pro = _rank(index, block, j, top, self.k, descending=True)
-            opp = _rank(index, block, j, bottom, self.k, descending=False)
+            pro = _rank(index, block, j, top[j], self.k, descending=True)
+            opp = _rank(index, block, j, bottom[j], self.k, descending=False)
             query_id = self.ids[lo + j]
             records.append(
                 {
@@ -282,7 +313,7 @@ class BatchPlan:
                     "opponent_scores": opp[1].tolist(),
                     "opponent_contributions": opp[2].tolist(),
                     "mean_abs_score": float(abs_sum[j] / max(n, 1)),
-                    "max_abs_score": float(abs_max[j]),
+                    "max_abs_score": float(max(np.abs(pro[1][:1]).max(initial=0), np.abs(opp[1][:1]).max(initial=0))),
                     "checkpoints": index.checkpoints,
                 }
             )
@@ -295,7 +326,6 @@ class BatchPlan:
         return tqdm(total=m, initial=done, desc="scoring", unit="query", disable=not progress)
 
     def summary(self, seconds: float) -> BatchScoringSummary:
-        width = self.vectors.shape[1]
         return BatchScoringSummary(
             output=self.out,
             files=self.files,
@@ -304,7 +334,7 @@ class BatchPlan:
             queries=self.queries.num_queries,
             rows=self.rows,
             seconds=seconds,
-            bytes_scanned=len(self.todo) * self.rows * width * 4,
+            bytes_scanned=len(self.todo) * self.rows * self.bytes_per_row,
             queries_scored=sum(self.blocks[b][1] - self.blocks[b][0] for b in self.todo),
         )
 
@@ -330,26 +360,29 @@ def score_batch(
     ``queries``: :meth:`GradientIndex.prepare` of ``[M, C, D]`` raw query gradients and explicit ``[C]`` checkpoint
     weights (:class:`PreparedQueries`). ``query_ids``: what each output record names its query by (default
     ``0..M-1``). ``chunk_rows``: rows scored per step (default: about 32 MiB of float32 vectors). ``margin``:
-    extra candidates kept per query beyond ``k`` before the exact re-score (default ``k``). ``workers``: query
-    blocks scored at once on a thread pool (default: the CPU count, at most the blocks). ``output_format``:
+    extra candidates re-scored per query beyond those that may be among its best ``k`` (default 0: the candidates
+    are already rigorous). ``workers``: scans at once on a thread pool (default: the CPU count), each a block of
+    queries past all rows or, with fewer blocks than workers, past one range of rows. ``output_format``:
     ``parquet`` (needs pyarrow), ``jsonl``, or ``auto`` (Parquet when pyarrow is installed). A rerun with the same
     arguments skips the blocks already written; other queries, ``k``, blocks or another index are refused."""
     plan = BatchPlan.make(index, queries, output, k, query_ids, block_queries, chunk_rows, margin, output_format)
-    todo = plan.todo
-
-    def score_block(b: int) -> int:
-        return plan.finish(b, [plan.scan(b, 0, plan.rows)])
-
     started = time.perf_counter()
-    workers = workers or min(os.cpu_count() or 1, max(len(todo), 1))
-    with plan.progress_bar(progress) as bar:
-        if workers <= 1 or len(todo) <= 1:
-            for b in todo:
-                bar.update(score_block(b))
-        else:
-            with ThreadPoolExecutor(workers, thread_name_prefix="gradstore-score") as pool:
-                for done in pool.map(score_block, todo):
-                    bar.update(done)
+    workers = workers or os.cpu_count() or 1
+    # fewer blocks than workers: each block's rows are split into ranges too (the same files, whatever the split)
+    parts = max(1, workers // max(len(plan.todo), 1))
+    ranges = row_ranges(index, plan.chunk_rows, parts) if parts > 1 else [(0, plan.rows)]
+    items = [(b, lo, hi) for b in plan.todo for lo, hi in ranges]
+    scans: dict[int, list[BlockScan]] = defaultdict(list)
+    with (
+        plan.progress_bar(progress) as bar,
+        ThreadPoolExecutor(max(1, min(workers, len(items))), thread_name_prefix="gradstore-score") as pool,
+    ):
+        running = {pool.submit(plan.scan, *item): item[0] for item in items}
+        for done in as_completed(running):
+            b = running[done]
+            scans[b].append(done.result())
+            if len(scans[b]) == len(ranges):
+                bar.update(plan.finish(b, scans.pop(b)))
     return plan.summary(time.perf_counter() - started)
 
 

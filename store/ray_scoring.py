@@ -17,7 +17,6 @@ it is running already or ``RAY_ADDRESS`` names a cluster.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .batch_scoring import BatchPlan, BatchScoringSummary, BlockScan, OutputFormat, scan_rows
+from .batch_scoring import BatchPlan, BatchScoringSummary, BlockScan, OutputFormat, row_ranges, scan_rows
 from .errors import IndexOptionsError
 from .gradient_store import GradientStore
 from .index import GradientIndex
@@ -42,18 +41,6 @@ __all__ = ["row_ranges", "score_batch_ray"]
 
 def _open_index(index_path: Any, store_path: Any) -> GradientIndex:
     return GradientIndex.open(index_path, GradientStore.open(store_path), device="cpu")
-
-
-def row_ranges(index: GradientIndex, chunk_rows: int, parts: int | None = None) -> list[tuple[int, int]]:
-    """Consecutive ``[first, stop)`` row ranges covering the index: its shards' ranges (or ``parts`` equal ones),
-    each boundary moved to the nearest multiple of ``chunk_rows`` (empty ranges dropped)."""
-    n = index.num_rows
-    if parts is not None:
-        bounds = np.linspace(0, n, max(1, min(parts, n)) + 1)
-    else:
-        bounds = np.array([0, *(shard["rows"][0] for shard in index.manifest.shards[1:]), n], dtype=float)
-    snapped = sorted({0, n, *(min(n, round(b / chunk_rows) * chunk_rows) for b in bounds[1:-1])})
-    return [(lo, hi) for lo, hi in itertools.pairwise(snapped) if hi > lo]
 
 
 _OPENED: dict[tuple[bytes, str], GradientIndex] = {}  # per Ray worker process: indexes it opened, reused by tasks

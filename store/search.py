@@ -124,11 +124,12 @@ class _Within:
 
     def add(self, scores: torch.Tensor, err: torch.Tensor, start: int) -> None:
         """Rows ``start .. start + n`` of ``[n, B]`` float32 scores, ``[n, B]`` float64 error bounds."""
-        signed = scores.double() * self.sign
+        signed = scores.double() if self.sign > 0 else -scores.double()
         lower, upper = signed - err, signed + err
-        # a non-finite score (bytes changed since load) is always a candidate, so the re-score sees and refuses it
-        lower = torch.where(lower.isnan(), -torch.inf, lower)
-        upper = torch.where(upper.isnan(), torch.inf, upper)
+        if scores.isnan().any() or err.isnan().any():
+            # a non-finite score (bytes changed since load) is always a candidate: the re-score sees and refuses it
+            lower = torch.where(lower.isnan(), -torch.inf, lower)
+            upper = torch.where(upper.isnan(), torch.inf, upper)
         best = lower.topk(min(self.k, len(lower)), dim=0).values
         merged = torch.cat([self.floor, best])
         self.floor = merged.topk(min(self.k, len(merged)), dim=0).values
@@ -314,6 +315,7 @@ class FlatBackend:
         self._norms: dict[int, list[np.ndarray]] = {}
         self._held_norms: dict[tuple[int, int], torch.Tensor] = {}  # resident vectors' norms
         self._mapped: dict[tuple[int, int], torch.Tensor | None] = {}  # (row part, checkpoint): the file's pages
+        self._map_lock = threading.Lock()
         # an index that fits the budget is read once, as float32, on the search device (the old, fastest scan);
         # ``check`` refuses bytes other than those the index was built with, so what is held was verified
         self.resident: list[list[torch.Tensor]] | None = None
@@ -503,7 +505,7 @@ class FlatBackend:
                 norms = [self._resident_norms(r, c)[lo:hi] for c in active]
                 add(scores, start + lo, torch.stack(norms, 1) if norms else torch.zeros((hi - lo, 0)))
         elif active and on_cpu:
-            self._map_parts(active)
+            self.map_parts(active)
             # each block's rows are cut into runs of pieces, one run per scan thread; a thread reads each piece into
             # a cache-sized buffer of its own and scores it there at once, into the block's scores; the top-k
             # bounds and |score| sums run once per block, in this thread. The rows' norms (for the error bounds)
@@ -557,17 +559,34 @@ class FlatBackend:
             max_abs_score=abs_max.double().cpu().numpy(),
         )
 
-    def _map_parts(self, active: list[int]) -> None:
-        """Check the part files of ``active`` are whole and map the ones not mapped yet (in the calling thread,
-        before the scan threads read them)."""
-        for r, files in enumerate(self.files):
-            for c in active:
-                files[c].check_size()
-                if (r, c) not in self._mapped:
-                    rows = files[c].mapped()
-                    with warnings.catch_warnings():  # read-only pages: the scan reads them and never writes
-                        warnings.simplefilter("ignore", UserWarning)
-                        self._mapped[r, c] = None if rows is None else torch.from_numpy(rows)
+    def stored_rows(self, lo: int, hi: int, checkpoint: int) -> np.ndarray | torch.Tensor:
+        """Rows ``lo .. hi`` (index rows, inside one row part) of checkpoint slot ``checkpoint``: a view of the
+        resident float32 copy or of the file's mapped pages (stored dtype), else read (what batch scoring scans)."""
+        r = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        start = self.starts[r]
+        if not 0 <= lo - start <= hi - start <= self.files[r][checkpoint].rows:
+            raise IndexError(f"rows {lo}..{hi} are not inside one row part of the index")
+        if self.resident is not None:
+            return self.resident[r][checkpoint][lo - start : hi - start]
+        if (r, checkpoint) not in self._mapped:
+            self.map_parts([checkpoint])
+        mapped = self._mapped[r, checkpoint]
+        if mapped is not None:
+            return mapped[lo - start : hi - start]
+        return self.files[r][checkpoint].read(lo - start, hi - start)
+
+    def map_parts(self, active: list[int]) -> None:
+        """Check that the part files of checkpoint slots ``active`` are whole and map the ones not mapped yet:
+        what a scan does before its threads read them."""
+        with self._map_lock:
+            for r, files in enumerate(self.files):
+                for c in active:
+                    files[c].check_size()
+                    if (r, c) not in self._mapped:
+                        rows = files[c].mapped()
+                        with warnings.catch_warnings():  # read-only pages: a scan reads them and never writes
+                            warnings.simplefilter("ignore", UserWarning)
+                            self._mapped[r, c] = None if rows is None else torch.from_numpy(rows)
 
     def _resident_norms(self, r: int, c: int) -> torch.Tensor:
         """``[rows]`` norms of row part ``r``'s resident vectors of checkpoint ``c`` (measured once)."""
