@@ -23,8 +23,8 @@ from .errors import (
     UnknownExampleError,
 )
 from .gradient_store import CheckpointInfo, GradientStore, Segment, StoreDtype, file_sha256
-from .index import GradientIndex, SearchResult, default_index_path
-from .index_options import KINDS, IndexKind, IndexOptions
+from .index import GradientIndex, SearchResult, UpdateSummary, build_index, default_index_path, update_index
+from .index_options import KINDS, BuildOptions, IndexKind, IndexOptions, SearchOptions
 from .lock import index_lock, lock_path
 from .remote import RemotePath, as_path
 from .scoring import PreparedQueries, Scoring
@@ -35,6 +35,7 @@ __all__ = [
     "AppendWriter",
     "BackgroundWriter",
     "BatchScoringSummary",
+    "BuildOptions",
     "CheckpointInfo",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
@@ -54,6 +55,7 @@ __all__ = [
     "RemotePath",
     "RemoteStoreError",
     "Scoring",
+    "SearchOptions",
     "SearchResult",
     "Segment",
     "StaleIndexError",
@@ -66,11 +68,14 @@ __all__ = [
     "StoreNotFoundError",
     "StoreReadOnlyError",
     "UnknownExampleError",
+    "UpdateSummary",
     "as_path",
+    "build_index",
     "default_index_path",
     "file_sha256",
     "index_lock",
     "lock_path",
     "read_batch",
     "score_batch",
+    "update_index",
 ]

@@ -31,8 +31,9 @@ one. An update reuses every part whose inputs did not change (hard links of the 
   kept, recall as a fresh build's up to the quantiser's sample); any other change (a new checkpoint changes the
   concatenated dimension, a refitted one every vector) rebuilds the FAISS structure.
 
-A build or update writes a temporary directory and swaps it in, so a crash never leaves a half-built index, and
-:meth:`GradientIndex.open` reads one directory (through a descriptor), so a reader sees the old or the new index.
+A build or update (:func:`build_index`, :func:`update_index`: written, not loaded) writes a temporary directory and
+swaps it in, so a crash never leaves a half-built index, and :meth:`GradientIndex.open` reads one directory (through
+a descriptor), so a reader sees the old or the new index.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import io
 import json
 import os
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -58,7 +60,7 @@ from gradstore.projection import Preconditioner, PreconditionerKind, kind_traits
 
 from .errors import IndexMismatchError, IndexNotFoundError, StoreFormatError
 from .gradient_store import GradientStore
-from .index_options import BUILD_FIELDS, KINDS, IndexKind, IndexOptions
+from .index_options import BUILD_FIELDS, KINDS, BuildOptions, IndexKind, IndexOptions, SearchOptions
 from .manifest import REBUILD_HINT, IndexManifest, building, refuse_broken_chain
 from .parts import part_name
 from .remote import RemotePath, StorePath, as_path, fetch_index, local_index_dir, publish_index
@@ -71,14 +73,18 @@ from .vectors import VectorSource, fit_preconditioners, indexed_ids
 __all__ = [
     "BUILD_FIELDS",
     "KINDS",
+    "BuildOptions",
     "GradientIndex",
     "IndexKind",
     "IndexOptions",
     "PreparedQueries",
     "Scoring",
+    "SearchOptions",
     "SearchResult",
     "UpdateSummary",
+    "build_index",
     "default_index_path",
+    "update_index",
 ]
 
 
@@ -257,7 +263,8 @@ def _in_parallel(fn: Callable[[int], int], items: Iterable[int], parallel: bool)
 
 
 class UpdateSummary(NamedTuple):
-    """What :meth:`GradientIndex.update` (or a build) did."""
+    """What :func:`build_index` or :func:`update_index` did (:attr:`GradientIndex.changes` of a built or updated
+    index)."""
 
     appended_rows: int  # examples added as a new row part
     checkpoints_added: list[str]  # checkpoints the previous index did not cover
@@ -268,6 +275,10 @@ class UpdateSummary(NamedTuple):
     faiss: str | None  # FAISS kinds: "added N rows" or "rebuilt (why)"
     rebuilt: str | None  # why everything was built afresh (None: incremental)
     logged_rows: int = 0  # set by `gradstore index`: rows its logging pass computed
+    num_rows: int = 0  # rows the index holds now
+    checkpoints: tuple[str, ...] = ()  # checkpoints it covers now
+    path: StorePath | None = None  # where it was written (build_index / update_index's path)
+    seconds: float = 0.0  # wall time of the build or update (loading aside)
 
     def describe(self) -> str:
         """One line: ``appended 40 rows at 3 checkpoints; reused 3 parts`` and the like."""
@@ -285,9 +296,302 @@ class UpdateSummary(NamedTuple):
         return "; ".join(out)
 
 
+def _index_options(options: BuildOptions | IndexOptions | None, search: SearchOptions | None = None) -> IndexOptions:
+    """``options`` as :class:`IndexOptions` (build options with ``search``, else the default search options)."""
+    if options is None:
+        return IndexOptions.of(BuildOptions(), search)
+    return IndexOptions.of(options, search) if isinstance(options, BuildOptions) else options
+
+
+def build_index(
+    store: GradientStore,
+    options: BuildOptions | IndexOptions | None = None,
+    path: str | StorePath | None = None,
+    checkpoints: Sequence[str] | None = None,
+    eval_store: GradientStore | None = None,
+    progress: bool = True,
+) -> UpdateSummary:
+    """Build (or replace) the index of ``store`` at ``path`` (default: beside the store) and say what was done; the
+    index is not loaded (:meth:`GradientIndex.open` loads it; :meth:`GradientIndex.build` does both).
+
+    ``options``: :class:`BuildOptions` (default: its defaults), or :class:`IndexOptions`, whose search part the
+    manifest records as the index's default search options (else :class:`SearchOptions`' defaults are recorded)."""
+    start = time.perf_counter()
+    target = as_path(path) if path is not None else default_index_path(store.path)
+    local = local_index_dir(target)
+    summary = _write_index(
+        store, _index_options(options), local, checkpoints, eval_store, progress, None, "a full build"
+    )
+    publish_index(local, target)  # remote: built in the local cache, then uploaded (manifest last)
+    return summary._replace(path=target, seconds=time.perf_counter() - start)
+
+
+def update_index(
+    path: str | StorePath,
+    store: GradientStore,
+    eval_store: GradientStore | None = None,
+    checkpoints: Sequence[str] | None = None,
+    options: BuildOptions | IndexOptions | None = None,
+    progress: bool = True,
+) -> UpdateSummary:
+    """Bring the index at ``path`` up to date with ``store``, reusing what did not change, and say what was done; the
+    index is not loaded (:meth:`GradientIndex.update` also opens it).
+
+    New example ids (in every checkpoint's union) are transformed and appended as a new row part; a checkpoint
+    in ``checkpoints`` (default: the index's) that the index lacks gets its own parts; the rest is reused as the
+    module docstring's rule says (``identity`` exact; ``kfac`` / ``block`` / ``ekfac`` refit a checkpoint whose
+    rows changed; ``source`` rebuilds). Other ``options`` (build-time ones), an index of another format version
+    or ``source`` fall back to a full build; :class:`BuildOptions` keep the index's search options. The result
+    equals :func:`build_index` on the same store (the row order aside: appended rows follow the earlier ones).
+    Built aside and swapped in, as builds are."""
+    start = time.perf_counter()
+    target = as_path(path)
+    local = fetch_index(target)  # remote: the current index, downloaded into the local cache
+    try:
+        previous: IndexManifest | None = IndexManifest.read(local)
+        assert previous is not None
+        recorded, recorded_checkpoints = previous.options, previous.checkpoints
+        reason = None
+    except IndexMismatchError as exc:  # another format version or unreadable: build with what it records
+        try:
+            recorded, recorded_checkpoints = IndexManifest.read_request(local)
+        except IndexMismatchError:
+            if options is None or checkpoints is None:
+                raise  # nothing says what to build
+            recorded, recorded_checkpoints = _index_options(options), list(checkpoints)
+        previous, reason = None, f"the index could not be extended: {exc}"
+    chosen = recorded if options is None else _index_options(options, recorded.search)
+    checkpoints = recorded_checkpoints if checkpoints is None else checkpoints
+    if previous is not None:
+        try:
+            previous.check_files(local)  # a damaged part is built again, never reused
+        except IndexMismatchError as exc:
+            previous, reason = None, f"the index is damaged: {exc}"
+    if previous is not None and chosen.build_key() != previous.options.build_key():
+        previous, reason = None, "the build options changed"
+    if previous is not None and chosen.preconditioner == "source":
+        previous, reason = None, "source chains every checkpoint's transform"
+    if previous is not None and (chosen.shards > 1 or previous.shards):
+        previous, reason = None, "a sharded index is built whole (every shard again)"
+    summary = _write_index(store, chosen, local, checkpoints, eval_store, progress, previous, reason)
+    publish_index(local, target)
+    return summary._replace(path=target, seconds=time.perf_counter() - start)
+
+
+def _write_index(
+    store: GradientStore,
+    options: IndexOptions,
+    path: Path,
+    checkpoints: Sequence[str] | None,
+    eval_store: GradientStore | None,
+    progress: bool,
+    previous: IndexManifest | None,
+    reason: str | None,
+) -> UpdateSummary:
+    """Build the index at ``path``, reusing the parts of ``previous`` (the manifest there now) that still hold, and
+    say what was done (nothing is loaded)."""
+    checkpoints = list(checkpoints) if checkpoints is not None else store.checkpoints
+    if not checkpoints:
+        raise StoreFormatError(f"store {store.path} has no checkpoints to index; log some first")
+    for name in checkpoints:
+        store.checkpoint_info(name)  # raises CheckpointNotFoundError with the available names
+    if not kind_traits(options.preconditioner).eval_mix:
+        eval_store = None  # R_eval only enters curvature preconditioners (not identity, not source's dynamics)
+    if eval_store is not None:
+        eval_store.check_compatible(store.spec)
+    if previous is not None and (
+        previous.dim != store.dim or previous.projection_fingerprint != store.spec.fingerprint()
+    ):
+        previous, reason = None, "the store's projection changed"
+    if previous is not None and (previous.eval_store is None) != (eval_store is None):
+        previous, reason = None, "an eval store was added or removed"
+    refuse_broken_chain(store)  # a missing record would drop rows from the index without a word
+    if eval_store is not None:
+        refuse_broken_chain(eval_store)
+    # fingerprints first: rows committed while the index is built then make it stale instead of incomplete
+    store_fingerprint, store_content = store.fingerprint(), store.content_fingerprint()
+    eval_fingerprint = eval_store.fingerprint() if eval_store is not None else None
+    states = {
+        name: _checkpoint_fingerprint(store, name)
+        + (":" + _checkpoint_fingerprint(eval_store, name) if eval_store is not None else "")
+        for name in checkpoints
+    }
+    rows = {name: CheckpointRows(store, name) for name in checkpoints}
+    union, missing = indexed_ids(rows)
+    absent = {name: m["absent"] for name, m in missing.items() if m["absent"]}
+    if absent:
+        warnings.warn(
+            f"{sum(absent.values())} example rows are absent (not logged) at some checkpoints, which then count "
+            "them "
+            f"as zero (per checkpoint: {absent}). Finish logging (it resumes) and rebuild to include them.",
+            stacklevel=3,
+        )
+    old_ids = np.load(path / "ids.npy") if previous is not None else None
+    if old_ids is not None and not np.isin(old_ids, union).all():
+        previous, old_ids, reason = None, None, "rows the index holds are gone from the store"
+    shards = shard_ranges(len(union), options.shards) if options.shards > 1 and previous is None else []
+    if previous is None or old_ids is None:
+        # flat: a shard is its row parts' files; FAISS kinds: a whole FAISS index per shard (shards/<s>/)
+        ids = union
+        row_parts = [list(r) for r in shards] if shards and options.kind == "flat" else [[0, len(union)]]
+    else:
+        new_ids = np.setdiff1d(union, old_ids, assume_unique=True)
+        ids = np.concatenate([old_ids, new_ids])
+        row_parts = [list(r) for r in previous.row_parts] + ([[len(old_ids), len(ids)]] if len(new_ids) else [])
+    prev_state = previous.checkpoint_state if previous is not None else {}
+    refit = [
+        name
+        for name in checkpoints
+        if name not in prev_state
+        or (options.preconditioner != "identity" and prev_state[name]["fingerprint"] != states[name])
+    ]
+    fitted = fit_preconditioners(store, eval_store, refit, options, progress) if refit else {}
+    preconditioners = {
+        name: fitted[name]
+        if name in fitted
+        else _load_preconditioner(path / prev_state[name]["preconditioner_file"], options.preconditioner, store, name)
+        for name in checkpoints
+    }
+    # which (checkpoint, row part) parts still hold: same rows, same transform, same rows present there
+    plan: dict[tuple[str, int], dict[str, Any]] = {}
+    for r, (start, stop) in enumerate(row_parts):
+        part_ids = ids[start:stop]
+        digest = _ids_digest(part_ids)
+        for name in checkpoints:
+            present = int(np.isin(part_ids, rows[name].sorted_ids, assume_unique=True).sum())
+            entry = {
+                "checkpoint": name,
+                "row_part": r,
+                "rows": [start, stop],
+                "ids_blake2b": digest,
+                "content_blake2b": rows[name].content_digest(part_ids),
+                "present": present,
+                "file": part_name(name, r) if options.kind == "flat" else None,
+                "dtype": str(np.dtype(store.dtype)) if options.kind == "flat" else None,
+                "fitted_rows": rows[name].sorted_ids.size
+                if name in fitted
+                else prev_state.get(name, {}).get("fitted_rows"),
+            }
+            old = _previous_part(previous, name, r)
+            reuse = (  # keyed by the rows' content (chunk checksums), never by their ids alone
+                name not in fitted
+                and old is not None
+                and old["ids_blake2b"] == digest
+                and old.get("content_blake2b") == entry["content_blake2b"]
+                and old["present"] == present
+            )
+            plan[(name, r)] = {**(old if reuse and old is not None else entry), "reused": reuse}
+    n, c = len(ids), len(checkpoints)
+    sqnorms = np.zeros((n, c))
+    computed = 0
+    faiss_note = None
+    with building(path) as directory:
+        if previous is not None:
+            old_sq = np.load(path / "sqnorms.npy")
+            for (name, _), part in plan.items():
+                if part["reused"]:
+                    start, stop = part["rows"]
+                    sqnorms[start:stop, checkpoints.index(name)] = old_sq[start:stop, previous.checkpoints.index(name)]
+                    if part["file"] is not None:
+                        _link(path / part["file"], directory / part["file"])
+        if options.kind == "flat":
+
+            def write_part(r: int) -> int:
+                start, stop = row_parts[r]
+                todo = [name for name in checkpoints if not plan[(name, r)]["reused"]]
+                if not todo:
+                    return 0
+                source = VectorSource(
+                    {m: CheckpointRows(store, m) if shards else rows[m] for m in todo},  # a reader per thread
+                    {m: preconditioners[m] for m in todo},
+                    options.normalize,
+                    store.dim,
+                )
+                part_sq, dtypes = FlatBackend.write_parts(
+                    source, ids[start:stop], r, directory, np.dtype(store.dtype), options.block_rows, progress
+                )
+                for j, name in enumerate(todo):
+                    sqnorms[start:stop, checkpoints.index(name)] = part_sq[:, j]
+                    plan[(name, r)]["dtype"] = str(dtypes[name])
+                return (stop - start) * len(todo)
+
+            computed = sum(_in_parallel(write_part, range(len(row_parts)), parallel=bool(shards)))
+        elif shards:
+            backend = BACKENDS[options.kind]
+
+            def build_shard(s: int) -> int:
+                start, stop = shards[s]
+                folder = directory / _shard_dir(s)
+                folder.mkdir(parents=True)
+                rows_here = {m: CheckpointRows(store, m) for m in checkpoints}  # a reader per thread
+                source = VectorSource(rows_here, preconditioners, options.normalize, store.dim)
+                sqnorms[start:stop] = backend.build(source, ids[start:stop], options, folder, progress)
+                return (stop - start) * len(checkpoints)
+
+            computed = sum(_in_parallel(build_shard, range(len(shards)), parallel=True))
+            faiss_note = f"built {len(shards)} shards"
+        else:
+            source = VectorSource(rows, preconditioners, options.normalize, store.dim)
+            faiss_note, computed = _faiss_parts(
+                previous, path, directory, plan, checkpoints, row_parts, source, ids, options, sqnorms, progress
+            )
+        for name in checkpoints:
+            target = f"preconditioners/{name}.npz"
+            if name in fitted:
+                _save_preconditioner(directory / target, name, fitted[name])
+            else:
+                _link(path / prev_state[name]["preconditioner_file"], directory / target)
+        np.save(directory / "ids.npy", ids)
+        np.save(directory / "sqnorms.npy", sqnorms)
+        manifest = IndexManifest(
+            options=options,
+            checkpoints=checkpoints,
+            lrs=[store.checkpoint_info(name).lr for name in checkpoints],
+            dim=store.dim,
+            num_rows=n,
+            store_fingerprint=store_fingerprint,
+            store_content=store_content,
+            projection_fingerprint=store.spec.fingerprint(),
+            eval_store=str(eval_store.path) if eval_store is not None else None,
+            eval_fingerprint=eval_fingerprint,
+            missing_rows=missing,
+            row_parts=row_parts,
+            parts=[{k: v for k, v in part.items() if k != "reused"} for part in plan.values()],
+            shards=[
+                {"shard": i, "rows": list(r), "dir": "" if options.kind == "flat" else _shard_dir(i)}
+                for i, r in enumerate(shards)
+            ],
+            checkpoint_state={
+                name: {
+                    "fingerprint": states[name],
+                    "rows": int(rows[name].sorted_ids.size),
+                    "fitted_rows": int(rows[name].sorted_ids.size)
+                    if name in fitted
+                    else prev_state[name]["fitted_rows"],
+                    "preconditioner_file": f"preconditioners/{name}.npz",
+                }
+                for name in checkpoints
+            },
+        )
+        manifest.with_files(directory).write(directory)  # last: a directory with a manifest is a finished index
+    reused = sum(part["reused"] for part in plan.values())
+    return UpdateSummary(
+        appended_rows=0 if previous is None or old_ids is None else n - len(old_ids),
+        checkpoints_added=[m for m in checkpoints if previous is not None and m not in previous.checkpoints],
+        refitted=[m for m in fitted if previous is not None and m in previous.checkpoints],
+        parts_reused=reused,
+        parts_written=len(plan) - reused,
+        vectors_computed=computed,
+        faiss=faiss_note,
+        rebuilt=reason if previous is None else None,
+        num_rows=n,
+        checkpoints=tuple(checkpoints),
+    )
+
+
 class GradientIndex:
-    """A built index, loaded and checked against its store. Create with :meth:`build`, extend with :meth:`update`,
-    load with :meth:`open`."""
+    """A built index, loaded and checked against its store. Write it with :func:`build_index` / :func:`update_index`
+    and load it with :meth:`open`; :meth:`build`, :meth:`update` and :meth:`rebuild` do both."""
 
     changes: UpdateSummary | None = None  # set on the index a build or update returns
 
@@ -328,30 +632,27 @@ class GradientIndex:
         self.backend: SearchBackend = loader.load(files_at, self.options, self.device, manifest=manifest, label=path)
         self._store_vectors: VectorSource | None = None  # reads exact vectors a backend does not hold
 
-    # -- building ------------------------------------------------------------------------------
+    # -- building (build_index / update_index, then open) ----------------------------------------
     @classmethod
     def build(
         cls,
         store: GradientStore,
-        options: IndexOptions | None = None,
+        options: BuildOptions | IndexOptions | None = None,
         path: str | StorePath | None = None,
         checkpoints: Sequence[str] | None = None,
         eval_store: GradientStore | None = None,
         progress: bool = True,
     ) -> GradientIndex:
-        """Build (or replace) the index of ``store`` (default options: :class:`IndexOptions`) and return it loaded."""
-        options = options if options is not None else IndexOptions()
-        target = as_path(path) if path is not None else default_index_path(store.path)
-        local = local_index_dir(target)
-        index = cls._write(store, options, local, checkpoints, eval_store, progress, None, "a full build")
-        publish_index(index.path, target)  # remote: built in the local cache, then uploaded (manifest last)
-        return index
+        """:func:`build_index`, then :meth:`open`: build (or replace) the index of ``store`` and return it loaded, with
+        :attr:`changes` saying what was done. A job that does not search the index calls :func:`build_index`."""
+        summary = build_index(store, options, path, checkpoints, eval_store, progress)
+        return cls._opened(summary, store, eval_store)
 
     @classmethod
     def rebuild(
         cls, path: str | StorePath, store: GradientStore, eval_store: GradientStore | None = None, progress: bool = True
     ) -> GradientIndex:
-        """Build again with the options and checkpoints of the index at ``path`` (any format version)."""
+        """Build again with the options and checkpoints of the index at ``path`` (any format version), then open."""
         options, checkpoints = IndexManifest.read_request(fetch_index(as_path(path)))
         return cls.build(store, options, path, checkpoints, eval_store=eval_store, progress=progress)
 
@@ -362,264 +663,20 @@ class GradientIndex:
         store: GradientStore,
         eval_store: GradientStore | None = None,
         checkpoints: Sequence[str] | None = None,
-        options: IndexOptions | None = None,
+        options: BuildOptions | IndexOptions | None = None,
         progress: bool = True,
     ) -> GradientIndex:
-        """Bring the index at ``path`` up to date with ``store``, reusing what did not change; returns it loaded,
-        with :attr:`changes` saying what was done.
-
-        New example ids (in every checkpoint's union) are transformed and appended as a new row part; a checkpoint
-        in ``checkpoints`` (default: the index's) that the index lacks gets its own parts; the rest is reused as the
-        module docstring's rule says (``identity`` exact; ``kfac`` / ``block`` / ``ekfac`` refit a checkpoint whose
-        rows changed; ``source`` rebuilds). Other ``options`` (build-time ones), an index of another format version
-        or ``source`` fall back to a full build. The result equals :meth:`build` on the same store (the row order
-        aside: appended rows follow the earlier ones). Built aside and swapped in, as builds are."""
-        target = as_path(path)
-        path = fetch_index(target)  # remote: the current index, downloaded into the local cache
-        try:
-            previous: IndexManifest | None = IndexManifest.read(path)
-            reason = None
-        except IndexMismatchError as exc:  # another format version or unreadable: build with what it records
-            try:
-                built, built_checkpoints = IndexManifest.read_request(path)
-            except IndexMismatchError:
-                if options is None or checkpoints is None:
-                    raise  # nothing says what to build
-                built, built_checkpoints = options, list(checkpoints)
-            previous, reason = None, f"the index could not be extended: {exc}"
-            options = options if options is not None else built
-            checkpoints = checkpoints if checkpoints is not None else built_checkpoints
-        if previous is not None:
-            options = previous.options if options is None else options
-            checkpoints = previous.checkpoints if checkpoints is None else checkpoints
-            try:
-                previous.check_files(path)  # a damaged part is built again, never reused
-            except IndexMismatchError as exc:
-                previous, reason = None, f"the index is damaged: {exc}"
-        assert options is not None
-        if previous is not None and options.build_key() != previous.options.build_key():
-            previous, reason = None, "the build options changed"
-        if previous is not None and options.preconditioner == "source":
-            previous, reason = None, "source chains every checkpoint's transform"
-        if previous is not None and (options.shards > 1 or previous.shards):
-            previous, reason = None, "a sharded index is built whole (every shard again)"
-        index = cls._write(store, options, path, checkpoints, eval_store, progress, previous, reason)
-        publish_index(index.path, target)
-        return index
+        """:func:`update_index`, then :meth:`open`: bring the index at ``path`` up to date with ``store``, reusing
+        what did not change, and return it loaded, with :attr:`changes` saying what was done."""
+        summary = update_index(path, store, eval_store, checkpoints, options, progress)
+        return cls._opened(summary, store, eval_store)
 
     @classmethod
-    def _write(
-        cls,
-        store: GradientStore,
-        options: IndexOptions,
-        path: Path,
-        checkpoints: Sequence[str] | None,
-        eval_store: GradientStore | None,
-        progress: bool,
-        previous: IndexManifest | None,
-        reason: str | None,
-    ) -> GradientIndex:
-        """Build the index at ``path``, reusing the parts of ``previous`` (the manifest there now) that still hold."""
-        checkpoints = list(checkpoints) if checkpoints is not None else store.checkpoints
-        if not checkpoints:
-            raise StoreFormatError(f"store {store.path} has no checkpoints to index; log some first")
-        for name in checkpoints:
-            store.checkpoint_info(name)  # raises CheckpointNotFoundError with the available names
-        if not kind_traits(options.preconditioner).eval_mix:
-            eval_store = None  # R_eval only enters curvature preconditioners (not identity, not source's dynamics)
-        if eval_store is not None:
-            eval_store.check_compatible(store.spec)
-        if previous is not None and (
-            previous.dim != store.dim or previous.projection_fingerprint != store.spec.fingerprint()
-        ):
-            previous, reason = None, "the store's projection changed"
-        if previous is not None and (previous.eval_store is None) != (eval_store is None):
-            previous, reason = None, "an eval store was added or removed"
-        refuse_broken_chain(store)  # a missing record would drop rows from the index without a word
-        if eval_store is not None:
-            refuse_broken_chain(eval_store)
-        # fingerprints first: rows committed while the index is built then make it stale instead of incomplete
-        store_fingerprint, store_content = store.fingerprint(), store.content_fingerprint()
-        eval_fingerprint = eval_store.fingerprint() if eval_store is not None else None
-        states = {
-            name: _checkpoint_fingerprint(store, name)
-            + (":" + _checkpoint_fingerprint(eval_store, name) if eval_store is not None else "")
-            for name in checkpoints
-        }
-        rows = {name: CheckpointRows(store, name) for name in checkpoints}
-        union, missing = indexed_ids(rows)
-        absent = {name: m["absent"] for name, m in missing.items() if m["absent"]}
-        if absent:
-            warnings.warn(
-                f"{sum(absent.values())} example rows are absent (not logged) at some checkpoints, which then count "
-                "them "
-                f"as zero (per checkpoint: {absent}). Finish logging (it resumes) and rebuild to include them.",
-                stacklevel=3,
-            )
-        old_ids = np.load(path / "ids.npy") if previous is not None else None
-        if old_ids is not None and not np.isin(old_ids, union).all():
-            previous, old_ids, reason = None, None, "rows the index holds are gone from the store"
-        shards = shard_ranges(len(union), options.shards) if options.shards > 1 and previous is None else []
-        if previous is None or old_ids is None:
-            # flat: a shard is its row parts' files; FAISS kinds: a whole FAISS index per shard (shards/<s>/)
-            ids = union
-            row_parts = [list(r) for r in shards] if shards and options.kind == "flat" else [[0, len(union)]]
-        else:
-            new_ids = np.setdiff1d(union, old_ids, assume_unique=True)
-            ids = np.concatenate([old_ids, new_ids])
-            row_parts = [list(r) for r in previous.row_parts] + ([[len(old_ids), len(ids)]] if len(new_ids) else [])
-        prev_state = previous.checkpoint_state if previous is not None else {}
-        refit = [
-            name
-            for name in checkpoints
-            if name not in prev_state
-            or (options.preconditioner != "identity" and prev_state[name]["fingerprint"] != states[name])
-        ]
-        fitted = fit_preconditioners(store, eval_store, refit, options, progress) if refit else {}
-        preconditioners = {
-            name: fitted[name]
-            if name in fitted
-            else _load_preconditioner(
-                path / prev_state[name]["preconditioner_file"], options.preconditioner, store, name
-            )
-            for name in checkpoints
-        }
-        # which (checkpoint, row part) parts still hold: same rows, same transform, same rows present there
-        plan: dict[tuple[str, int], dict[str, Any]] = {}
-        for r, (start, stop) in enumerate(row_parts):
-            part_ids = ids[start:stop]
-            digest = _ids_digest(part_ids)
-            for name in checkpoints:
-                present = int(np.isin(part_ids, rows[name].sorted_ids, assume_unique=True).sum())
-                entry = {
-                    "checkpoint": name,
-                    "row_part": r,
-                    "rows": [start, stop],
-                    "ids_blake2b": digest,
-                    "content_blake2b": rows[name].content_digest(part_ids),
-                    "present": present,
-                    "file": part_name(name, r) if options.kind == "flat" else None,
-                    "dtype": str(np.dtype(store.dtype)) if options.kind == "flat" else None,
-                    "fitted_rows": rows[name].sorted_ids.size
-                    if name in fitted
-                    else prev_state.get(name, {}).get("fitted_rows"),
-                }
-                old = _previous_part(previous, name, r)
-                reuse = (  # keyed by the rows' content (chunk checksums), never by their ids alone
-                    name not in fitted
-                    and old is not None
-                    and old["ids_blake2b"] == digest
-                    and old.get("content_blake2b") == entry["content_blake2b"]
-                    and old["present"] == present
-                )
-                plan[(name, r)] = {**(old if reuse and old is not None else entry), "reused": reuse}
-        n, c = len(ids), len(checkpoints)
-        sqnorms = np.zeros((n, c))
-        computed = 0
-        faiss_note = None
-        with building(path) as directory:
-            if previous is not None:
-                old_sq = np.load(path / "sqnorms.npy")
-                for (name, _), part in plan.items():
-                    if part["reused"]:
-                        start, stop = part["rows"]
-                        sqnorms[start:stop, checkpoints.index(name)] = old_sq[
-                            start:stop, previous.checkpoints.index(name)
-                        ]
-                        if part["file"] is not None:
-                            _link(path / part["file"], directory / part["file"])
-            if options.kind == "flat":
-
-                def write_part(r: int) -> int:
-                    start, stop = row_parts[r]
-                    todo = [name for name in checkpoints if not plan[(name, r)]["reused"]]
-                    if not todo:
-                        return 0
-                    source = VectorSource(
-                        {m: CheckpointRows(store, m) if shards else rows[m] for m in todo},  # a reader per thread
-                        {m: preconditioners[m] for m in todo},
-                        options.normalize,
-                        store.dim,
-                    )
-                    part_sq, dtypes = FlatBackend.write_parts(
-                        source, ids[start:stop], r, directory, np.dtype(store.dtype), options.block_rows, progress
-                    )
-                    for j, name in enumerate(todo):
-                        sqnorms[start:stop, checkpoints.index(name)] = part_sq[:, j]
-                        plan[(name, r)]["dtype"] = str(dtypes[name])
-                    return (stop - start) * len(todo)
-
-                computed = sum(_in_parallel(write_part, range(len(row_parts)), parallel=bool(shards)))
-            elif shards:
-                backend = BACKENDS[options.kind]
-
-                def build_shard(s: int) -> int:
-                    start, stop = shards[s]
-                    folder = directory / _shard_dir(s)
-                    folder.mkdir(parents=True)
-                    rows_here = {m: CheckpointRows(store, m) for m in checkpoints}  # a reader per thread
-                    source = VectorSource(rows_here, preconditioners, options.normalize, store.dim)
-                    sqnorms[start:stop] = backend.build(source, ids[start:stop], options, folder, progress)
-                    return (stop - start) * len(checkpoints)
-
-                computed = sum(_in_parallel(build_shard, range(len(shards)), parallel=True))
-                faiss_note = f"built {len(shards)} shards"
-            else:
-                source = VectorSource(rows, preconditioners, options.normalize, store.dim)
-                faiss_note, computed = _faiss_parts(
-                    previous, path, directory, plan, checkpoints, row_parts, source, ids, options, sqnorms, progress
-                )
-            for name in checkpoints:
-                target = f"preconditioners/{name}.npz"
-                if name in fitted:
-                    _save_preconditioner(directory / target, name, fitted[name])
-                else:
-                    _link(path / prev_state[name]["preconditioner_file"], directory / target)
-            np.save(directory / "ids.npy", ids)
-            np.save(directory / "sqnorms.npy", sqnorms)
-            manifest = IndexManifest(
-                options=options,
-                checkpoints=checkpoints,
-                lrs=[store.checkpoint_info(name).lr for name in checkpoints],
-                dim=store.dim,
-                num_rows=n,
-                store_fingerprint=store_fingerprint,
-                store_content=store_content,
-                projection_fingerprint=store.spec.fingerprint(),
-                eval_store=str(eval_store.path) if eval_store is not None else None,
-                eval_fingerprint=eval_fingerprint,
-                missing_rows=missing,
-                row_parts=row_parts,
-                parts=[{k: v for k, v in part.items() if k != "reused"} for part in plan.values()],
-                shards=[
-                    {"shard": i, "rows": list(r), "dir": "" if options.kind == "flat" else _shard_dir(i)}
-                    for i, r in enumerate(shards)
-                ],
-                checkpoint_state={
-                    name: {
-                        "fingerprint": states[name],
-                        "rows": int(rows[name].sorted_ids.size),
-                        "fitted_rows": int(rows[name].sorted_ids.size)
-                        if name in fitted
-                        else prev_state[name]["fitted_rows"],
-                        "preconditioner_file": f"preconditioners/{name}.npz",
-                    }
-                    for name in checkpoints
-                },
-            )
-            manifest.with_files(directory).write(directory)  # last: a directory with a manifest is a finished index
-        index = cls.open(path, store, options=options, eval_store=eval_store)
-        reused = sum(part["reused"] for part in plan.values())
-        index.changes = UpdateSummary(
-            appended_rows=0 if previous is None or old_ids is None else n - len(old_ids),
-            checkpoints_added=[m for m in checkpoints if previous is not None and m not in previous.checkpoints],
-            refitted=[m for m in fitted if previous is not None and m in previous.checkpoints],
-            parts_reused=reused,
-            parts_written=len(plan) - reused,
-            vectors_computed=computed,
-            faiss=faiss_note,
-            rebuilt=reason if previous is None else None,
-        )
+    def _opened(cls, summary: UpdateSummary, store: GradientStore, eval_store: GradientStore | None) -> GradientIndex:
+        """The index a build or update just wrote (its options are the manifest's), loaded from this machine's copy."""
+        assert summary.path is not None
+        index = cls.open(local_index_dir(summary.path), store, eval_store=eval_store)
+        index.changes = summary
         return index
 
     # -- loading -------------------------------------------------------------------------------
@@ -628,12 +685,13 @@ class GradientIndex:
         cls,
         path: str | StorePath | None,
         store: GradientStore,
-        options: IndexOptions | None = None,
+        options: SearchOptions | IndexOptions | None = None,
         eval_store: GradientStore | None = None,
         device: str | None = None,
         loader: Any = None,
     ) -> GradientIndex:
-        """Load an index, refusing one whose store changed or whose build options differ from ``options``.
+        """Load an index, refusing one whose store changed or whose build options differ from ``options``
+        (:class:`IndexOptions`; :class:`SearchOptions` only set how it is searched; None: as the manifest records).
 
         Every file is read from the one directory ``path`` named when the call began (an update that swaps a new
         one in meanwhile is seen on the next call). ``loader`` (``load`` and ``verified_on_load`` as a backend

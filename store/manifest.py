@@ -16,7 +16,7 @@ from typing import Any
 from .durable import fsync_dir, fsync_tree, remove_stale, scratch_dir
 from .errors import IndexMismatchError, IndexNotFoundError, StaleIndexError, StoreCorruptError
 from .gradient_store import GradientStore
-from .index_options import IndexOptions
+from .index_options import IndexOptions, SearchOptions
 
 # 2: union of ids (missing_rows), self-influence norms taken before normalisation
 # 3: rows in row parts (appended by updates), flat vectors one file per checkpoint and row part in the store's dtype,
@@ -259,10 +259,13 @@ class IndexManifest:
                 f"eval store {eval_store.path} changed after index {directory} was built; {REBUILD_HINT}"
             )
 
-    def with_search_options(self, directory: Path, options: IndexOptions | None) -> IndexManifest:
-        """This manifest searched with ``options``' search-time knobs; options that need another build are refused."""
+    def with_search_options(self, directory: Path, options: IndexOptions | SearchOptions | None) -> IndexManifest:
+        """This manifest searched with ``options``' search-time knobs; options that need another build are refused
+        (:class:`SearchOptions` hold none: they are taken as they are)."""
         if options is None:
             return self
+        if isinstance(options, SearchOptions):
+            return replace(self, options=IndexOptions.of(self.options.build, options))
         built = self.options.build_key()
         diffs = {k: (built[k], v) for k, v in options.build_key().items() if built[k] != v}
         if diffs:

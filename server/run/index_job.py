@@ -9,7 +9,7 @@ import copy
 import functools
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 
@@ -19,10 +19,13 @@ from gradstore.store import (
     GradientIndex,
     GradientStore,
     StoreLockedError,
+    UpdateSummary,
+    build_index,
     file_sha256,
     index_lock,
+    update_index,
 )
-from gradstore.store.remote import as_path
+from gradstore.store.remote import as_path, local_index_dir
 
 from .config import CheckpointConfig, RunConfig
 
@@ -32,10 +35,26 @@ if TYPE_CHECKING:
 __all__ = ["index_job", "stored_layout"]
 
 
-def index_job(run: Run, progress: bool = True, wait_s: float = 0.0, rebuild: bool = False) -> GradientIndex | None:
+@overload
+def index_job(
+    run: Run, progress: bool = True, wait_s: float = 0.0, rebuild: bool = False, load: Literal[True] = True
+) -> GradientIndex | None: ...
+@overload
+def index_job(
+    run: Run, progress: bool = True, wait_s: float = 0.0, rebuild: bool = False, *, load: Literal[False]
+) -> UpdateSummary | None: ...
+@overload
+def index_job(
+    run: Run, progress: bool = True, wait_s: float = 0.0, rebuild: bool = False, load: bool = True
+) -> GradientIndex | UpdateSummary | None: ...
+def index_job(
+    run: Run, progress: bool = True, wait_s: float = 0.0, rebuild: bool = False, load: bool = True
+) -> GradientIndex | UpdateSummary | None:
     """Log every training example at every checkpoint (resumable; only the ids a checkpoint lacks), then update the
-    index (:meth:`GradientIndex.update`: new rows appended, unchanged parts reused), or build it when there is none
-    or ``rebuild`` (rank 0 only). The returned index's ``changes`` says what was logged and done.
+    index (:func:`~gradstore.store.update_index`: new rows appended, unchanged parts reused), or build it when there is
+    none or ``rebuild`` (:func:`~gradstore.store.build_index`; rank 0 only). Returns the index loaded, its ``changes``
+    saying what was logged and done; with ``load=False`` only that :class:`~gradstore.store.UpdateSummary`, without
+    paying the index's load (a resident flat index is read whole and checked). Other ranks return None.
 
     Under ``torchrun`` each rank logs the chunks it owns. When the index uses a curvature
     preconditioner and the Task has ``eval_examples``, those are logged into the eval store for ``R_eval``.
@@ -45,7 +64,7 @@ def index_job(run: Run, progress: bool = True, wait_s: float = 0.0, rebuild: boo
     """
     rank, world, device = _init_distributed()
     with _index_lock(run, rank, world, wait_s):
-        return _index_run(run, progress, rank, world, device, rebuild)
+        return _index_run(run, progress, rank, world, device, rebuild, load)
 
 
 def _init_distributed() -> tuple[int, int, torch.device]:
@@ -79,8 +98,9 @@ def _index_lock(run: Run, rank: int, world: int, wait_s: float) -> Iterator[None
 
 
 def _index_run(
-    run: Run, progress: bool, rank: int, world: int, device: torch.device, rebuild: bool = False
-) -> GradientIndex | None:
+    run: Run, progress: bool, rank: int, world: int, device: torch.device, rebuild: bool, load: bool
+) -> GradientIndex | UpdateSummary | None:
+    """Log what the store lacks (every rank), then build or update the index (rank 0), and load it when ``load``."""
     config = run.config
     task = config.make_task()
     model = task.build_model().to(device)
@@ -148,15 +168,19 @@ def _index_run(
     checkpoints = [c.name for c in config.checkpoints]
     index_path = run.index_path
     if not rebuild and (index_path / "manifest.json").is_file():
-        index = GradientIndex.update(
+        summary = update_index(
             index_path, store, eval_store, checkpoints=checkpoints, options=config.index, progress=progress
         )
     else:
-        index = GradientIndex.build(
+        summary = build_index(
             store, config.index, path=index_path, checkpoints=checkpoints, eval_store=eval_store, progress=progress
         )
-    if index.changes is not None:
-        index.changes = index.changes._replace(logged_rows=logged)
+    summary = summary._replace(logged_rows=logged)
+    if not load:
+        return summary
+    assert summary.path is not None
+    index = GradientIndex.open(local_index_dir(summary.path), store, eval_store=eval_store)  # as built, no fetch
+    index.changes = summary
     return index
 
 

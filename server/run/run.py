@@ -14,12 +14,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
 from gradstore.projection import GradstoreError, kind_traits
-from gradstore.store import GradientIndex, GradientStore, IndexMismatchError, StoreNotFoundError
+from gradstore.store import GradientIndex, GradientStore, IndexMismatchError, StoreNotFoundError, UpdateSummary
 from gradstore.store.index import default_index_path
 from gradstore.store.remote import StorePath, as_path
 
@@ -79,11 +79,22 @@ class Run:
         wanted = self.wants_eval_store(preconditioner) and (self.eval_store_path / "zarr.json").exists()
         return GradientStore.open(self.eval_store_path) if wanted else None
 
-    def index(self, progress: bool = True, wait_s: float = 0.0, rebuild: bool = False) -> GradientIndex | None:
+    @overload
+    def index(
+        self, progress: bool = True, wait_s: float = 0.0, rebuild: bool = False, load: Literal[True] = True
+    ) -> GradientIndex | None: ...
+    @overload
+    def index(
+        self, progress: bool = True, wait_s: float = 0.0, rebuild: bool = False, *, load: Literal[False]
+    ) -> UpdateSummary | None: ...
+    def index(
+        self, progress: bool = True, wait_s: float = 0.0, rebuild: bool = False, load: bool = True
+    ) -> GradientIndex | UpdateSummary | None:
         """The offline indexing job (:func:`~gradstore.server.run.index_job.index_job`): log every training example
         at every checkpoint the store lacks, then update the index (or build it when there is none, or ``rebuild``).
-        Returns the index on rank 0 (its ``changes`` say what was logged and done), None on other ranks."""
-        return index_job(self, progress=progress, wait_s=wait_s, rebuild=rebuild)
+        Returns the index on rank 0 (its ``changes`` say what was logged and done), None on other ranks; with
+        ``load=False`` only what was done (:class:`~gradstore.store.UpdateSummary`), the index not loaded."""
+        return index_job(self, progress=progress, wait_s=wait_s, rebuild=rebuild, load=load)
 
     def open_index(
         self, store: GradientStore | None = None, device: str | None = None, loader: Any = None
