@@ -85,12 +85,11 @@ def _short(example: dict, width: int = 70) -> str:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    index = _run(args).index(progress=not args.quiet, wait_s=args.wait, rebuild=args.rebuild)
-    if index is not None:
-        changes = index.changes
-        if changes is not None:
-            print(f"logged {changes.logged_rows} new rows; {changes.describe()}")
-        print(f"indexed {index.num_rows} examples x {len(index.checkpoints)} checkpoints into {index.path}")
+    # the job writes the index and does not load it (a large resident index would be read for nothing)
+    done = _run(args).index(progress=not args.quiet, wait_s=args.wait, rebuild=args.rebuild, load=False)
+    if done is not None:
+        print(f"logged {done.logged_rows} new rows; {done.describe()}")
+        print(f"indexed {done.num_rows} examples x {len(done.checkpoints)} checkpoints into {done.path}")
 
 
 def cmd_query(args: argparse.Namespace) -> None:
