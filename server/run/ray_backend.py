@@ -109,7 +109,11 @@ class ShardSearch:
         )
 
     def describe(self) -> dict[str, Any]:
-        return {"shard": self.shard, "rows": self.rows, "digest": self.digest}
+        """The shard, its rows and digest, and where this replica runs: its Ray ``node`` id and process ``pid``."""
+        import ray
+
+        where = {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        return {"shard": self.shard, "rows": self.rows, "digest": self.digest, **where}
 
     def candidates(self, queries: Any, k: int) -> tuple[str, Candidates]:
         return self.digest, self.backend.candidates(queries, k)
