@@ -30,6 +30,10 @@ one. An update reuses every part whose inputs did not change (hard links of the 
 * FAISS kinds: new rows of unchanged checkpoints are added to the FAISS index (``add``: the trained quantiser is
   kept, recall as a fresh build's up to the quantiser's sample); any other change (a new checkpoint changes the
   concatenated dimension, a refitted one every vector) rebuilds the FAISS structure.
+* sharded (``shards > 1``): every shard is kept byte for byte and new rows become one new shard, a complete unit of
+  the index's kind built from them alone with the fitted transforms (flat: a row part; FAISS kinds: a FAISS index
+  trained on them, ``shards/<s>/``), so the exact merge answers as a fresh sharded build. A refit, a new checkpoint,
+  changed rows of a FAISS shard or too few new rows to train one build every shard again.
 
 A build or update (:func:`build_index`, :func:`update_index`: written, not loaded) writes a temporary directory and
 swaps it in, so a crash never leaves a half-built index, and :meth:`GradientIndex.open` reads one directory (through
@@ -60,13 +64,13 @@ from gradstore.projection import Preconditioner, PreconditionerKind, kind_traits
 
 from .errors import IndexMismatchError, IndexNotFoundError, StoreFormatError
 from .gradient_store import GradientStore
-from .index_options import BUILD_FIELDS, KINDS, BuildOptions, IndexKind, IndexOptions, SearchOptions
+from .index_options import BUILD_FIELDS, KINDS, ON_DISK_KINDS, BuildOptions, IndexKind, IndexOptions, SearchOptions
 from .manifest import REBUILD_HINT, IndexManifest, building, refuse_broken_chain
 from .parts import part_name
 from .remote import RemotePath, StorePath, as_path, fetch_index, local_index_dir, publish_index
 from .rows import CheckpointRows
 from .scoring import PreparedQueries, Scoring
-from .search import BACKENDS, FlatBackend, SearchBackend
+from .search import BACKENDS, FlatBackend, SearchBackend, ivf_nlist
 from .shards import ShardedBackend, shard_ranges
 from .vectors import VectorSource, fit_preconditioners, indexed_ids
 
@@ -252,6 +256,44 @@ def _shard_dir(shard: int) -> str:
     return f"shards/{shard:05d}"
 
 
+def _train_rows_needed(options: IndexOptions, rows: int) -> int:
+    """The fewest rows a FAISS index of ``options.kind`` over ``rows`` rows can be trained on (its k-means)."""
+    if options.kind not in ON_DISK_KINDS:  # flat, hnsw: nothing to train
+        return 1
+    return max(ivf_nlist(options, rows), 16 if options.kind == "ivfpq" else 1)  # ivfpq: >= 2^4 codes
+
+
+def _whole_shards_reason(
+    previous: IndexManifest,
+    options: IndexOptions,
+    checkpoints: list[str],
+    refit: list[str],
+    plan: dict[tuple[str, int], dict[str, Any]],
+    num_rows: int,
+) -> str | None:
+    """Why an update of a sharded index must build every shard again, or None when its shards are kept and the new
+    rows become a shard of their own (each shard's vectors are fixed: same checkpoints, same transforms)."""
+    if previous.checkpoints != checkpoints:
+        added = [m for m in checkpoints if m not in previous.checkpoints]
+        what = f"checkpoints {added} were added" if added else "its checkpoints changed"
+        return f"{what}: every shard holds every checkpoint, so a sharded index is built whole (every shard again)"
+    if refit:
+        return (
+            f"checkpoints {refit} are refitted ({options.preconditioner}: their rows changed), which changes every "
+            "shard's vectors: a sharded index is built whole (every shard again)"
+        )
+    old_parts = len(previous.row_parts)
+    if options.kind != "flat" and not all(plan[(m, r)]["reused"] for m in checkpoints for r in range(old_parts)):
+        return "rows it holds changed in the store: a sharded FAISS index is built whole (every shard again)"
+    new_rows = num_rows - (previous.row_parts[-1][1] if previous.row_parts else 0)
+    if 0 < new_rows < _train_rows_needed(options, new_rows):
+        return (
+            f"{new_rows} new rows are too few to train a shard of their own ({options.kind}): a sharded index is built "
+            "whole (every shard again)"
+        )
+    return None
+
+
 def _in_parallel(fn: Callable[[int], int], items: Iterable[int], parallel: bool) -> list[int]:
     """``fn`` of every item: on a thread pool (one worker per CPU, FAISS and the BLAS release the GIL) when
     ``parallel``, else in turn."""
@@ -279,6 +321,8 @@ class UpdateSummary(NamedTuple):
     checkpoints: tuple[str, ...] = ()  # checkpoints it covers now
     path: StorePath | None = None  # where it was written (build_index / update_index's path)
     seconds: float = 0.0  # wall time of the build or update (loading aside)
+    shards: int = 0  # shards the index holds now (0: unsharded)
+    shards_reused: int = 0  # shards kept byte for byte (an update of a sharded index: new rows are a new shard)
 
     def describe(self) -> str:
         """One line: ``appended 40 rows at 3 checkpoints; reused 3 parts`` and the like."""
@@ -291,6 +335,8 @@ class UpdateSummary(NamedTuple):
             if self.refitted:
                 out.append(f"refitted {self.refitted} (their rows changed)")
             out.append(f"reused {self.parts_reused} parts, wrote {self.parts_written}")
+            if self.shards:
+                out.append(f"kept {self.shards_reused} of {self.shards} shards")
         if self.faiss:
             out.append(f"faiss: {self.faiss}")
         return "; ".join(out)
@@ -340,9 +386,11 @@ def update_index(
     New example ids (in every checkpoint's union) are transformed and appended as a new row part; a checkpoint
     in ``checkpoints`` (default: the index's) that the index lacks gets its own parts; the rest is reused as the
     module docstring's rule says (``identity`` exact; ``kfac`` / ``block`` / ``ekfac`` refit a checkpoint whose
-    rows changed; ``source`` rebuilds). Other ``options`` (build-time ones), an index of another format version
-    or ``source`` fall back to a full build; :class:`BuildOptions` keep the index's search options. The result
-    equals :func:`build_index` on the same store (the row order aside: appended rows follow the earlier ones).
+    rows changed; ``source`` rebuilds); a sharded index keeps its shards and its new rows become a new shard (a
+    refit or a new checkpoint builds every shard again). Other ``options`` (build-time ones), an index of another
+    format version or ``source`` fall back to a full build; :class:`BuildOptions` keep the index's search options.
+    The result equals :func:`build_index` on the same store (the row order aside: appended rows follow the earlier
+    ones; a sharded index's search answers the same ids and scores).
     Built aside and swapped in, as builds are."""
     start = time.perf_counter()
     target = as_path(path)
@@ -371,8 +419,8 @@ def update_index(
         previous, reason = None, "the build options changed"
     if previous is not None and chosen.preconditioner == "source":
         previous, reason = None, "source chains every checkpoint's transform"
-    if previous is not None and (chosen.shards > 1 or previous.shards):
-        previous, reason = None, "a sharded index is built whole (every shard again)"
+    if previous is not None and (chosen.shards > 1) != bool(previous.shards):
+        previous, reason = None, "its shards do not match options.shards"
     summary = _write_index(store, chosen, local, checkpoints, eval_store, progress, previous, reason)
     publish_index(local, target)
     return summary._replace(path=target, seconds=time.perf_counter() - start)
@@ -429,22 +477,69 @@ def _write_index(
     old_ids = np.load(path / "ids.npy") if previous is not None else None
     if old_ids is not None and not np.isin(old_ids, union).all():
         previous, old_ids, reason = None, None, "rows the index holds are gone from the store"
-    shards = shard_ranges(len(union), options.shards) if options.shards > 1 and previous is None else []
-    if previous is None or old_ids is None:
-        # flat: a shard is its row parts' files; FAISS kinds: a whole FAISS index per shard (shards/<s>/)
-        ids = union
-        row_parts = [list(r) for r in shards] if shards and options.kind == "flat" else [[0, len(union)]]
-    else:
-        new_ids = np.setdiff1d(union, old_ids, assume_unique=True)
-        ids = np.concatenate([old_ids, new_ids])
-        row_parts = [list(r) for r in previous.row_parts] + ([[len(old_ids), len(ids)]] if len(new_ids) else [])
+    sharded = options.shards > 1
+
+    def arrange(
+        previous: IndexManifest | None, old_ids: np.ndarray | None
+    ) -> tuple[np.ndarray, list[list[int]], list[list[int]], list[str], dict[tuple[str, int], dict[str, Any]]]:
+        """The rows (ids, row parts, shards), the checkpoints to fit and which (checkpoint, row part) parts of
+        ``previous`` still hold: same rows, same transform, same rows present there."""
+        if previous is None or old_ids is None:
+            # flat: a shard is its row parts' files; FAISS kinds: a whole FAISS index per shard (shards/<s>/)
+            ids = union
+            shards = shard_ranges(len(union), options.shards) if sharded else []
+            row_parts = [list(r) for r in shards] if shards and options.kind == "flat" else [[0, len(union)]]
+        else:
+            new_ids = np.setdiff1d(union, old_ids, assume_unique=True)
+            ids = np.concatenate([old_ids, new_ids])
+            appended = [[len(old_ids), len(ids)]] if len(new_ids) else []
+            row_parts = [list(r) for r in previous.row_parts] + appended
+            # a sharded index keeps its shards; new rows are a shard of their own
+            shards = [list(e["rows"]) for e in previous.shards] + appended if sharded else []
+        prev_state = previous.checkpoint_state if previous is not None else {}
+        refit = [
+            name
+            for name in checkpoints
+            if name not in prev_state
+            or (options.preconditioner != "identity" and prev_state[name]["fingerprint"] != states[name])
+        ]
+        plan: dict[tuple[str, int], dict[str, Any]] = {}
+        for r, (start, stop) in enumerate(row_parts):
+            part_ids = ids[start:stop]
+            digest = _ids_digest(part_ids)
+            for name in checkpoints:
+                present = int(np.isin(part_ids, rows[name].sorted_ids, assume_unique=True).sum())
+                entry = {
+                    "checkpoint": name,
+                    "row_part": r,
+                    "rows": [start, stop],
+                    "ids_blake2b": digest,
+                    "content_blake2b": rows[name].content_digest(part_ids),
+                    "present": present,
+                    "file": part_name(name, r) if options.kind == "flat" else None,
+                    "dtype": str(np.dtype(store.dtype)) if options.kind == "flat" else None,
+                    "fitted_rows": rows[name].sorted_ids.size
+                    if name in refit
+                    else prev_state.get(name, {}).get("fitted_rows"),
+                }
+                old = _previous_part(previous, name, r)
+                reuse = (  # keyed by the rows' content (chunk checksums), never by their ids alone
+                    name not in refit
+                    and old is not None
+                    and old["ids_blake2b"] == digest
+                    and old.get("content_blake2b") == entry["content_blake2b"]
+                    and old["present"] == present
+                )
+                plan[(name, r)] = {**(old if reuse and old is not None else entry), "reused": reuse}
+        return ids, row_parts, shards, refit, plan
+
+    ids, row_parts, shards, refit, plan = arrange(previous, old_ids)
+    if previous is not None and sharded:
+        whole = _whole_shards_reason(previous, options, checkpoints, refit, plan, len(ids))
+        if whole is not None:
+            previous, old_ids, reason = None, None, whole
+            ids, row_parts, shards, refit, plan = arrange(None, None)
     prev_state = previous.checkpoint_state if previous is not None else {}
-    refit = [
-        name
-        for name in checkpoints
-        if name not in prev_state
-        or (options.preconditioner != "identity" and prev_state[name]["fingerprint"] != states[name])
-    ]
     fitted = fit_preconditioners(store, eval_store, refit, options, progress) if refit else {}
     preconditioners = {
         name: fitted[name]
@@ -452,35 +547,7 @@ def _write_index(
         else _load_preconditioner(path / prev_state[name]["preconditioner_file"], options.preconditioner, store, name)
         for name in checkpoints
     }
-    # which (checkpoint, row part) parts still hold: same rows, same transform, same rows present there
-    plan: dict[tuple[str, int], dict[str, Any]] = {}
-    for r, (start, stop) in enumerate(row_parts):
-        part_ids = ids[start:stop]
-        digest = _ids_digest(part_ids)
-        for name in checkpoints:
-            present = int(np.isin(part_ids, rows[name].sorted_ids, assume_unique=True).sum())
-            entry = {
-                "checkpoint": name,
-                "row_part": r,
-                "rows": [start, stop],
-                "ids_blake2b": digest,
-                "content_blake2b": rows[name].content_digest(part_ids),
-                "present": present,
-                "file": part_name(name, r) if options.kind == "flat" else None,
-                "dtype": str(np.dtype(store.dtype)) if options.kind == "flat" else None,
-                "fitted_rows": rows[name].sorted_ids.size
-                if name in fitted
-                else prev_state.get(name, {}).get("fitted_rows"),
-            }
-            old = _previous_part(previous, name, r)
-            reuse = (  # keyed by the rows' content (chunk checksums), never by their ids alone
-                name not in fitted
-                and old is not None
-                and old["ids_blake2b"] == digest
-                and old.get("content_blake2b") == entry["content_blake2b"]
-                and old["present"] == present
-            )
-            plan[(name, r)] = {**(old if reuse and old is not None else entry), "reused": reuse}
+    kept_shards = len(previous.shards) if previous is not None and shards else 0
     n, c = len(ids), len(checkpoints)
     sqnorms = np.zeros((n, c))
     computed = 0
@@ -528,8 +595,12 @@ def _write_index(
                 sqnorms[start:stop] = backend.build(source, ids[start:stop], options, folder, progress)
                 return (stop - start) * len(checkpoints)
 
-            computed = sum(_in_parallel(build_shard, range(len(shards)), parallel=True))
-            faiss_note = f"built {len(shards)} shards"
+            for s in range(kept_shards):  # a kept shard: every file of its folder, byte for byte
+                for file in sorted((path / _shard_dir(s)).rglob("*")):
+                    if file.is_file():
+                        _link(file, directory / file.relative_to(path))
+            computed = sum(_in_parallel(build_shard, range(kept_shards, len(shards)), parallel=True))
+            faiss_note = f"built {len(shards) - kept_shards} shards" if len(shards) > kept_shards else "unchanged"
         else:
             source = VectorSource(rows, preconditioners, options.normalize, store.dim)
             faiss_note, computed = _faiss_parts(
@@ -575,6 +646,11 @@ def _write_index(
         )
         manifest.with_files(directory).write(directory)  # last: a directory with a manifest is a finished index
     reused = sum(part["reused"] for part in plan.values())
+    shards_reused = kept_shards if options.kind != "flat" else 0
+    if options.kind == "flat" and previous is not None:  # a flat shard is its row parts: kept when all of them are
+        for lo, hi in shards[: len(previous.shards)]:
+            inside = [r for r, (a, b) in enumerate(row_parts) if lo <= a and b <= hi]
+            shards_reused += all(plan[(m, r)]["reused"] for m in checkpoints for r in inside)
     return UpdateSummary(
         appended_rows=0 if previous is None or old_ids is None else n - len(old_ids),
         checkpoints_added=[m for m in checkpoints if previous is not None and m not in previous.checkpoints],
@@ -586,6 +662,8 @@ def _write_index(
         rebuilt=reason if previous is None else None,
         num_rows=n,
         checkpoints=tuple(checkpoints),
+        shards=len(shards),
+        shards_reused=shards_reused,
     )
 
 

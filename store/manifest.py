@@ -51,7 +51,7 @@ class IndexManifest:
     checkpoint_state: dict[str, dict[str, Any]] = field(default_factory=dict)
     store_content: str | None = None  # GradientStore.content_fingerprint() (None: built before it was recorded)
     # one per shard (options.shards > 1): {"shard", "rows": [start, stop], "dir": its files' folder ("" for flat,
-    # whose shards are its row parts)}; empty: one unsharded index
+    # whose shards are its row parts)}; empty: one unsharded index. An update appends one for its new rows
     shards: list[dict[str, Any]] = field(default_factory=list)
     format_version: int = INDEX_FORMAT_VERSION
 

@@ -5,7 +5,8 @@ contiguous ranges. Each shard is a unit of its own: ``flat`` shards are the inde
 checkpoint each); a FAISS kind's shard is a whole FAISS index (trained on its own rows) in ``shards/<s>/``. The
 manifest lists the shards (``IndexManifest.shards``); :meth:`IndexManifest.shard_view` is the manifest one shard
 loads with. Preconditioners are fitted once, on every row, so every shard's vectors are those of the unsharded
-index.
+index. An update keeps every shard and makes the new rows one more shard (built with the same transforms; the
+shards then outnumber ``options.shards``); what changes the transforms or the checkpoints builds every shard again.
 
 Searching (the local mode: one process, every shard): each shard proposes its candidates (for ``flat`` its exact
 top / bottom ``k``; FAISS kinds ``k * rerank``), their union is re-scored exactly in float64 by

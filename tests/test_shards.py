@@ -76,7 +76,7 @@ def test_sharded_search_equals_unsharded_bit_for_bit(tmp_path, kind, dtype, extr
         np.testing.assert_array_equal(got.max_abs_score, want.max_abs_score)
 
 
-def test_an_update_of_a_sharded_index_rebuilds_it_and_an_unsharded_one_still_opens(tmp_path):
+def test_an_update_of_a_sharded_index_keeps_its_shards_and_an_unsharded_one_still_opens(tmp_path):
     store, spec = _store(tmp_path)
     GradientIndex.build(store, IndexOptions(kind="flat"), tmp_path / "old.index", progress=False)
     # an index written before shards existed: no "shards" in its options or manifest
@@ -88,7 +88,9 @@ def test_an_update_of_a_sharded_index_rebuilds_it_and_an_unsharded_one_still_ope
     assert old.options.shards == 1 and IndexManifest.read(tmp_path / "old.index").shards == []
     sharded = GradientIndex.build(store, IndexOptions(kind="ivf", shards=2, nlist=2), tmp_path / "s.index")
     updated = GradientIndex.update(tmp_path / "s.index", store)
-    assert updated.changes is not None and "sharded" in (updated.changes.rebuilt or "")
+    changes = updated.changes
+    assert changes is not None and changes.rebuilt is None  # nothing new: every shard kept (tests/test_shards_update)
+    assert (changes.shards, changes.shards_reused, changes.parts_written, changes.faiss) == (2, 2, 0, "unchanged")
     assert isinstance(updated.backend, ShardedBackend) and len(updated.backend.shards) == 2
     raw = np.random.default_rng(0).standard_normal((1, 3, spec.dim)).astype(np.float32)
     _same(updated.search(raw, [1, 1, 1], 3), sharded.search(raw, [1, 1, 1], 3))
