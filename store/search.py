@@ -4,8 +4,9 @@ A backend writes its files from streamed index vectors, loads them back, and pro
 query's largest and smallest scores; :class:`~gradstore.store.index.GradientIndex` re-scores every candidate
 exactly, so a backend only decides which rows are looked at.
 
-* ``flat``: one file per checkpoint and row part in the store's dtype, scanned in float32 in bounded blocks read
-  from disk (torch matmul on the GPU, BLAS on the CPU, on several threads); its candidates are every row whose exact
+* ``flat``: one file per checkpoint and row part in the store's dtype, scanned in float32 in bounded blocks (on the
+  CPU straight from the files' read-only mapped pages, float16 widened in cache-sized pieces into the BLAS, on
+  several threads; on the GPU, blocks copied to the device for torch matmul); its candidates are every row whose exact
   score may be among the top / bottom ``k`` given a rigorous bound on the float32 rounding (the exact ones, ties
   included, and rows within the margin of the ``k``-th), and it also yields mean / max ``|score|`` over every row
   (float32 sums: relative error about ``D 2^-24``).
@@ -427,30 +428,27 @@ class FlatBackend:
         run: tuple[int, int],
     ) -> None:
         """Score rows ``run`` (``lo, hi`` of row part ``r``) into ``total`` (the scores of the block starting at
-        ``block_lo``) straight from the files' mapped pages (or, where a file is not mapped, a piece of
-        ``piece_rows`` rows at a time read into this thread's buffers); with ``norms``, write the rows' norms there
-        too (``[rows, len(active)]``, float64)."""
+        ``block_lo``), a piece of ``piece_rows`` rows at a time, straight from the files' mapped pages (or, where a
+        file is not mapped, read into this thread's buffers); with ``norms``, write the rows' norms there too
+        (``[rows, len(active)]``, float64)."""
+        # pieces on a grid fixed by the block, not by the runs: a row's float32 score (its BLAS blocking) and so
+        # every statistic is the same whatever the threads
         mapped = [self._mapped.get((r, c)) for c in active]
-        if all(rows is not None for rows in mapped):  # the pages in place: the whole run at once
-            lo, hi = run
-            scores = total[lo - block_lo : hi - block_lo]
-            scores[:] = 0
-            for i, (c, rows) in enumerate(zip(active, mapped, strict=True)):
-                assert rows is not None
-                measured = None if norms is None else norms[lo - block_lo : hi - block_lo, i]
-                _cpu_scores(rows[lo:hi], q_host[c], out=scores, norms=measured)
-            return
         buffers = _read_buffers(len(active))
         for lo in range(run[0], run[1], piece_rows):
             hi = min(lo + piece_rows, run[1])
             piece = total[lo - block_lo : hi - block_lo]
             piece[:] = 0
-            for i, c in enumerate(active):
-                part = self.files[r][c]
-                if len(buffers[i]) < (hi - lo) * part.row_bytes:
-                    buffers[i] = bytearray((hi - lo) * part.row_bytes)
+            for i, (c, rows) in enumerate(zip(active, mapped, strict=True)):
+                if rows is None:  # not mapped: read into this thread's buffer
+                    part = self.files[r][c]
+                    if len(buffers[i]) < (hi - lo) * part.row_bytes:
+                        buffers[i] = bytearray((hi - lo) * part.row_bytes)
+                    stored: np.ndarray | torch.Tensor = part.read(lo, hi, buffers[i])
+                else:
+                    stored = rows[lo:hi]
                 measured = None if norms is None else norms[lo - block_lo : hi - block_lo, i]
-                _cpu_scores(part.read(lo, hi, buffers[i]), q_host[c], out=piece, norms=measured)
+                _cpu_scores(stored, q_host[c], out=piece, norms=measured)
 
     def _read_piece(
         self, piece: tuple[int, int, int, int], active: list[int], buffers: list[bytearray]
