@@ -26,6 +26,7 @@ writes are part of the cost.
     python benchmarks/capture_overhead.py [--quick | --full] [--threads 2] [--device cpu] [--clock cpu] [--json out]
     python benchmarks/capture_overhead.py --widths 1024 --ranks 16 --modes loop capture --rounds 5
     python benchmarks/capture_overhead.py --paired --ranks 16 64 --clock cpu   # loop vs capture, fwdbwd vs pass
+    python benchmarks/capture_overhead.py --paired --breakdown --modes capture --clock cpu --steps 24  # + hook time
 
 ``--paired`` is the load-robust form: ``loop`` and ``capture`` steps alternate on two copies of the model, and the
 offline pass runs one plain forward+backward (on a second copy) before each of its batches; the ratios are medians
@@ -371,12 +372,73 @@ def _bergson_pass(cfg: argparse.Namespace, model, rows: torch.Tensor, tmp: Path)
     return times[cfg.warmup :]
 
 
+class _HookTimes:
+    """``--breakdown``: the clock's time inside gradstore's module hooks, per captured step, split into the projections
+    of Linear / Conv1D / Embedding blocks (their matrix products), the normalisation blocks, and the rest (hook
+    bookkeeping: checks, tensor-hook registration, the buffer). Wraps the hook classes once, for the process's
+    lifetime (:meth:`get`); :meth:`reset` starts a new run."""
+
+    _instance: _HookTimes | None = None
+
+    @classmethod
+    def get(cls) -> _HookTimes:
+        if cls._instance is None:
+            cls._instance = cls()
+        cls._instance.reset()
+        return cls._instance
+
+    def reset(self) -> None:
+        self.totals.clear()
+        self.steps = []
+
+    def __init__(self) -> None:
+        from gradstore.logger import hooks
+
+        self.totals: dict[str, float] = {}
+        self.steps: list[dict[str, float]] = []
+        self._wrap(hooks.ModuleHook, "_forward", "hooks")
+        self._wrap(hooks.ModuleHook, "_backward", "hooks")
+        for cls, kind in ((hooks.WeightPart, "projections"), (hooks.TransposedPart, "projections")):
+            self._wrap(cls, "forward", kind)
+            self._wrap(cls, "accumulate", kind)
+        self._wrap(hooks.NormPart, "forward", "norms")
+        self._wrap(hooks.NormPart, "accumulate", "norms")
+
+    def _wrap(self, cls: type, name: str, key: str) -> None:
+        inner = getattr(cls, name)
+        totals = self.totals
+
+        def timed(*args, **kwargs):
+            start = _now()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                totals[key] = totals.get(key, 0.0) + _now() - start
+
+        setattr(cls, name, timed)
+
+    def step_done(self) -> None:
+        hooks_s = self.totals.get("hooks", 0.0)
+        parts = {k: v for k, v in self.totals.items() if k != "hooks"}
+        self.steps.append({"hooks": hooks_s, **parts, "bookkeeping": hooks_s - sum(parts.values())})
+        self.totals.clear()
+
+    def summary(self, plain_ms: float) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key in ("hooks", "projections", "norms", "bookkeeping"):
+            ms = 1000 * statistics.median(s.get(key, 0.0) for s in self.steps)
+            out[f"{key}_ms"] = ms
+            out[f"{key}_percent_of_loop"] = 100 * ms / plain_ms
+        return out
+
+
 def run_paired(cfg: argparse.Namespace, tmp: Path) -> dict[str, float]:
     """``loop`` and ``capture`` step by step in one process: two copies of the model (same weights, same batches),
     their steps alternating (AB BA AB ...), so each pair of steps sees the same machine load. Returns the medians
-    and the median of the per-pair ratios."""
+    and the median of the per-pair ratios (with ``--breakdown``, also the hooks' own time per captured step)."""
     from gradstore.logger import GradientLogger
 
+    timer = _HookTimes.get() if cfg.breakdown else None  # before the logger: forward hooks bind at registration
     plain, hooked = _model(cfg), _model(cfg)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (plain, hooked)]
     logger = GradientLogger(hooked, None, store=tmp / "run.zarr", rank=cfg.rank, progress=False)
@@ -403,18 +465,24 @@ def run_paired(cfg: argparse.Namespace, tmp: Path) -> dict[str, float]:
     for i, batch in enumerate(batches):
         order = (0, 1) if i % 2 == 0 else (1, 0)
         took = {which: step(which, i, batch) for which in order}
+        if timer is not None:
+            timer.step_done()
         if i >= cfg.warmup:
             pairs.append((took[0], took[1]))
     start = _now()
     logger.close()
     pairs[-1] = (pairs[-1][0], pairs[-1][1] + _now() - start)
-    return {
+    result = {
         "loop_ms": 1000 * statistics.median(p for p, _ in pairs),
         "capture_ms": 1000 * statistics.median(c for _, c in pairs),
         "overhead_percent_paired": 100 * (statistics.median(c / p for p, c in pairs) - 1),
         "overhead_percent_total": 100 * (sum(c for _, c in pairs) / sum(p for p, _ in pairs) - 1),
         "pairs": len(pairs),
     }
+    if timer is not None:
+        timer.steps = timer.steps[cfg.warmup :]
+        result.update(timer.summary(result["loop_ms"]))
+    return result
 
 
 def run_paired_pass(cfg: argparse.Namespace, tmp: Path) -> dict[str, float]:
@@ -562,6 +630,13 @@ def main() -> None:
         help="only loop vs capture (two model copies, alternating steps) and fwdbwd vs pass (a plain batch before "
         "each pass batch), step by step in one process: the most load-robust figures; --steps pairs per width and "
         "rank; --modes capture / pass picks one",
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="with --paired: also time gradstore's hooks inside each captured step (projections of Linear / Conv1D / "
+        "Embedding blocks, normalisation blocks, the rest): the capture's own work, far less load-sensitive than the "
+        "difference of two step times",
     )
     parser.add_argument(
         "--clock",
