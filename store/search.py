@@ -234,12 +234,13 @@ def _cpu_scores(
 
 
 def scan_threads(requested: int) -> int:
-    """Threads of a streamed CPU scan: ``requested``, or (0) half the CPUs this process may use, 1 to 4 (on a
-    2-core box shared with other work a second scan thread measured no faster, benchmarks/flat_scan.py)."""
+    """Threads of a streamed CPU scan: ``requested``, or (0) the CPUs this process may use, 1 to 4 (reading mapped
+    pages, a second thread took a 2-core box's scan from 1.96x to 1.44x the one-thread read bound,
+    benchmarks/flat_scan.py; past 4 the memory bandwidth, not the threads, bounds it)."""
     if requested > 0:
         return requested
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(usable // 2, 4))
+    return max(1, min(usable, 4))
 
 
 def _runs(lo: int, hi: int, piece_rows: int, threads: int) -> list[tuple[int, int]]:
@@ -294,7 +295,7 @@ class FlatBackend:
 
     SCAN_BYTES: ClassVar[int] = 1 << 26  # float32 bytes of one checkpoint's block of rows scored per step
     PIECE_BYTES: ClassVar[int] = 1 << 20  # stored bytes of one checkpoint read and scored at a time (CPU)
-    # threads that read and score a streamed block's pieces on the CPU (0: half the CPUs, 1 to 4); the calling
+    # threads that read and score a streamed block's pieces on the CPU (0: the CPUs, 1 to 4); the calling
     # thread is one of them
     SCAN_THREADS: ClassVar[int] = 0
     NORM_ROWS: ClassVar[int] = 64  # rows that share one bound on their norms (a streamed scan's error bounds)
