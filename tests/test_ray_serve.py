@@ -23,11 +23,15 @@ from gradstore.server.http.app import create_app  # noqa: E402
 from gradstore.server.run.config import RunConfig  # noqa: E402
 from gradstore.server.run.ray_backend import (  # noqa: E402
     APP_PREFIX,
+    GRADIENTS_APP,
+    GradientHandle,
     RayShardedBackend,
     RayShards,
     ShardHandle,
     ShardUnavailableError,
+    deploy_gradients,
     deploy_shards,
+    weights_digest,
 )
 from gradstore.server.run.run import Run  # noqa: E402
 from tests.test_cli import save_checkpoints, write_config  # noqa: E402
@@ -47,17 +51,23 @@ def _stripped(value):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def ray_run(tmp_path_factory):
+    """A 2-shard flat run served with ``engine = "ray"`` (its config)."""
+    tmp = tmp_path_factory.mktemp("ray-serve")
+    save_checkpoints(tmp)
+    path = write_config(tmp, index='kind = "flat"\nshards = 2')
+    path.write_text(path.read_text() + '\n[server]\nengine = "ray"\nray_shard_cpus = 0.25\nray_gradient_cpus = 0.25\n')
+    cli.main(["index", "--config", str(path), "--quiet"])
+    return RunConfig.load(path)
+
+
+@pytest.fixture(scope="module")
+def served(ray_run):
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    tmp = tmp_path_factory.mktemp("ray-serve")
-    save_checkpoints(tmp)
-    path = write_config(tmp, index='kind = "flat"\nshards = 2')
-    path.write_text(path.read_text() + '\n[server]\nengine = "ray"\nray_shard_cpus = 0.25\n')
-    cli.main(["index", "--config", str(path), "--quiet"])
-    config = RunConfig.load(path)
+    config = ray_run
     local = Run(config).open_engine()
     remote = Run(config).open_engine(loader=RayShards(deploy_shards(config), timeout_s=10.0))
     with TestClient(create_app(engine=local)) as a, TestClient(create_app(engine=remote)) as b:
@@ -135,3 +145,35 @@ def test_a_shard_that_does_not_answer_is_retried_once_then_a_503_naming_it():
     with pytest.raises(ShardUnavailableError, match=r"index shard 3 \(rows 100\.\.149") as info:
         shard.candidates(np.zeros((1, 2, 4), dtype=np.float32), 5)
     assert handle.calls == 2 and http_status(info.value) == 503
+
+
+def test_query_gradients_on_a_replica_answer_as_the_local_engine(ray_run, served):
+    """``[server] ray_gradients = "replica"``: query gradients come from the gradient deployment (on CPU here: this
+    cluster has no GPU), the answers are the local engine's (ids; scores to float32 rounding of the gradients);
+    ``/readyz`` lists the replica. ``auto`` on a cluster without a GPU keeps them in the front door (and removes a
+    replica left running)."""
+    local, _, local_client, _ = served
+    config = ray_run
+    replica = config.model_copy(update={"server": config.server.model_copy(update={"ray_gradients": "replica"})})
+    engine = Run(replica).open_serving_engine()
+    assert isinstance(engine.gradient_service, GradientHandle)
+    assert engine.gradient_service.status(10.0) == {"app": GRADIENTS_APP, "status": "ready", "device": "cpu"}
+    with TestClient(create_app(engine=engine)) as client:
+        got = client.post("/v1/influence", json=QUERIES)
+        assert got.status_code == 200
+        expected = local_client.post("/v1/influence", json=QUERIES).json()
+        for mine, theirs in zip(got.json()["results"], expected["results"], strict=True):
+            for role in ("proponents", "opponents"):
+                assert [r["id"] for r in mine[role]] == [r["id"] for r in theirs[role]]
+                np.testing.assert_allclose([r["score"] for r in mine[role]], [r["score"] for r in theirs[role]], 1e-5)
+        ready = client.get("/readyz").json()
+        assert ready["status"] == "ready" and ready["gradients"]["status"] == "ready"
+    examples = local.examples_from_payloads(QUERIES["queries"])
+    weights = np.ones(len(local.checkpoints))
+    # the same code on the same device; the replica's one torch thread may round the last bits differently
+    np.testing.assert_allclose(
+        engine.query_gradients(examples, weights), local.query_gradients(examples, weights), rtol=1e-5, atol=1e-6
+    )
+    auto = config.model_copy(update={"server": config.server.model_copy(update={"ray_gradients": "auto"})})
+    assert deploy_gradients(auto, weights_digest(local)) is None  # no GPU in this cluster: gradients stay here
+    assert GRADIENTS_APP not in serve.status().applications

@@ -353,18 +353,22 @@ async def readyz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "loading"}, status_code=503)
     shards = getattr(getattr(engine, "index", None), "backend", None)
     readiness = getattr(shards, "readiness", None)  # an index searched elsewhere (Ray Serve): ask every shard
-    if readiness is None:
+    gradients = getattr(getattr(engine, "gradient_service", None), "status", None)  # and the gradient replica
+    if readiness is None and gradients is None:
         return JSONResponse({"status": "ready"})
-    states = await run_in_threadpool(readiness)
-    down = [s for s in states if s["status"] != "ready"]
+    states = await run_in_threadpool(readiness) if readiness is not None else []
+    extra = {"gradients": await run_in_threadpool(gradients, 5.0)} if gradients is not None else {}
+    down = [s for s in [*states, *extra.values()] if s["status"] != "ready"]
     if down:
         reason = "; ".join(s["reason"] for s in down)
         expected = request.app.state.api_key
         if expected is not None and key_refusal(request.headers.raw, expected) is not None:
-            reason = f"index shard(s) {[s['shard'] for s in down]} unavailable; send the API key to see why"
+            names = [f"index shard {s['shard']}" if "shard" in s else "the gradient replica" for s in down]
+            reason = f"{', '.join(names)} unavailable; send the API key to see why"
             states = [{k: v for k, v in s.items() if k != "reason"} for s in states]
-        return JSONResponse({"status": "unavailable", "reason": reason, "shards": states}, status_code=503)
-    return JSONResponse({"status": "ready", "shards": states})
+            extra = {k: {n: v for n, v in s.items() if n != "reason"} for k, s in extra.items()}
+        return JSONResponse({"status": "unavailable", "reason": reason, "shards": states, **extra}, status_code=503)
+    return JSONResponse({"status": "ready", "shards": states, **extra})
 
 
 def _reason(request: Request, unavailable: Unavailable) -> str:

@@ -288,6 +288,16 @@ class ServerConfig(BaseSettings):
     ray_shard_gpus: float = Field(
         default=0.0, ge=0, description="with engine = ray: GPUs of each shard replica (a fraction: shards share a GPU)"
     )
+    ray_gradients: Literal["auto", "replica", "here"] = Field(
+        default="auto",
+        description="with engine = ray: where query gradients are computed: auto (a Ray Serve replica on a GPU when "
+        "the cluster has one, else here), replica (always a replica: on a GPU when the cluster has one), here (in "
+        "this process)",
+    )
+    ray_gradient_gpus: float = Field(
+        default=1.0, ge=0, description="with engine = ray: GPUs of the gradient replica (where the cluster has GPUs)"
+    )
+    ray_gradient_cpus: float = Field(default=1.0, ge=0, description="with engine = ray: CPUs of the gradient replica")
 
     @field_validator("api_key")
     @classmethod

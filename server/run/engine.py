@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -140,6 +140,9 @@ class QueryEngine:
         self._positions: dict[int, int] | None = None
         self._skipped: dict[str, set[int]] = {}  # per checkpoint: ids of GradScaler-skipped steps (read on demand)
         self._run_info: RunInfo | None = None
+        # computes query gradients in place of this engine's models when set (a Ray Serve replica: ray_backend.py);
+        # it takes and returns what query_gradients does
+        self.gradient_service: Callable[[Sequence, np.ndarray, Measurement], np.ndarray] | None = None
 
     def _weights_file(self, name: str, given: Mapping[str, str | Path]) -> WeightsFile:
         """The checkpoint's weights file, checked against the sha256 the store records (or, for a run logged without
@@ -207,6 +210,17 @@ class QueryEngine:
         """Raw projected query gradients ``[B, C, D]`` at each checkpoint with a nonzero weight (zeros elsewhere)."""
         if measurement not in MEASUREMENTS:
             raise QueryError(f"measurement must be one of {MEASUREMENTS}, got {measurement!r}")
+        if self.gradient_service is not None:
+            out = self.gradient_service(examples, weights, measurement)
+        else:
+            out = self.local_query_gradients(examples, weights, measurement)
+        if not np.isfinite(out).all():
+            bad = sorted({int(i) for i in np.argwhere(~np.isfinite(out))[:, 0]})
+            raise QueryError(f"queries {bad} have non-finite (NaN/Inf) gradients")
+        return out
+
+    def local_query_gradients(self, examples: Sequence, weights: np.ndarray, measurement: Measurement) -> np.ndarray:
+        """:meth:`query_gradients` with this engine's own checkpoint models."""
         out = np.zeros((len(examples), len(self.checkpoints), self.store.dim), dtype=np.float32)
         with self._lock:
             for j, name in enumerate(self.checkpoints):
@@ -218,9 +232,6 @@ class QueryEngine:
                         batch = examples[lo : lo + self.batch_size]
                         grads = projector.project(batch, measurement=measurement == "measurement")
                         out[lo : lo + len(batch), j] = grads.detach().cpu().numpy()
-        if not np.isfinite(out).all():
-            bad = sorted({int(i) for i in np.argwhere(~np.isfinite(out))[:, 0]})
-            raise QueryError(f"queries {bad} have non-finite (NaN/Inf) gradients")
         return out
 
     def _projector(self, name: str) -> GradientProjector:

@@ -1,14 +1,17 @@
 """Serving on Ray Serve (``gradstore serve --ray``, ``[server] engine = "ray"``): the index searched by one Ray Serve
 deployment per shard, merged and re-scored exactly in the serving process.
 
-The FastAPI app stays the front door (routes, auth, limits, OpenAPI) and computes query gradients with its engine as
-in the local mode. Only the index's backend differs: :class:`RayShards` is the loader :meth:`GradientIndex.open` takes
-in place of :class:`~gradstore.store.shards.ShardedBackend`, and loads a :class:`RayShardedBackend`, a
-``ShardedBackend`` whose shards are :class:`ShardHandle` s: each shard's ``candidates`` (its own top / bottom ``k``,
-or a FAISS kind's ``k * rerank``) and ``exact_vectors`` are asked of the shard's deployment (:class:`ShardSearch`,
-which loads only that shard's backend, from ``IndexManifest.shard_view``). The union of candidates is then re-scored
-by :meth:`GradientIndex.search_prepared`, the very code of the local mode: ids and scores are those of the local
-engine, bit for bit.
+The FastAPI app stays the front door (routes, auth, limits, OpenAPI). Query gradients are computed by one more
+deployment, ``gradstore-gradients`` (:class:`GradientWorker`: the run's Task and checkpoint models, on a GPU replica
+when the cluster has a GPU; ``[server] ray_gradients``), or, on a cluster without GPUs, by the front door's own
+engine as in the local mode (the same code either way: the gradients agree to float32 rounding, a replica's thread
+count or a GPU changing their last bits). The index's backend differs: :class:`RayShards` is the loader
+:meth:`GradientIndex.open` takes in place of :class:`~gradstore.store.shards.ShardedBackend`, and loads a
+:class:`RayShardedBackend`, a ``ShardedBackend`` whose shards are :class:`ShardHandle` s: each shard's
+``candidates`` (its own top / bottom ``k``, or a FAISS kind's ``k * rerank``) and ``exact_vectors`` are asked of the
+shard's deployment (:class:`ShardSearch`, which loads only that shard's backend, from ``IndexManifest.shard_view``).
+The union of candidates is then re-scored by :meth:`GradientIndex.search_prepared`, the very code of the local mode:
+for the same query gradients, ids and scores are those of the local engine, bit for bit.
 
 Failures: a shard call that raises or times out is retried once, then answered 503 naming the shard
 (:class:`ShardUnavailableError`), never with the other shards' rows alone. Every answer carries the digest of the
@@ -40,25 +43,33 @@ from gradstore.store.search import BACKENDS, Candidates
 from gradstore.store.shards import ShardedBackend
 
 from .config import RunConfig
+from .engine import QueryEngine
 
 __all__ = [
     "APP_PREFIX",
+    "GRADIENTS_APP",
+    "GradientHandle",
+    "GradientWorker",
     "RayShardedBackend",
     "RayShards",
     "ShardHandle",
     "ShardSearch",
     "ShardUnavailableError",
+    "deploy_gradients",
     "deploy_shards",
     "shard_app",
     "shard_digest",
+    "weights_digest",
 ]
 
 APP_PREFIX = "gradstore-shard-"
+GRADIENTS_APP = "gradstore-gradients"
 TIMEOUT_S = 30.0  # a shard call slower than this is retried once, then a 503
 
 
 class ShardUnavailableError(RemoteStoreError):
-    """An index shard's deployment did not answer (after one retry) or answered from another build: a 503 naming it."""
+    """A Ray Serve deployment of the run (an index shard, or the query-gradient replica) did not answer (after one
+    retry) or answered from another build: a 503 naming it."""
 
 
 def _shards(manifest: IndexManifest) -> list[tuple[int, int]]:
@@ -187,14 +198,16 @@ def _cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {line[-1] if line else ''}"[:300]
 
 
-class ShardHandle:
-    """A shard's search, asked of its deployment: each call retried once, then :class:`ShardUnavailableError`."""
+class _ReplicaCall:
+    """Calls of one Serve application's replicas: each retried once, then :class:`ShardUnavailableError`; every
+    answer is ``(digest, value)`` and a digest other than the expected one (a replica of another build) is refused."""
 
-    def __init__(self, handle: Any, shard: int, rows: Sequence[int], digest: str, timeout_s: float):
-        self.handle, self.shard, self.rows, self.digest, self.timeout_s = handle, shard, list(rows), digest, timeout_s
+    handle: Any
+    digest: str
+    timeout_s: float
 
     def _name(self) -> str:
-        return f"index shard {self.shard} (rows {self.rows[0]}..{self.rows[1] - 1}, Serve app {_app_name(self.shard)})"
+        raise NotImplementedError
 
     def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
         timeout = timeout_s if timeout_s is not None else self.timeout_s
@@ -207,13 +220,23 @@ class ShardHandle:
                 continue
             if digest != self.digest:
                 raise ShardUnavailableError(
-                    f"{self._name()} serves another build of the index than this server loaded (a replica restarted "
-                    "after the index changed): restart `gradstore serve --ray` to serve the new one"
+                    f"{self._name()} serves another build of the run than this server loaded (a replica restarted "
+                    "after the index or weights changed): restart `gradstore serve --ray` to serve the new one"
                 )
             return out
         raise ShardUnavailableError(
             f"{self._name()} did not answer (tried twice, {timeout:g} s each): {_cause(last)}; retry later"  # type: ignore[arg-type]
         )
+
+
+class ShardHandle(_ReplicaCall):
+    """A shard's search, asked of its deployment: each call retried once, then :class:`ShardUnavailableError`."""
+
+    def __init__(self, handle: Any, shard: int, rows: Sequence[int], digest: str, timeout_s: float):
+        self.handle, self.shard, self.rows, self.digest, self.timeout_s = handle, shard, list(rows), digest, timeout_s
+
+    def _name(self) -> str:
+        return f"index shard {self.shard} (rows {self.rows[0]}..{self.rows[1] - 1}, Serve app {_app_name(self.shard)})"
 
     def candidates(self, queries: Any, k: int) -> Candidates:
         return self.call("candidates", queries, k)
@@ -241,6 +264,114 @@ class RayShardedBackend(ShardedBackend):
 
     def close(self) -> None:
         """The deployments outlive this process's index (a reload reuses them)."""
+
+
+def weights_digest(engine: QueryEngine) -> str:
+    """What identifies the query gradients an engine computes: its checkpoints and their weights files' sha256."""
+    text = json.dumps({name: file.sha256 for name, file in engine.weights_files.items()}, sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+class _NoVectors:
+    """A backend loader that loads no index vectors: a gradient replica needs the run's checkpoints, not its rows."""
+
+    verified_on_load = staticmethod(lambda manifest: RayShards.verified_on_load(manifest))
+
+    @staticmethod
+    def load(directory: Any, options: Any, device: Any, manifest: IndexManifest, label: Any = None) -> Any:
+        return _NoSearch()
+
+
+class _NoSearch:
+    def candidates(self, queries: Any, k: int) -> Candidates:
+        raise RuntimeError("the query-gradient replica does not search the index")
+
+    def exact_vectors(self, rows: np.ndarray) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class GradientWorker:
+    """Query gradients in a Ray Serve replica (on a GPU where it was given one): the run's Task and checkpoint
+    models, opened as the front door opens them (weights checked against the store), and no index vectors."""
+
+    def __init__(self, config: str, device: str | None = None, build: str | None = None):
+        from .run import Run
+
+        # build: the digest the deploying server expects; an argument so that new weights redeploy
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.engine = Run(RunConfig.load(config)).open_engine(device=device, loader=_NoVectors)
+        self.digest = weights_digest(self.engine)
+
+    def describe(self) -> dict[str, Any]:
+        """The build digest, the device gradients are computed on, and the replica's Ray ``node`` id and ``pid``."""
+        import ray
+
+        where = {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        return {"digest": self.digest, "device": str(self.engine.device), **where}
+
+    def query_gradients(self, examples: Sequence, weights: np.ndarray, measurement: str) -> tuple[str, np.ndarray]:
+        return self.digest, self.engine.local_query_gradients(examples, weights, measurement)  # type: ignore[arg-type]
+
+
+def gradient_app(args: dict[str, Any]) -> Any:
+    """The Serve application of the query-gradient replica (args ``config``, optional ``num_cpus``, ``num_gpus``,
+    ``build``)."""
+    from ray import serve
+
+    gpus = float(args.get("num_gpus", 0.0))
+    deployment = serve.deployment(GradientWorker).options(  # type: ignore[attr-defined]
+        name="gradients",
+        ray_actor_options={"num_cpus": float(args.get("num_cpus", 1.0)), "num_gpus": gpus},
+    )
+    return deployment.bind(str(args["config"]), "cuda" if gpus > 0 else "cpu", args.get("build"))
+
+
+def deploy_gradients(config: RunConfig, digest: str) -> Any | None:
+    """The handle of the query-gradient replica the run's ``[server] ray_gradients`` asks for (attached when one
+    serving ``digest`` runs, else deployed: on ``ray_gradient_gpus`` GPUs where the cluster has GPUs), or None:
+    gradients are computed in this process (``here``, or ``auto`` on a cluster without a GPU). Call after
+    :func:`deploy_shards` (which connects to Ray)."""
+    import ray
+    from ray import serve
+
+    settings = config.server
+    has_gpu = ray.cluster_resources().get("GPU", 0) >= max(settings.ray_gradient_gpus, 1e-9)
+    if settings.ray_gradients == "here" or (settings.ray_gradients == "auto" and not has_gpu):
+        if GRADIENTS_APP in serve.status().applications:
+            serve.delete(GRADIENTS_APP)
+        return None
+    if GRADIENTS_APP in serve.status().applications and _serves(serve.get_app_handle(GRADIENTS_APP), digest):
+        return serve.get_app_handle(GRADIENTS_APP)
+    args = {"config": str(config.path), "build": digest, "num_cpus": settings.ray_gradient_cpus}
+    args["num_gpus"] = settings.ray_gradient_gpus if has_gpu else 0.0
+    return serve.run(gradient_app(args), name=GRADIENTS_APP, route_prefix=None)
+
+
+class GradientHandle(_ReplicaCall):
+    """The front door's :attr:`QueryEngine.gradient_service`: query gradients asked of the gradient replica."""
+
+    def __init__(self, handle: Any, digest: str, timeout_s: float = TIMEOUT_S):
+        self.handle, self.digest, self.timeout_s = handle, digest, timeout_s
+
+    def _name(self) -> str:
+        return f"the query-gradient replica (Serve app {GRADIENTS_APP})"
+
+    def __call__(self, examples: Sequence, weights: np.ndarray, measurement: str) -> np.ndarray:
+        return self.call("query_gradients", list(examples), np.asarray(weights), measurement)
+
+    def status(self, timeout_s: float) -> dict[str, Any]:
+        try:
+            described = self.handle.describe.remote().result(timeout_s=timeout_s)
+        except Exception as exc:
+            reason = f"{self._name()} did not answer: {_cause(exc)}"
+            return {"app": GRADIENTS_APP, "status": "unavailable", "reason": reason}
+        if described["digest"] != self.digest:
+            reason = f"{self._name()} serves other checkpoint weights"
+            return {"app": GRADIENTS_APP, "status": "unavailable", "reason": reason}
+        return {"app": GRADIENTS_APP, "status": "ready", "device": described["device"]}
 
 
 class RayShards:

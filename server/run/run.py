@@ -137,13 +137,19 @@ class Run:
     def open_serving_engine(self) -> QueryEngine:
         """The engine as ``gradstore serve`` runs it (also when the server reloads the run): with
         ``[server] engine = "ray"`` the index is searched by one Ray Serve deployment per shard (deployed, or reused
-        when already serving this build: :class:`~gradstore.server.run.ray_backend.RayShards`), else in process."""
-        loader = None
-        if self.config.server.engine == "ray":
-            from .ray_backend import RayShards
+        when already serving this build: :class:`~gradstore.server.run.ray_backend.RayShards`) and query gradients
+        are computed by a replica where ``[server] ray_gradients`` asks for one (a GPU one when the cluster has a
+        GPU); else all in process."""
+        if self.config.server.engine != "ray":
+            return self.open_engine()
+        from .ray_backend import GradientHandle, RayShards, deploy_gradients, weights_digest
 
-            loader = RayShards.deploy(self.config)
-        return self.open_engine(loader=loader)
+        engine = self.open_engine(loader=RayShards.deploy(self.config))
+        digest = weights_digest(engine)
+        handle = deploy_gradients(self.config, digest)
+        if handle is not None:
+            engine.gradient_service = GradientHandle(handle, digest)
+        return engine
 
     def describe(self) -> RunInfo:
         """The run's :class:`RunInfo`, as ``GET /v1/run`` serves it, also when the store is missing or the index is
