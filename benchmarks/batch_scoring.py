@@ -34,9 +34,8 @@ from tests.helpers.search import synthetic_spec, write_store
 def arithmetic_seconds(rows: int, width: int, block: int, passes: int, workers: int) -> float:
     """Seconds ``workers`` threads take for ``passes`` float32 products of ``rows x width`` rows (in memory, 4096 at a
     time) with ``width x block`` queries: the flops the scorer does, at the BLAS's rate."""
-    torch.set_num_threads(1)
-    chunk = np.random.default_rng(1).standard_normal((4096, width)).astype(np.float32)
-    queries = np.ones((width, block), dtype=np.float32)
+    chunk = torch.from_numpy(np.random.default_rng(1).standard_normal((4096, width)).astype(np.float32))
+    queries = torch.ones((width, block))
     steps = max(1, rows * passes // 4096)
     with ThreadPoolExecutor(workers) as pool:
         start = time.perf_counter()
@@ -45,6 +44,7 @@ def arithmetic_seconds(rows: int, width: int, block: int, passes: int, workers: 
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # one torch thread per worker, as a served process runs (Run.serving_threads)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--dim", type=int, default=1024, help="a square number (one synthetic layer)")

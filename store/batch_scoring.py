@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from .errors import IndexOptionsError
 from .index import GradientIndex
 from .scoring import PreparedQueries, Scoring
-from .search import FlatBackend, _cpu_scores, _error_bound, _unit_roundoff, _Within
+from .search import FlatBackend, _cpu_scores, _error_bound, _unit_roundoff, _Within, usable_cpus
 
 __all__ = ["BatchPlan", "BatchScoringSummary", "BlockScan", "read_batch", "row_ranges", "scan_rows", "score_batch"]
 
@@ -152,11 +152,13 @@ def scan_rows(index: GradientIndex, q: np.ndarray, first: int, stop: int, chunk_
     cpu = torch.device("cpu")
     top, bottom = _Within(True, keep, bq, cpu), _Within(False, keep, bq, cpu)
     abs_sums = []
+    flat = index.backend if isinstance(index.backend, FlatBackend) else None
     for lo, hi in _chunks(index, first, stop, chunk_rows):
         scores = np.zeros((hi - lo, bq), dtype=np.float32)
-        norms = np.zeros((hi - lo, len(active)))
+        measured = flat.norm_bounds(lo, hi, active) if flat is not None else None  # else measure them here
+        norms = measured if measured is not None else np.zeros((hi - lo, len(active)))
         for i, (c, rows) in enumerate(zip(active, _chunk_rows(index, lo, hi, active), strict=True)):
-            _cpu_scores(rows, per_checkpoint[c], out=scores, norms=norms[:, i])
+            _cpu_scores(rows, per_checkpoint[c], out=scores, norms=None if measured is not None else norms[:, i])
         err = _error_bound(torch.from_numpy(norms), query_norms, d, _unit_roundoff(cpu))
         top.add(torch.from_numpy(scores), err, lo)
         bottom.add(torch.from_numpy(scores), err, lo)
@@ -361,13 +363,16 @@ def score_batch(
     weights (:class:`PreparedQueries`). ``query_ids``: what each output record names its query by (default
     ``0..M-1``). ``chunk_rows``: rows scored per step (default: about 32 MiB of float32 vectors). ``margin``:
     extra candidates re-scored per query beyond those that may be among its best ``k`` (default 0: the candidates
-    are already rigorous). ``workers``: scans at once on a thread pool (default: the CPU count), each a block of
+    are already rigorous). ``workers``: scans at once on a thread pool (default: the usable CPUs divided by torch's
+    intra-op threads, which each scan's ops use), each a block of
     queries past all rows or, with fewer blocks than workers, past one range of rows. ``output_format``:
     ``parquet`` (needs pyarrow), ``jsonl``, or ``auto`` (Parquet when pyarrow is installed). A rerun with the same
     arguments skips the blocks already written; other queries, ``k``, blocks or another index are refused."""
     plan = BatchPlan.make(index, queries, output, k, query_ids, block_queries, chunk_rows, margin, output_format)
     started = time.perf_counter()
-    workers = workers or os.cpu_count() or 1
+    if isinstance(index.backend, FlatBackend) and len(plan.todo) > 1:  # every pass then reuses the rows' norms
+        index.backend.measure_norms(plan.queries.active.tolist())
+    workers = workers or max(1, usable_cpus() // max(torch.get_num_threads(), 1))  # each runs torch's threads
     # fewer blocks than workers: each block's rows are split into ranges too (the same files, whatever the split)
     parts = max(1, workers // max(len(plan.todo), 1))
     ranges = row_ranges(index, plan.chunk_rows, parts) if parts > 1 else [(0, plan.rows)]

@@ -234,13 +234,19 @@ def _cpu_scores(
 
 
 def scan_threads(requested: int) -> int:
-    """Threads of a streamed CPU scan: ``requested``, or (0) the CPUs this process may use, 1 to 4 (reading mapped
-    pages, a second thread took a 2-core box's scan from 1.96x to 1.44x the one-thread read bound,
-    benchmarks/flat_scan.py; past 4 the memory bandwidth, not the threads, bounds it)."""
+    """Threads of a streamed CPU scan: ``requested``, or (0) the CPUs this process may use divided by torch's
+    intra-op threads (each scan thread's ops use that many), 1 to 4. A served process runs torch on one thread
+    (:meth:`Run.serving_threads`), so it scans on every CPU: reading mapped pages, a second scan thread took a 2-core
+    box's scan from 1.74x to 1.20x the one-thread read bound (benchmarks/flat_scan.py), while two scan threads each
+    running two-thread ops measured slower than one; past 4 the memory bandwidth bounds it."""
     if requested > 0:
         return requested
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(usable, 4))
+    return max(1, min(usable_cpus() // max(torch.get_num_threads(), 1), 4))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _runs(lo: int, hi: int, piece_rows: int, threads: int) -> list[tuple[int, int]]:
@@ -593,6 +599,39 @@ class FlatBackend:
         if (r, c) not in self._held_norms:
             self._held_norms[r, c] = torch.linalg.vector_norm(self.resident[r][c], dim=1)
         return self._held_norms[r, c]
+
+    def measure_norms(self, active: list[int]) -> None:
+        """Measure, once, what a first scan measures: the largest norm of every NORM_ROWS rows of checkpoint slots
+        ``active`` (widened as a scan widens them), so later scans bound their rounding error without widening rows
+        twice (batch scoring's passes)."""
+        todo = [c for c in active if c not in self._norms]
+        if not todo or self.resident is not None:
+            return
+        self.map_parts(todo)
+        for c in todo:
+            bounds = []
+            for r, files in enumerate(self.files):
+                part, rows = files[c], self._mapped.get((r, c))
+                norms = np.zeros(part.rows)
+                step = max(1, _CONVERT_BYTES // (4 * self.dim))
+                buffer = _wide_buffer(step, self.dim)
+                for lo in range(0, part.rows, step):
+                    hi = min(lo + step, part.rows)
+                    stored = rows[lo:hi] if rows is not None else torch.from_numpy(part.read(lo, hi))
+                    wide = buffer[: hi - lo]
+                    wide.copy_(stored)
+                    norms[lo:hi] = torch.linalg.vector_norm(wide, dim=1).numpy()
+                starts = np.arange(0, part.rows, self.NORM_ROWS)
+                bounds.append(np.maximum.reduceat(norms, starts) if part.rows else np.zeros(0))  # NaN stays NaN
+            self._norms[c] = bounds
+
+    def norm_bounds(self, lo: int, hi: int, active: list[int]) -> np.ndarray | None:
+        """``[hi - lo, len(active)]`` bounds on the norms of index rows ``lo .. hi`` (inside one row part) from the
+        measured ones (:meth:`measure_norms`, or a first scan's); None where they were not measured."""
+        if self.resident is not None or any(c not in self._norms for c in active):
+            return None
+        r = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        return self._chunk_norms(r, active, lo - self.starts[r], hi - self.starts[r])
 
     def _chunk_norms(self, r: int, active: list[int], lo: int, hi: int) -> np.ndarray:
         """``[hi - lo, len(active)]``: each row's bound on its norm (the largest of its NORM_ROWS rows)."""

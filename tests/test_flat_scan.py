@@ -203,3 +203,30 @@ def test_a_row_that_scores_nan_is_a_candidate_at_both_ends(tmp_path):
     found = backend.candidates(prepared, 3)
     assert all(77 in found.proponent_rows[b] and 77 in found.opponent_rows[b] for b in range(2))
     backend.close()
+
+
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read"])
+def test_norms_measured_ahead_bound_the_scan_as_a_first_scan_does(tmp_path, monkeypatch, mapped):
+    """:meth:`FlatBackend.measure_norms` (what batch scoring runs before its passes) records the bounds a first scan
+    records, so a scan after it proposes the same candidates, and :meth:`norm_bounds` reads them per row."""
+    if not mapped:
+        monkeypatch.setattr(PartFile, "mapped", lambda self: None)
+    rng = np.random.default_rng(9)
+    parts = [rng.standard_normal((n, C, D)).astype("float16") for n in (300, 133)]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    scanned, ahead = _backend(tmp_path / "a", parts, "float16"), _backend(tmp_path / "b", parts, "float16")
+    weights = np.array([0.5, 0.0, -2.0])
+    prepared = PreparedQueries(rng.standard_normal((2, C, D)).astype(np.float32), weights, np.flatnonzero(weights))
+    assert ahead.norm_bounds(0, 10, [0, 2]) is None  # nothing measured yet
+    ahead.measure_norms([0, 2])
+    first = scanned.candidates(prepared, 4)  # measures as it scans
+    assert all(np.array_equal(a, b) for a, b in zip(scanned._norms[0], ahead._norms[0], strict=True))
+    again = ahead.candidates(prepared, 4)
+    for field in ("proponent_rows", "opponent_rows", "mean_abs_score", "max_abs_score"):
+        assert np.array_equal(getattr(first, field), getattr(again, field)), field
+    rows = np.concatenate(parts)[:, [0, 2]].astype(np.float32)
+    bounds = ahead.norm_bounds(300, 433, [0, 2])
+    assert bounds.shape == (133, 2) and (bounds >= np.linalg.norm(rows[300:], axis=2) * (1 - 1e-6)).all()
+    scanned.close()
+    ahead.close()
