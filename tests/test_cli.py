@@ -524,7 +524,8 @@ def test_server_settings_from_the_environment(tmp_path, monkeypatch, capsys):
         "error: server.cors: unknown key; this table takes host, port, api_key, cors_origins, max_top_k, max_queries, "
         "max_body_bytes, max_header_bytes, header_timeout_s, body_timeout_s, keep_alive_s, max_connections, "
         "max_connections_per_client, drain_s, "
-        "watch_s, batch_window_ms, batch_merge, engine, ray_shard_cpus, ray_shard_gpus\n"
+        "watch_s, batch_window_ms, batch_merge, engine, ray_shard_cpus, ray_shard_gpus, ray_gradients, "
+        "ray_gradient_gpus, ray_gradient_cpus\n"
     )
 
 
