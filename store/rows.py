@@ -8,8 +8,10 @@ bytes, so those rows are fetched as byte ranges through the Zarr store (a row is
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -17,6 +19,7 @@ from zarr.abc.store import RangeByteRequest
 from zarr.codecs import BytesCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
 from .errors import DuplicateIdError, UnknownExampleError
 from .gradient_store import GradientStore
@@ -39,11 +42,41 @@ def _raw_row_dtype(array: zarr.Array) -> np.dtype | None:
     return np.dtype(array.dtype).newbyteorder("<" if endian == "little" else ">")
 
 
+def _read_local(root: Path, keys: list[str], offsets: list[int], row_bytes: int) -> bytes | None:
+    """The rows at ``offsets`` of the chunk files ``keys`` under ``root``, one ``os.preadv`` each (a local store:
+    about 10 us a row where Zarr's partial reads take about 0.5 ms); None if a file is missing or short."""
+    out = bytearray(len(keys) * row_bytes)
+    view = memoryview(out)
+    fds: dict[str, int] = {}
+    try:
+        for i, (key, offset) in enumerate(zip(keys, offsets, strict=True)):
+            if key not in fds:
+                fds[key] = os.open(root / key, os.O_RDONLY)
+            if os.preadv(fds[key], [view[i * row_bytes : (i + 1) * row_bytes]], offset) != row_bytes:
+                return None
+    except FileNotFoundError:
+        return None
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return bytes(out)
+
+
 def _read_ranged(array: zarr.Array, dtype: np.dtype, rows: np.ndarray) -> np.ndarray | None:
     """Rows of a row-chunked 2-D array as byte-range reads; None if a chunk is missing (never written)."""
     chunk_rows, dim = array.chunks[0], array.shape[1]
     row_bytes = dim * dtype.itemsize
     prefix = array.store_path.path
+    store = array.store_path.store
+    if isinstance(store, LocalStore):
+        keys, offsets = [], []
+        for row in rows.tolist():
+            chunk, offset = divmod(row, chunk_rows)
+            key = array.metadata.encode_chunk_key((chunk, 0))
+            keys.append(f"{prefix}/{key}" if prefix else key)
+            offsets.append(offset * row_bytes)
+        data = _read_local(Path(store.root), keys, offsets, row_bytes)
+        return None if data is None else np.frombuffer(data, dtype=dtype).reshape(len(rows), dim)
     requests = []
     for row in rows.tolist():
         chunk, offset = divmod(row, chunk_rows)
