@@ -42,10 +42,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .blas import blas_threads_for
 from .errors import IndexOptionsError
 from .index import GradientIndex
 from .scoring import PreparedQueries, Scoring
-from .search import FlatBackend, _cpu_scores, _error_bound, _unit_roundoff, _Within, usable_cpus
+from .search import FlatBackend, _cpu_scores, _Extremes, usable_cpus
 
 __all__ = ["BatchPlan", "BatchScoringSummary", "BlockScan", "read_batch", "row_ranges", "scan_rows", "score_batch"]
 
@@ -149,8 +150,7 @@ def scan_rows(index: GradientIndex, q: np.ndarray, first: int, stop: int, chunk_
     query_norms = torch.from_numpy(norms_of_queries.reshape(len(active), bq))
     if isinstance(index.backend, FlatBackend):
         index.backend.map_parts(active)  # whole files, mapped once
-    cpu = torch.device("cpu")
-    top, bottom = _Within(True, keep, bq, cpu), _Within(False, keep, bq, cpu)
+    extremes = _Extremes(keep, query_norms, d, torch.device("cpu"))
     abs_sums = []
     flat = index.backend if isinstance(index.backend, FlatBackend) else None
     for lo, hi in _chunks(index, first, stop, chunk_rows):
@@ -159,12 +159,10 @@ def scan_rows(index: GradientIndex, q: np.ndarray, first: int, stop: int, chunk_
         norms = measured if measured is not None else np.zeros((hi - lo, len(active)))
         for i, (c, rows) in enumerate(zip(active, _chunk_rows(index, lo, hi, active), strict=True)):
             _cpu_scores(rows, per_checkpoint[c], out=scores, norms=None if measured is not None else norms[:, i])
-        err = _error_bound(torch.from_numpy(norms), query_norms, d, _unit_roundoff(cpu))
-        top.add(torch.from_numpy(scores), err, lo)
-        bottom.add(torch.from_numpy(scores), err, lo)
+        extremes.add(torch.from_numpy(scores), torch.from_numpy(norms), lo)
         abs_sums.append(np.abs(scores).sum(0, dtype=np.float64))
     sums = np.array(abs_sums) if abs_sums else np.zeros((0, bq))
-    return BlockScan(first, top.candidates(), bottom.candidates(), sums)
+    return BlockScan(first, *extremes.candidates(), sums)
 
 
 def _digest(index: GradientIndex, queries: PreparedQueries, k: int, block_queries: int, ids: np.ndarray) -> str:
@@ -373,6 +371,7 @@ def score_batch(
     if isinstance(index.backend, FlatBackend) and len(plan.todo) > 1:  # every pass then reuses the rows' norms
         index.backend.measure_norms(plan.queries.active.tolist())
     workers = workers or max(1, usable_cpus() // max(torch.get_num_threads(), 1))  # each runs torch's threads
+    blas_threads_for(workers)
     # fewer blocks than workers: each block's rows are split into ranges too (the same files, whatever the split)
     parts = max(1, workers // max(len(plan.todo), 1))
     ranges = row_ranges(index, plan.chunk_rows, parts) if parts > 1 else [(0, plan.rows)]

@@ -38,6 +38,7 @@ import faiss
 import numpy as np
 import torch
 
+from .blas import blas_threads_for
 from .errors import IndexMismatchError, IndexOptionsError
 from .index_options import IndexKind, IndexOptions
 from .manifest import IndexManifest
@@ -123,8 +124,24 @@ class _Within:
             return torch.full(self.floor.shape[1:], -torch.inf, dtype=torch.float64, device=self.floor.device)
         return self.floor[self.k - 1]
 
-    def add(self, scores: torch.Tensor, err: torch.Tensor, start: int) -> None:
-        """Rows ``start .. start + n`` of ``[n, B]`` float32 scores, ``[n, B]`` float64 error bounds."""
+    def screen(self, scores: torch.Tensor, err_max: torch.Tensor) -> torch.Tensor | None:
+        """``[n]``: whether each row of ``[n, B]`` float32 scores may matter to any query, given ``[B]`` float64
+        bounds on every row's error (None: all may, fewer than ``k`` rows seen so far). A row matters when its upper
+        bound may reach the level (``score >= level - err_max``: this also covers every row whose lower bound could
+        raise the level); the comparison runs in float32 against the threshold rounded down, so it errs towards
+        keeping. NaN scores and bounds are always kept."""
+        if len(self.floor) < self.k:
+            return None
+        threshold = self.level() - err_max
+        threshold = torch.where(threshold.isnan(), -torch.inf, threshold)
+        low = threshold.float()
+        low = torch.where(low.double() > threshold, torch.nextafter(low, torch.full_like(low, -torch.inf)), low)
+        passed = scores >= low if self.sign > 0 else scores <= -low
+        return (passed | scores.isnan()).any(1)
+
+    def add(self, scores: torch.Tensor, err: torch.Tensor, rows: int | torch.Tensor) -> None:
+        """``[n, B]`` float32 scores and ``[n, B]`` float64 error bounds of rows ``rows .. rows + n`` (or of the
+        ``[n]`` rows ``rows``)."""
         signed = scores.double() if self.sign > 0 else -scores.double()
         lower, upper = signed - err, signed + err
         if scores.isnan().any() or err.isnan().any():
@@ -134,11 +151,11 @@ class _Within:
         best = lower.topk(min(self.k, len(lower)), dim=0).values
         merged = torch.cat([self.floor, best])
         self.floor = merged.topk(min(self.k, len(merged)), dim=0).values
-        rows, query = (upper >= self.level()[None, :]).nonzero(as_tuple=True)
-        self.rows.append(rows + start)
+        kept, query = (upper >= self.level()[None, :]).nonzero(as_tuple=True)
+        self.rows.append(kept + rows if isinstance(rows, int) else rows[kept])
         self.query.append(query)
-        self.upper.append(upper[rows, query])
-        self.held += len(rows)
+        self.upper.append(upper[kept, query])
+        self.held += len(kept)
         if self.held > 4 * self.CAP * max(1, len(self.floor[0])):  # many near the level so far: drop those below
             self._prune()
 
@@ -164,6 +181,43 @@ class _Within:
             picked = rows[first[j] : first[j] + min(counts[j], self.CAP)]
             out[j, : len(picked)] = picked
         return out
+
+
+class _Extremes:
+    """Both ends of every query (:class:`_Within` largest and smallest) over blocks of float32 scores, with the
+    rigorous error bounds (:func:`_error_bound`) worked out only for the rows that may matter: a block's rows are
+    first screened against each end's level with one bound for the whole block (from its largest row norms), so
+    past the first ``k`` rows a block costs a comparison per score."""
+
+    def __init__(self, k: int, query_norms: torch.Tensor, dim: int, device: torch.device):
+        queries = query_norms.shape[1]
+        self.top, self.bottom = _Within(True, k, queries, device), _Within(False, k, queries, device)
+        self.query_norms, self.dim, self.unit = query_norms.double(), dim, _unit_roundoff(device)
+
+    def add(self, scores: torch.Tensor, norms: torch.Tensor, start: int) -> None:
+        """Rows ``start .. start + n``: ``[n, B]`` float32 scores, ``[n, C']`` norms of the scored checkpoints
+        (or bounds on them)."""
+        norms = norms.to(scores.device)
+        if len(norms) and norms.shape[1]:
+            largest = norms.max(0).values[None, :]  # NaN stays NaN: then every row is kept
+            err_max = _error_bound(largest, self.query_norms, self.dim, self.unit)[0]
+        else:
+            err_max = torch.zeros(scores.shape[1], dtype=torch.float64, device=scores.device)
+        screens = [end.screen(scores, err_max) for end in (self.top, self.bottom)]
+        if screens[0] is None or screens[1] is None:
+            rows: int | torch.Tensor = start
+        else:
+            picked = (screens[0] | screens[1]).nonzero().squeeze(1)
+            if not len(picked):
+                return
+            scores, norms, rows = scores[picked], norms[picked], picked + start
+        err = _error_bound(norms, self.query_norms, self.dim, self.unit)
+        self.top.add(scores, err, rows)
+        self.bottom.add(scores, err, rows)
+
+    def candidates(self) -> tuple[np.ndarray, np.ndarray]:
+        """``([B, m], [B, m'])``: each query's candidate rows at the top and at the bottom (``-1`` pads)."""
+        return self.top.candidates(), self.bottom.candidates()
 
 
 def _unit_roundoff(device: torch.device) -> float:
@@ -197,6 +251,13 @@ def _wide_buffer(rows: int, dim: int) -> torch.Tensor:
     return buffer
 
 
+def _product_buffer(rows: int, queries: int) -> np.ndarray:
+    product = getattr(_WIDE, "product", None)
+    if product is None or product.shape[1] != queries or product.shape[0] < rows:
+        product = _WIDE.product = np.empty((rows, queries), dtype=np.float32)
+    return product
+
+
 def _cpu_scores(
     block: np.ndarray | torch.Tensor,
     queries: np.ndarray,
@@ -206,11 +267,12 @@ def _cpu_scores(
     """``[n, B]`` float32 scores of a block of stored rows against ``[D, B]`` queries, added to ``out`` when given;
     with ``norms`` (``[n]``), the rows' 2-norms (float32 sums, no copy of the block: :func:`_error_bound`) too.
 
-    Float32 rows go straight to the BLAS. Float16 rows are never widened as a block: each cache-sized piece is
-    widened by torch (F16C) into one reused float32 buffer (per thread, never reallocated) and added into the scores
-    (``addmm``) while it is in cache, so no float32 block is written to memory and read back (benchmarks/flat_scan.py
-    compares the scan with the read bound). ``block`` may be a view of a part file's mapped pages: read, never
-    written."""
+    Products run in numpy's BLAS (:mod:`.blas`: much faster than torch's CPU matmul for a few query columns; a
+    scan sets its threads first). Float32 rows go straight to it. Float16 rows are never widened as a block: each
+    cache-sized piece is widened by torch (F16C) into one reused float32 buffer (per thread, never reallocated) and
+    scored while it is in cache, so no float32 block is written to memory and read back (benchmarks/flat_scan.py
+    compares the scan with the read bound). ``block`` may be a view of a part file's
+    mapped pages: read, never written."""
     if out is None:
         out = np.zeros((len(block), queries.shape[1]), dtype=np.float32)
     rows = block if isinstance(block, torch.Tensor) else torch.from_numpy(block)
@@ -219,15 +281,15 @@ def _cpu_scores(
         if norms is not None:
             norms[:] = torch.linalg.vector_norm(rows, dim=1).numpy()
         return out
-    q, total = torch.from_numpy(queries), torch.from_numpy(out)
     count, dim = rows.shape
     piece_rows = max(1, min(_CONVERT_BYTES // (4 * dim), count))
     buffer = _wide_buffer(piece_rows, dim)
+    product = _product_buffer(piece_rows, queries.shape[1])
     for lo in range(0, count, piece_rows):
         n = min(piece_rows, count - lo)
         wide = buffer[:n]
         wide.copy_(rows[lo : lo + n])
-        total[lo : lo + n].addmm_(wide, q)
+        out[lo : lo + n] += np.matmul(wide.numpy(), queries, out=product[:n])
         if norms is not None:
             norms[lo : lo + n] = torch.linalg.vector_norm(wide, dim=1).numpy()
     return out
@@ -479,20 +541,17 @@ class FlatBackend:
         on_cpu = self.device.type == "cpu"
         q_host = {c: prepared.checkpoint(c) for c in active}  # [D, B]
         q_dev = None if on_cpu else {c: torch.from_numpy(q).to(self.device) for c, q in q_host.items()}
-        top, bottom = (_Within(largest, k, b, self.device) for largest in (True, False))
         abs_sum = torch.zeros(b, dtype=torch.float64, device=self.device)
         abs_max = torch.zeros(b, dtype=torch.float32, device=self.device)
-        unit = _unit_roundoff(self.device)
         query_norms = torch.from_numpy(
             np.array([np.linalg.norm(q_host[c].astype(np.float64), axis=0) for c in active]).reshape(len(active), b)
         ).to(self.device)
+        extremes = _Extremes(k, query_norms, d, self.device)
 
         def add(scores: torch.Tensor, first: int, norms: torch.Tensor) -> None:
             """A block's ``[n, B]`` float32 scores, its rows' ``[n, len(active)]`` norms (or bounds on them)."""
             nonlocal abs_max
-            err = _error_bound(norms.to(self.device), query_norms, d, unit)
-            top.add(scores, err, first)
-            bottom.add(scores, err, first)
+            extremes.add(scores, norms, first)
             abs_scores = scores.abs()
             abs_sum.add_(abs_scores.sum(0, dtype=torch.float64))
             abs_max = torch.maximum(abs_max, abs_scores.max(0).values)
@@ -526,6 +585,7 @@ class FlatBackend:
                 else []
             )
             threads = scan_threads(self.SCAN_THREADS)
+            blas_threads_for(threads)
             for r, start, lo, hi in self.blocks():
                 runs = _runs(lo, hi, piece_rows, threads)
                 score = functools.partial(self._score_pieces, r, lo, piece_rows, active, q_host, total, measured)
@@ -557,9 +617,10 @@ class FlatBackend:
             for _, start, lo, hi in self.blocks():
                 zeros = torch.zeros((hi - lo, b), dtype=torch.float32, device=self.device)
                 add(zeros, start + lo, torch.zeros((hi - lo, 0), dtype=torch.float64))
+        proponent_rows, opponent_rows = extremes.candidates()
         return Candidates(
-            proponent_rows=top.candidates(),
-            opponent_rows=bottom.candidates(),
+            proponent_rows=proponent_rows,
+            opponent_rows=opponent_rows,
             mean_abs_score=(abs_sum / max(self.num_rows, 1)).cpu().numpy(),
             max_abs_score=abs_max.double().cpu().numpy(),
         )

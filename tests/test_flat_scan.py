@@ -230,3 +230,47 @@ def test_norms_measured_ahead_bound_the_scan_as_a_first_scan_does(tmp_path, monk
     assert bounds.shape == (133, 2) and (bounds >= np.linalg.norm(rows[300:], axis=2) * (1 - 1e-6)).all()
     scanned.close()
     ahead.close()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_screened_blocks_propose_what_every_row_proposes(seed):
+    """:class:`_Extremes` works out error bounds only for the rows its float32 screen keeps; its candidates are
+    exactly those of feeding every row to both ends (ties, near-ties, a NaN row, +-inf and negative scores)."""
+    rng = np.random.default_rng(seed)
+    n, b, k = 700, 3, 5
+    scores = rng.standard_normal((n, b)).astype(np.float32)
+    scores[rng.integers(0, n, 40)] = scores[10]  # rows tied with one another
+    scores[123, 1] = np.nan
+    scores[321, 2] = np.inf
+    scores[322, 0] = -np.inf
+    scores[400] = np.nextafter(scores[10], np.float32(np.inf))  # a near-tie
+    norms = np.abs(rng.standard_normal((n, 2))) * 1e3  # wide error bounds: many rows within the margin
+    norms[555, 0] = np.nan
+    query_norms = torch.from_numpy(np.abs(rng.standard_normal((2, b))))
+    screened = search._Extremes(k, query_norms, D, torch.device("cpu"))
+    every = [_Within(largest, k, b, torch.device("cpu")) for largest in (True, False)]
+    for lo in range(0, n, 64):
+        hi = min(lo + 64, n)
+        block, bounds = torch.from_numpy(scores[lo:hi]), torch.from_numpy(norms[lo:hi])
+        screened.add(block, bounds, lo)
+        err = search._error_bound(bounds, query_norms, D, 2.0**-24)
+        for end in every:
+            end.add(block, err, lo)
+    for found, reference in zip(screened.candidates(), (end.candidates() for end in every), strict=True):
+        for j in range(b):
+            assert set(found[j][found[j] >= 0]) == set(reference[j][reference[j] >= 0])
+    assert 123 in screened.candidates()[0][1] and 555 in screened.candidates()[1][0]
+
+
+def test_the_screen_drops_rows_that_cannot_reach_the_kth():
+    """Past the first ``k`` rows, a block of rows far below the level gets no error bounds worked out at all."""
+    extremes = search._Extremes(2, torch.ones((1, 1), dtype=torch.float64), D, torch.device("cpu"))
+    extremes.add(torch.tensor([[10.0], [-10.0], [9.0], [-9.0]]), torch.ones((4, 1)), 0)
+    calls = []
+    real = search._error_bound
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(search, "_error_bound", lambda *a: calls.append(a[0].shape) or real(*a))
+        extremes.add(torch.zeros((1000, 1)), torch.ones((1000, 1)), 4)
+    assert calls == [torch.Size([1, 1])]  # the block's one screening bound, no per-row bounds
+    top, bottom = extremes.candidates()
+    assert set(top[0]) == {0, 2} and set(bottom[0]) == {1, 3}
