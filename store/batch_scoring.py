@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .blas import blas_threads_for
+from .blas import scanning
 from .errors import IndexOptionsError
 from .index import GradientIndex
 from .scoring import PreparedQueries, Scoring
@@ -142,6 +142,11 @@ class BlockScan:
 def scan_rows(index: GradientIndex, q: np.ndarray, first: int, stop: int, chunk_rows: int, keep: int) -> BlockScan:
     """Stream rows ``first .. stop`` of ``index`` (chunks on the grid of ``chunk_rows``) past ``q`` (``[C*D, Bq]``
     prepared queries); checkpoint slots whose queries are all zero (weight 0) are not read."""
+    with scanning():
+        return _scan_rows(index, q, first, stop, chunk_rows, keep)
+
+
+def _scan_rows(index: GradientIndex, q: np.ndarray, first: int, stop: int, chunk_rows: int, keep: int) -> BlockScan:
     d, bq = index.dim, q.shape[1]
     q32 = np.asarray(q, dtype=np.float32)
     active = [c for c in range(q32.shape[0] // d) if q32[c * d : (c + 1) * d].any()]
@@ -371,13 +376,13 @@ def score_batch(
     if isinstance(index.backend, FlatBackend) and len(plan.todo) > 1:  # every pass then reuses the rows' norms
         index.backend.measure_norms(plan.queries.active.tolist())
     workers = workers or max(1, usable_cpus() // max(torch.get_num_threads(), 1))  # each runs torch's threads
-    blas_threads_for(workers)
     # fewer blocks than workers: each block's rows are split into ranges too (the same files, whatever the split)
     parts = max(1, workers // max(len(plan.todo), 1))
     ranges = row_ranges(index, plan.chunk_rows, parts) if parts > 1 else [(0, plan.rows)]
     items = [(b, lo, hi) for b in plan.todo for lo, hi in ranges]
     scans: dict[int, list[BlockScan]] = defaultdict(list)
     with (
+        scanning(),
         plan.progress_bar(progress) as bar,
         ThreadPoolExecutor(max(1, min(workers, len(items))), thread_name_prefix="gradstore-score") as pool,
     ):

@@ -38,7 +38,7 @@ import faiss
 import numpy as np
 import torch
 
-from .blas import blas_threads_for
+from .blas import scanning
 from .errors import IndexMismatchError, IndexOptionsError
 from .index_options import IndexKind, IndexOptions
 from .manifest import IndexManifest
@@ -535,6 +535,10 @@ class FlatBackend:
         """Every row that may be among the exact top and bottom ``k`` of each query (:class:`_Within`), and mean /
         max ``|score|`` over every row. Only the checkpoints the queries weight (:attr:`PreparedQueries.active`)
         are read and scored."""
+        with scanning():
+            return self._scan(queries, k)
+
+    def _scan(self, queries: PreparedQueries | np.ndarray, k: int) -> Candidates:
         d = self.dim
         prepared = as_prepared(queries, len(self.files[0]) if self.files else 0, d)
         b, active = prepared.num_queries, prepared.active.tolist()
@@ -585,7 +589,6 @@ class FlatBackend:
                 else []
             )
             threads = scan_threads(self.SCAN_THREADS)
-            blas_threads_for(threads)
             for r, start, lo, hi in self.blocks():
                 runs = _runs(lo, hi, piece_rows, threads)
                 score = functools.partial(self._score_pieces, r, lo, piece_rows, active, q_host, total, measured)

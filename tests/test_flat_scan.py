@@ -274,3 +274,35 @@ def test_the_screen_drops_rows_that_cannot_reach_the_kth():
     assert calls == [torch.Size([1, 1])]  # the block's one screening bound, no per-row bounds
     top, bottom = extremes.candidates()
     assert set(top[0]) == {0, 2} and set(bottom[0]) == {1, 3}
+
+
+def test_numpy_blas_runs_on_one_thread_while_any_scan_runs(tmp_path, monkeypatch):
+    """A scan's products run on the scan's own threads: numpy's BLAS is set to one thread while scans run (nested
+    or concurrent ones share it) and given back its own setting when the last one ends."""
+    from threadpoolctl import ThreadpoolController
+
+    from gradstore.store import blas
+
+    libraries = ThreadpoolController().select(user_api="blas").lib_controllers
+    if not libraries:
+        pytest.skip("numpy's BLAS does not report its threads")
+    before = [library.get_num_threads() for library in libraries]
+    for library in libraries:
+        library.set_num_threads(2)
+    seen = []
+    real = search._cpu_scores
+    monkeypatch.setattr(
+        search, "_cpu_scores", lambda *a, **kw: seen.append(libraries[0].get_num_threads()) or real(*a, **kw)
+    )
+    rng = np.random.default_rng(3)
+    backend = _backend(tmp_path, [rng.standard_normal((50, C, D)).astype("float16")], "float16")
+    prepared = PreparedQueries(rng.standard_normal((2, C, D)).astype(np.float32), np.ones(C), np.arange(C))
+    try:
+        with blas.scanning():
+            backend.candidates(prepared, 3)  # nested: still one thread after it ends
+            assert libraries[0].get_num_threads() == 1
+        assert set(seen) == {1} and libraries[0].get_num_threads() == 2
+    finally:
+        for library, threads in zip(libraries, before, strict=True):
+            library.set_num_threads(threads)
+        backend.close()

@@ -20,10 +20,9 @@ import torch
 
 from gradstore.projection import GradstoreError, kind_traits
 from gradstore.store import GradientIndex, GradientStore, IndexMismatchError, StoreNotFoundError, UpdateSummary
-from gradstore.store.blas import blas_threads_for
+from gradstore.store.blas import one_blas_thread
 from gradstore.store.index import default_index_path
 from gradstore.store.remote import StorePath, as_path
-from gradstore.store.search import usable_cpus
 
 from .checks import check_config, run_problems
 from .config import RunConfig
@@ -183,7 +182,7 @@ class Run:
         """
         if torch.device(self.query_device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(1)
-            blas_threads_for(usable_cpus())  # numpy's BLAS (the CPU scan's products) likewise: one per thread
+            one_blas_thread()  # numpy's BLAS (the CPU scan's products) likewise
         return torch.get_num_threads()
 
 
