@@ -535,7 +535,8 @@ class FlatBackend:
         """Every row that may be among the exact top and bottom ``k`` of each query (:class:`_Within`), and mean /
         max ``|score|`` over every row. Only the checkpoints the queries weight (:attr:`PreparedQueries.active`)
         are read and scored."""
-        with scanning():
+        streamed = self.resident is None and self.device.type == "cpu"  # products on scan threads of its own
+        with scanning() if streamed else contextlib.nullcontext():
             return self._scan(queries, k)
 
     def _scan(self, queries: PreparedQueries | np.ndarray, k: int) -> Candidates:
