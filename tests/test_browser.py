@@ -135,13 +135,16 @@ def _serve(app, port: int) -> Iterator[str]:
 def live(demo_config):
     """The app of ``gradstore serve --config <demo run.toml>`` under uvicorn in a thread, on a free loopback port.
 
-    (tests/test_server.py covers the ``gradstore serve`` subprocess; a thread saves re-importing torch here.)
+    (tests/test_server.py covers the ``gradstore serve`` subprocess; a thread saves re-importing torch here.) No
+    file watch (``watch_s = 0``; tests/test_http_hardening.py and tests/test_integrity_serving.py cover it): its
+    content re-check hashes the run's files all along, which slowed the text runs built meanwhile 2-3x on 2 cores.
     """
     from gradstore.server.http.app import create_app
     from gradstore.server.run.config import RunConfig, ServerConfig
 
     port = _free_port()
-    app = create_app(RunConfig.load(demo_config), settings=ServerConfig(host="127.0.0.1", port=port))
+    settings = ServerConfig(host="127.0.0.1", port=port, watch_s=0)
+    app = create_app(RunConfig.load(demo_config), settings=settings)
     app.state.api_key = None  # no API key, whatever GRADSTORE_API_KEY says
     with _serve(app, port) as url:
         yield SimpleNamespace(url=url, app=app)

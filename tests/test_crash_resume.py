@@ -1,7 +1,8 @@
 """SIGKILL safety: a logger killed mid-pass leaves a store that serves only complete rows and resumes exactly.
 
-Each scenario runs ``tests/helpers/crash_worker.py`` in a child process that logs checkpoint "c0" of the
-tiny MLP task (200 examples, chunk_rows=16, float32) and kills itself with SIGKILL at a chosen moment:
+Each scenario runs ``tests/helpers/crash_worker.py`` in a child process (forked with torch and gradstore imported
+already: tests/helpers/preloaded.py) that logs checkpoint "c0" of the tiny MLP task (200 examples, chunk_rows=16,
+float32) and kills itself with SIGKILL at a chosen moment:
 
 * ``loss``: inside the 12th call of ``Task.loss`` (88 rows computed, chunk 5 half filled, the
   background writer possibly still busy with earlier chunks);
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,8 @@ import numpy as np
 import pytest
 
 from gradstore.store import GradientStore, UnknownExampleError
+
+from .helpers.preloaded import Child, spawn
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "helpers" / "crash_worker.py"
@@ -37,17 +38,11 @@ SCENARIOS = {
 }
 
 
-def _spawn(store: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(WORKER), str(store), *args],
-        cwd=HERE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def _spawn(store: Path, *args: str) -> Child:
+    return spawn(WORKER, str(store), *args, cwd=HERE)
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
+def _finish(proc: Child, timeout: float = 120) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
 

@@ -1,7 +1,8 @@
 """Two gloo ranks (CPU) writing one store: an offline pass with rank-owned chunks and in-training capture.
 
-``tests/helpers/dist_worker.py`` runs as two subprocesses (RANK 0/1, MASTER_ADDR=127.0.0.1, a free port). Both
-construct ``GradientLogger`` on the same store; rank and world size come from torch.distributed.
+``tests/helpers/dist_worker.py`` runs as two child processes (RANK 0/1, MASTER_ADDR=127.0.0.1, a free port; forked
+with torch and gradstore imported: tests/helpers/preloaded.py). Both construct ``GradientLogger`` on the same store;
+rank and world size come from torch.distributed.
 The results are compared with a single-process ``log_checkpoint`` of the same model and examples.
 """
 
@@ -11,7 +12,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from gradstore.logger import GradientLogger
 from gradstore.store import GradientStore
 
 from .helpers.crash_task import MLPTask, make_model
+from .helpers.preloaded import spawn
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "helpers" / "dist_worker.py"
@@ -52,17 +53,7 @@ def run(tmp_path_factory):
         "WORLD_SIZE": str(WORLD),
         "OMP_NUM_THREADS": "1",
     }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(store_path), str(out_dir)],
-            cwd=HERE,
-            env={**env, "RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(WORLD)
-    ]
+    procs = [spawn(WORKER, str(store_path), str(out_dir), env={**env, "RANK": str(r)}, cwd=HERE) for r in range(WORLD)]
 
     # meanwhile, the single-process reference at the same weights
     task = MLPTask(N)

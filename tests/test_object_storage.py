@@ -1,7 +1,8 @@
 """Stores and indexes at ``s3://`` URLs, against a moto S3 server on loopback (store/remote.py).
 
-One moto server (threaded, in this process) serves the module; child processes reach it through
-``AWS_ENDPOINT_URL``. Every remote result is compared with the same work done on a local store.
+One moto S3 server (threaded, in this process) serves the module; child processes (forked with torch and gradstore
+imported: tests/helpers/preloaded.py) reach it through ``AWS_ENDPOINT_URL``. Every remote result is compared with the
+same work done on a local store.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,8 @@ import pytest
 
 pytest.importorskip("s3fs", reason="object-storage tests need s3fs (pip install -e .[dev] installs it)")
 moto_server = pytest.importorskip("moto.server", reason="object-storage tests need moto[server] (in the dev extra)")
+
+from werkzeug.serving import make_server  # noqa: E402  (moto[server]'s web server)
 
 from gradstore.logger import GradientLogger  # noqa: E402
 from gradstore.store import (  # noqa: E402
@@ -35,6 +39,7 @@ from gradstore.store import (  # noqa: E402
 from gradstore.store.remote import fetch_index, local_index_dir  # noqa: E402
 
 from .helpers.crash_task import MLPTask, make_model  # noqa: E402
+from .helpers.preloaded import Child, spawn  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BUCKET = "gradstore-test"
@@ -45,9 +50,23 @@ N, CHUNK = 200, 16
 def s3(tmp_path_factory):
     """The endpoint of a fresh moto S3 server with bucket ``BUCKET``; AWS_* and the index cache set for the module."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request otherwise
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    # moto's S3 app alone (as `moto_server s3` serves it), not ThreadedMotoServer's dispatcher, which looks the service
+    # up again for every request (a directory listing and hundreds of regular expressions): half of each request's time
+    app, lock = moto_server.create_backend_app("s3"), threading.Lock()
+
+    def serialized(environ, start_response):  # one request at a time, as moto's backends expect (not thread-safe)
+        with lock:
+            response = app(environ, start_response)
+            try:
+                return [b"".join(response)]
+            finally:
+                if hasattr(response, "close"):
+                    response.close()
+
+    server = make_server("127.0.0.1", 0, serialized, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="moto-s3", daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
     env = {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
@@ -66,7 +85,8 @@ def s3(tmp_path_factory):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        server.stop()
+        server.shutdown()
+        thread.join()
 
 
 def _log(store, n: int = N) -> GradientStore:
@@ -122,15 +142,9 @@ def test_create_is_committed_by_the_root_object_last(s3, local_store):
         GradientStore.create(other, local_store.spec)
 
 
-def _spawn(env: dict[str, str], store: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(HERE / "helpers" / "crash_worker.py"), store, *args],
-        cwd=HERE / "helpers",
-        env={**os.environ, **env, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def _spawn(env: dict[str, str], store: str, *args: str) -> Child:
+    environment = {**os.environ, **env, "OMP_NUM_THREADS": "1"}
+    return spawn(HERE / "helpers" / "crash_worker.py", store, *args, env=environment, cwd=HERE / "helpers")
 
 
 @pytest.mark.slow
@@ -173,17 +187,8 @@ def test_two_ranks_write_one_s3_store(s3, tmp_path):
     url = f"s3://{BUCKET}/dist.zarr"
     env = {**os.environ, **s3, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
     env["OMP_NUM_THREADS"] = "1"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "helpers" / "dist_worker.py"), url, str(tmp_path)],
-            cwd=HERE / "helpers",
-            env={**env, "RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
+    worker = HERE / "helpers" / "dist_worker.py"
+    procs = [spawn(worker, url, str(tmp_path), env={**env, "RANK": str(r)}, cwd=HERE / "helpers") for r in range(2)]
     local = tmp_path / "single.zarr"  # meanwhile, the single-process reference
     with GradientLogger(
         make_model(), MLPTask(100), store=local, rank=4, chunk_rows=8, dtype="float32", progress=False
