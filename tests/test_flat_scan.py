@@ -306,3 +306,25 @@ def test_numpy_blas_runs_on_one_thread_while_any_scan_runs(tmp_path, monkeypatch
         for library, threads in zip(libraries, before, strict=True):
             library.set_num_threads(threads)
         backend.close()
+
+
+def test_a_served_process_keeps_numpy_blas_on_one_thread(monkeypatch):
+    """``Run.serving_threads`` (a process that serves queries on the CPU) sets torch and numpy's BLAS to one thread."""
+    from types import SimpleNamespace
+
+    from threadpoolctl import ThreadpoolController
+
+    from gradstore.server.run import Run
+
+    libraries = ThreadpoolController().select(user_api="blas").lib_controllers
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads(), [library.get_num_threads() for library in libraries]
+    try:
+        for library in libraries:
+            library.set_num_threads(2)
+        assert Run.serving_threads(SimpleNamespace(query_device="cpu")) == 1  # type: ignore[arg-type]
+        assert all(library.get_num_threads() == 1 for library in libraries)
+    finally:
+        torch.set_num_threads(before[0])
+        for library, threads in zip(libraries, before[1], strict=True):
+            library.set_num_threads(threads)
