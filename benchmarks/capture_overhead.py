@@ -23,6 +23,15 @@ Overheads are per step time against the mode's baseline; the passes are compared
 on 2 CPU cores; ``--full`` runs widths 128-1024 and ranks 8-64. Stores are written to a temporary folder, so the
 writes are part of the cost.
 
+Bergson is no dependency of gradstore; to run its modes, install it into a virtual environment that reuses this
+torch, and drop the torchvision / torchaudio wheels it pulls in (built for another torch, they make transformers
+fail to import ``PreTrainedModel``):
+
+    python -m venv /tmp/bvenv --system-site-packages
+    /tmp/bvenv/bin/pip install bergson==2.5.1 torch==$(python -c 'import torch; print(torch.__version__)')
+    /tmp/bvenv/bin/pip uninstall -y torchvision torchaudio
+    /tmp/bvenv/bin/python benchmarks/capture_overhead.py --quick --clock cpu
+
     python benchmarks/capture_overhead.py [--quick | --full] [--threads 2] [--device cpu] [--clock cpu] [--json out]
     python benchmarks/capture_overhead.py --widths 1024 --ranks 16 --modes loop capture --rounds 5
     python benchmarks/capture_overhead.py --paired --ranks 16 64 --clock cpu   # loop vs capture, fwdbwd vs pass
