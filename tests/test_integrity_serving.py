@@ -118,3 +118,23 @@ def test_bytes_changed_in_place_are_503_naming_the_file_until_restored(run, conf
         after = http.post("/v1/influence", json=BODY)
         assert after.status_code == 200 and _scores(after.json()) == _scores(before.json())
     print(f"\n{config} {target.name}: 503 naming it {took:.2f} s after an in-place change (watch_s=0.1)")
+
+
+def test_a_content_check_step_hashes_a_small_run_once(monkeypatch):
+    """A run smaller than a step's byte credit is hashed once per step, not over and over (a 5 MB run at 64 MiB/s
+    was hashed ~12 times a second); a run larger than the credit is hashed a credit's worth per step, at least one
+    file."""
+    from gradstore.server.http.watch import ContentCheck
+
+    hashed: list[int] = []
+    files = [(100, lambda i=i: hashed.append(i)) for i in range(3)]
+    monkeypatch.setattr(ContentCheck, "_items", staticmethod(lambda engine: files))
+    check = ContentCheck(rate=1e9)
+    check.credit, check.last = 0.0, time.monotonic() - 1.0  # a second's credit: 1 GB against 300 bytes
+    check.step(engine=object())
+    assert sorted(hashed) == [0, 1, 2]
+    hashed.clear()
+    slow = ContentCheck(rate=150.0)
+    slow.credit, slow.last = 0.0, time.monotonic() - 1.0  # ~150 bytes of credit: two files of 100
+    slow.step(engine=object())
+    assert hashed == [0, 1]

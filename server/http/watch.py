@@ -86,8 +86,9 @@ RECHECK_BYTES_PER_S = 64 << 20  # content re-check budget: ~6% of a core hashing
 
 class ContentCheck:
     """Re-hashes the served engine's files a few at a time: each :meth:`step` hashes files while its byte credit
-    (``rate`` per second since the last step) lasts, at least one, so every file is checked once per
-    ``total bytes / rate`` seconds."""
+    (``rate`` per second since the last step) lasts, at least one and each at most once, so every file is checked
+    once per ``total bytes / rate`` seconds, or once per step when the run is smaller than a step's credit (a
+    small run is not hashed over and over within one step)."""
 
     def __init__(self, rate: float = RECHECK_BYTES_PER_S):
         self.rate, self.credit, self.last = rate, 0.0, time.monotonic()
@@ -107,12 +108,12 @@ class ContentCheck:
         self.credit = min(self.credit + (now - self.last) * self.rate, self.rate * 10)
         self.last = now
         items = self._items(engine)
-        spent = False
-        while items and (self.credit > 0 or not spent):
+        hashed = 0
+        while hashed < len(items) and (self.credit > 0 or not hashed):
             size, check = items[self.cursor % len(items)]
             self.cursor = (self.cursor + 1) % len(items)
             self.credit -= size
-            spent = True
+            hashed += 1
             try:
                 check()
             except Exception:
