@@ -1,5 +1,6 @@
-"""The capture fast paths (#20): LayerNorm x^ from the statistics its autograd node saved, and loss scales that stay
-tensors (no host synchronisation per step) give the same rows as the slow paths."""
+"""The capture fast paths (#20): LayerNorm x^ from the statistics its autograd node saved, loss scales that stay
+tensors (no host synchronisation per step), and projections of fewer than 16 columns zero-padded to 16 on a CPU give
+the same rows as the slow paths."""
 
 from __future__ import annotations
 
@@ -61,6 +62,32 @@ def test_rows_with_and_without_saved_statistics_agree(monkeypatch, saved):
     expected = reference.project(task.train_examples())
     reference.close()
     assert relative_error(rows, expected) < 1e-5
+
+
+def test_padded_projection_keeps_the_real_columns():
+    p_t = torch.randn(32, 5)
+    wide = hooks_module.padded(p_t)
+    assert wide.shape == (32, 16) and wide.is_contiguous() and not wide[:, 5:].any()
+    assert hooks_module.padded(torch.randn(32, 16)).shape == (32, 16)  # 16 columns or more: as it is
+    x = torch.randn(2, 7, 32)
+    bias = torch.randn(5)
+    projected = hooks_module._project(x, wide, 5, hooks_module.padded(bias))
+    torch.testing.assert_close(projected, x @ p_t + bias)
+
+
+def test_rows_with_and_without_padded_projections_agree(monkeypatch):
+    """rank 4 (k < 16): the padded products give the rows of the unpadded ones (the offline pass is also
+    exactness-checked against torch.func on its first batch)."""
+    task = LMTask(n=12)
+    rows = {}
+    for pad in (True, False):
+        if not pad:
+            monkeypatch.setattr(hooks_module, "padded", lambda p_t: p_t)
+        torch.manual_seed(0)
+        projector = GradientProjector(task.build_model(), task, rank=4)
+        rows[pad] = projector.project(task.train_examples())
+        projector.close()
+    assert relative_error(rows[True], rows[False]) < 1e-5
 
 
 def test_tensor_loss_scale_equals_float_loss_scale(tmp_path):
