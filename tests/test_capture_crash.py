@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gradstore.store import GradientStore
+from tests.helpers.preloaded import spawn
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "helpers" / "capture_loop_worker.py"
@@ -23,15 +22,10 @@ N = 200
 
 
 def _run(run: Path, *args: str, env: dict | None = None) -> int:
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), str(run), *args],
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
-    assert proc.returncode in (0, -signal.SIGKILL), proc.stderr
+    """``python capture_loop_worker.py run *args``, forked with its imports done (:mod:`tests.helpers.preloaded`)."""
+    proc = spawn(WORKER, str(run), *args, env={**os.environ, **(env or {})}, cwd=HERE)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode in (0, -signal.SIGKILL), stderr
     return proc.returncode
 
 
