@@ -279,11 +279,9 @@ def test_the_screen_drops_rows_that_cannot_reach_the_kth():
 def test_numpy_blas_runs_on_one_thread_while_any_scan_runs(tmp_path, monkeypatch):
     """A scan's products run on the scan's own threads: numpy's BLAS is set to one thread while scans run (nested
     or concurrent ones share it) and given back its own setting when the last one ends."""
-    from threadpoolctl import ThreadpoolController
-
     from gradstore.store import blas
 
-    libraries = ThreadpoolController().select(user_api="blas").lib_controllers
+    libraries = blas._libraries()  # the BLAS libraries loaded when gradstore first scanned: numpy's among them
     if not libraries:
         pytest.skip("numpy's BLAS does not report its threads")
     before = [library.get_num_threads() for library in libraries]
@@ -312,11 +310,10 @@ def test_a_served_process_keeps_numpy_blas_on_one_thread(monkeypatch):
     """``Run.serving_threads`` (a process that serves queries on the CPU) sets torch and numpy's BLAS to one thread."""
     from types import SimpleNamespace
 
-    from threadpoolctl import ThreadpoolController
-
     from gradstore.server.run import Run
+    from gradstore.store import blas
 
-    libraries = ThreadpoolController().select(user_api="blas").lib_controllers
+    libraries = blas._libraries()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads(), [library.get_num_threads() for library in libraries]
     try:
