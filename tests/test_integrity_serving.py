@@ -134,7 +134,7 @@ def test_a_content_check_step_hashes_a_small_run_once(monkeypatch):
     check.step(engine=object())
     assert sorted(hashed) == [0, 1, 2]
     hashed.clear()
-    slow = ContentCheck(rate=1.0)  # a byte a second: a stall of the test adds nothing that matters
+    slow = ContentCheck(rate=20.0)  # credit capped at 10 s of it, 200 bytes: never a third file, however slow the test
     slow.credit, slow.last = 150.0, time.monotonic()  # 150 bytes of credit: two files of 100
     slow.step(engine=object())
     assert hashed == [0, 1]
